@@ -248,14 +248,19 @@ def _attn_bwd_dq_kernel(
 # launchers: autotuned on CUDA; fixed blocks in the interpreter (it cannot benchmark) or when forced
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): a short curated list, since every new (Lq, Lk, D)
-# benchmarks all of them for each of the three kernels; configs that do not fit are skipped.
-_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3),
-            (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): short curated lists, since every new (Lq, Lk, D) benchmarks
+# all of them. Each compiles for sm_90 without register spills at the SDXL shapes (D=64), checked without
+# a GPU by `python kernels/aot.py`. dK/dV keeps a key tile and two fp32 accumulators in registers, so it
+# gets 8 warps and a larger key tile (BLOCK_N) than query tile; with 4 warps, 128-wide tiles spill there.
+_Q_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3),  # fwd, dQ
+              (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
+_KV_CONFIGS = [(64, 128, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2),  # dK/dV
+               (64, 64, 4, 3), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2)]
 
 
-def _configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _CONFIGS]
+def _configs(kernel):
+    table = _KV_CONFIGS if kernel is _attn_bwd_dkdv_kernel else _Q_CONFIGS
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -267,7 +272,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 _KEY = ["Lq", "Lk", "D"]
-_tuned = {fn: triton.autotune(_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(fn)
+_tuned = {fn: triton.autotune(_configs(fn), key=_KEY, prune_configs_by={"early_config_prune": _prune})(fn)
           for fn in (_attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel)}
 
 

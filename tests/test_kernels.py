@@ -290,11 +290,12 @@ def test_dpo_loss_dispatch(monkeypatch, mode):
 
 def test_autotune_prunes_big_tiles_for_large_head_dims():
     """D=160 pads to 256: only tiles up to 64x64 are kept; D<=128 keeps the full list."""
-    configs = attn_mod._configs()
-    small = attn_mod._prune(configs, {}, BLOCK_D=256)
-    assert small and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in small)
-    assert len(small) < len(configs)
-    assert attn_mod._prune(configs, {}, BLOCK_D=64) == configs
+    for kernel in (attn_mod._attn_fwd_kernel, attn_mod._attn_bwd_dkdv_kernel, attn_mod._attn_bwd_dq_kernel):
+        configs = attn_mod._configs(kernel)
+        small = attn_mod._prune(configs, {}, BLOCK_D=256)
+        assert small and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in small)
+        assert len(small) < len(configs)
+        assert attn_mod._prune(configs, {}, BLOCK_D=64) == configs
 
 
 _IMPORT_ORDER_SNIPPET = """
