@@ -35,6 +35,8 @@ ATTN_SHAPES = [
     ("sd15 cross 16x16", 8, 256, 77, 160),
 ]
 QUICK_SHAPES = {"sdxl self 64x64", "sdxl cross 64x64", "sd15 self 16x16"}
+LOSS_LATENT = (4, 128, 128)  # SDXL latents at 1024^2: (C, H, W) of one image
+COPY_NUMEL = 256 * 2**20  # fp32 elements (1 GiB) copied to measure the bandwidth ceiling
 
 
 def sdpa_impls():
@@ -89,7 +91,7 @@ def bench_attention(args, do_bench, header):
 
 def copy_bandwidth(do_bench):
     """GB/s of a 1 GiB device-to-device .copy_ (read + write): the ceiling for a memory-bound kernel."""
-    x = torch.empty(256 * 2**20, device=DEVICE, dtype=torch.float32)
+    x = torch.empty(COPY_NUMEL, device=DEVICE, dtype=torch.float32)
     y = torch.empty_like(x)
     return 2 * x.numel() * x.element_size() / (do_bench(lambda: y.copy_(x)) * 1e-3) / 1e9
 
@@ -101,7 +103,7 @@ def bench_dpo_loss(args, do_bench, header):
     print(f"{'shape':<20} {'impl':<14} {'ms':>8} {'GB/s':>8} {'% copy':>7}")
     rows = []
     for pairs in ([2 * args.batch] if args.quick else [2 * args.batch, 8 * args.batch]):
-        shape = (2 * pairs, 4, 128, 128)
+        shape = (2 * pairs, *LOSS_LATENT)
         model = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
         ref = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
         noise = torch.randn(pairs, *shape[1:], device=DEVICE, dtype=torch.float32)
