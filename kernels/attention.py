@@ -271,7 +271,7 @@ def _prune(configs, named_args, **kwargs):
     return configs
 
 
-_KEY = ["Lq", "Lk", "D"]
+_KEY = ["Lq", "Lk", "D", "CAUSAL"]
 _tuned = {fn: triton.autotune(_configs(fn), key=_KEY, prune_configs_by={"early_config_prune": _prune})(fn)
           for fn in (_attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel)}
 
