@@ -209,14 +209,15 @@ def draw(pos, seed, shape, n_t, p_drop):
     return torch.cat(t), torch.stack(eps), torch.cat(drop)  # (B,), (B, C, h, w), (B,) bool
 
 
-def noisy_pairs(z, eps, t, alphas_cumprod):
-    """q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I) with the SAME eps and t for winner z[i] and loser z[B+i].
+def noisy_pairs(z, eps, t, alphas_cumprod, v_pred=False):
+    """The forward process q(x_t | x_0) with the SAME eps and t for winner z[i] and loser z[B+i].
 
-    z (2B, C, h, w) winners first (or (B, ...) winners only, for SFT), eps (B, C, h, w), t (B,)."""
+    z (2B, C, h, w) winners first (or (B, ...) winners only, for SFT), eps (B, C, h, w), t (B,).
+    Returns x_t, t and eps repeated to z's rows, and the regression target (eps, or v for v-prediction)."""
     k = z.shape[0] // eps.shape[0]
     eps, t = eps.repeat(k, 1, 1, 1), t.repeat(k)  # (kB, C, h, w), (kB,)
-    a = alphas_cumprod.to(z.device)[t].view(-1, 1, 1, 1)
-    return a.sqrt() * z + (1 - a).sqrt() * eps, t, eps, a
+    x, target = sample.forward_process(z, eps, t, alphas_cumprod, v_pred)
+    return x, t, eps, target
 
 
 def pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, prediction_type):
@@ -224,9 +225,8 @@ def pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, prediction_type
     time_ids), each with 2B rows. SFT (the paper's baseline) is the plain denoising loss on the winners only."""
     if args.loss == "sft":
         z, cond = z[:len(eps)], tuple(None if c is None else c[:len(eps)] for c in cond)
-    x, t2, eps2, a = noisy_pairs(z, eps, t, alphas_cumprod)
-    # v-prediction models regress v = sqrt(a) eps - sqrt(1 - a) x_0 instead of eps
-    target = eps2 if prediction_type == "epsilon" else a.sqrt() * eps2 - (1 - a).sqrt() * z
+    v_pred = prediction_type == "v_prediction"
+    x, t2, eps2, target = noisy_pairs(z, eps, t, alphas_cumprod, v_pred)
     amp = torch.autocast(x.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype != torch.float32)
     with amp:
         pred = model(x, t2, *cond)  # (2B, C, h, w) policy eps_theta(x_t, t, c)
@@ -238,7 +238,7 @@ def pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, prediction_type
     if args.loss == "rpo":  # prompt embedding: SDXL's pooled one; SD1.5 has none, so the mean of the context states
         emb = (cond[0].mean(1) if cond[1] is None else cond[1])[:len(eps)]  # (B, E), one per pair
         return rpo_loss(pred, ref_pred, target, args.beta, emb, args.rpo_tau)
-    if prediction_type != "epsilon":  # |pred - v|^2 = |(pred - v + eps) - eps|^2: the kernel's shared-noise layout
+    if v_pred:  # |pred - v|^2 = |(pred - v + eps) - eps|^2: the kernel's shared-noise layout
         pred, ref_pred = pred - (target - eps2), ref_pred - (target - eps2)
     return kernels.dpo_loss(pred, ref_pred, eps, args.beta)  # eq. 14, fused in Triton on CUDA
 
@@ -288,7 +288,7 @@ def reference(path, dev, dtype):
     return ref
 
 
-def noise_schedule(model, prediction_type=None):
+def noise_schedule(model, prediction_type="epsilon"):
     """alpha_bar_t, t = 0..999, and the prediction type: the model's scheduler config (sample.py's reader), SD's by
     default; prediction_type is the fallback when the model folder does not say."""
     cfg = sample.scheduler_config(model, prediction_type)

@@ -48,12 +48,21 @@ def alphas_cumprod(cfg) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def forward_process(z, eps, t, ac, v_pred=False):
+    """q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I) as x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, and the UNet's
+    regression target: eps, or v = sqrt(a_t) eps - sqrt(1 - a_t) x_0 for v-prediction. z, eps (N, C, h, w), t (N,)."""
+    a = ac.to(z.device)[t].view(-1, 1, 1, 1)  # (N, 1, 1, 1) alpha_bar_t
+    return a.sqrt() * z + (1 - a).sqrt() * eps, (a.sqrt() * eps - (1 - a).sqrt() * z if v_pred else eps)
+
+
 def scheduler_config(path, prediction_type="epsilon") -> dict:
     """SD's released settings, overridden by the model folder's scheduler/scheduler_config.json when it has one."""
     cfg = dict(SCHED_DEFAULTS, prediction_type=prediction_type)
     if os.path.isdir(path):
         found = _json(os.path.join(path, "scheduler", "scheduler_config.json"), {})
         cfg.update({k: found[k] for k in SCHED_DEFAULTS if found.get(k) is not None})
+    if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unsupported prediction_type {cfg['prediction_type']!r} (epsilon or v_prediction)")
     return cfg
 
 
@@ -353,9 +362,7 @@ def implicit_accuracy(pipe: Pipeline, ref, pairs, k=4, seed=0, size=None, batch_
         for _ in range(k):
             t = torch.randint(0, len(ac), (B,), generator=g).repeat(2)  # (2B,) same t for both images of a pair
             eps = torch.randn((B, *z.shape[1:]), generator=g).repeat(2, 1, 1, 1)  # same noise, too
-            a = ac[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * z + (1 - a).sqrt() * eps
-            target = a.sqrt() * eps - (1 - a).sqrt() * z if v_pred else eps
+            xt, target = forward_process(z, eps, t, ac, v_pred)
             m = ((pipe.predict(pipe.unet, xt, t, ctx, pooled, time_ids).cpu() - target) ** 2).mean((1, 2, 3))
             r = ((pipe.predict(ref, xt, t, ctx, pooled, time_ids).cpu() - target) ** 2).mean((1, 2, 3))
             d -= ((m[:B] - m[B:]) - (r[:B] - r[B:])) / k  # reward difference r(x_0) - r(x_1), up to beta*T

@@ -168,8 +168,12 @@ def test_pairs_share_t_noise_and_draws_depend_on_position_only():
     assert t[1] == t2[0] and torch.equal(eps[1], eps2[0]) and drop[1] == drop2[0]
     z = torch.randn(6, 4, 8, 8)
     abar, pred = dpo.noise_schedule("")
-    assert pred is None and abs(abar[0].item() - (1 - 0.00085)) < 1e-7 and abar[-1].item() < 5e-3
-    x, tt, e2, a = dpo.noisy_pairs(z, eps, t, abar)
+    with pytest.raises(ValueError, match="unsupported prediction_type 'sample'"):
+        dpo.noise_schedule("", "sample")
+    assert pred == "epsilon" and abs(abar[0].item() - (1 - 0.00085)) < 1e-7 and abar[-1].item() < 5e-3
+    x, tt, e2, target = dpo.noisy_pairs(z, eps, t, abar)
+    assert torch.equal(target, e2) and torch.equal(e2, torch.cat([eps, eps]))
+    a = abar[tt].view(-1, 1, 1, 1)
     assert torch.equal(tt[:3], tt[3:]) and torch.equal(tt[:3], t)
     from diffusers import DDPMScheduler  # the official code's forward process
     ddpm = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
