@@ -34,6 +34,9 @@ from data import Cache, PairDataset, Pairs, build_cache, cache_meta, collate, re
 from weights import CheckpointError
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of one H100 SXM, the MFU denominator
+# flags that --resume must keep (max_steps, logging, paths and world size may change: draws are keyed by position)
+RESUME_SAME = ("loss", "beta", "pairs_per_step", "lr", "warmup", "optimizer", "weight_decay", "grad_clip", "seed",
+               "resolution", "random_crop", "no_flip", "prompt_dropout", "dreamlike_only", "rpo_tau")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -371,6 +374,10 @@ def train(args) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
     if args.resume and os.path.exists(ck_path):  # weights, optimizer, step, data position, RNG: as if never stopped
         ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+        now = json.loads(json.dumps(vars(args), default=str))  # as the checkpoint stored them
+        changed = [f"--{k} {ck['args'].get(k)} -> {now[k]}" for k in RESUME_SAME if ck["args"].get(k) != now[k]]
+        if changed:  # data position, draws and schedule would silently mean something else
+            raise ValueError(f"--resume with flags that change the run: {', '.join(changed)}; use a new --out_dir")
         policy.load_state_dict(ck["policy"]), opt.load_state_dict(ck["optimizer"])
         step, position = ck["step"], ck["position"]
         if len(ck["rng"]) == world:

@@ -281,12 +281,20 @@ def test_sd15_dpo_cache_then_cache_only(tmp_path, sd15_dir, jsonl, monkeypatch):
     assert os.path.isfile(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_resume_is_bit_exact(tmp_path, sdxl_dir, jsonl):
+def test_resume_is_bit_exact(tmp_path, sdxl_dir, jsonl, capsys):
     full = run(tmp_path / "full", sdxl_dir, jsonl, "--ckpt_every", "2", steps=4)
     run(tmp_path / "cut", sdxl_dir, jsonl, "--ckpt_every", "2", steps=2)
     resumed = run(tmp_path / "cut", sdxl_dir, jsonl, "--ckpt_every", "2", "--resume", steps=4)
     keys = ("step", "loss", "implicit_acc", "model_mse", "ref_mse", "grad_norm")
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
+    # resuming with a flag that changes the run is refused with one line, and the checkpoint stays
+    ck = tmp_path / "cut" / "checkpoint.pt"
+    before = ck.stat().st_mtime
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "cut", sdxl_dir, jsonl, "--ckpt_every", "2", "--resume", "--beta", "100", steps=6)
+    assert e.value.code == 1 and ck.stat().st_mtime == before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --resume with flags that change the run: --beta 5000.0 -> 100.0; use a new --out_dir"]
 
 
 @pytest.mark.parametrize("loss", ["dpo", "rpo"])  # rpo: the all-gathered 2x2 matrix and its gradient scaling
