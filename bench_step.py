@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 import dpo
+import optim
 import unet as unetlib
-from dpo import H100_BF16_PEAK, Adafactor, dpo_loss, noise_schedule, noisy_pairs, pair_loss, reference, resolve, unet_flops
+from dpo import H100_BF16_PEAK, dpo_loss, noise_schedule, noisy_pairs, pair_loss, reference, resolve, unet_flops
 from weights import Checkpoint, CheckpointError, component, family, read_config
 
 
@@ -128,9 +129,7 @@ def build(impl, cfg, dev, targs):
     ref, acp = reference(ref, dev, targs.amp_dtype), noise_schedule("")[0].to(dev)
     policy.train()
     net = torch.compile(policy) if targs.compile else policy
-    opt = (Adafactor(policy.parameters(), lr=targs.lr, weight_decay=targs.weight_decay) if targs.optimizer == "adafactor" else
-           torch.optim.AdamW(policy.parameters(), lr=targs.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=targs.weight_decay,
-                             fused=dev.type == "cuda"))
+    opt = optim.build(targs.optimizer, policy.parameters(), targs.lr, targs.weight_decay, fused=dev.type == "cuda")
 
     def loss_fn(z, eps, t, cond):
         if impl == "ours":  # exactly dpo.py's micro-step

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import kernels
+import optim
 import sample
 import unet as unetlib
 from data import Cache, PairDataset, Pairs, build_cache, cache_meta, collate, read_pairs, seed_for  # noqa: F401
@@ -158,42 +159,6 @@ def _gather(x):
     dist.all_gather(parts, x.detach().contiguous())
     parts[dist.get_rank()] = x
     return torch.cat(parts)
-
-
-class Adafactor(torch.optim.Optimizer):
-    """transformers.Adafactor as the official SDXL run used it (relative_step=False, scale_parameter=False, no
-    momentum): factored second moments, update RMS clipped to 1, step = lr * update. torch.optim.Adafactor is a
-    different rule: it always scales the step by max(1e-3, RMS(param)) and caps it at 1/sqrt(t)."""
-
-    def __init__(self, params, lr, weight_decay=0.0, clip_threshold=1.0, decay_rate=-0.8, eps=1e-30):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, clip_threshold=clip_threshold,
-                                      decay_rate=decay_rate, eps=eps))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in (p for p in g["params"] if p.grad is not None):
-                grad, st = p.grad.float(), self.state[p]
-                if not st:  # row/column statistics for matrices (and conv kernels), full ones for vectors
-                    st["step"] = 0
-                    if grad.dim() >= 2:
-                        st["row"], st["col"] = grad.new_zeros(grad.shape[:-1]), grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
-                    else:
-                        st["sq"] = torch.zeros_like(grad)
-                st["step"] += 1
-                beta2 = 1.0 - st["step"] ** g["decay_rate"]
-                sq = grad * grad + g["eps"]
-                if grad.dim() >= 2:
-                    st["row"].lerp_(sq.mean(-1), 1 - beta2)
-                    st["col"].lerp_(sq.mean(-2), 1 - beta2)
-                    r = (st["row"] / st["row"].mean(-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-                    update = r * st["col"].unsqueeze(-2).rsqrt() * grad
-                else:
-                    update = st["sq"].lerp_(sq, 1 - beta2).rsqrt() * grad
-                update /= (update.pow(2).mean().sqrt() / g["clip_threshold"]).clamp(min=1.0)
-                if g["weight_decay"]:
-                    p.add_(p, alpha=-g["weight_decay"] * g["lr"])
-                p.add_(update, alpha=-g["lr"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -367,9 +332,7 @@ def train(args) -> dict:
     lat_shape = (policy.config["in_channels"], args.resolution // downsample, args.resolution // downsample)
     alphas_cumprod, prediction_type = noise_schedule(args.model, policy.prediction_type)  # single files: metadata
 
-    opt = (Adafactor(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay) if args.optimizer == "adafactor" else
-           torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
-                             fused=device == "cuda"))
+    opt = optim.build(args.optimizer, policy.parameters(), args.lr, args.weight_decay, fused=device == "cuda")
     step, position = 0, 0
     os.makedirs(args.out_dir, exist_ok=True)
     if args.resume and os.path.exists(ck_path):  # weights, optimizer, step, data position, RNG: as if never stopped

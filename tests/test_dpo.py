@@ -14,6 +14,7 @@ from PIL import Image
 
 import dpo
 import kernels
+import optim
 import unet as unetlib
 from data import Pairs, read_pairs
 
@@ -149,7 +150,7 @@ def test_adafactor_matches_transformers():
     shapes = [(6, 5), (4, 3, 3, 3), (7,)]
     p1 = [torch.randn(s, generator=g).requires_grad_(True) for s in shapes]
     p2 = [p.detach().clone().requires_grad_(True) for p in p1]
-    o1 = dpo.Adafactor(p1, lr=1e-2, weight_decay=1e-2)
+    o1 = optim.Adafactor(p1, lr=1e-2, weight_decay=1e-2)
     o2 = HF(p2, lr=1e-2, weight_decay=1e-2, clip_threshold=1.0, scale_parameter=False, relative_step=False, warmup_init=False)
     for _ in range(4):
         grads = [torch.randn(s, generator=g) for s in shapes]

@@ -1,0 +1,47 @@
+"""The optimizers of the official Diffusion-DPO recipes: Adafactor for SDXL, AdamW for SD1.5."""
+import torch
+
+
+def build(name, params, lr, weight_decay, fused=False):
+    """'adafactor' (SDXL: factored second moments, a few bytes per parameter) or 'adamw' (SD1.5)."""
+    if name == "adafactor":
+        return Adafactor(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, fused=fused)
+    raise ValueError(f"unknown optimizer {name!r} (adafactor or adamw)")
+
+
+class Adafactor(torch.optim.Optimizer):
+    """transformers.Adafactor as the official SDXL run used it (relative_step=False, scale_parameter=False, no
+    momentum): factored second moments, update RMS clipped to 1, step = lr * update. torch.optim.Adafactor is a
+    different rule: it always scales the step by max(1e-3, RMS(param)) and caps it at 1/sqrt(t)."""
+
+    def __init__(self, params, lr, weight_decay=0.0, clip_threshold=1.0, decay_rate=-0.8, eps=1e-30):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, clip_threshold=clip_threshold,
+                                      decay_rate=decay_rate, eps=eps))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in (p for p in g["params"] if p.grad is not None):
+                grad, st = p.grad.float(), self.state[p]
+                if not st:  # row/column statistics for matrices (and conv kernels), full ones for vectors
+                    st["step"] = 0
+                    if grad.dim() >= 2:
+                        st["row"], st["col"] = grad.new_zeros(grad.shape[:-1]), grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+                    else:
+                        st["sq"] = torch.zeros_like(grad)
+                st["step"] += 1
+                beta2 = 1.0 - st["step"] ** g["decay_rate"]
+                sq = grad * grad + g["eps"]
+                if grad.dim() >= 2:
+                    st["row"].lerp_(sq.mean(-1), 1 - beta2)
+                    st["col"].lerp_(sq.mean(-2), 1 - beta2)
+                    r = (st["row"] / st["row"].mean(-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+                    update = r * st["col"].unsqueeze(-2).rsqrt() * grad
+                else:
+                    update = st["sq"].lerp_(sq, 1 - beta2).rsqrt() * grad
+                update /= (update.pow(2).mean().sqrt() / g["clip_threshold"]).clamp(min=1.0)
+                if g["weight_decay"]:
+                    p.add_(p, alpha=-g["weight_decay"] * g["lr"])
+                p.add_(update, alpha=-g["lr"])
