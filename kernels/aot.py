@@ -26,9 +26,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+try:  # Triton internals: the JIT's own argument binder, so the specialization matches a real launch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+except ImportError as e:
+    sys.exit(f"error: kernels/aot.py needs Triton's compiler internals (tested on 3.6 and 3.9), "
+             f"triton {triton.__version__}: {e}")
 
 import kernels  # noqa: E402,F401  (the package; its submodules are below)
 
