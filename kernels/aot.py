@@ -115,8 +115,8 @@ def simple_launches(B, H, Lq, D, dtype):
     ]
 
 
-def report(arch=90, quick=False, dtype=torch.bfloat16, log=print):
-    """Compile everything; returns one row per (shape, kernel, config)."""
+def report(arch=90, quick=False, dtype=torch.bfloat16, ieee=False, log=print):
+    """Compile everything; returns one row per (shape, kernel, config). fp32: TF32 dots unless ieee."""
     names = {A._attn_fwd_kernel: "fwd", A._attn_bwd_dkdv_kernel: "bwd_dkdv", A._attn_bwd_dq_kernel: "bwd_dq"}
     limit = SMEM.get(arch, 101376)
     rows = []
@@ -133,12 +133,14 @@ def report(arch=90, quick=False, dtype=torch.bfloat16, log=print):
         log(f"{shape:<18} {kernel:<15} {config:<14} {r['regs'] or '-':>5} {r['spill_bytes'] if r['spill_bytes'] is not None else '-':>6}"
             f" {r['shared'] // 1024 if r['shared'] is not None else '-':>7} {fits:>5} {err}")
 
-    log(f"sm_{arch} (shared memory limit {limit // 1024} KiB/block), {dtype}, triton {triton.__version__}")
+    dots = "exact fp32" if ieee and dtype == torch.float32 else "tensor-core"
+    log(f"sm_{arch} (shared memory limit {limit // 1024} KiB/block), {dtype}, {dots} dots, triton {triton.__version__}")
     log(f"{'shape':<18} {'kernel':<15} {'config':<14} {'regs':>5} {'spill':>6} {'smem KiB':>7} {'fits':>5}")
     for shape, B, H, Lq, Lk, D, causal in SHAPES:
         if quick and shape not in QUICK:
             continue
         for fn, args, meta in record_launches(B, H, Lq, Lk, D, causal, dtype):
+            meta["PRECISION"] = "ieee" if ieee else "tf32"  # CPU tensors say ieee; a CUDA run with TF32 on, tf32
             for cfg in A._prune(A._configs(fn), {}, **meta):
                 blocks = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 tag = "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**blocks)
@@ -152,10 +154,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10: 80 A100, 90 H100, 100 B200")
     p.add_argument("--quick", action="store_true", help="two shapes: SDXL self-attention and SD1.5 D=160")
-    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--ieee", action="store_true", help="fp32: exact fp32 dots, as with torch's TF32 off")
     p.add_argument("--csv", help="also write the rows to this CSV file")
     args = p.parse_args()
-    rows = report(args.arch, args.quick, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    rows = report(args.arch, args.quick, dtype, args.ieee)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["shape", "kernel", "config", "regs", "spill_bytes", "shared", "fits",

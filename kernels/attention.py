@@ -288,9 +288,16 @@ def _launch(kernel, tile_len, B, H, *args, **meta):
 
 
 def _meta(q, D, causal):
-    # fp32 inputs get exact fp32 matmuls (not TF32) so fp32 results match the reference tightly
-    return dict(CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                BLOCK_D=max(16, triton.next_power_of_2(D)))
+    return dict(CAUSAL=causal, PRECISION=_precision(q), BLOCK_D=max(16, triton.next_power_of_2(D)))
+
+
+def _precision(q):
+    """How tl.dot treats fp32 inputs, following torch's matmul setting: TF32 tensor cores where torch allows
+    TF32 on CUDA (dpo.py turns it on), else exact fp32 (the interpreter tests compare fp32 tightly). Exact
+    fp32 dots run as FMA loops: slower to compile and run, and they spill at the larger tiles."""
+    if q.dtype != torch.float32:
+        return "tf32"  # ignored: fp16 / bf16 dots always use the tensor cores
+    return "tf32" if q.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _attn_forward(q, k, v, causal, scale):

@@ -13,6 +13,7 @@ import importlib  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import types  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -287,6 +288,16 @@ def test_dpo_loss_dispatch(monkeypatch, mode):
     used_triton = mode == "triton"
     assert len(ref_calls) == 1 + int(not used_triton)  # +1: the comparison call above
     assert len(kernel_calls) == int(used_triton)
+
+
+def test_fp32_dot_precision_follows_torch_tf32_setting(monkeypatch):
+    """fp32 on CUDA uses TF32 exactly when torch allows it for matmuls; on CPU (interpreter) always exact."""
+    cuda32 = types.SimpleNamespace(dtype=torch.float32, is_cuda=True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert attn_mod._precision(cuda32) == "tf32"
+    assert attn_mod._precision(torch.zeros(1)) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert attn_mod._precision(cuda32) == "ieee"
 
 
 def test_autotune_prunes_big_tiles_for_large_head_dims():
