@@ -103,7 +103,7 @@ def simple_launches(B, H, Lq, D, dtype):
     """The kernels with one fixed config: attention's backward preprocess and the two DPO-loss kernels."""
     o = torch.zeros(B, H, Lq, D, dtype=dtype)
     delta = torch.zeros(B, H, Lq)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = A._meta(o, D, False)["BLOCK_D"]  # the padded head dim, as _attn_backward launches it
     pred = torch.zeros(2 * B, 4, 128, 128, dtype=dtype)  # SDXL latents at 1024^2
     noise, N = torch.zeros(B, 4, 128, 128), 4 * 128 * 128
     n_chunks = triton.cdiv(N, L.BLOCK)

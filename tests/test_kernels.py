@@ -347,11 +347,9 @@ def test_bench_script_runs_on_cpu_with_a_stub_timer(monkeypatch, triton_path, tm
     monkeypatch.setattr(bench, "LOSS_LATENT", (4, 8, 8))
     monkeypatch.setattr(bench, "COPY_NUMEL", 4096)
     monkeypatch.setattr(torch, "compile", lambda fn: fn)  # inductor on CPU takes minutes; not under test
-    calls = []
 
     def do_bench(fn, grad_to_none=None):
         fn()
-        calls.append(fn)
         return 2.0  # ms
 
     args = argparse.Namespace(quick=False, batch=1, verbose=False)
