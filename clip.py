@@ -6,7 +6,7 @@ projected pooled output [B,1280] (its end-of-text token, through text_projection
 
 Modules are named after transformers' CLIPTextModelWithProjection (text_model.encoder.layers.0.self_attn.q_proj,
 ..., text_projection), so a diffusers text_encoder/ folder loads key for key. Single files keep CLIP-L in that
-naming, but bigG in OpenCLIP's (fused in_proj, transposed text_projection): see OPEN_CLIP below.
+naming, but bigG in OpenCLIP's (fused in_proj, transposed text_projection): see open_clip_table below.
 """
 import json
 import os
@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from weights import Checkpoint, CheckpointError, component, find_weights, load_module, read_config, save_safetensors
+from weights import (Checkpoint, CheckpointError, component, find_weights, load_module, read_config, rename, renamed,
+                     save_safetensors)
 
 MAX_LENGTH = 77
 # transformers' CLIPTextConfig defaults, then the real full-size encoders (what single files hold).
@@ -73,8 +74,8 @@ class Tokenizer:
         tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
                                                normalizers.Lowercase()])
         split = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        words = pre_tokenizers.Split(Regex(split), behavior="removed", invert=True)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.ByteLevel(add_prefix_space=False)])
         tok.add_special_tokens(list(dict.fromkeys([unk, bos, eos, pad])))  # matched whole, before normalizing
         ids = {t: tok.token_to_id(t) for t in (bos, eos, pad)}
         tok.post_processor = processors.RobertaProcessing((eos, ids[eos]), (bos, ids[bos]), trim_offsets=False,
@@ -155,7 +156,8 @@ class TextTransformer(nn.Module):
         last = m.final_layer_norm(x)
         # The end token as transformers finds it: configs from before its fix say eos_token_id=2 (the real SD
         # ones) and take the largest id (<|endoftext|> is the last of the vocabulary); others its first position.
-        eos = ids.argmax(-1) if self.config["eos_token_id"] == 2 else (ids == self.config["eos_token_id"]).int().argmax(-1)
+        eos_id = self.config["eos_token_id"]
+        eos = ids.argmax(-1) if eos_id == 2 else (ids == eos_id).int().argmax(-1)  # (B,) end token positions
         pooled = last[torch.arange(B, device=ids.device), eos]  # (B, D)
         projected = self.text_projection(pooled) if self.text_projection is not None else None
         return dict(last=last, penultimate=penultimate, pooled=pooled, projected=projected)
@@ -195,24 +197,31 @@ class TextEncoders(nn.Module):
 SINGLE = {"sdxl": [("conditioner.embedders.0.transformer.", "hf", CLIP_L, "text_encoder_config"),
                    ("conditioner.embedders.1.model.", "open_clip", BIG_G, "text_encoder_2_config")],
           "sd15": [("cond_stage_model.transformer.", "hf", CLIP_L, "text_encoder_config")]}
-# Our name -> OpenCLIP's, applied in order; q/k/v are thirds of the fused in_proj, text_projection is transposed.
-OPEN_CLIP = [("text_model.embeddings.token_embedding.", "token_embedding."),
-             ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
-             ("text_model.final_layer_norm.", "ln_final."), ("text_projection.weight", "text_projection"),
-             ("text_model.encoder.layers.", "transformer.resblocks."), ("layer_norm1.", "ln_1."),
-             ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."),
-             ("self_attn.out_proj.", "attn.out_proj."),
-             ("self_attn.q_proj.", "attn.in_proj_"), ("self_attn.k_proj.", "attn.in_proj_"),
-             ("self_attn.v_proj.", "attn.in_proj_")]
-QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+         "self_attn.out_proj": "attn.out_proj"}
+QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}  # which third of OpenCLIP's fused in_proj
 
 
-def open_clip_name(name):
-    """(OpenCLIP name, how to get ours from it): None, "T" (transpose) or i (i-th third of the fused in_proj)."""
-    part = "T" if name == "text_projection.weight" else next((i for p, i in QKV.items() if f".{p}." in name), None)
-    for ours, theirs in OPEN_CLIP:
-        name = name.replace(ours, theirs)
-    return name, part
+def open_clip_table(cfg):
+    """Our name -> OpenCLIP's. Our q, k, v are thirds of its fused in_proj; text_projection is transposed."""
+    m = {"text_model.embeddings.token_embedding": "token_embedding", "text_model.final_layer_norm": "ln_final",
+         "text_model.embeddings.position_embedding.weight": "positional_embedding",
+         "text_projection.weight": "text_projection"}
+    for i in range(cfg["num_hidden_layers"]):
+        ours, theirs = f"text_model.encoder.layers.{i}", f"transformer.resblocks.{i}"
+        for a, b in LAYER.items():
+            m[f"{ours}.{a}"] = f"{theirs}.{b}"
+        for proj in QKV:
+            for w in ("weight", "bias"):
+                m[f"{ours}.self_attn.{proj}.{w}"] = f"{theirs}.attn.in_proj_{w}"
+    return m
+
+
+def open_clip_part(name):
+    """How our tensor comes from OpenCLIP's: None (as is), "T" (transposed) or i (the i-th third of in_proj)."""
+    if name == "text_projection.weight":
+        return "T"
+    return next((i for p, i in QKV.items() if f".self_attn.{p}." in name), None)
 
 
 def _hf_name(key):
@@ -236,21 +245,17 @@ def _load_single(ckpt, prefix, layout, cfg, device, dtype):
     if layout == "hf":
         sources = {_hf_name(k[len(prefix):]): (lambda k=k: ckpt[k]) for k in keys if not k.endswith("position_ids")}
     else:  # open_clip: other keys there (logit_scale, attn_mask, ...) are not ours, as for diffusers' converter
-        sources, missing = {}, []
-        for name, ref in model.state_dict().items():
-            src, part = open_clip_name(name)
-            if prefix + src not in ckpt:
-                missing.append(prefix + src)
-            elif part == "T":
-                sources[name] = lambda src=prefix + src: ckpt[src].t()
+        state = model.state_dict()
+        names = renamed(ckpt, state, prefix, open_clip_table(model.config), f"{ckpt.files[0]}: text encoder")
+        sources = {}
+        for name, src in names.items():
+            part, n = open_clip_part(name), state[name].shape[0]
+            if part == "T":
+                sources[name] = lambda src=src: ckpt[src].t()
             elif part is not None:
-                n = ref.shape[0]
-                sources[name] = lambda src=prefix + src, a=part * n: ckpt[src][a:a + n].clone()
+                sources[name] = lambda src=src, a=part * n: ckpt[src][a:a + n].clone()
             else:
-                sources[name] = lambda src=prefix + src: ckpt[src]
-        if missing:
-            more = f" (+{len(missing) - 6} more)" if len(missing) > 6 else ""
-            raise CheckpointError(f"{ckpt.files[0]}: text encoder keys missing: {', '.join(missing[:6])}{more}")
+                sources[name] = lambda src=src: ckpt[src]
     return load_module(model, sources, dtype, device, f"text encoder ({ckpt.files[0]}, {prefix}*)")
 
 
@@ -279,13 +284,16 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None):
         if tokenizer is None:
             raise CheckpointError(f"{path} holds no tokenizer: pass tokenizer=FOLDER (a diffusers model folder with "
                                   f"tokenizer/{' and tokenizer_2/' if fam == 'sdxl' else ''})")
-        encoders = [_load_single(ckpt, prefix, layout, json.loads(ckpt.metadata[meta]) if meta in ckpt.metadata else cfg,
-                                 device, dtype) for prefix, layout, cfg, meta in SINGLE[fam]]
+        encoders = []
+        for prefix, layout, cfg, meta in SINGLE[fam]:  # a config stored in the file (save() does) wins
+            cfg = json.loads(ckpt.metadata[meta]) if meta in ckpt.metadata else cfg
+            encoders.append(_load_single(ckpt, prefix, layout, cfg, device, dtype))
         return TextEncoders(encoders, _tokenizers(tokenizer, len(encoders), path)).eval()
     if os.path.basename(os.path.normpath(where)) != "text_encoder":  # another component's folder (unet/, ...)
-        raise CheckpointError(f"{path} is neither a diffusers model folder (no text_encoder/) nor a text_encoder folder")
+        raise CheckpointError(f"{path} is neither a diffusers model folder (no text_encoder/) nor a text_encoder "
+                              "folder")
     root = path if where == os.path.join(path, "text_encoder") else os.path.dirname(os.path.abspath(where))
-    subs = ["text_encoder", "text_encoder_2"] if os.path.isdir(os.path.join(root, "text_encoder_2")) else ["text_encoder"]
+    subs = ["text_encoder"] + (["text_encoder_2"] if os.path.isdir(os.path.join(root, "text_encoder_2")) else [])
     encoders = [_load_folder(os.path.join(root, s), device, dtype) for s in subs]
     return TextEncoders(encoders, _tokenizers(tokenizer or root, len(encoders), path)).eval()
 
@@ -297,12 +305,12 @@ def save(te, path, layout="single"):
     out, meta = {}, {}
     for enc, (prefix, kind, _, meta_key) in zip(te.encoders, SINGLE["sdxl" if te.is_sdxl else "sd15"]):
         meta[meta_key] = json.dumps(enc.config)
-        fused = {}
+        fused, table = {}, open_clip_table(enc.config)
         for name, t in enc.state_dict().items():
             if kind == "hf":
                 out[prefix + name] = t
                 continue
-            src, part = open_clip_name(name)
+            src, part = rename(name, table), open_clip_part(name)
             if part == "T":
                 out[prefix + src] = t.t()
             elif part is not None:

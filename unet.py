@@ -6,7 +6,7 @@ concatenated skip, transformers, nearest-neighbour upsampling) -> GroupNorm, SiL
 Every ResBlock adds the timestep embedding (SDXL: plus pooled text and size/crop conditioning); every
 transformer block cross-attends to the text states. Modules are named after the diffusers layout, so a
 diffusers folder loads key for key; original single-file checkpoints ("model.diffusion_model.input_blocks...")
-are renamed with one table generated from the config (layout_map), which save(layout="single") inverts.
+are read and written through one table of module names generated from the config (layout_map).
 """
 import json
 import math
@@ -76,16 +76,15 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
-def _run(block, *args):
-    """Call a block; when checkpointing in training, its activations are recomputed in backward, not stored."""
-    if block.checkpointing and block.training and torch.is_grad_enabled():
+def run(block, *args, checkpointing=False):
+    """Call a block; with checkpointing, its activations are recomputed in backward instead of stored."""
+    if checkpointing:
         return checkpoint(block, *args, use_reentrant=False)
     return block(*args)
 
 
 class ResBlock(nn.Module):
     """Two 3x3 convs with the timestep embedding added in between, plus a (1x1-projected) skip."""
-    checkpointing = False
 
     def __init__(self, cin, cout, temb, groups, eps):
         super().__init__()
@@ -130,7 +129,6 @@ class GEGLU(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention to the text, GEGLU feed-forward; each residual."""
-    checkpointing = False
 
     def __init__(self, c, ctx, heads):
         super().__init__()
@@ -162,14 +160,14 @@ class SpatialTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList([TransformerBlock(c, ctx, heads) for _ in range(depth)])
         self.proj_out = proj()
 
-    def forward(self, x, context):  # x (B, c, h, w)
+    def forward(self, x, context, checkpointing=False):  # x (B, c, h, w)
         B, C, H, W = x.shape
         h = self.norm(x) if self.linear else self.proj_in(self.norm(x))
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, L, c); free for channels-last input
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = _run(block, h, context)
+            h = run(block, h, context, checkpointing=checkpointing)
         if self.linear:
             h = self.proj_out(h)
         h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, c, h, w), channels-last strides
@@ -236,7 +234,7 @@ class UNet(nn.Module):
         ctx = _per_level(cfg["cross_attention_dim"], n, "cross_attention_dim")
         self.is_sdxl = cfg["addition_embed_type"] == "text_time"
         self.prediction_type = "epsilon"  # what the network output means; load() reads it from the scheduler config
-        self._checkpointing = False
+        self.gradient_checkpointing = False  # training: recompute each ResBlock and TransformerBlock in backward
 
         def transformer(i, c):
             return SpatialTransformer(c, ctx[i], heads[i], depth[i], groups, cfg["use_linear_projection"])
@@ -271,31 +269,13 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], cfg["out_channels"], 3, padding=1)
 
     @property
-    def gradient_checkpointing(self):
-        return self._checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, on):
-        """Checkpoint every ResBlock and TransformerBlock (SDXL training at 1024px needs it)."""
-        self._checkpointing = bool(on)
-        for m in self.modules():
-            if isinstance(m, (ResBlock, TransformerBlock)):
-                m.checkpointing = bool(on)
-
-    def enable_gradient_checkpointing(self):
-        self.gradient_checkpointing = True
-
-    @property
     def dtype(self):
         return self.conv_in.weight.dtype
-
-    @property
-    def device(self):
-        return self.conv_in.weight.device
 
     def forward(self, x, t, context, pooled=None, time_ids=None):
         """x (B, 4, h, w), t (B,) or scalar, context (B, 77, D); SDXL: pooled (B, 1280), time_ids (B, 6)."""
         cfg, B = self.config, x.shape[0]
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()  # SDXL at 1024px needs it
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)  # (B,)
         emb = timestep_embedding(t, cfg["block_out_channels"][0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
         emb = self.time_embedding(emb.to(x.dtype))  # (B, temb)
@@ -311,19 +291,19 @@ class UNet(nn.Module):
         skips = [h]
         for b in self.down_blocks:
             for j, res in enumerate(b.resnets):
-                h = _run(res, h, emb)
-                h = b.attentions[j](h, context) if len(b.attentions) else h
+                h = run(res, h, emb, checkpointing=ckpt)
+                h = b.attentions[j](h, context, ckpt) if len(b.attentions) else h
                 skips.append(h)
             if len(b.downsamplers):
                 h = b.downsamplers[0](h)  # (B, c, h/2, w/2)
                 skips.append(h)
-        h = _run(self.mid_block.resnets[0], h, emb)
-        h = self.mid_block.attentions[0](h, context)
-        h = _run(self.mid_block.resnets[1], h, emb)
+        h = run(self.mid_block.resnets[0], h, emb, checkpointing=ckpt)
+        h = self.mid_block.attentions[0](h, context, ckpt)
+        h = run(self.mid_block.resnets[1], h, emb, checkpointing=ckpt)
         for b in self.up_blocks:
             for j, res in enumerate(b.resnets):
-                h = _run(res, torch.cat([h, skips.pop()], dim=1), emb)  # (B, c_h + c_skip, h, w) -> (B, c, h, w)
-                h = b.attentions[j](h, context) if len(b.attentions) else h
+                h = run(res, torch.cat([h, skips.pop()], dim=1), emb, checkpointing=ckpt)  # (B, c_h + c_skip, h, w)
+                h = b.attentions[j](h, context, ckpt) if len(b.attentions) else h
             if len(b.upsamplers):
                 h = b.upsamplers[0](h, size=skips[-1].shape[-2:])  # to the next skip's size (x2)
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, h, w)
@@ -366,26 +346,8 @@ def layout_map(config):
     return m
 
 
-def rename(key, table):
-    """Replace the longest module prefix of key found in table (keys it does not cover pass unchanged)."""
-    parts = key.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        p = ".".join(parts[:i])
-        if p in table:
-            return table[p] + key[len(p):]
-    return key
-
-
 # ----------------------------------------------------------------------------------------------------
 # Loading and saving
-
-
-def _prediction_type(path):
-    try:
-        with open(path) as f:
-            return json.load(f).get("prediction_type", "epsilon")
-    except (OSError, ValueError):
-        return "epsilon"
 
 
 def load(path, device="cpu", dtype=torch.float32):
@@ -396,17 +358,16 @@ def load(path, device="cpu", dtype=torch.float32):
         if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
             raise CheckpointError(f"{where} holds a {config['_class_name']}, not a UNet2DConditionModel")
         ckpt = weights.Checkpoint(weights.find_weights(where))
-        sources = {k: (lambda k=k: ckpt[k]) for k in ckpt.keys()}
-        pred = _prediction_type(os.path.join(where, "..", "scheduler", "scheduler_config.json"))
+        names = {k: k for k in ckpt.keys()}  # the diffusers layout is ours
+        scheduler = weights.read_json(os.path.join(where, "..", "scheduler", "scheduler_config.json"), {})
+        pred = scheduler.get("prediction_type", "epsilon")
     else:
         ckpt = weights.Checkpoint(where)
         if "config" in ckpt.metadata:  # written by save(layout="single"), so any size round-trips
             config = json.loads(ckpt.metadata["config"])
         else:
             config = SDXL if weights.family(ckpt) == "sdxl" else SD15
-        inverse = {s: d for d, s in layout_map(config).items()}
-        sources = {rename(k[len(PREFIX):], inverse): (lambda k=k: ckpt[k]) for k in ckpt.keys() if k.startswith(PREFIX)}
-        if not sources:
+        if not any(k.startswith(PREFIX) for k in ckpt.keys()):
             raise CheckpointError(f"{where}: no UNet weights in this file (no {PREFIX}* keys)")
         pred = ckpt.metadata.get("prediction_type", "epsilon")
     try:
@@ -414,6 +375,9 @@ def load(path, device="cpu", dtype=torch.float32):
             u = UNet(config)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if kind == "file":
+        names = weights.renamed(ckpt, u.state_dict(), PREFIX, layout_map(config), f"{where}: UNet", strict=True)
+    sources = {name: (lambda k=k: ckpt[k]) for name, k in names.items()}
     weights.load_module(u, sources, dtype, device, f"UNet {path}")
     u.prediction_type = pred
     return u
@@ -429,7 +393,7 @@ def save(u, path, layout="diffusers"):
         weights.save_json(config, os.path.join(path, "config.json"))
     elif layout == "single":
         table = layout_map(u.config)
-        weights.save_safetensors({PREFIX + rename(k, table): v for k, v in sd.items()}, path,
+        weights.save_safetensors({PREFIX + weights.rename(k, table): v for k, v in sd.items()}, path,
                                  {"config": json.dumps(config), "prediction_type": u.prediction_type})
     else:
         raise ValueError(f"layout must be 'diffusers' or 'single', got {layout!r}")

@@ -7,18 +7,18 @@ lowest resolution, and a 1x1 conv to the mean and log-variance of a diagonal Gau
 
 Modules are named after the diffusers layout (encoder.down_blocks.0.resnets.0.norm1, ...), so a diffusers
 vae/ folder loads key for key. The original single-file layout (first_stage_model.encoder.down.0.block.0.norm1,
-decoder.up.N in reversed order, 1x1-conv attention weights) is converted by `ldm_name` below.
+decoder.up.N in reversed order, 1x1-conv attention weights) goes through one table of names, `ldm_table` below.
 """
 import json
 import os
-import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unet import GroupNorm32
 from weights import (Checkpoint, CheckpointError, component, family, find_weights, load_module, read_config,
-                     save_json, save_safetensors)
+                     rename, renamed, save_json, save_safetensors)
 
 # The real SD1.5 / SDXL VAE (83,653,863 parameters); single files use it unless their metadata holds a config.
 FULL_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
@@ -27,19 +27,12 @@ FULL_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_c
 SCALING_FACTOR = {"sdxl": 0.13025, "sd15": 0.18215}
 
 
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm whose mean/variance are computed in fp32: in fp16/bf16 they lose precision over big maps."""
-
-    def forward(self, x):
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
-
-
 class ResnetBlock(nn.Module):
     def __init__(self, cin, cout, groups):
         super().__init__()
-        self.norm1 = GroupNorm(groups, cin, eps=1e-6)
+        self.norm1 = GroupNorm32(groups, cin, eps=1e-6)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = GroupNorm(groups, cout, eps=1e-6)
+        self.norm2 = GroupNorm32(groups, cout, eps=1e-6)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
@@ -55,7 +48,7 @@ class Attention(nn.Module):
 
     def __init__(self, c, groups):
         super().__init__()
-        self.group_norm = GroupNorm(groups, c, eps=1e-6)
+        self.group_norm = GroupNorm32(groups, c, eps=1e-6)
         self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
         self.to_out = nn.ModuleList([nn.Linear(c, c)])
 
@@ -121,7 +114,7 @@ class Encoder(nn.Module):
         self.down_blocks = nn.ModuleList([Level(chs[max(i - 1, 0)], c, n, g, "down" if i < len(chs) - 1 else None)
                                           for i, c in enumerate(chs)])
         self.mid_block = MidBlock(chs[-1], g, cfg["mid_block_add_attention"])
-        self.conv_norm_out = GroupNorm(g, chs[-1], eps=1e-6)
+        self.conv_norm_out = GroupNorm32(g, chs[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chs[-1], 2 * cfg["latent_channels"], 3, padding=1)
 
     def forward(self, x):
@@ -141,7 +134,7 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(chs[0], g, cfg["mid_block_add_attention"])
         self.up_blocks = nn.ModuleList([Level(chs[max(i - 1, 0)], c, n + 1, g, "up" if i < len(chs) - 1 else None)
                                         for i, c in enumerate(chs)])
-        self.conv_norm_out = GroupNorm(g, chs[-1], eps=1e-6)
+        self.conv_norm_out = GroupNorm32(g, chs[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chs[-1], cfg["out_channels"], 3, padding=1)
 
     def forward(self, z):
@@ -169,7 +162,7 @@ class AutoencoderKL(nn.Module):
         return self.encoder.conv_in.weight.dtype
 
     def encode(self, images):
-        """images (B, 3, H, W) in [-1, 1] -> latent mean (B, 4, H/f, W/f), unscaled (times scaling_factor for the UNet)."""
+        """images (B, 3, H, W) in [-1, 1] -> latent mean (B, 4, H/f, W/f), unscaled (x scaling_factor for the UNet)."""
         moments = self.encoder(images.to(self.weight_dtype))  # (B, 2*4, H/f, W/f): mean, log-variance
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -187,22 +180,30 @@ class AutoencoderKL(nn.Module):
 # The original (ldm / single-file) layout: one rename table, applied to each diffusers name in turn.
 
 
-def ldm_name(name, levels):
-    """Original-layout name of a diffusers-layout VAE parameter (decoder levels are numbered in reverse)."""
-    rules = [(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}."),
-             (r"mid_block\.attentions\.0\.", "mid.attn_1."),
-             (r"down_blocks\.(\d+)\.", r"down.\1."),
-             (r"up_blocks\.(\d+)\.", lambda m: f"up.{levels - 1 - int(m[1])}."),
-             (r"resnets\.", "block."), (r"downsamplers\.0\.", "downsample."), (r"upsamplers\.0\.", "upsample."),
-             (r"conv_shortcut\.", "nin_shortcut."), (r"conv_norm_out\.", "norm_out."),
-             (r"group_norm\.", "norm."), (r"to_([qkv])\.", r"\1."), (r"to_out\.0\.", "proj_out.")]
-    for pattern, repl in rules:
-        name = re.sub(pattern, repl, name)
-    return name
+ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def ldm_table(config):
+    """Our module name -> the original layout's, for every renamed module (decoder levels count in reverse there)."""
+    levels, n, m = len(config["block_out_channels"]), config["layers_per_block"], {}
+    for side, blocks, sample, count in (("encoder", "down", "downsample", n), ("decoder", "up", "upsample", n + 1)):
+        m[f"{side}.conv_norm_out"] = f"{side}.norm_out"
+        for k in range(2):
+            m[f"{side}.mid_block.resnets.{k}"] = f"{side}.mid.block_{k + 1}"
+        for a, b in ATTENTION.items():
+            m[f"{side}.mid_block.attentions.0.{a}"] = f"{side}.mid.attn_1.{b}"
+        for i in range(levels):
+            there = f"{side}.{blocks}.{i if side == 'encoder' else levels - 1 - i}"
+            m[f"{side}.{blocks}_blocks.{i}.{sample}rs.0"] = f"{there}.{sample}"
+            for j in range(count):
+                m[f"{side}.{blocks}_blocks.{i}.resnets.{j}"] = f"{there}.block.{j}"
+                m[f"{side}.{blocks}_blocks.{i}.resnets.{j}.conv_shortcut"] = f"{there}.block.{j}.nin_shortcut"
+    return m
 
 
 def _is_attn_linear(name):
-    return re.search(r"attentions\.0\.(to_[qkv]|to_out\.0)\.weight$", name) is not None
+    """The attention projections, which the original layout stores as 1x1 convs (C, C, 1, 1)."""
+    return ".attentions.0.to_" in name and name.endswith(".weight")
 
 
 def _single_file_layout(ckpt, path):
@@ -245,19 +246,12 @@ def load(path, device="cpu", dtype=torch.float32, scaling_factor=None):
     with torch.device("meta"):
         model = AutoencoderKL(cfg, scaling_factor if scaling_factor is not None else sf, dtype)
     if sources is None:  # single file: each of our names maps to one name there
-        sources, missing = {}, []
-        levels = len(model.config["block_out_channels"])
-        for name in model.state_dict():
-            src = prefix + (ldm_name(name, levels) if is_ldm else name)
-            if src not in ckpt:
-                missing.append(src)
-            elif _is_attn_linear(name):  # original layout stores these as 1x1 convs (C, C, 1, 1)
-                sources[name] = lambda src=src: ckpt[src].flatten(1)
-            else:
-                sources[name] = lambda src=src: ckpt[src]
-        if missing:
-            more = f" (+{len(missing) - 6} more)" if len(missing) > 6 else ""
-            raise CheckpointError(f"{where}: VAE keys missing: {', '.join(missing[:6])}{more}")
+        table = ldm_table(model.config) if is_ldm else {}
+        names = renamed(ckpt, model.state_dict(), prefix, table, f"{where}: VAE")
+        sources = {name: (lambda k=k: ckpt[k]) for name, k in names.items()}
+        for name, k in names.items():
+            if is_ldm and _is_attn_linear(name):
+                sources[name] = lambda k=k: ckpt[k].flatten(1)  # (C, C, 1, 1) -> (C, C)
     load_module(model, sources, torch.float32 if upcast else dtype, device, f"VAE ({where})")
     return model.eval()
 
@@ -268,13 +262,13 @@ def save(v, path, layout="diffusers"):
     if layout == "diffusers":
         os.makedirs(path, exist_ok=True)
         levels = len(v.config["block_out_channels"])
-        cfg = dict(v.config, _class_name="AutoencoderKL", act_fn="silu", down_block_types=["DownEncoderBlock2D"] * levels,
-                   up_block_types=["UpDecoderBlock2D"] * levels)
+        cfg = dict(v.config, _class_name="AutoencoderKL", act_fn="silu",
+                   down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels)
         save_safetensors(state, os.path.join(path, "diffusion_pytorch_model.safetensors"))
         save_json(cfg, os.path.join(path, "config.json"))
     elif layout == "single":
-        levels = len(v.config["block_out_channels"])
-        out = {"first_stage_model." + ldm_name(k, levels): (t[:, :, None, None] if _is_attn_linear(k) else t)
+        table = ldm_table(v.config)
+        out = {"first_stage_model." + rename(k, table): (t[:, :, None, None] if _is_attn_linear(k) else t)
                for k, t in state.items()}
         save_safetensors(out, path, metadata={"vae_config": json.dumps(v.config)})
     else:

@@ -59,14 +59,22 @@ def component(path: str, sub: str):
     raise CheckpointError(f"{path} is neither a diffusers model folder (no {sub}/) nor a {sub} folder")
 
 
+def read_json(path: str, default=None):
+    """A JSON file; `default` when it does not exist (None: a missing file is an error too)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        if default is not None:
+            return default
+        raise CheckpointError(f"cannot read {path}: no such file") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
 def read_config(folder: str) -> dict:
     """config.json of a diffusers/transformers component folder."""
-    p = os.path.join(folder, "config.json")
-    try:
-        with open(p) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {p}: {e}") from None
+    return read_json(os.path.join(folder, "config.json"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,7 +95,8 @@ class Checkpoint:
             except CheckpointError:
                 raise
             except Exception as e:  # not a safetensors file, corrupt header, unreadable, ...
-                raise CheckpointError(f"cannot read safetensors file {p}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+                why = (str(e).splitlines() or [type(e).__name__])[0]
+                raise CheckpointError(f"cannot read safetensors file {p}: {why}") from None
             self._handles.append(h)
             self.metadata.update(h.metadata() or {})
             for k in h.keys():
@@ -175,6 +184,34 @@ def load_module(module: torch.nn.Module, sources: Mapping[str, Source], dtype, d
         if b.is_meta:
             raise CheckpointError(f"{what}: buffer {name} was not loaded")
     return module
+
+
+# ----------------------------------------------------------------------------------------------------
+# Other layouts: each model writes one table, from its own module names to the other layout's, with loops
+
+
+def rename(key: str, table: Mapping[str, str]) -> str:
+    """key with its longest dotted prefix that is in table replaced (the whole key counts too; others pass)."""
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        p = ".".join(parts[:i])
+        if p in table:
+            return table[p] + key[len(p):]
+    return key
+
+
+def renamed(ckpt: "Checkpoint", names, prefix: str, table: Mapping[str, str], what: str, strict=False) -> dict:
+    """Our name -> the name of its tensor in ckpt (prefix + rename(name, table)), for a model whose checkpoint is in
+    another layout. Names the file's missing keys; strict: also its keys under prefix that no name of ours maps to."""
+    src = {n: prefix + rename(n, table) for n in names}
+    missing = list(dict.fromkeys(s for s in src.values() if s not in ckpt))
+    if missing:
+        more = f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise CheckpointError(f"{what} keys missing: {', '.join(missing[:8])}{more}")
+    unexpected = {k for k in ckpt.keys() if k.startswith(prefix)} - set(src.values()) if strict else set()
+    if unexpected:
+        raise CheckpointError(f"{what}: unexpected keys: {_names(unexpected)}")
+    return src
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import kernels
 import unet
+import weights
 from weights import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +31,8 @@ def inputs(u, B=2, hw=16, seed=0):
     if u.is_sdxl:
         pooled_dim = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
         kw = dict(pooled=torch.randn(B, pooled_dim, generator=g),
-                  time_ids=torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0], [512.0, 512.0, 32.0, 0.0, 768.0, 1024.0]][:B]))
+                  time_ids=torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0],
+                                         [512.0, 512.0, 32.0, 0.0, 768.0, 1024.0]][:B]))
     return x, t, ctx, kw
 
 
@@ -72,7 +74,11 @@ def test_all_attention_goes_through_kernels(sdxl_dir, monkeypatch):
     u = unet.load(sdxl_dir).eval()
     calls = []
     real = kernels.attention
-    monkeypatch.setattr(kernels, "attention", lambda q, k, v: calls.append(q.shape) or real(q, k, v))
+
+    def attention(q, k, v):
+        calls.append(q.shape)
+        return real(q, k, v)
+    monkeypatch.setattr(kernels, "attention", attention)
     run(u, *inputs(u, B=1, hw=8))
     n_blocks = sum(isinstance(m, unet.TransformerBlock) for m in u.modules())
     assert len(calls) == 2 * n_blocks  # self- and cross-attention of every transformer block
@@ -215,12 +221,13 @@ def test_full_size_matches_diffusers_structure(name, params):
     table = unet.layout_map(cfg)
     inverse = {s: d for d, s in table.items()}
     assert len(inverse) == len(table)
-    single = {unet.PREFIX + unet.rename(k, table): v for k, v in u.state_dict().items()}
+    single = {unet.PREFIX + weights.rename(k, table): v for k, v in u.state_dict().items()}
     assert len(single) == len(ours)
-    assert all(unet.rename(unet.rename(k, table), inverse) == k for k in ours)
+    assert all(weights.rename(weights.rename(k, table), inverse) == k for k in ours)
     assert {k: tuple(v.shape) for k, v in convert_ldm_unet_checkpoint(single, u.config).items()} == ours
     known = {"SDXL": ["label_emb.0.2.weight", "input_blocks.3.0.op.weight", "output_blocks.2.2.conv.bias",
-                      "middle_block.1.transformer_blocks.9.attn2.to_k.weight", "input_blocks.7.0.skip_connection.weight"],
+                      "middle_block.1.transformer_blocks.9.attn2.to_k.weight",
+                      "input_blocks.7.0.skip_connection.weight"],
              "SD15": ["input_blocks.1.1.proj_in.weight", "output_blocks.2.1.conv.weight", "out.2.bias",
                       "middle_block.2.emb_layers.1.weight", "output_blocks.11.1.transformer_blocks.0.ff.net.2.weight"]}
     assert all(unet.PREFIX + k in single for k in known[name])  # names in the released single-file checkpoints
@@ -250,7 +257,7 @@ def test_gradient_checkpointing_same_gradients(sdxl_dir):
 
     plain = grads()
     assert len(calls) == 1
-    u.enable_gradient_checkpointing()
+    u.gradient_checkpointing = True
     assert u.gradient_checkpointing
     ckpt = grads()
     assert len(calls) == 3  # forward, then recomputed in backward
@@ -285,7 +292,8 @@ def test_missing_key(sdxl_dir, tmp_path):
     sd = load_file(f)
     del sd["up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight"]
     save_file(sd, f)
-    with pytest.raises(CheckpointError, match=r"missing keys: up_blocks\.0\.attentions\.1\.transformer_blocks\.0\.attn2\.to_k\.weight"):
+    missing = r"missing keys: up_blocks\.0\.attentions\.1\.transformer_blocks\.0\.attn2\.to_k\.weight"
+    with pytest.raises(CheckpointError, match=missing):
         unet.load(str(tmp_path))
 
 
@@ -348,7 +356,8 @@ def test_bf16_load_peak_memory(tmp_path):
     the family picks the SD1.5 config) stays <= 1.2x the model's own size."""
     with torch.device("meta"):
         table = unet.layout_map(unet.SD15)
-        shapes = {unet.PREFIX + unet.rename(k, table): tuple(v.shape) for k, v in unet.UNet(unet.SD15).state_dict().items()}
+        state = unet.UNet(unet.SD15).state_dict()
+        shapes = {unet.PREFIX + weights.rename(k, table): tuple(v.shape) for k, v in state.items()}
     path = str(tmp_path / "sd15_unet.safetensors")
     try:
         _write_streamed(path, shapes)
@@ -359,4 +368,4 @@ def test_bf16_load_peak_memory(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     params, size, growth, touched = out.stdout.split()
     assert int(params) == 859_520_964 and touched == "True"
-    assert int(growth) <= 1.2 * int(size), f"peak RSS grew {int(growth) / 1e6:.0f} MB for a {int(size) / 1e6:.0f} MB model"
+    assert int(growth) <= 1.2 * int(size), f"peak RSS grew {int(growth) / 1e6:.0f} MB for a {int(size) / 1e6:.0f} MB"
