@@ -35,10 +35,8 @@ except ImportError as e:
     sys.exit(f"error: kernels/aot.py needs Triton's compiler internals (tested on 3.6 and 3.9), "
              f"triton {triton.__version__}: {e}")
 
-import kernels  # noqa: E402,F401  (the package; its submodules are below)
-
-A = sys.modules["kernels.attention"]  # `kernels.attention` the attribute is the function
-L = sys.modules["kernels.dpo_loss"]
+from kernels import flash_attention as A  # noqa: E402
+from kernels import fused_dpo_loss as L  # noqa: E402
 
 # max dynamic shared memory per block (bytes) by compute capability; registers are 255 / thread
 SMEM = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
@@ -130,8 +128,9 @@ def report(arch=90, quick=False, dtype=torch.bfloat16, ieee=False, log=print):
         rows.append({"shape": shape, "kernel": kernel, "config": config, **r})
         fits = "yes" if r["fits"] else "NO"
         err = r.get("error", "")[:60]
-        log(f"{shape:<18} {kernel:<15} {config:<14} {r['regs'] or '-':>5} {r['spill_bytes'] if r['spill_bytes'] is not None else '-':>6}"
-            f" {r['shared'] // 1024 if r['shared'] is not None else '-':>7} {fits:>5} {err}")
+        spill = "-" if r["spill_bytes"] is None else r["spill_bytes"]
+        smem = "-" if r["shared"] is None else r["shared"] // 1024
+        log(f"{shape:<18} {kernel:<15} {config:<14} {r['regs'] or '-':>5} {spill:>6} {smem:>7} {fits:>5} {err}")
 
     dots = "exact fp32" if ieee and dtype == torch.float32 else "tensor-core"
     log(f"sm_{arch} (shared memory limit {limit // 1024} KiB/block), {dtype}, {dots} dots, triton {triton.__version__}")

@@ -1,4 +1,5 @@
 """Pick Triton kernels or PyTorch references, per call, from the DPO_KERNELS env var."""
+import contextlib
 import os
 
 import torch
@@ -28,3 +29,16 @@ def _check_interpreter():
     if not interpreting() or not isinstance(standard.zeros, InterpretedFunction):
         raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is first "
                            "imported (diffusers and torch._dynamo import it), or use DPO_KERNELS=torch")
+
+
+@contextlib.contextmanager
+def references():
+    """Run the PyTorch references inside, e.g. so that torch's FlopCounterMode can count what the kernels compute."""
+    old = os.environ.get("DPO_KERNELS")
+    os.environ["DPO_KERNELS"] = "torch"
+    try:
+        yield
+    finally:
+        os.environ.pop("DPO_KERNELS")
+        if old is not None:
+            os.environ["DPO_KERNELS"] = old

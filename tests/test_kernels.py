@@ -21,9 +21,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
 
-# `kernels.attention` / `kernels.dpo_loss` are the public functions; these are the modules.
-attn_mod = importlib.import_module("kernels.attention")
-dpo_mod = importlib.import_module("kernels.dpo_loss")
+from kernels import flash_attention as attn_mod  # noqa: E402  (the modules behind kernels.attention / .dpo_loss)
+from kernels import fused_dpo_loss as dpo_mod  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(
     torch.cuda.is_available(), reason="CPU interpreter tests; tests/test_kernels_gpu.py covers CUDA")
@@ -239,6 +238,26 @@ def test_use_triton_reads_env_at_call_time(monkeypatch):
     monkeypatch.setenv("DPO_KERNELS", "cuda-please")
     with pytest.raises(ValueError):
         kernels.use_triton(t)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_bad_shapes_are_clear_errors(monkeypatch, path):
+    """User input is checked with errors that say what was expected (not asserts, which python -O drops)."""
+    monkeypatch.setenv("DPO_KERNELS", path)
+    q = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match=r"expects \(B, H, L, D\) tensors, got q \(2, 8, 16\)"):
+        kernels.attention(q[0], q, q)
+    with pytest.raises(ValueError, match=r"do not fit \(B, H, Lq, D\)"):
+        kernels.attention(q, torch.zeros(1, 2, 8, 32), torch.zeros(1, 2, 8, 32))
+    with pytest.raises(ValueError, match="causal attention needs Lq == Lk, got 8 and 4"):
+        kernels.attention(q, q[:, :, :4], q[:, :, :4], causal=True)
+    if path == "triton":
+        with pytest.raises(ValueError, match="must share a dtype"):
+            kernels.attention(q, q.double(), q.double())
+    pred, noise = torch.zeros(4, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    for args in ((pred, pred[:2], noise), (pred[:3], pred[:3], noise), (pred, pred, noise[:1])):
+        with pytest.raises(ValueError, match=r"dpo_loss expects model_pred and ref_pred \(2B, C, H, W\)"):
+            kernels.dpo_loss(*args, 1.0)
 
 
 def _spy(monkeypatch, module, name):

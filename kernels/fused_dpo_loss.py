@@ -59,9 +59,11 @@ def _dpo_grad_kernel(MODEL, NOISE, COEF, GRAD, B, N, BLOCK: tl.constexpr):
 
 
 def _check(model_pred, ref_pred, noise):
-    assert model_pred.shape == ref_pred.shape, "model_pred and ref_pred must have the same shape"
-    assert model_pred.shape[0] % 2 == 0 and noise.shape == (model_pred.shape[0] // 2, *model_pred.shape[1:]), \
-        "expected model_pred/ref_pred (2B, ...) and noise (B, ...)"
+    """The layout both paths expect: predictions (2B, ...) winners first, noise (B, ...) shared by each pair."""
+    n = model_pred.shape[0]
+    if model_pred.shape != ref_pred.shape or n % 2 or noise.shape != (n // 2, *model_pred.shape[1:]):
+        raise ValueError(f"dpo_loss expects model_pred and ref_pred (2B, C, H, W) and noise (B, C, H, W), got "
+                         f"{tuple(model_pred.shape)}, {tuple(ref_pred.shape)} and {tuple(noise.shape)}")
 
 
 def _epilogue(sse, N, beta):

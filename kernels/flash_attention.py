@@ -18,8 +18,9 @@ import triton.language as tl
 
 from .dispatch import interpreting, use_triton
 
-LOG2E = 1.4426950408889634  # softmax is computed with exp2: e^x = 2^(x * log2 e)
-LN2 = 0.6931471805599453
+# softmax is computed with exp2: e^x = 2^(x * log2 e), and the log-sum-exp kept in natural log: ln x = log2 x * ln 2
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # Tests set this to e.g. (16, 32) so the interpreter exercises multi-block loops on short sequences.
 FORCE_BLOCKS = None  # (BLOCK_M, BLOCK_N) or None
@@ -60,7 +61,7 @@ def _attn_fwd_kernel(
 
     q = tl.load(Q + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-    qk_scale = sm_scale * 1.4426950408889634  # fold log2(e) in: scores live in log2 units
+    qk_scale = sm_scale * LOG2E  # fold log2(e) in: scores live in log2 units
 
     # online-softmax state per query row: running max m_i, running denominator l_i, unnormalised O
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -92,7 +93,7 @@ def _attn_fwd_kernel(
 
     # normalise once at the end (FA2), and keep logsumexp (natural log) for the backward pass
     acc = acc / l_i[:, None]
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # (BLOCK_M,)
+    lse = (m_i + tl.log2(l_i)) * LN2  # (BLOCK_M,)
     tl.store(LSE + offs_m, lse, mask=m_ok)
     tl.store(O + offs_m[:, None] * som + offs_d[None, :] * sod, acc.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
@@ -152,7 +153,7 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     lo = 0
     if CAUSAL:  # query tiles entirely above the diagonal never see these keys
@@ -168,7 +169,7 @@ def _attn_bwd_dkdv_kernel(
         delta = tl.load(DELTA + rows, mask=m_ok, other=0.0)
         # recompute P^T for this tile from the saved logsumexp: P = exp(S - lse)
         sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        pT = tl.exp2(sT - lse[None, :] * 1.4426950408889634)
+        pT = tl.exp2(sT - lse[None, :] * LOG2E)
         keep = m_ok[None, :]
         if CAUSAL:
             keep = keep & (rows[None, :] >= offs_n[:, None])
@@ -219,7 +220,7 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     hi = Lk
     if CAUSAL:
@@ -231,7 +232,7 @@ def _attn_bwd_dq_kernel(
         kT = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd, mask=kv_mask, other=0.0)  # (BLOCK_D, BLOCK_N)
         vT = tl.load(V + cols[None, :] * svn + offs_d[:, None] * svd, mask=kv_mask, other=0.0)
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(s - lse[:, None] * 1.4426950408889634)  # recomputed softmax
+        p = tl.exp2(s - lse[:, None] * LOG2E)  # recomputed softmax
         keep = n_ok[None, :]
         if CAUSAL:
             keep = keep & (offs_m[:, None] >= cols[None, :])
@@ -355,12 +356,18 @@ class FlashAttention(torch.autograd.Function):
 
 def attention(q, k, v, causal=False, scale=None):
     """softmax(q k^T * scale) v for q (B, H, Lq, D), k/v (B, H, Lk, D); Triton or SDPA per DPO_KERNELS."""
-    assert q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "expected (B, H, L, D) tensors"
-    assert q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape == v.shape and q.shape[3] == k.shape[3]
-    assert not causal or q.shape[2] == k.shape[2], "causal attention needs Lq == Lk"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects (B, H, L, D) tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or k.shape != v.shape or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
+                         "(B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D)")
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal attention needs Lq == Lk, got {q.shape[2]} and {k.shape[2]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if use_triton(q):
-        assert q.dtype == k.dtype == v.dtype, "q, k, v must share a dtype"
+        if not q.dtype == k.dtype == v.dtype:
+            raise ValueError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
         return FlashAttention.apply(q, k, v, causal, scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
