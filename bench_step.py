@@ -34,10 +34,11 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
+import diffusion
 import dpo
 import optim
 import unet as unetlib
-from dpo import H100_BF16_PEAK, dpo_loss, noise_schedule, noisy_pairs, pair_loss, reference, resolve, unet_flops
+from dpo import H100_BF16_PEAK, dpo_loss, pair_loss, reference, resolve, unet_flops
 from weights import Checkpoint, CheckpointError, component, family, read_config
 
 
@@ -76,33 +77,40 @@ def unet_config(model):
     if kind == "folder":
         return read_config(where)
     ck = Checkpoint(where)
-    return json.loads(ck.metadata["config"]) if "config" in ck.metadata else dict(unetlib.SDXL if family(ck) == "sdxl" else unetlib.SD15)
+    if "config" in ck.metadata:
+        return json.loads(ck.metadata["config"])
+    return dict(unetlib.SDXL if family(ck) == "sdxl" else unetlib.SD15)
 
 
 def latent_factor(model):
     """VAE downsampling factor from --model's vae/config.json (2^(levels-1)), else SD's 8."""
     p = os.path.join(model, "vae") if model and os.path.isdir(model) else ""
-    return 2 ** (len(read_config(p)["block_out_channels"]) - 1) if os.path.isfile(os.path.join(p, "config.json")) else 8
+    if not os.path.isfile(os.path.join(p, "config.json")):
+        return 8
+    return 2 ** (len(read_config(p)["block_out_channels"]) - 1)
 
 
 def settings(args, sdxl, device):
-    """dpo.py's own defaults for this family (beta, lr, weight decay, clip, optimizer, ...) with the bench flags on top."""
+    """dpo.py's own defaults for this family (beta, lr, weight decay, clip, optimizer, ...), the bench flags on top."""
     targs = dpo.parse_args([])
     for k in ("resolution", "batch_size", "optimizer", "gradient_checkpointing", "compile"):
         setattr(targs, k, getattr(args, k))
-    targs = resolve(targs, sdxl, 1)
-    targs.amp_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
-    return targs
+    targs.dtype = args.dtype
+    return resolve(targs, sdxl, 1, device)
 
 
 def inputs(cfg, B, h, res, dev, seed=0):
     """Clean latents z (2B, C, h, h) winners first, shared eps (B, C, h, h) and t (B,), cond with 2B rows."""
     c, g = unetlib.check_config(cfg), torch.Generator().manual_seed(seed)
-    z, eps = torch.randn(2 * B, c["in_channels"], h, h, generator=g), torch.randn(B, c["in_channels"], h, h, generator=g)
-    t, ctx = torch.randint(0, 1000, (B,), generator=g), torch.randn(2 * B, 77, c["cross_attention_dim"], generator=g)
-    sdxl = c["addition_embed_type"] == "text_time"
-    pooled = torch.randn(2 * B, c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"], generator=g) if sdxl else None
-    tids = torch.tensor([[res, res, 0, 0, res, res]] * 2 * B, dtype=torch.float32) if sdxl else None  # (2B, 6)
+    z = torch.randn(2 * B, c["in_channels"], h, h, generator=g)
+    eps = torch.randn(B, c["in_channels"], h, h, generator=g)
+    t = torch.randint(0, 1000, (B,), generator=g)
+    ctx = torch.randn(2 * B, 77, c["cross_attention_dim"], generator=g)
+    pooled = tids = None
+    if c["addition_embed_type"] == "text_time":  # SDXL: pooled text embedding and size conditioning
+        pooled = torch.randn(2 * B, c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"],
+                             generator=g)
+        tids = torch.tensor([[res, res, 0, 0, res, res]] * 2 * B, dtype=torch.float32)  # (2B, 6)
     return z.to(dev), eps.to(dev), t.to(dev), tuple(None if x is None else x.to(dev) for x in (ctx, pooled, tids))
 
 
@@ -124,9 +132,10 @@ def build(impl, cfg, dev, targs):
         from diffusers import UNet2DConditionModel
         with torch.device(dev):
             policy, ref = UNet2DConditionModel.from_config(cfg), UNet2DConditionModel.from_config(cfg)
-        policy.enable_gradient_checkpointing() if targs.gradient_checkpointing else None
+        if targs.gradient_checkpointing:
+            policy.enable_gradient_checkpointing()
     ref.load_state_dict(policy.state_dict())  # the reference starts as the policy, as in training
-    ref, acp = reference(ref, dev, targs.amp_dtype), noise_schedule("")[0].to(dev)
+    ref, acp = reference(ref, dev, targs.amp_dtype), diffusion.alphas_cumprod(diffusion.SD_SCHEDULE).to(dev)
     policy.train()
     net = torch.compile(policy) if targs.compile else policy
     opt = optim.build(targs.optimizer, policy.parameters(), targs.lr, targs.weight_decay, fused=dev.type == "cuda")
@@ -134,7 +143,8 @@ def build(impl, cfg, dev, targs):
     def loss_fn(z, eps, t, cond):
         if impl == "ours":  # exactly dpo.py's micro-step
             return pair_loss(net, ref, z, eps, t, cond, targs, acp, "epsilon")[0]
-        x, t2, _, _ = noisy_pairs(z, eps, t, acp)  # (2B, C, h, w): the same eps and t for winner i and loser i
+        t2 = torch.cat([t, t])  # (2B,): the same t and eps for winner i and loser i
+        x = diffusion.forward_process(z, torch.cat([eps, eps]), t2, acp)  # (2B, C, h, w)
         amp = torch.autocast(dev.type, dtype=targs.amp_dtype, enabled=targs.amp_dtype != torch.float32)
         with amp:
             pred = as_ours(net)(x, t2, *cond)  # (2B, C, h, w)
@@ -159,7 +169,7 @@ def measure(impl, cfg, dev, targs, args, h):
         torch.cuda.reset_peak_memory_stats()
     policy, ref, step = build(impl, cfg, dev, targs)
     z, eps, t, cond = inputs(cfg, targs.batch_size, h, targs.resolution, dev)
-    one = unet_flops(policy if impl == "ours" else as_ours(policy), z[:1], t[:1], tuple(c if c is None else c[:1] for c in cond))
+    one = unet_flops(policy if impl == "ours" else as_ours(policy), z, t, cond)
     times, loss0 = [], None
     for i in range(args.warmup + args.steps):
         sync()
@@ -172,8 +182,9 @@ def measure(impl, cfg, dev, targs, args, h):
     if not math.isfinite(loss.item()):
         raise ValueError(f"{impl}: loss is {loss.item()}")
     s, B = float(np.median(times[args.warmup:])), targs.batch_size
-    return dict(impl=impl, s_step=s, pairs_s=B / s, s_pair=s / B, gflop_fwd=one / 1e9, mfu=8 * B * one / s / H100_BF16_PEAK,
-                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None, loss0=loss0)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None
+    return dict(impl=impl, s_step=s, pairs_s=B / s, s_pair=s / B, gflop_fwd=one / 1e9,
+                mfu=8 * B * one / s / H100_BF16_PEAK, peak_gib=peak, loss0=loss0)
 
 
 def main(argv=None):
@@ -195,7 +206,8 @@ def main(argv=None):
     targs = settings(args, sdxl, device)
     h, down = targs.resolution // latent_factor(args.model), 2 ** (len(c["block_out_channels"]) - 1)
     if h % down:
-        print(f"error: --resolution {targs.resolution} gives {h}x{h} latents, not divisible by the UNet's {down}", file=sys.stderr)
+        print(f"error: --resolution {targs.resolution} gives {h}x{h} latents, not divisible by the UNet's {down}",
+              file=sys.stderr)
         sys.exit(1)
     if "diffusers" in args.impl:
         try:
@@ -212,33 +224,40 @@ def main(argv=None):
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {date} | {name} | torch {torch.__version__} | triton {tv}")
     print(f"# python bench_step.py {shlex.join(argv)}")
-    print(f"# {'SDXL' if sdxl else 'SD1.5'}-shaped UNet, {targs.resolution}px ({h}x{h} latents), {targs.batch_size} pair(s)/step, "
-          f"{targs.optimizer}, checkpointing {'on' if targs.gradient_checkpointing else 'off'}, {str(targs.amp_dtype)[6:]}, "
-          f"compile {'on' if args.compile else 'off'}, median of {args.steps} steps after {args.warmup} warm-up", flush=True)
+    print(f"# {'SDXL' if sdxl else 'SD1.5'}-shaped UNet, {targs.resolution}px ({h}x{h} latents), "
+          f"{targs.batch_size} pair(s)/step, {targs.optimizer}, checkpointing "
+          f"{'on' if targs.gradient_checkpointing else 'off'}, {str(targs.amp_dtype)[6:]}, compile "
+          f"{'on' if args.compile else 'off'}, median of {args.steps} steps after {args.warmup} warm-up", flush=True)
     rows = []
     for impl in args.impl:
         rows.append(measure(impl, cfg, dev, targs, args, h))
-        torch._dynamo.reset() if args.compile else None  # compiled graphs hold the models
-        gc.collect()  # the impl's models and optimizer state are gone with measure()'s frame: free them before the next
-        torch.cuda.empty_cache() if device == "cuda" else None
-    print(f"{'impl':<10} {'s/step':>9} {'pairs/s':>9} {'s/pair':>9} {'GFLOP/fwd':>10} {'MFU%':>7} {'peak GiB':>9} {'loss@0':>8}")
+        if args.compile:
+            torch._dynamo.reset()  # compiled graphs hold the models
+        gc.collect()  # the impl's models and optimizer state are gone with measure()'s frame: free them first
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print(f"{'impl':<10} {'s/step':>9} {'pairs/s':>9} {'s/pair':>9} {'GFLOP/fwd':>10} {'MFU%':>7} {'peak GiB':>9} "
+          f"{'loss@0':>8}")
     for r in rows:
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         print(f"{r['impl']:<10} {r['s_step']:>9.4f} {r['pairs_s']:>9.3f} {r['s_pair']:>9.4f} {r['gflop_fwd']:>10.2f} "
               f"{100 * r['mfu']:>7.2f} {peak:>9} {r['loss0']:>8.4f}")
     by = {r["impl"]: r for r in rows}
     if len(by) == 2:
-        print(f"speedup ours/diffusers: {by['diffusers']['s_step'] / by['ours']['s_step']:.2f}x (diffusers s/step / ours s/step)")
+        speedup = by["diffusers"]["s_step"] / by["ours"]["s_step"]
+        print(f"speedup ours/diffusers: {speedup:.2f}x (diffusers s/step / ours s/step)")
     if args.csv:
         new = not os.path.exists(args.csv)
+        numbers = ("s_step", "pairs_s", "s_pair", "gflop_fwd", "mfu", "peak_gib", "loss0")
         with open(args.csv, "a", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["date", "device", "torch", "triton", "command", "impl", "resolution", "batch_size", "dtype", "optimizer",
-                        "checkpointing", "compile", "s_step", "pairs_s", "s_pair", "gflop_fwd", "mfu", "peak_gib", "loss0"]) if new else None
+            if new:
+                w.writerow(["date", "device", "torch", "triton", "command", "impl", "resolution", "batch_size", "dtype",
+                            "optimizer", "checkpointing", "compile", *numbers])
             for r in rows:
-                w.writerow([date, name, torch.__version__, tv, "python bench_step.py " + shlex.join(argv), r["impl"], targs.resolution,
-                            targs.batch_size, str(targs.amp_dtype)[6:], targs.optimizer, targs.gradient_checkpointing, args.compile,
-                            *(r[k] for k in ("s_step", "pairs_s", "s_pair", "gflop_fwd", "mfu", "peak_gib", "loss0"))])
+                w.writerow([date, name, torch.__version__, tv, "python bench_step.py " + shlex.join(argv), r["impl"],
+                            targs.resolution, targs.batch_size, str(targs.amp_dtype)[6:], targs.optimizer,
+                            targs.gradient_checkpointing, args.compile, *(r[k] for k in numbers)])
     return rows
 
 

@@ -1,8 +1,9 @@
-"""Preference pairs for dpo.py: Pick-a-Pic v2 parquet shards or JSONL, read lazily; image transforms; a latent cache.
+"""Preference pairs for dpo.py: Pick-a-Pic v2 parquet shards or JSONL, read lazily; image transforms; the UNets'
+inputs made from a batch (VAE latents, text embeddings); a latent cache.
 
 An index holds, per usable pair, where it lives (file, row group, row) and which image won; images are read on
 demand, one parquet row group at a time, so the 851K-pair Pick-a-Pic v2 (hundreds of GB) never sits in memory.
-Training visits pairs in a global order (`Pairs.order`): row groups shuffled, rows shuffled inside each group
+Training visits pairs in a global order (`EpochOrder`): row groups shuffled, rows shuffled inside each group
 (a block shuffle, so a rank reads a row group once instead of once per pair). Global position P of the run maps
 to epoch P // len and pair order(epoch)[P % len]; every rank derives the same order and takes its own positions.
 """
@@ -70,7 +71,8 @@ class Pairs:
                     r = json.loads(line)
                     r = (str(r["caption"]), r["image_0"], r["image_1"], float(r["label_0"]))
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise ValueError(f"{path}:{n}: not a JSON object with caption, image_0, image_1, label_0 ({e})") from None
+                    raise ValueError(f"{path}:{n}: not a JSON object with caption, image_0, image_1, label_0 "
+                                     f"({e})") from None
                 if r[3] in (0.0, 1.0):  # label_0 == 0.5 is a tie: no preference to learn from
                     rows.append(r)
         self.rows = [(c, os.path.join(root, a), os.path.join(root, b), int(lab == 0.0)) for c, a, b, lab in rows]
@@ -84,7 +86,8 @@ class Pairs:
             try:
                 pf = pq.ParquetFile(f)
             except Exception as e:
-                raise ValueError(f"cannot read parquet file {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ValueError(f"cannot read parquet file {f}: {why}") from None
             missing = [c for c in COLUMNS if c not in pf.schema_arrow.names]
             if missing:
                 raise ValueError(f"{f}: missing columns {', '.join(missing)} (Pick-a-Pic v2 has {', '.join(COLUMNS)})")
@@ -92,11 +95,15 @@ class Pairs:
             lab = np.asarray(meta["label_0"], dtype=np.float64)
             keep = (lab == 0.0) | (lab == 1.0)
             if dreamlike_only:  # as the official code: both generations from a model whose name contains "dream"
-                keep &= np.array([("dream" in str(a)) and ("dream" in str(b)) for a, b in zip(meta["model_0"], meta["model_1"])], dtype=bool)
+                both = [("dream" in str(a)) and ("dream" in str(b)) for a, b in zip(meta["model_0"], meta["model_1"])]
+                keep &= np.array(both, dtype=bool)
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
             group = np.repeat(np.arange(len(sizes)), sizes)
             row = np.concatenate([np.arange(s) for s in sizes]) if sizes else np.zeros(0, np.int64)
-            fi.append(np.full(keep.sum(), k)), gi.append(group[keep]), ri.append(row[keep]), win.append((lab[keep] == 0.0).astype(np.int64))
+            fi.append(np.full(keep.sum(), k))
+            gi.append(group[keep])
+            ri.append(row[keep])
+            win.append((lab[keep] == 0.0).astype(np.int64))
         self.file, self.rg, self.row, self.winner = (np.concatenate(a).astype(np.int64) for a in (fi, gi, ri, win))
         self.group = self.file * (1 << 32) + self.rg  # block-shuffle unit = one row group
 
@@ -110,7 +117,8 @@ class Pairs:
             return (c, a, b) if w == 0 else (c, b, a)
         key = (int(self.file[i]), int(self.rg[i]))
         if key not in self._groups:
-            self._groups[key] = _pq().ParquetFile(self.files[key[0]]).read_row_group(key[1], columns=["caption", "jpg_0", "jpg_1"])
+            f = _pq().ParquetFile(self.files[key[0]])
+            self._groups[key] = f.read_row_group(key[1], columns=["caption", "jpg_0", "jpg_1"])
             while len(self._groups) > 2:
                 self._groups.popitem(last=False)
         self._groups.move_to_end(key)
@@ -195,7 +203,8 @@ class PairDataset(torch.utils.data.Dataset):
             try:
                 cap, a, b = self.pairs.raw(i)
                 rng = np.random.default_rng(seed_for(self.seed, key, bad, 0xC409))
-                (xa, ida), (xb, idb) = (transform(open_image(s), self.res, rng, self.random_crop, self.flip) for s in (a, b))
+                xa, ida = transform(open_image(a), self.res, rng, self.random_crop, self.flip)
+                xb, idb = transform(open_image(b), self.res, rng, self.random_crop, self.flip)
             except Exception as e:  # corrupt bytes, missing file, decoder error: skip and count, never crash
                 print(f"warning: skipping unreadable pair {i} ({type(e).__name__}: {str(e)[:80]})", flush=True)
                 continue
@@ -208,8 +217,60 @@ def collate(items: list) -> dict:
     out = {}
     for k, v in items[0].items():
         vals = [d[k] for d in items]
-        out[k] = torch.stack(vals) if torch.is_tensor(v) else sum(vals) if k == "bad" else torch.tensor(vals) if isinstance(v, int) else vals
+        if torch.is_tensor(v):
+            out[k] = torch.stack(vals)
+        elif k == "bad":
+            out[k] = sum(vals)
+        else:
+            out[k] = torch.tensor(vals) if isinstance(v, int) else vals
     return out
+
+
+def model_inputs(batch, drop, dev, amp_dtype, encoders=None, empty=None):
+    """What the UNets take: clean latents z (2B, C, h, w) winners first, and cond = (context, pooled, time_ids) with
+    2B rows. A dropped prompt is the encoders' embedding of "" (as the official code, for SDXL too; not zeros)."""
+    with torch.no_grad():
+        if "latents" in batch:  # --cache: latents and text embeddings were computed once
+            z = batch["latents"].to(dev).transpose(0, 1).flatten(0, 1).float()  # (B, 2, C, h, w) -> (2B, ...)
+            ctx = torch.where(drop[:, None, None], empty["context"], batch["context"].to(dev))
+            pooled = batch.get("pooled")
+            if pooled is not None:
+                pooled = torch.where(drop[:, None], empty["pooled"], pooled.to(dev))
+        else:  # the VAE and the text encoders run here, on the GPU
+            te, v = encoders
+            px = batch["pixels"].to(dev).transpose(0, 1).flatten(0, 1)  # (2B, 3, H, W) winners first
+            with torch.autocast(dev.type, torch.bfloat16, enabled=amp_dtype == torch.bfloat16):
+                z = v.encode(px).float() * v.scaling_factor  # (2B, C, h, w) scaled latent means
+            ctx, pooled = te.encode(["" if d else c for c, d in zip(batch["caption"], drop.tolist())])
+        time_ids = None  # SDXL (the family with a pooled embedding) is also told each image's size and crop
+        if pooled is not None:
+            time_ids = batch["time_ids"].to(dev).float().transpose(0, 1).flatten(0, 1)  # (B, 2, 6) -> (2B, 6)
+            pooled = torch.cat([pooled, pooled])
+    return z, (torch.cat([ctx, ctx]), pooled, time_ids)
+
+
+def training_set(args, pairs, dev, rank, world, log):
+    """(dataset, (text encoders, VAE) or None, embeddings of "" or None, VAE downsampling): the latent cache with
+    --cache or without --data (built first if missing), else the images themselves."""
+    if not args.cache and pairs is not None:
+        import clip
+        import vae as vaelib
+        te = clip.load(args.model, dev, args.amp_dtype, tokenizer=args.tokenizer)
+        v = vaelib.load(args.model, dev, torch.float32)
+        dataset = PairDataset(pairs, args.resolution, args.seed, args.random_crop, not args.no_flip)
+        return dataset, (te, v), None, v.downsample
+    meta = cache_meta(args.cache_dir)
+    if meta is None and pairs is None:
+        raise FileNotFoundError(f"no --data and no cache in {args.cache_dir}")
+    if meta is None:
+        log(f"building the latent cache in {args.cache_dir}")
+        build_cache(args, pairs, dev, rank, world)
+    elif meta["resolution"] != args.resolution or (pairs is not None and meta["pairs"] != len(pairs)):
+        raise ValueError(f"the cache in {args.cache_dir} was built for other data or resolution; "
+                         "use another --cache_dir")
+    dataset = Cache(args.cache_dir, args.seed)
+    empty = {k: None if v is None else v.to(dev) for k, v in dataset.empty.items()}
+    return dataset, None, empty, dataset.meta["downsample"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,7 +322,8 @@ def build_cache(args, pairs, dev, rank, world):
     import clip
     import vae as vaelib
     from weights import save_json, save_safetensors
-    te, v = clip.load(args.model, dev, args.amp_dtype, tokenizer=args.tokenizer), vaelib.load(args.model, dev, torch.float32)
+    te = clip.load(args.model, dev, args.amp_dtype, tokenizer=args.tokenizer)
+    v = vaelib.load(args.model, dev, torch.float32)
     ds, n = PairDataset(pairs, args.resolution, args.seed, args.random_crop, not args.no_flip), len(pairs)
     store = torch.float32 if args.amp_dtype == torch.float32 else torch.float16
     mine, bad, done = list(range(rank, n, world)), 0, 0
@@ -277,7 +339,8 @@ def build_cache(args, pairs, dev, rank, world):
                 ctx, pooled = te.encode([d["caption"] for d in items])
             out["index"].append(torch.tensor(mine[b:b + 8]))
             out["latents"].append(z.unflatten(0, (len(items), 2)).to(store).cpu())
-            out["context"].append(ctx.cpu()), out["time_ids"].append(torch.stack([d["time_ids"] for d in items]))
+            out["context"].append(ctx.cpu())
+            out["time_ids"].append(torch.stack([d["time_ids"] for d in items]))
             out["pooled"].append(None if pooled is None else pooled.cpu())
         done += len(out["index"])
         save_safetensors({k: torch.cat(v) for k, v in out.items() if v[0] is not None},
@@ -287,12 +350,15 @@ def build_cache(args, pairs, dev, rank, world):
     counts = torch.tensor([bad, len(mine)], dtype=torch.float64)
     dist.all_reduce(counts)
     if counts[0] > args.max_bad_frac * max(counts[1].item(), 100):
-        raise ValueError(f"{int(counts[0])} of {int(counts[1])} pairs unreadable (> --max_bad_frac {args.max_bad_frac})")
+        raise ValueError(f"{int(counts[0])} of {int(counts[1])} pairs unreadable (> --max_bad_frac "
+                         f"{args.max_bad_frac})")
     if rank == 0:
         with torch.no_grad():
             ctx, pooled = te.encode([""])
-        torch.save({"context": ctx[0].cpu(), "pooled": None if pooled is None else pooled[0].cpu()}, os.path.join(args.cache_dir, "empty.pt"))
+        empty = {"context": ctx[0].cpu(), "pooled": None if pooled is None else pooled[0].cpu()}
+        torch.save(empty, os.path.join(args.cache_dir, "empty.pt"))
         shards = sorted(f for f in os.listdir(args.cache_dir) if f.endswith(".safetensors"))
-        save_json(dict(pairs=n, shards=shards, resolution=args.resolution, model=os.path.abspath(args.model),
-                       data=os.path.abspath(args.data), downsample=v.downsample), os.path.join(args.cache_dir, "meta.json"))
+        meta = dict(pairs=n, shards=shards, resolution=args.resolution, model=os.path.abspath(args.model),
+                    data=os.path.abspath(args.data), downsample=v.downsample)
+        save_json(meta, os.path.join(args.cache_dir, "meta.json"))
     dist.barrier()

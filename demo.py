@@ -23,8 +23,9 @@ Tuning (beta, lr; 100 steps x 16 pairs, AdamW, grad clip 1; 48 eval samples, ref
   lr 1e-5, beta 5000: win 1.000, fidelity 0.958 (some colour bleeding visible)
   lr 5e-6, beta 5000: win 1.000, fidelity 0.938, mean area 0.315 -> 0.456   <- the default
 With 96 eval samples the default gives win_rate=1.000 fidelity_ref=0.917 fidelity_dpo=0.948, mean area
-0.320 -> 0.459, held-out implicit-reward accuracy 0.93 (`sample.py --eval_pairs`). About 80 s on 2 idle CPU cores; a second
-run reuses demo_out/base and demo_out/data (the stamp base/demo_world.json must match WORLD).
+0.320 -> 0.459, held-out implicit-reward accuracy 0.97 (`sample.py --eval_pairs`). About 2 minutes on 2 CPU
+cores (the same numbers under `torchrun --nproc_per_node 2`); a second run reuses demo_out/base and demo_out/data
+(the stamp base/demo_world.json must match WORLD).
 """
 import argparse
 import json
@@ -34,8 +35,15 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+
+import clip
+import sample
+import unet as unetlib
+import vae as vaelib
+from weights import save_json, save_safetensors
 
 # ----------------------------------------------------------------------------------------------------
 # The tokenizer (also used by tests/tiny.py)
@@ -227,7 +235,6 @@ def text_config(vocab: int, projection: bool) -> dict:
 def train_vae(steps: int, seed: int, log=print):
     """A from-scratch vae.AutoencoderKL trained to reconstruct the world's images (latent noise makes the decoder
     forgiving of imperfect diffusion samples); scaling_factor = 1 / std of the latents, as SD's was chosen."""
-    import vae as vaelib
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     x = torch.from_numpy(np.stack([random_image(PROMPTS[i % len(PROMPTS)], rng) for i in range(1536)]))
@@ -255,10 +262,6 @@ def train_vae(steps: int, seed: int, log=print):
 def build_model(root: str, vae_steps: int, seed: int, log=print) -> str:
     """A complete diffusers-layout SDXL-architecture folder (random UNet, trained VAE, random frozen text encoders,
     tokenizers, scheduler, model_index.json), written with the repo's own code; loadable by unet/vae/clip/sample."""
-    import clip
-    import unet as unetlib
-    import vae as vaelib
-    from weights import save_json, save_safetensors
     torch.manual_seed(seed)
     vocab = write_tokenizer(os.path.join(root, "tokenizer"))
     write_tokenizer(os.path.join(root, "tokenizer_2"), pad_token="!")  # SDXL's second tokenizer pads with "!"
@@ -287,16 +290,18 @@ def build_model(root: str, vae_steps: int, seed: int, log=print) -> str:
 # Everything the base model depends on; a stamp of it lets a second run reuse demo_out/base.
 WORLD = dict(size=SIZE, radius=RADIUS, prompts=PROMPTS, unet=UNET_CONFIG, vae=VAE_CONFIG, vae_steps=300,
              sft_pairs=1536, sft=dict(max_steps=400, batch_size=32, lr=1e-3, warmup=20), seed=0, version=1)
-# DPO defaults (each one overridden by the same dpo.py flag when given)
+# DPO defaults (each one overridden by the same dpo.py flag when given); batch_size counts pairs over all ranks
 DPO_DEFAULTS = dict(beta=5000.0, lr=5e-6, max_steps=100, batch_size=16, grad_accum=1, warmup=10)
 DPO_PAIRS, HELDOUT_PAIRS = 1536, 96
 EVAL = dict(noises=16, steps=20, guidance=3.0, scheduler="euler", seed=1234)
 
 
 def _train_args(args, user=(), **kw):
-    """dpo.train arguments: the demo's settings (CPU, fp32, latent cache, ...) and kw on top of args (parsed by
+    """Training arguments: the demo's settings (CPU, fp32, latent cache, ...) and kw on top of args (parsed by
     dpo.parse_args), except the flags named in user, which keep the user's value (the world's paths and image
-    size always stay the demo's)."""
+    size always stay the demo's). kw's batch_size is split over the ranks, so every world size trains the same."""
+    if "batch_size" in kw:
+        kw["batch_size"] = max(1, kw["batch_size"] // dist.get_world_size())
     a = argparse.Namespace(**vars(args))
     settings = dict(device="cpu", dtype="fp32", optimizer="adamw", weight_decay=0.0, cache=True,
                     gradient_checkpointing=False, num_workers=0, resume=False, tokenizer=None, prompt_dropout=0.1,
@@ -317,45 +322,43 @@ def _copy_model(src: str, dst: str, unet_dir: str):
     os.replace(tmp, dst)
 
 
-def build_world(root: str, args, log):
+def build_world(root: str, args, train, log):
     """data/ (SFT, DPO and held-out pairs) and base/ (the SFT-pretrained reference model), reused when the stamp
-    in base/ matches WORLD."""
-    import dpo
+    in base/ matches WORLD. Rank 0 writes the files; every rank takes part in the SFT run."""
     stamp = os.path.join(root, "base", "demo_world.json")
     if os.path.isfile(stamp) and json.load(open(stamp)) == json.loads(json.dumps(WORLD)):
         log(f"reusing {root}/base and {root}/data (delete them to rebuild)")
         return
-    seed = WORLD["seed"]
-    t = time.time()
-    data = os.path.join(root, "data")
-    shutil.rmtree(data, ignore_errors=True)  # with its latent cache of the old world
-    write_pairs(data, "sft", WORLD["sft_pairs"], seed + 1, biased=False)
-    write_pairs(data, "dpo", DPO_PAIRS, seed + 2, biased=True)
-    write_pairs(data, "heldout", HELDOUT_PAIRS, seed + 3, biased=True)
-    log(f"data: {WORLD['sft_pairs']} unbiased pairs (SFT), {DPO_PAIRS} + {HELDOUT_PAIRS} held-out rule-labelled pairs "
-        f"in {data} ({time.time() - t:.0f}s)")
-    t = time.time()
-    init = os.path.join(root, "init")
-    shutil.rmtree(init, ignore_errors=True)
-    build_model(init, WORLD["vae_steps"], seed, log)
-    log(f"model: tiny SDXL-architecture folder {init} ({time.time() - t:.0f}s)")
+    seed, data, init = WORLD["seed"], os.path.join(root, "data"), os.path.join(root, "init")
+    sft_dir = os.path.join(root, "sft")
+    if dist.get_rank() == 0:
+        t = time.time()
+        shutil.rmtree(data, ignore_errors=True)  # with its latent cache of the old world
+        write_pairs(data, "sft", WORLD["sft_pairs"], seed + 1, biased=False)
+        write_pairs(data, "dpo", DPO_PAIRS, seed + 2, biased=True)
+        write_pairs(data, "heldout", HELDOUT_PAIRS, seed + 3, biased=True)
+        log(f"data: {WORLD['sft_pairs']} unbiased pairs (SFT), {DPO_PAIRS} + {HELDOUT_PAIRS} held-out rule-labelled "
+            f"pairs in {data} ({time.time() - t:.0f}s)")
+        t = time.time()
+        shutil.rmtree(init, ignore_errors=True)
+        build_model(init, WORLD["vae_steps"], seed, log)
+        log(f"model: tiny SDXL-architecture folder {init} ({time.time() - t:.0f}s)")
+        shutil.rmtree(sft_dir, ignore_errors=True)
+    dist.barrier()
     t = time.time()
     log("reference: SFT on the unbiased pairs' (random) winners")
-    sft_dir = os.path.join(root, "sft")
-    shutil.rmtree(sft_dir, ignore_errors=True)
-    dpo.train(_train_args(args, model=init, data=os.path.join(data, "sft.jsonl"), out_dir=sft_dir, loss="sft",
-                          seed=seed, grad_accum=1, **WORLD["sft"]))
-    _copy_model(init, os.path.join(root, "base"), os.path.join(sft_dir, "unet"))
-    from weights import save_json
-    save_json(WORLD, stamp)
-    log(f"reference: {root}/base ({time.time() - t:.0f}s)")
+    train(_train_args(args, model=init, data=os.path.join(data, "sft.jsonl"), out_dir=sft_dir, loss="sft",
+                      seed=seed, grad_accum=1, **WORLD["sft"]))
+    if dist.get_rank() == 0:
+        _copy_model(init, os.path.join(root, "base"), os.path.join(sft_dir, "unet"))
+        save_json(WORLD, stamp)
+        log(f"reference: {root}/base ({time.time() - t:.0f}s)")
+    dist.barrier()
 
 
 @torch.no_grad()
 def evaluate(root: str, dpo_unet: str):
     """Sample reference and DPO model from the same prompts and initial noise; score with the rule and fidelity."""
-    import sample
-    import unet as unetlib
     pipe = sample.load(os.path.join(root, "base"))
     pipe.progress = False
     tuned = unetlib.load(dpo_unet)
@@ -368,7 +371,8 @@ def evaluate(root: str, dpo_unet: str):
     pipe.unet = tuned
     dpo_img = pipe(prompts, **kw)
     res = dict(win_rate=win_rate(area_scorer(dpo_img), area_scorer(ref_img)),
-               fidelity_ref=float(fidelity(ref_img, prompts).mean()), fidelity_dpo=float(fidelity(dpo_img, prompts).mean()),
+               fidelity_ref=float(fidelity(ref_img, prompts).mean()),
+               fidelity_dpo=float(fidelity(dpo_img, prompts).mean()),
                area_ref=float(area_scorer(ref_img).mean()), area_dpo=float(area_scorer(dpo_img).mean()))
     k = min(n, 4)  # grid: one row per prompt, (reference, DPO) column pairs for its first k noises
     rows = [[im for j in range(k) for im in (ref_img[i * n + j], dpo_img[i * n + j])] for i in range(len(PROMPTS))]
@@ -378,13 +382,11 @@ def evaluate(root: str, dpo_unet: str):
     return res
 
 
-def run(args):
-    """`python dpo.py` with no --model: build the toy world (cached in demo_out/), DPO-tune, evaluate, print."""
-    import torch.distributed as dist
-
-    import dpo
+def run(args, train):
+    """`python dpo.py` with no --model: build the toy world (cached in demo_out/), DPO-tune, evaluate, print.
+    args: dpo.parse_args(); train: dpo.train, which runs both training stages in the process group dpo.py set up."""
     t0 = time.time()
-    rank, world = dpo.setup_distributed("cpu")
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // world)))  # 2 cores: more threads only contend
     log = (lambda m: print(f"[demo {time.time() - t0:5.0f}s] {m}", flush=True)) if rank == 0 else (lambda m: None)
     root = args.out_dir if "out_dir" in args.given else "demo_out"
@@ -396,21 +398,21 @@ def run(args):
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         open(mark, "w").close()
-    if rank == 0:
-        build_world(root, args, log)
     dist.barrier()
+    build_world(root, args, train, log)
     out = os.path.join(root, "dpo")
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)  # the demo's own previous result
     dist.barrier()
     log("dpo: fine-tuning the reference on the rule-labelled pairs")
-    dpo.train(_train_args(args, user=args.given, model=os.path.join(root, "base"), data=os.path.join(root, "data", "dpo.jsonl"),
-                          out_dir=out, cache_dir=os.path.join(root, "data", "dpo_cache"), **DPO_DEFAULTS))
+    train(_train_args(args, user=args.given, model=os.path.join(root, "base"),
+                      data=os.path.join(root, "data", "dpo.jsonl"), out_dir=out,
+                      cache_dir=os.path.join(root, "data", "dpo_cache"), **DPO_DEFAULTS))
     if rank != 0:
         return
     log("eval: sampling reference and DPO model from the same prompts and noise")
     r = evaluate(root, os.path.join(out, "unet"))
     log(f"mean shape area: reference {r['area_ref']:.3f}, DPO {r['area_dpo']:.3f}; grid: {root}/grid.png "
         f"(rows = prompts, columns = reference | DPO pairs); held-out pairs: {root}/data/heldout.jsonl")
-    print(f"demo win_rate={r['win_rate']:.3f} fidelity_ref={r['fidelity_ref']:.3f} fidelity_dpo={r['fidelity_dpo']:.3f}",
-          flush=True)
+    print(f"demo win_rate={r['win_rate']:.3f} fidelity_ref={r['fidelity_ref']:.3f} "
+          f"fidelity_dpo={r['fidelity_dpo']:.3f}", flush=True)

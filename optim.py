@@ -28,7 +28,8 @@ class Adafactor(torch.optim.Optimizer):
                 if not st:  # row/column statistics for matrices (and conv kernels), full ones for vectors
                     st["step"] = 0
                     if grad.dim() >= 2:
-                        st["row"], st["col"] = grad.new_zeros(grad.shape[:-1]), grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+                        st["row"] = grad.new_zeros(grad.shape[:-1])  # mean over the last dim
+                        st["col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])  # mean over the one before
                     else:
                         st["sq"] = torch.zeros_like(grad)
                 st["step"] += 1

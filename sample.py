@@ -4,14 +4,13 @@ paper's implicit-reward preference accuracy (Sec. 5.5).
     python sample.py --model PATH --prompt "a photo of a cat" --out samples/
     python sample.py --model PATH --unet runs/dpo --compare --prompts prompts.txt --out samples/
     python sample.py --model PATH --init_image in.png --strength 0.6 --prompt "..." --out samples/
-    python sample.py --model PATH --unet runs/dpo --eval_pairs pairs.jsonl --eval_k 4 --out eval/
+    python sample.py --model PATH --unet runs/dpo --eval_pairs pairs.jsonl [--eval_baseline runs/sft] --out eval/
 
 The two schedulers are written out below (no diffusers): each is a table of noise levels over the chosen
 timesteps plus a one-line update. They reproduce diffusers' EulerDiscreteScheduler / DDIMScheduler (eta=0)
 and its SDXL / SD1.5 pipelines step for step; tests/test_sample.py checks that on tiny random models.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -23,47 +22,13 @@ from PIL import Image
 
 import clip
 import data
+import diffusion
 import unet as unetlib
 import vae as vaelib
-from weights import CheckpointError, save_json
+from weights import CheckpointError, read_json, save_json
 
 # ----------------------------------------------------------------------------------------------------
-# Schedulers
-
-# SD1.5 / SDXL's released scheduler settings; a model's scheduler/scheduler_config.json overrides them.
-SCHED_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      timestep_spacing="leading", steps_offset=1, prediction_type="epsilon",
-                      set_alpha_to_one=False, clip_sample=False)
-
-
-def alphas_cumprod(cfg) -> torch.Tensor:
-    """alpha_bar_t, t = 0..N-1: the fraction of signal variance left after t noising steps (fp32, as diffusers)."""
-    n, b0, b1 = cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"]
-    if cfg["beta_schedule"] == "scaled_linear":
-        betas = torch.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=torch.float32) ** 2
-    elif cfg["beta_schedule"] == "linear":
-        betas = torch.linspace(b0, b1, n, dtype=torch.float32)
-    else:
-        raise ValueError(f"unsupported beta_schedule {cfg['beta_schedule']!r} (linear or scaled_linear)")
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def forward_process(z, eps, t, ac, v_pred=False):
-    """q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I) as x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, and the UNet's
-    regression target: eps, or v = sqrt(a_t) eps - sqrt(1 - a_t) x_0 for v-prediction. z, eps (N, C, h, w), t (N,)."""
-    a = ac.to(z.device)[t].view(-1, 1, 1, 1)  # (N, 1, 1, 1) alpha_bar_t
-    return a.sqrt() * z + (1 - a).sqrt() * eps, (a.sqrt() * eps - (1 - a).sqrt() * z if v_pred else eps)
-
-
-def scheduler_config(path, prediction_type="epsilon") -> dict:
-    """SD's released settings, overridden by the model folder's scheduler/scheduler_config.json when it has one."""
-    cfg = dict(SCHED_DEFAULTS, prediction_type=prediction_type)
-    if os.path.isdir(path):
-        found = _json(os.path.join(path, "scheduler", "scheduler_config.json"), {})
-        cfg.update({k: found[k] for k in SCHED_DEFAULTS if found.get(k) is not None})
-    if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
-        raise ValueError(f"unsupported prediction_type {cfg['prediction_type']!r} (epsilon or v_prediction)")
-    return cfg
+# Schedulers: the noise schedule itself (alpha_bar_t) is diffusion.py's
 
 
 def timesteps(cfg, steps) -> np.ndarray:
@@ -86,7 +51,7 @@ class Euler:
 
     def __init__(self, cfg, steps):
         self.v_pred = cfg["prediction_type"] == "v_prediction"
-        ac = alphas_cumprod(cfg)
+        ac = diffusion.alphas_cumprod(cfg)
         sig = ((1 - ac) / ac) ** 0.5  # (N,) sigma of every training timestep
         ts = timesteps(cfg, steps)
         # sigma at (possibly fractional) timesteps by linear interpolation, then a final sigma of 0
@@ -113,7 +78,7 @@ class DDIM:
     """Deterministic DDIM (Song et al. 2021, eta = 0): predict x0 and eps, then re-noise x0 to the previous level."""
 
     def __init__(self, cfg, steps):
-        self.cfg, self.ac = cfg, alphas_cumprod(cfg)
+        self.cfg, self.ac = cfg, diffusion.alphas_cumprod(cfg)
         self.timesteps = torch.from_numpy(timesteps(cfg, steps).round().astype(np.int64))
         self.gap = cfg["num_train_timesteps"] // steps  # diffusers' previous timestep is always t - N // steps
         self.final = torch.tensor(1.0) if cfg["set_alpha_to_one"] else self.ac[0]
@@ -142,16 +107,6 @@ class DDIM:
 # Pipeline
 
 
-def _json(path, default):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return default
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-
-
 class Pipeline:
     """Text encoder + UNet + VAE + a scheduler config; call it like diffusers' StableDiffusion(XL)Pipeline."""
 
@@ -178,7 +133,8 @@ class Pipeline:
 
     def noise(self, n, shape, seed):
         """Image i's initial noise comes from its own generator seeded seed+i (reproducible one image at a time)."""
-        return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+        return torch.cat([torch.randn((1, *shape), generator=g) for g in gens])
 
     def encode_images(self, images):
         """[B,3,H,W] in [0,1] -> scaled latent means (SDEdit and evaluation start from the posterior mean)."""
@@ -216,8 +172,7 @@ class Pipeline:
         ctx, pooled = self.text(prompts, negative, cfg)
         time_ids = None
         if self.sdxl:  # micro-conditioning: original size, crop top-left, target size
-            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=ctx.dtype).repeat(ctx.shape[0], 1)
-            time_ids = time_ids.to(self.device)
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(ctx), device=ctx.device).to(ctx)
         sched = (Euler if scheduler == "euler" else DDIM)(self.sched_cfg, steps)
         noise = (self.noise(B, shape, seed) if latents is None else latents).float()
         if init_image is None:
@@ -253,9 +208,8 @@ def load(path, unet=None, device="cpu", dtype=torch.float32, tokenizer=None) -> 
     u = unetlib.load(unet or path, device=device, dtype=dtype)
     v = vaelib.load(path, device=device, dtype=dtype)  # computes in fp32 where fp16 would overflow
     te = clip.load(path, device=device, dtype=dtype, tokenizer=tokenizer)
-    root = path if os.path.isdir(path) else None
-    sched = scheduler_config(path, u.prediction_type)  # a single file's UNet knows its prediction type
-    index = _json(os.path.join(root, "model_index.json"), {}) if root else {}
+    sched = diffusion.scheduler_config(path, u.prediction_type)  # a single file's UNet knows its prediction type
+    index = read_json(os.path.join(path, "model_index.json"), {}) if os.path.isdir(path) else {}
     return Pipeline(u, v, te, sched, index.get("force_zeros_for_empty_prompt", True), device, dtype)
 
 
@@ -311,9 +265,8 @@ def grid(rows: List[List[torch.Tensor]]) -> Image.Image:
 # ----------------------------------------------------------------------------------------------------
 # AI feedback and implicit-reward evaluation
 
-# AI feedback (paper Sec. 5.4): any function that scores images against their prompts can label pairs.
-# images [B,3,H,W] in [0,1], prompts list[str] -> scores [B] (higher is better). First implementation: the
-# demo's visual rule, demo.area_scorer ("the larger shape wins"); a CLIP/PickScore/aesthetic model fits too.
+# AI feedback (paper Sec. 5.4): a scorer (images [B,3,H,W] in [0,1], prompts list[str] -> scores [B], higher is
+# better) labels pairs, e.g. the demo's rule demo.area_scorer ("the larger shape wins"), or a CLIP-based model.
 Scorer = Callable[[torch.Tensor, List[str]], torch.Tensor]
 
 
@@ -339,16 +292,16 @@ def wilson(successes, n, z=1.96):
 def implicit_accuracy(pipe: Pipeline, ref, pairs, k=4, seed=0, size=None, batch_size=4):
     """How often the DPO implicit reward ranks a pair like the human label (paper Sec. 5.5, Tab. 2).
 
-    r(x) = -beta*T*E_{t,eps}[ ||eps - eps_theta(x_t)||^2 - ||eps - eps_ref(x_t)||^2 ] up to constants, so
-    sign(r(x_0) - r(x_1)) = sign of -[(m_0 - m_1) - (r_0 - r_1)] averaged over k draws of (t, eps), each draw
-    shared by both images of a pair and by both models, as in training. A zero difference is a tie and
-    counts 0.5; the reference against itself is therefore exactly 0.5 (every term is exactly 0).
-    Returns (accuracy of pipe.unet vs ref, accuracy of ref vs ref, per-pair reward differences).
+    The implicit reward of an image, r(x) = beta*T*E_{t,eps}[|eps - eps_ref(x_t)|^2 - |eps - eps_theta(x_t)|^2]
+    up to constants, is what eq. 14 compares between winner and loser. It is estimated with k draws of (t, eps),
+    each shared by both images of a pair and by both models, as in training; the same seed gives the same draws
+    to every UNet evaluated. A zero difference is a tie and counts 0.5 (pipe.unet = ref gives exactly 0.5).
+    Returns (accuracy of pipe.unet against ref, per-pair reward differences r(image_0) - r(image_1) / (beta*T)).
     """
     size = size or pipe.size
     g = torch.Generator().manual_seed(seed)
-    ac, v_pred = alphas_cumprod(pipe.sched_cfg), pipe.sched_cfg["prediction_type"] == "v_prediction"
-    diffs, base = [], []
+    ac, prediction_type = diffusion.alphas_cumprod(pipe.sched_cfg), pipe.sched_cfg["prediction_type"]
+    diffs = []
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
         B = len(chunk)
@@ -358,25 +311,23 @@ def implicit_accuracy(pipe: Pipeline, ref, pairs, k=4, seed=0, size=None, batch_
         z = pipe.encode_images((torch.stack(xs) + 1) / 2).cpu()  # (2B, 4, h, w): all image_0, then all image_1
         ctx, pooled = pipe.te.encode([p["caption"] for p in chunk] * 2)
         time_ids = torch.stack(ids).to(pipe.device, ctx.dtype)  # (2B, 6)
-        d, dref = torch.zeros(B), torch.zeros(B)
+        d = torch.zeros(B)
         for _ in range(k):
             t = torch.randint(0, len(ac), (B,), generator=g).repeat(2)  # (2B,) same t for both images of a pair
             eps = torch.randn((B, *z.shape[1:]), generator=g).repeat(2, 1, 1, 1)  # same noise, too
-            xt, target = forward_process(z, eps, t, ac, v_pred)
+            xt = diffusion.forward_process(z, eps, t, ac)
+            target = diffusion.target(z, eps, t, ac, prediction_type)
             m = ((pipe.predict(pipe.unet, xt, t, ctx, pooled, time_ids).cpu() - target) ** 2).mean((1, 2, 3))
             r = ((pipe.predict(ref, xt, t, ctx, pooled, time_ids).cpu() - target) ** 2).mean((1, 2, 3))
-            d -= ((m[:B] - m[B:]) - (r[:B] - r[B:])) / k  # reward difference r(x_0) - r(x_1), up to beta*T
-            dref -= ((r[:B] - r[B:]) - (r[:B] - r[B:])) / k
+            reward = r - m  # (2B,) each image's implicit reward, up to beta*T
+            d += (reward[:B] - reward[B:]) / k
         diffs += d.tolist()
-        base += dref.tolist()
         if pipe.progress:
             print(f"\reval: {s + B}/{len(pairs)} pairs", end="", file=sys.stderr, flush=True)
     if pipe.progress:
         print(file=sys.stderr)
-
-    def accuracy(ds):  # 1 for the labelled winner, 0.5 for a tie
-        return sum(0.5 if x == 0 else float((x > 0) == (p["label_0"] > 0.5)) for x, p in zip(ds, pairs)) / len(pairs)
-    return accuracy(diffs), accuracy(base), diffs
+    right = [0.5 if x == 0 else float((x > 0) == (p["label_0"] > 0.5)) for x, p in zip(diffs, pairs)]  # ties: 0.5
+    return sum(right) / len(pairs), diffs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -413,6 +364,7 @@ def parse_args(argv=None):
     p.add_argument("--eval_pairs", help="preference pairs (parquet or JSONL): report implicit-reward accuracy")
     p.add_argument("--eval_k", type=int, default=4, help="(t, eps) draws per pair")
     p.add_argument("--eval_ref", help="reference UNet for --eval_pairs (default: --model's UNet)")
+    p.add_argument("--eval_baseline", help="--eval_pairs: also score this UNet (e.g. an SFT run) with the same draws")
     a = p.parse_args(argv)
     if a.steps < 1 or a.batch_size < 1 or a.eval_k < 1:
         p.error("--steps, --batch_size and --eval_k must be >= 1")
@@ -422,6 +374,8 @@ def parse_args(argv=None):
         p.error("--compare needs --unet (the tuned UNet to compare with the base)")
     if a.compare and a.eval_pairs:
         p.error("--compare and --eval_pairs are separate runs (--eval_pairs evaluates --unet against --eval_ref)")
+    if (a.eval_ref or a.eval_baseline) and not a.eval_pairs:
+        p.error("--eval_ref and --eval_baseline go with --eval_pairs")
     if not a.eval_pairs and not (a.prompt or a.prompts):
         p.error("give --prompt, --prompts FILE or --eval_pairs DATA")
     return a
@@ -445,16 +399,19 @@ def run(a):
         if not pairs:
             raise ValueError(f"{a.eval_pairs}: no preference pairs (after dropping ties)")
         ref = unetlib.load(a.eval_ref or a.model, device=a.device, dtype=dtype)
-        acc, base, _ = implicit_accuracy(pipe, ref, pairs, k=a.eval_k, seed=a.seed, size=a.height,
-                                         batch_size=a.batch_size)
-        n = len(pairs)
-        res = {"pairs": n, "k": a.eval_k, "accuracy": acc, "ci95": wilson(acc * n, n),
-               "baseline_accuracy": base, "baseline_ci95": wilson(base * n, n)}
-        save_json(res, os.path.join(a.out, "eval.json"))
+        kw, n = dict(k=a.eval_k, seed=a.seed, size=a.height, batch_size=a.batch_size), len(pairs)
+        acc = implicit_accuracy(pipe, ref, pairs, **kw)[0]
+        res = {"pairs": n, "k": a.eval_k, "accuracy": acc, "ci95": wilson(acc * n, n)}
         print(f"eval pairs={n} k={a.eval_k} accuracy={acc:.4f} ci95=[{res['ci95'][0]:.4f}, {res['ci95'][1]:.4f}] "
-              "(tuned vs reference implicit reward)")
-        print(f"eval baseline accuracy={base:.4f} ci95=[{res['baseline_ci95'][0]:.4f}, {res['baseline_ci95'][1]:.4f}]"
-              " (reference vs itself: every reward difference is 0, ties count 0.5)")
+              "(implicit reward of --unet against the reference; chance is 0.5)")
+        if a.eval_baseline:  # another UNet, the same reference and draws: a paired comparison
+            tuned, pipe.unet = pipe.unet, unetlib.load(a.eval_baseline, device=a.device, dtype=dtype)
+            base = implicit_accuracy(pipe, ref, pairs, **kw)[0]
+            pipe.unet = tuned
+            res.update(baseline_accuracy=base, baseline_ci95=wilson(base * n, n))
+            lo, hi = res["baseline_ci95"]
+            print(f"eval baseline accuracy={base:.4f} ci95=[{lo:.4f}, {hi:.4f}] (--eval_baseline, the same draws)")
+        save_json(res, os.path.join(a.out, "eval.json"))
         if not prompts:
             return
     guidance = a.guidance if a.guidance is not None else (5.0 if pipe.sdxl else 7.5)

@@ -29,7 +29,7 @@ def test_bench_runs_both_impls_on_the_tiny_sdxl(sdxl_dir, capsys, tmp_path):
     lines = out.splitlines()
     assert lines[0].startswith("# ") and f"torch {torch.__version__}" in lines[0] and "triton" in lines[0]
     assert lines[1] == f"# python bench_step.py --model {sdxl_dir} {' '.join(TINY)} --csv {csv}"
-    assert "SDXL-shaped UNet, 32px (16x16 latents)" in lines[2] and "adafactor" in lines[2] and "checkpointing on" in lines[2]
+    assert all(s in lines[2] for s in ("SDXL-shaped UNet, 32px (16x16 latents)", "adafactor", "checkpointing on"))
     table = _rows(out)
     assert set(table) == {"ours", "diffusers"}
     for impl, f in table.items():
@@ -72,13 +72,15 @@ def test_ours_and_diffusers_do_the_same_step(family, request):
     cfg, dev, sdxl = bench_step.unet_config(model), torch.device("cpu"), family == "sdxl"
     targs = bench_step.settings(bench_step.parse_args(["--model", model, *TINY]), sdxl, "cpu")
     # dpo.py's recipes: SDXL Adafactor + checkpointing, SD1.5 AdamW
-    assert (targs.optimizer, targs.gradient_checkpointing, targs.beta) == (("adafactor", True) if sdxl else ("adamw", False)) + (5000.0,)
+    recipe = ("adafactor", True) if sdxl else ("adamw", False)
+    assert (targs.optimizer, targs.gradient_checkpointing, targs.beta) == recipe + (5000.0,)
     targs.lr = 1e-3  # an update well above fp32 rounding of the weights
     torch.manual_seed(0)
     pol_o, ref_o, step_o = bench_step.build("ours", cfg, dev, targs)
     pol_d, ref_d, step_d = bench_step.build("diffusers", cfg, dev, targs)
     assert type(pol_d).__name__ == "UNet2DConditionModel" and type(pol_d).__module__.startswith("diffusers.")
-    assert pol_d.is_gradient_checkpointing == sdxl and not ref_d.training and not any(p.requires_grad for p in ref_d.parameters())
+    assert pol_d.is_gradient_checkpointing == sdxl and not ref_d.training
+    assert not any(p.requires_grad for p in ref_d.parameters())
     with torch.no_grad():
         for p in pol_o.parameters():
             p.add_(torch.randn_like(p) * 1e-3)  # the policy moves away from the reference

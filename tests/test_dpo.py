@@ -1,5 +1,6 @@
 """dpo.py: the loss against the official formula (fp64, by hand), RPO, Adafactor against transformers, the shared
 noise draw, and tiny end-to-end runs (SDXL + SD1.5, parquet + JSONL, cache, resume, 2-rank DDP, bad input)."""
+import argparse
 import io
 import json
 import math
@@ -12,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import diffusion
 import dpo
 import kernels
 import optim
@@ -54,7 +56,8 @@ def jsonl(tmp_path_factory):
             for j in range(2):
                 (root / "img" / f"{i}_{j}.png").write_bytes(_png(rng, 36 + 4 * j, 40 - 2 * i))
             lab = 0.5 if i == 8 else float(i % 2)
-            f.write(json.dumps(dict(caption=CAPTIONS[i % 4], image_0=f"img/{i}_0.png", image_1=f"img/{i}_1.png", label_0=lab)) + "\n")
+            row = dict(caption=CAPTIONS[i % 4], image_0=f"img/{i}_0.png", image_1=f"img/{i}_1.png", label_0=lab)
+            f.write(json.dumps(row) + "\n")
     return str(root / "pairs.jsonl")
 
 
@@ -63,8 +66,10 @@ def write_parquet(path, n=10, drop=(), rg=4):
     import pyarrow.parquet as pq
     rng = np.random.default_rng(1)
     lab = [0.5 if i == 3 else float(i % 2) for i in range(n)]  # row 3 is a tie
-    cols = dict(caption=[CAPTIONS[i % 4] for i in range(n)], jpg_0=pa.array([_jpeg(rng, 40, 36) for _ in range(n)], pa.binary()),
-                jpg_1=pa.array([_jpeg(rng, 36, 44) for _ in range(n)], pa.binary()), label_0=lab, label_1=[1 - x for x in lab],
+    cols = dict(caption=[CAPTIONS[i % 4] for i in range(n)],
+                jpg_0=pa.array([_jpeg(rng, 40, 36) for _ in range(n)], pa.binary()),
+                jpg_1=pa.array([_jpeg(rng, 36, 44) for _ in range(n)], pa.binary()),
+                label_0=lab, label_1=[1 - x for x in lab],
                 model_0=["dreamlike-photoreal-2.0" if i < 6 else "sdxl" for i in range(n)],
                 model_1=["dreamlike-art" if i % 3 else "sd-2.1" for i in range(n)])
     pq.write_table(pa.table({k: v for k, v in cols.items() if k not in drop}), path, row_group_size=rg)
@@ -74,7 +79,8 @@ def write_parquet(path, n=10, drop=(), rg=4):
 def run(out, model, data, *flags, steps=2):
     """dpo.main in-process on a tiny model at 32 px (latents 16x16: the tiny VAE downsamples by 2)."""
     dpo.main(["--model", model, "--data", data, "--out_dir", str(out), "--resolution", "32", "--batch_size", "2",
-              "--grad_accum", "2", "--max_steps", str(steps), "--log_every", "1", "--lr", "1e-4", "--warmup", "0", *flags])
+              "--grad_accum", "2", "--max_steps", str(steps), "--log_every", "1", "--lr", "1e-4", "--warmup", "0",
+              *flags])
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
@@ -123,24 +129,63 @@ def test_dpo_loss_equals_kernels(monkeypatch, path):
         assert abs(float(sa[k]) - float(sb[k])) < 1e-5
 
 
+def _recorded(fn, name, calls):
+    """fn, noting name in calls at each call."""
+    def wrapper(*args):
+        calls.append(name)
+        return fn(*args)
+    return wrapper
+
+
+@pytest.mark.parametrize("pred_type", ["epsilon", "v_prediction"])
+def test_pair_loss_dispatches_to_the_fused_kernel_with_the_same_numbers(monkeypatch, pred_type):
+    """pair_loss computes eq. 14 with the readable dpo_loss, or with kernels.dpo_loss where kernels.use_triton says
+    so (CUDA tensors; here DPO_KERNELS=triton, in the interpreter): the same loss, stats and gradient."""
+    g = torch.Generator().manual_seed(5)
+    z, eps, t = torch.randn(4, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
+    abar = diffusion.alphas_cumprod(diffusion.SD_SCHEDULE)
+    args = argparse.Namespace(loss="dpo", beta=100.0, amp_dtype=torch.float32, rpo_tau=0.5)
+    ref = torch.nn.Conv2d(4, 4, 1)
+    calls, results = [], {}
+    for path in ("torch", "triton"):
+        monkeypatch.setenv("DPO_KERNELS", path)
+        policy = torch.nn.Conv2d(4, 4, 1)
+        policy.load_state_dict(ref.state_dict())
+        with torch.no_grad():
+            policy.weight.add_(0.01)  # not the reference: a loss away from log 2
+        for name, module in (("readable", dpo), ("fused", kernels)):
+            monkeypatch.setattr(module, "dpo_loss", _recorded(module.dpo_loss, name, calls))
+        loss, stats = dpo.pair_loss(lambda x, tt, *c: policy(x), lambda x, tt, *c: ref(x), z, eps, t,
+                                    (None, None, None), args, abar, pred_type)
+        loss.backward()
+        results[path] = (loss.item(), {k: float(v) for k, v in stats.items()}, policy.weight.grad.clone())
+        monkeypatch.undo()
+    assert calls == ["readable", "fused"]
+    (la, sa, ga), (lb, sb, gb) = results["torch"], results["triton"]
+    assert abs(la - math.log(2)) > 1e-3 and abs(la - lb) < 1e-5 * max(1, la)
+    assert all(abs(sa[k] - sb[k]) < 1e-5 for k in ("implicit_acc", "model_mse", "ref_mse", "reward_margin"))
+    assert (ga - gb).norm() < 1e-5 * ga.norm(), (ga - gb).norm() / ga.norm()
+
+
 def test_rpo_identity_weights_is_dpo_and_matrix_by_hand():
     model, ref, noise = _preds(B=4, seed=2)
     target = torch.cat([noise, noise])
     a, b = model.clone().requires_grad_(True), model.clone().requires_grad_(True)
     emb = torch.eye(4, 16)  # orthogonal prompts + tiny tau: softmax(-(1 - cos)/tau) is exactly the identity
-    lr_, _ = dpo.rpo_loss(a, ref, target, 30.0, emb, tau=1e-3)
+    lr_, _ = dpo.rpo_loss(a, ref, noise, 30.0, emb, tau=1e-3)
     ld, _ = dpo.dpo_loss(b, ref, noise, 30.0)
     (lr_ + ld).backward()
     assert torch.equal(lr_, ld) and torch.equal(a.grad, b.grad)
     # general weights: mean_i sum_j w_ij * -log sigmoid(-beta/2 ((m_wi - r_wi) - (m_lj - r_lj))), fp64 by hand
     emb = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
-    loss, _ = dpo.rpo_loss(model, ref, target, 30.0, emb, tau=0.5)
+    loss, _ = dpo.rpo_loss(model, ref, noise, 30.0, emb, tau=0.5)
     m, r, e = (x.double().numpy().reshape(x.shape[0], -1) for x in (model, ref, target))
     d = ((m - e) ** 2).mean(1) - ((r - e) ** 2).mean(1)
     u = emb.double().numpy() / np.linalg.norm(emb.double().numpy(), axis=1, keepdims=True)
     w = np.exp(-(1 - u @ u.T) / 0.5)
     w /= w.sum(1, keepdims=True)
-    want = np.mean([sum(w[i, j] * np.log1p(np.exp(0.5 * 30.0 * (d[i] - d[4 + j]))) for j in range(4)) for i in range(4)])
+    want = np.mean([sum(w[i, j] * np.log1p(np.exp(0.5 * 30.0 * (d[i] - d[4 + j]))) for j in range(4))
+                    for i in range(4)])
     assert abs(loss.item() - want) < 1e-6
 
 
@@ -151,7 +196,8 @@ def test_adafactor_matches_transformers():
     p1 = [torch.randn(s, generator=g).requires_grad_(True) for s in shapes]
     p2 = [p.detach().clone().requires_grad_(True) for p in p1]
     o1 = optim.Adafactor(p1, lr=1e-2, weight_decay=1e-2)
-    o2 = HF(p2, lr=1e-2, weight_decay=1e-2, clip_threshold=1.0, scale_parameter=False, relative_step=False, warmup_init=False)
+    o2 = HF(p2, lr=1e-2, weight_decay=1e-2, clip_threshold=1.0, scale_parameter=False, relative_step=False,
+            warmup_init=False)
     for _ in range(4):
         grads = [torch.randn(s, generator=g) for s in shapes]
         for ps, o in ((p1, o1), (p2, o2)):
@@ -162,17 +208,31 @@ def test_adafactor_matches_transformers():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_pairs_share_t_noise_and_draws_depend_on_position_only():
+def test_pairs_share_t_noise_and_draws_depend_on_position_only(monkeypatch):
     pos = torch.tensor([5, 9, 2])
     t, eps, drop = dpo.draw(pos, 0, (4, 8, 8), 1000, 0.5)
     t2, eps2, drop2 = dpo.draw(torch.tensor([9]), 0, (4, 8, 8), 1000, 0.5)  # another batch, another world size
     assert t[1] == t2[0] and torch.equal(eps[1], eps2[0]) and drop[1] == drop2[0]
     z = torch.randn(6, 4, 8, 8)
-    abar, pred = dpo.noise_schedule("")
+    cfg = diffusion.scheduler_config("")
+    abar, pred = diffusion.alphas_cumprod(cfg), cfg["prediction_type"]
     with pytest.raises(ValueError, match="unsupported prediction_type 'sample'"):
-        dpo.noise_schedule("", "sample")
+        diffusion.scheduler_config("", "sample")
     assert pred == "epsilon" and abs(abar[0].item() - (1 - 0.00085)) < 1e-7 and abar[-1].item() < 5e-3
-    x, tt, e2, target = dpo.noisy_pairs(z, eps, t, abar)
+    seen, targets = [], []  # what pair_loss gives the policy (x_t, t) and eq. 14 (the shared eps target)
+
+    def policy(x, tt, *cond):
+        seen.append((x, tt))
+        return torch.zeros_like(x)
+
+    def loss(pred, ref_pred, noise, beta):
+        targets.append(noise)
+        return torch.zeros(()), {}
+    monkeypatch.setattr(dpo, "dpo_loss", loss)
+    args = argparse.Namespace(loss="dpo", beta=1.0, amp_dtype=torch.float32, rpo_tau=0.5)
+    dpo.pair_loss(policy, policy, z, eps, t, (None, None, None), args, abar, pred)
+    x, tt = seen[0]
+    e2, target = torch.cat([eps, eps]), torch.cat([targets[0], targets[0]])
     assert torch.equal(target, e2) and torch.equal(e2, torch.cat([eps, eps]))
     a = abar[tt].view(-1, 1, 1, 1)
     assert torch.equal(tt[:3], tt[3:]) and torch.equal(tt[:3], t)
@@ -228,7 +288,11 @@ def test_sdxl_jsonl_run(tmp_path, sdxl_dir, jsonl, monkeypatch):
         u = real_load(*a, **k)
         loaded.append(u)
         fwd = u.forward
-        u.forward = lambda x, t, ctx, pooled=None, time_ids=None: calls.append((t, ctx, pooled, time_ids)) or fwd(x, t, ctx, pooled, time_ids)
+
+        def forward(x, t, ctx, pooled=None, time_ids=None):
+            calls.append((t, ctx, pooled, time_ids))
+            return fwd(x, t, ctx, pooled, time_ids)
+        u.forward = forward
         return u
     monkeypatch.setattr(unetlib, "load", spy)
     m = run(tmp_path, sdxl_dir, jsonl, "--ckpt_every", "1", "--save_single", steps=3)
@@ -278,7 +342,8 @@ def test_sd15_dpo_cache_then_cache_only(tmp_path, sd15_dir, jsonl, monkeypatch):
               "--batch_size", "2", "--grad_accum", "2", "--max_steps", "2", "--log_every", "1",
               "--unet_init", str(tmp_path / "a" / "unet")])  # policy and reference start from run a's UNet
     m = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
-    assert abs(m[0]["loss"] - math.log(2)) < 1e-6 and m[0]["ref_mse"] != first[0]["ref_mse"]  # same inputs, trained reference
+    assert abs(m[0]["loss"] - math.log(2)) < 1e-6
+    assert m[0]["ref_mse"] != first[0]["ref_mse"]  # the same inputs, a trained reference
     assert os.path.isfile(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
@@ -303,7 +368,7 @@ def test_two_rank_ddp_matches_one_rank(tmp_path, sdxl_dir, jsonl, loss):
     common = ["--model", sdxl_dir, "--data", jsonl, "--resolution", "32", "--grad_accum", "2", "--max_steps", "3",
               "--log_every", "1", "--lr", "1e-4", "--warmup", "0", "--device", "cpu", "--beta", "100", "--loss", loss]
     # beta 100, not 5000: eq. 14 multiplies fp32 rounding of the MSEs (batch 2 vs 1 convs round differently) by beta/2
-    one = run(tmp_path / "one", sdxl_dir, jsonl, "--device", "cpu", "--beta", "100", "--loss", loss, steps=3)  # 1 rank x 2
+    one = run(tmp_path / "one", sdxl_dir, jsonl, "--device", "cpu", "--beta", "100", "--loss", loss, steps=3)  # 1 x 2
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         os.path.join(ROOT, "dpo.py"), *common, "--batch_size", "1", "--out_dir", str(tmp_path / "two")],
                        env=ENV, capture_output=True, text=True, timeout=300)
@@ -338,13 +403,13 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, sdxl_dir, jsonl):
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, sdxl_dir, jsonl, monkeypatch, capsys):
-    real, n = kernels.dpo_loss, [0]
+    real, n = dpo.dpo_loss, [0]
 
     def poisoned(*a):
         n[0] += 1
         loss, stats = real(*a)
         return (loss * float("nan") if n[0] > 4 else loss), stats  # steps 1-2 fine (2 micro-steps each), then NaN
-    monkeypatch.setattr(kernels, "dpo_loss", poisoned)
+    monkeypatch.setattr(dpo, "dpo_loss", poisoned)  # what pair_loss calls on CPU
     with pytest.raises(SystemExit) as e:
         run(tmp_path, sdxl_dir, jsonl, "--ckpt_every", "1", steps=4)
     assert e.value.code == 1
@@ -378,16 +443,17 @@ def test_cli_errors_subprocess(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "dpo.py"), "--model", "m", "--beta", "-1"],
                        env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: --beta has an invalid value: -1.0"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "dpo.py"), "--model", str(tmp_path / "none"), "--data", "x.jsonl"],
-                       env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr.strip() == "error: data file not found: x.jsonl"  # checked before loading models
+    argv = [sys.executable, os.path.join(ROOT, "dpo.py"), "--model", str(tmp_path / "none"), "--data", "x.jsonl"]
+    r = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == "error: data file not found: x.jsonl"  # before loading models
 
 
 def test_parse_args_defaults_and_given():
     a = dpo.parse_args(["--model", "m", "--beta", "2000"])
     assert a.given == ["beta", "model"] and a.loss == "dpo" and a.prompt_dropout == 0.2 and a.resolution is None
     r = dpo.resolve(a, sdxl=True, world=8)
-    assert (r.resolution, r.warmup, r.optimizer, r.gradient_checkpointing, r.grad_accum) == (1024, 200, "adafactor", True, 256)
+    got = (r.resolution, r.warmup, r.optimizer, r.gradient_checkpointing, r.grad_accum)
+    assert got == (1024, 200, "adafactor", True, 256)
     assert r.lr == pytest.approx(1e-8 * 2048)
     r = dpo.resolve(dpo.parse_args(["--grad_accum", "4", "--batch_size", "2"]), sdxl=False, world=1)
     assert (r.resolution, r.warmup, r.optimizer, r.lr) == (512, 500, "adamw", pytest.approx(8e-8))
@@ -396,10 +462,9 @@ def test_parse_args_defaults_and_given():
 @pytest.mark.parametrize("pred_type", ["epsilon", "v_prediction"])
 def test_pair_loss_targets_by_hand(pred_type):
     """eps target, or v = sqrt(a) eps - sqrt(1-a) x_0 for v-prediction models; SFT = MSE on the winners only."""
-    import argparse
     g = torch.Generator().manual_seed(4)
     z, eps, t = torch.randn(4, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
-    abar = dpo.noise_schedule("")[0]
+    abar = diffusion.alphas_cumprod(diffusion.SD_SCHEDULE)
     policy, ref = (lambda x, t, *c: 0.5 * x), (lambda x, t, *c: 0.4 * x + 0.1)
     args = argparse.Namespace(loss="dpo", beta=100.0, amp_dtype=torch.float32, rpo_tau=0.5)
     loss, _ = dpo.pair_loss(policy, ref, z, eps, t, (None, None, None), args, abar, pred_type)

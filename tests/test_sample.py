@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import diffusion
 import sample
 import unet as unetlib
 from weights import CheckpointError
@@ -37,7 +38,7 @@ def run_chain(ours, ref, x):
 @pytest.mark.parametrize("steps", [1, 4, 30])
 def test_euler_matches_diffusers(spacing, pred, steps):
     from diffusers import EulerDiscreteScheduler
-    cfg = dict(sample.SCHED_DEFAULTS, **CFG, timestep_spacing=spacing, prediction_type=pred)
+    cfg = dict(diffusion.SD_SCHEDULE, **CFG, timestep_spacing=spacing, prediction_type=pred)
     ref = EulerDiscreteScheduler(**CFG, timestep_spacing=spacing, prediction_type=pred)
     ref.set_timesteps(steps)
     ours = sample.Euler(cfg, steps)
@@ -64,7 +65,7 @@ def test_ddim_matches_diffusers(spacing, pred, alpha_one, clip, steps):
     kw = dict(timestep_spacing=spacing, prediction_type=pred, set_alpha_to_one=alpha_one, clip_sample=clip)
     ref = DDIMScheduler(**CFG, **kw)
     ref.set_timesteps(steps)
-    ours = sample.DDIM(dict(sample.SCHED_DEFAULTS, **CFG, **kw), steps)
+    ours = sample.DDIM(dict(diffusion.SD_SCHEDULE, **CFG, **kw), steps)
     assert ours.init_sigma == ref.init_noise_sigma == 1.0
     run_chain(ours, ref, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
     i = steps // 2
@@ -282,7 +283,7 @@ def test_eval_reference_against_itself_is_exactly_chance(sd15_dir, pairs_jsonl, 
     sample.main(["--model", sd15_dir, "--eval_pairs", pairs_jsonl, "--eval_k", "2", "--height", "32",
                  "--batch_size", "4", "--out", str(tmp_path)])
     res = json.load(open(tmp_path / "eval.json"))
-    assert res["pairs"] == 6 and res["accuracy"] == 0.5 and res["baseline_accuracy"] == 0.5
+    assert res["pairs"] == 6 and res["accuracy"] == 0.5 and "baseline_accuracy" not in res  # no --eval_baseline
     lo, hi = res["ci95"]
     assert lo < 0.5 < hi
     assert "accuracy=0.5000" in capsys.readouterr().out
@@ -304,7 +305,7 @@ def test_eval_reads_pick_a_pic_parquet_like_jsonl(sd15_dir, tuned_unet, pairs_js
     ref = unetlib.load(sd15_dir)
     a = sample.implicit_accuracy(pipe, ref, data.read_pairs(pairs_jsonl), k=1, size=32)
     b = sample.implicit_accuracy(pipe, ref, data.read_pairs(str(tmp_path)), k=1, size=32)
-    assert a == b and len(a[2]) == 6 and all(d != 0 for d in a[2])
+    assert a == b and len(a[1]) == 6 and all(d != 0 for d in a[1])
 
 
 def test_eval_sign_convention(models, pairs_jsonl):
@@ -315,7 +316,7 @@ def test_eval_sign_convention(models, pairs_jsonl):
     pairs = data.read_pairs(pairs_jsonl)  # image_0 = the preferred image
     pairs = [dict(p, image_0=p["image_1"], image_1=p["image_0"], label_0=0.0) if i % 3 == 0 else p
              for i, p in enumerate(pairs)]  # swap a third of them back: label_0 = 0 there
-    ac = sample.alphas_cumprod(pipe.sched_cfg)
+    ac = diffusion.alphas_cumprod(pipe.sched_cfg)
     x0 = {}
 
     def oracle(x, t, context, pooled=None, time_ids=None):  # eps = (x_t - sqrt(a) z0) / sqrt(1 - a) for image_0
@@ -332,10 +333,11 @@ def test_eval_sign_convention(models, pairs_jsonl):
         return x0["z"]
     pipe.encode_images, pipe.unet = encode, oracle
     try:
-        acc, base, diffs = sample.implicit_accuracy(pipe, ref, pairs, k=2, size=32, batch_size=len(pairs))
+        acc, diffs = sample.implicit_accuracy(pipe, ref, pairs, k=2, size=32, batch_size=len(pairs))
     finally:
         pipe.encode_images, pipe.unet = orig, ref
-    assert all(d > 0 for d in diffs)
+    base, same = sample.implicit_accuracy(pipe, ref, pairs, k=2, size=32, batch_size=len(pairs))  # ref vs itself
+    assert all(d > 0 for d in diffs) and all(d == 0 for d in same)
     assert acc == pytest.approx(sum(p["label_0"] == 1.0 for p in pairs) / len(pairs)) and base == 0.5
 
 
@@ -369,11 +371,16 @@ def test_eval_after_dpo_training_beats_chance(sd15_dir, tmp_path, capsys):
               "--grad_accum", "1", "--max_steps", "30", "--lr", "3e-4", "--warmup", "5", "--resolution", "32",
               "--beta", "500", "--log_every", "30", "--seed", "0"])
     sample.main(["--model", sd15_dir, "--unet", str(tmp_path / "run"), "--eval_pairs", test, "--eval_k", "4",
-                 "--height", "32", "--batch_size", "64", "--out", str(tmp_path / "eval")])
+                 "--height", "32", "--batch_size", "64", "--out", str(tmp_path / "eval"), "--eval_baseline", sd15_dir])
     res = json.load(open(tmp_path / "eval" / "eval.json"))
     print(capsys.readouterr().out)
     assert res["pairs"] == 64 and res["ci95"][0] > 0.5, res
-    assert res["baseline_accuracy"] == 0.5
+    assert res["baseline_accuracy"] == 0.5  # the base UNet scored against itself (the reference)
+    # roles swapped: --eval_baseline gets the same draws, so it reproduces the trained UNet's accuracy exactly
+    sample.main(["--model", sd15_dir, "--unet", sd15_dir, "--eval_pairs", test, "--eval_k", "4", "--height", "32",
+                 "--batch_size", "64", "--out", str(tmp_path / "swap"), "--eval_baseline", str(tmp_path / "run")])
+    swap = json.load(open(tmp_path / "swap" / "eval.json"))
+    assert swap["accuracy"] == 0.5 and swap["baseline_accuracy"] == res["accuracy"] and swap["ci95"] != res["ci95"]
 
 
 def test_wilson_interval():
@@ -412,14 +419,17 @@ def test_cli_bad_input(sd15_dir, tmp_path, capsys):
     out = ["--out", str(tmp_path / "o"), "--steps", "2", "--prompt", "a cat"]
     assert "model path does not exist: /no/such/model" in cli_error(["--model", "/no/such/model"] + out, capsys)
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    assert "cannot read image" in cli_error(["--model", sd15_dir, "--init_image", str(tmp_path / "bad.png")] + out, capsys)
-    assert "init image not found" in cli_error(["--model", sd15_dir, "--init_image", str(tmp_path / "x.png")] + out, capsys)
+    bad, missing = str(tmp_path / "bad.png"), str(tmp_path / "x.png")
+    assert "cannot read image" in cli_error(["--model", sd15_dir, "--init_image", bad] + out, capsys)
+    assert "init image not found" in cli_error(["--model", sd15_dir, "--init_image", missing] + out, capsys)
     assert "--strength must be in (0, 1]" in cli_error(["--model", sd15_dir, "--strength", "1.5"] + out, capsys)
     assert "invalid choice: 'foo'" in cli_error(["--model", sd15_dir, "--scheduler", "foo"] + out, capsys)
     assert "--compare needs --unet" in cli_error(["--model", sd15_dir, "--compare"] + out, capsys)
     assert "give --prompt" in cli_error(["--model", sd15_dir, "--out", str(tmp_path)], capsys)
-    assert "no data at" in cli_error(["--model", sd15_dir, "--eval_pairs", str(tmp_path / "none.parquet")] + out, capsys)
+    nodata = str(tmp_path / "none.parquet")
+    assert "no data at" in cli_error(["--model", sd15_dir, "--eval_pairs", nodata] + out, capsys)
     assert "UNet path does not exist" in cli_error(["--model", sd15_dir, "--unet", "/no/unet"] + out, capsys)
+    assert "go with --eval_pairs" in cli_error(["--model", sd15_dir, "--eval_baseline", sd15_dir] + out, capsys)
 
 
 def test_api_bad_input(models):
