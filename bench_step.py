@@ -1,6 +1,7 @@
 """Time one Diffusion-DPO optimizer step: ours (dpo.py) beside a diffusers-UNet trainer doing the same work.
 
     python bench_step.py                           # SDXL at 1024px, 1 pair/step, Adafactor, checkpointing, bf16
+                                                   # (needs a GPU: it refuses what cannot fit, saying how much)
     python bench_step.py --model SD15_DIR          # another architecture: its UNet config (no weights are read)
     python bench_step.py --model tiny_sdxl/ --resolution 32 --steps 2 --warmup 1 --dtype fp32 --device cpu
 
@@ -34,16 +35,18 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
+import cli
 import diffusion
 import dpo
+import kernels
 import optim
 import unet as unetlib
-from dpo import H100_BF16_PEAK, dpo_loss, pair_loss, reference, resolve, unet_flops
+from dpo import H100_BF16_PEAK, dpo_loss, pair_loss, reference, resolve
 from weights import Checkpoint, CheckpointError, component, family, read_config
 
 
 def parse_args(argv):
-    p = dpo._Parser(description=__doc__.split("\n")[0] + " [...] = default by model family.")
+    p = cli.Parser(description=__doc__.split("\n")[0] + " [...] = default by model family.")
     a = p.add_argument
     a("--model", help="take the UNet config of this model (diffusers folder or single file) [SDXL]; no weights read")
     a("--resolution", type=int, help="square image size in pixels [1024 SDXL, 512 SD1.5]")
@@ -169,7 +172,8 @@ def measure(impl, cfg, dev, targs, args, h):
         torch.cuda.reset_peak_memory_stats()
     policy, ref, step = build(impl, cfg, dev, targs)
     z, eps, t, cond = inputs(cfg, targs.batch_size, h, targs.resolution, dev)
-    one = unet_flops(policy if impl == "ours" else as_ours(policy), z, t, cond)
+    net = policy if impl == "ours" else as_ours(policy)
+    one = kernels.flops(net, z[:1], t[:1], *(None if c is None else c[:1] for c in cond))
     times, loss0 = [], None
     for i in range(args.warmup + args.steps):
         sync()
@@ -187,28 +191,50 @@ def measure(impl, cfg, dev, targs, args, h):
                 mfu=8 * B * one / s / H100_BF16_PEAK, peak_gib=peak, loss0=loss0)
 
 
+def available_bytes(dev):
+    """Memory free for the step: on CUDA the device's, on the CPU MemAvailable of /proc/meminfo (None: unknown)."""
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def state_bytes(cfg, targs):
+    """A lower bound on one step's memory: fp32 policy and gradients, the reference (conv/linear in the compute
+    dtype), AdamW's two fp32 moments (Adafactor's factored ones are ~0); activations come on top."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in unetlib.UNet(cfg).parameters())
+    ref = 4 if targs.amp_dtype == torch.float32 else 2
+    return n, n * (4 + 4 + ref + (8 if targs.optimizer == "adamw" else 0))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-        sys.exit(1)
+        cli.fail("--device cuda but no CUDA device is available")
     dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as dpo.train
     try:
         cfg = unet_config(args.model)
         c = unetlib.check_config(cfg)
     except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(str(e))
     sdxl = c["addition_embed_type"] == "text_time"
     targs = settings(args, sdxl, device)
     h, down = targs.resolution // latent_factor(args.model), 2 ** (len(c["block_out_channels"]) - 1)
     if h % down:
-        print(f"error: --resolution {targs.resolution} gives {h}x{h} latents, not divisible by the UNet's {down}",
-              file=sys.stderr)
-        sys.exit(1)
+        cli.fail(f"--resolution {targs.resolution} gives {h}x{h} latents, not divisible by the UNet's {down}")
+    params, need = state_bytes(cfg, targs)
+    free = available_bytes(dev)
+    if free is not None and need > free:  # refuse up front, not by an out-of-memory kill minutes later
+        cli.fail(f"this step needs at least {need / 2 ** 30:.1f} GiB on the {device} (fp32 weights and gradients, "
+                 f"reference, optimizer state of a {params / 1e9:.2f} B-parameter UNet; activations on top) and "
+                 f"{free / 2 ** 30:.1f} GiB are free: use a GPU, or --model with a smaller UNet")
     if "diffusers" in args.impl:
         try:
             import diffusers  # noqa: F401

@@ -1,21 +1,45 @@
-"""A training run's state on disk: the checkpoint that `dpo.py --resume` continues from.
+"""A training run's state on disk: the checkpoint that `dpo.py --resume` continues from, and the run's log.
 
-It holds the policy, the optimizer state, the step, the data position and every rank's RNG state, so a resumed
-run computes what an uninterrupted one would (bit for bit at the same world size; the draws of t, eps, dropout
-and crops are keyed by the global pair position, so a new world size reads the same pairs). The file is written
-to a temporary name and renamed, so a crash mid-write keeps the previous checkpoint.
+The checkpoint holds the policy, the optimizer state, the step, the data position and every rank's RNG state, so
+a resumed run computes what an uninterrupted one would: bit for bit at the same world size (the draws of t, eps,
+dropout and crops are keyed by the global pair position, so another world size reads the same pairs, but its
+reductions round differently: the losses agree to about 1e-6, not bit for bit). It also holds fingerprints of
+the data and the models, so --resume refuses to continue on other data or weights. Every file is written to a
+temporary name and renamed, so a crash mid-write keeps the previous one; temporary files a crash leaves are
+removed when the next run starts.
 """
 import json
 import os
 import random
+import re
+import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import unet as unetlib
+import weights
+
 # flags that --resume must keep (max_steps, logging, paths and world size may change: draws are keyed by position)
 RESUME_SAME = ("loss", "beta", "pairs_per_step", "lr", "warmup", "optimizer", "weight_decay", "grad_clip", "seed",
                "resolution", "random_crop", "no_flip", "prompt_dropout", "dreamlike_only", "rpo_tau")
+TEMP = re.compile(r"\.tmp\d*(\.png)?$")  # what weights.save_*, torch.save here and save_png write first
+
+
+def clean(out_dir, log):
+    """Remove the temporary files an interrupted run left in out_dir (rank 0, before anything is written)."""
+    for root, _, files in os.walk(out_dir):
+        for f in files:
+            if TEMP.search(f):
+                os.remove(os.path.join(root, f))
+                log(f"removed {os.path.join(root, f)}, left by an interrupted run")
+
+
+def fingerprints(args, data) -> dict:
+    """What --resume checks besides the flags: the data (data.Pairs.fingerprint) and the weights it starts from."""
+    return {"data": data, "model": weights.fingerprint(args.model),
+            "unet_init": weights.fingerprint(args.unet_init) if args.unet_init else None}
 
 
 def _flags(args) -> dict:
@@ -23,44 +47,118 @@ def _flags(args) -> dict:
     return json.loads(json.dumps(vars(args), default=str))
 
 
-def load(path, args, policy, opt, rank, world, log):
+def _describe(fp) -> str:
+    what = f"{fp['pairs']} pairs" if "pairs" in fp else f"{fp['bytes'] / 2 ** 30:.2f} GiB"
+    return f"{fp['path']} ({fp['files']} file(s), {what}, fingerprint {fp['digest']})"
+
+
+def load(path, args, fingerprints, policy, opt, rank, world, log):
     """(step, data position) to start from: (0, 0), or the checkpoint's, with its weights, optimizer state and RNG
-    loaded. Metrics logged past that step are dropped from out_dir/metrics.jsonl (they are logged again)."""
-    step, position = 0, 0
-    if args.resume and os.path.exists(path):
+    loaded. Refuses (ValueError, one line) a checkpoint of another run: other flags, data or weights."""
+    if not (args.resume and os.path.exists(path)):
+        if args.resume:
+            log(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
+        return 0, 0
+    try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-        now = _flags(args)
-        changed = [f"--{k} {ck['args'].get(k)} -> {now[k]}" for k in RESUME_SAME if ck["args"].get(k) != now[k]]
-        if changed:  # data position, draws and schedule would silently mean something else
-            raise ValueError(f"--resume with flags that change the run: {', '.join(changed)}; use a new --out_dir")
-        policy.load_state_dict(ck["policy"])
-        opt.load_state_dict(ck["optimizer"])
-        step, position = ck["step"], ck["position"]
-        if len(ck["rng"]) == world:
-            set_rng_state(ck["rng"][rank])
-        log(f"resumed {path} at step {step}")
-    elif args.resume:
-        log(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
-    if rank == 0:
-        mpath = os.path.join(args.out_dir, "metrics.jsonl")
-        lines = open(mpath).read().splitlines() if os.path.exists(mpath) and step > 0 else []
-        with open(mpath + ".tmp", "w") as f:
-            f.writelines(line + "\n" for line in lines if json.loads(line)["step"] <= step)
-        os.replace(mpath + ".tmp", mpath)
-    return step, position
+    except Exception as e:
+        raise ValueError(f"cannot read the checkpoint {path}: {str(e).splitlines()[0]}") from None
+    now = _flags(args)
+    changed = [f"--{k} {ck['args'].get(k)} -> {now[k]}" for k in RESUME_SAME if ck["args"].get(k) != now[k]]
+    if changed:  # data position, draws and schedule would silently mean something else
+        raise ValueError(f"--resume with flags that change the run: {', '.join(changed)}; use a new --out_dir")
+    for flag, old in ck.get("fingerprints", {}).items():
+        new = fingerprints.get(flag)
+        if (old is None) != (new is None) or (old is not None and old["digest"] != new["digest"]):
+            was, now_ = (_describe(fp) if fp else "none" for fp in (old, new))
+            raise ValueError(f"--resume with other --{flag}: {path} was trained on {was}, this run has {now_}; "
+                             "use a new --out_dir")
+    policy.load_state_dict(ck["policy"])
+    opt.load_state_dict(ck["optimizer"])
+    if len(ck["rng"]) == world:
+        set_rng_state(ck["rng"][rank])
+    log(f"resumed {path} at step {ck['step']}")
+    return ck["step"], ck["position"]
 
 
-def save(path, policy, opt, step, position, args, rank):
-    """Everything --resume needs, in one file written atomically; every rank takes part (RNG states)."""
+def read_metrics(path, log) -> list:
+    """The records of out_dir/metrics.jsonl. A last line cut short (a crash during the append) is dropped with a
+    warning; a bad line elsewhere is an error naming it."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines):
+                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+            log(f"warning: {path}:{n}: dropped a last line cut short by a crash ({line[:40]!r})")
+    return records
+
+
+def start_log(out_dir, step, log):
+    """metrics.jsonl as it was at the checkpoint's step: later lines are logged again (rank 0)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    records = [r for r in read_metrics(path, log) if r["step"] <= step] if step > 0 else []
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(path + ".tmp", path)
+
+
+def save(path, policy, opt, step, position, args, fingerprints, rank, log):
+    """Everything --resume needs, in one file written atomically; every rank takes part (RNG states). A final UNet
+    of an earlier step (unet/, unet.safetensors) is removed: the run rewrites them at its end."""
     rngs = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, rng_state())  # every rank's RNG state, restored rank by rank
     if rank == 0:
         state = dict(policy=policy.state_dict(), optimizer=opt.state_dict(), step=step, position=position, rng=rngs,
-                     schedule=dict(lr=args.lr, warmup=args.warmup), args=_flags(args))
+                     schedule=dict(lr=args.lr, warmup=args.warmup), args=_flags(args), fingerprints=fingerprints)
         tmp = f"{path}.tmp{os.getpid()}"
         torch.save(state, tmp)
         os.replace(tmp, path)
+        for old in (os.path.join(args.out_dir, "unet"), os.path.join(args.out_dir, "unet.safetensors")):
+            if os.path.isdir(old):
+                shutil.rmtree(old)
+            elif os.path.exists(old):
+                os.remove(old)
+            else:
+                continue
+            log(f"removed {old}: it is older than {path} (step {step}); the run writes it again at its end")
     dist.barrier()
+
+
+def _outputs(args) -> list:
+    """The final UNet's paths: unet/, and unet.safetensors with --save_single."""
+    single = [os.path.join(args.out_dir, "unet.safetensors")] if args.save_single else []
+    return [os.path.join(args.out_dir, "unet")] + single
+
+
+def save_outputs(policy, args, step, log):
+    """The run's final UNet: unet/ (diffusers layout) and with --save_single unet.safetensors (original layout),
+    each recording its step in the safetensors metadata. A unet.safetensors that this run was not asked for is
+    removed (the checkpoint of this step has already removed older ones, see save)."""
+    for path in _outputs(args):
+        unetlib.save(policy, path, "single" if path.endswith(".safetensors") else "diffusers", {"step": str(step)})
+        log(f"saved {path} (step {step})")
+    single = os.path.join(args.out_dir, "unet.safetensors")
+    if not args.save_single and os.path.exists(single):
+        os.remove(single)
+        log(f"removed {single} of an earlier run (no --save_single this time)")
+
+
+def outputs_done(args, step) -> bool:
+    """Whether save_outputs wrote this step's final UNet(s) to the end."""
+    for path in _outputs(args):
+        single = path.endswith(".safetensors")
+        f = path if single else os.path.join(path, "diffusion_pytorch_model.safetensors")
+        if not os.path.isfile(f) or not (single or os.path.isfile(os.path.join(path, "config.json"))):
+            return False
+        if weights.Checkpoint(f).metadata.get("step") != str(step):
+            return False
+    return True
 
 
 def rng_state() -> dict:

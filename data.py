@@ -8,6 +8,7 @@ Training visits pairs in a global order (`EpochOrder`): row groups shuffled, row
 to epoch P // len and pair order(epoch)[P % len]; every rank derives the same order and takes its own positions.
 """
 import glob
+import hashlib
 import io
 import json
 import os
@@ -74,14 +75,16 @@ class Pairs:
                     raise ValueError(f"{path}:{n}: not a JSON object with caption, image_0, image_1, label_0 "
                                      f"({e})") from None
                 if r[3] in (0.0, 1.0):  # label_0 == 0.5 is a tie: no preference to learn from
-                    rows.append(r)
-        self.rows = [(c, os.path.join(root, a), os.path.join(root, b), int(lab == 0.0)) for c, a, b, lab in rows]
+                    rows.append(r + (n,))
+        self.rows = [(c, os.path.join(root, a), os.path.join(root, b), int(lab == 0.0)) for c, a, b, lab, _ in rows]
+        self.line = [r[4] for r in rows]  # where each pair is, for messages
         self.winner = np.array([r[3] for r in self.rows], dtype=np.int64)  # index (0/1) of the preferred image
         self.group = np.zeros(len(self.rows), dtype=np.int64)  # one group: a plain full shuffle
 
     def _index_parquet(self, files, dreamlike_only):
         pq = _pq()
         self.files, fi, gi, ri, win = files, [], [], [], []
+        self.group_start = []  # per file: the first row of each row group, for messages
         for k, f in enumerate(files):
             try:
                 pf = pq.ParquetFile(f)
@@ -98,6 +101,7 @@ class Pairs:
                 both = [("dream" in str(a)) and ("dream" in str(b)) for a, b in zip(meta["model_0"], meta["model_1"])]
                 keep &= np.array(both, dtype=bool)
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            self.group_start.append(np.cumsum([0] + sizes))
             group = np.repeat(np.arange(len(sizes)), sizes)
             row = np.concatenate([np.arange(s) for s in sizes]) if sizes else np.zeros(0, np.int64)
             fi.append(np.full(keep.sum(), k))
@@ -109,6 +113,26 @@ class Pairs:
 
     def __len__(self):
         return len(self.winner)
+
+    def where(self, i: int) -> str:
+        """Pair i's place in the data, for messages: file:line (JSONL) or file, row (parquet, 0-based)."""
+        if self.jsonl:
+            return f"{self.path}:{self.line[i]}"
+        f = int(self.file[i])
+        return f"{self.files[f]}, row {int(self.group_start[f][self.rg[i]] + self.row[i])}"
+
+    def fingerprint(self) -> dict:
+        """What the data is, wherever it lies: the files' names (relative to one another), sizes and the pair count
+        after filtering, plus a JSONL file's content. Moving the same files keeps it."""
+        files = [self.path] if self.jsonl else self.files
+        root = os.path.commonpath([os.path.abspath(f) for f in files]) if len(files) > 1 else None
+        h = hashlib.sha256(f"{len(self)} pairs\n".encode())
+        for f in files:
+            h.update(f"{os.path.relpath(os.path.abspath(f), root) if root else ''}:{os.path.getsize(f)}\n".encode())
+        if self.jsonl:
+            with open(self.path, "rb") as fh:
+                h.update(fh.read())
+        return {"digest": h.hexdigest()[:16], "files": len(files), "pairs": len(self), "path": os.path.abspath(self.path)}
 
     def raw(self, i: int):
         """(caption, preferred image, other image): bytes (parquet) or file paths (JSONL)."""
@@ -129,9 +153,11 @@ class Pairs:
 
 
 def read_pairs(path: str, dreamlike_only: bool = False) -> list:
-    """All usable pairs as dicts {caption, image_0, image_1 (bytes or path), label_0}; for evaluation-sized sets."""
+    """All usable pairs as dicts {caption, image_0, image_1 (bytes or path), label_0, source (where it is)}; for
+    evaluation-sized sets."""
     p = Pairs(path, dreamlike_only)
-    return [dict(zip(("caption", "image_0", "image_1"), p.raw(i)), label_0=1.0) for i in range(len(p))]
+    return [dict(zip(("caption", "image_0", "image_1"), p.raw(i)), label_0=1.0, source=p.where(i))
+            for i in range(len(p))]
 
 
 def open_image(src) -> Image.Image:
@@ -183,8 +209,9 @@ class EpochOrder:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Global position -> the pair's two images, preferred first. An unreadable pair is counted and replaced by
-    the next readable one in the epoch order (deterministic, so every world size sees the same data)."""
+    """Global position -> the pair's two images, preferred first. An unreadable pair is reported (its index in
+    "bad") and replaced by the next readable one in the epoch order (deterministic, so every world size sees the
+    same data)."""
 
     def __init__(self, pairs: Pairs, res: int, seed: int, random_crop: bool, flip: bool):
         self.pairs, self.res, self.seed, self.random_crop, self.flip = pairs, res, seed, random_crop, flip
@@ -198,29 +225,40 @@ class PairDataset(torch.utils.data.Dataset):
 
     def read(self, candidate, key: int) -> dict:
         """Try pairs candidate(0), candidate(1), ... until one decodes; crop/flip drawn from (seed, key)."""
-        for bad in range(len(self.pairs)):
-            i = candidate(bad)
+        bad = []  # the indices of the unreadable pairs passed over
+        for k in range(len(self.pairs)):
+            i = candidate(k)
             try:
                 cap, a, b = self.pairs.raw(i)
-                rng = np.random.default_rng(seed_for(self.seed, key, bad, 0xC409))
+                rng = np.random.default_rng(seed_for(self.seed, key, k, 0xC409))
                 xa, ida = transform(open_image(a), self.res, rng, self.random_crop, self.flip)
                 xb, idb = transform(open_image(b), self.res, rng, self.random_crop, self.flip)
-            except Exception as e:  # corrupt bytes, missing file, decoder error: skip and count, never crash
-                print(f"warning: skipping unreadable pair {i} ({type(e).__name__}: {str(e)[:80]})", flush=True)
+            except Exception as e:  # corrupt bytes, missing file, decoder error: skip and report, never crash
+                print(f"warning: skipping unreadable pair {self.pairs.where(i)} ({type(e).__name__}: {str(e)[:80]})",
+                      flush=True)
+                bad.append(i)
                 continue
             return dict(index=i, caption=cap, pixels=torch.stack([xa, xb]), time_ids=torch.stack([ida, idb]), bad=bad)
         raise ValueError(f"{self.pairs.path}: no readable image pair")
 
 
+def distinct(indices) -> set:
+    """The union over all ranks of each rank's set of pair indices (an unreadable pair met twice counts once)."""
+    import torch.distributed as dist
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, set(indices))
+    return set().union(*parts)
+
+
 def collate(items: list) -> dict:
-    """Stack tensors, list strings, sum the skipped-pair counts."""
+    """Stack tensors, list strings, join the lists of skipped pairs."""
     out = {}
     for k, v in items[0].items():
         vals = [d[k] for d in items]
         if torch.is_tensor(v):
             out[k] = torch.stack(vals)
         elif k == "bad":
-            out[k] = sum(vals)
+            out[k] = [i for v in vals for i in v]
         else:
             out[k] = torch.tensor(vals) if isinstance(v, int) else vals
     return out
@@ -311,7 +349,7 @@ class Cache(torch.utils.data.Dataset):
     def __getitem__(self, pos: int) -> dict:
         k, r = self.where[self.index(pos)]
         h = self.shards[k]
-        return dict(pos=pos, bad=0, **{n: h.get_slice(n)[r:r + 1][0] for n in CACHE_KEYS if n in h.keys()})
+        return dict(pos=pos, bad=[], **{n: h.get_slice(n)[r:r + 1][0] for n in CACHE_KEYS if n in h.keys()})
 
 
 def build_cache(args, pairs, dev, rank, world):
@@ -326,13 +364,13 @@ def build_cache(args, pairs, dev, rank, world):
     v = vaelib.load(args.model, dev, torch.float32)
     ds, n = PairDataset(pairs, args.resolution, args.seed, args.random_crop, not args.no_flip), len(pairs)
     store = torch.float32 if args.amp_dtype == torch.float32 else torch.float16
-    mine, bad, done = list(range(rank, n, world)), 0, 0
+    mine, bad, done = list(range(rank, n, world)), set(), 0
     os.makedirs(args.cache_dir, exist_ok=True)
     for s in range(0, len(mine), 1024):  # one shard file per 1024 pairs
         out = {k: [] for k in ("index", "latents", "context", "pooled", "time_ids")}
         for b in range(s, min(s + 1024, len(mine)), 8):
             items = [ds.read(lambda k, i=i: (i + k) % n, i) for i in mine[b:b + 8]]
-            bad += sum(d["bad"] for d in items)
+            bad.update(i for d in items for i in d["bad"])
             px = torch.stack([d["pixels"] for d in items]).to(dev)  # (b, 2, 3, H, W)
             with torch.no_grad():
                 z = v.encode(px.flatten(0, 1)).float() * v.scaling_factor  # (2b, C, h, w)
@@ -347,10 +385,9 @@ def build_cache(args, pairs, dev, rank, world):
                          os.path.join(args.cache_dir, f"r{rank:03d}_{s // 1024:05d}.safetensors"))
         if rank == 0:
             print(f"cache: rank 0 encoded {min(s + 1024, len(mine))}/{len(mine)} pairs", flush=True)
-    counts = torch.tensor([bad, len(mine)], dtype=torch.float64)
-    dist.all_reduce(counts)
-    if counts[0] > args.max_bad_frac * max(counts[1].item(), 100):
-        raise ValueError(f"{int(counts[0])} of {int(counts[1])} pairs unreadable (> --max_bad_frac "
+    bad_all = distinct(bad)
+    if len(bad_all) > args.max_bad_frac * max(n, 100):
+        raise ValueError(f"{len(bad_all)} of {n} pairs in {args.data} are unreadable (more than --max_bad_frac "
                          f"{args.max_bad_frac})")
     if rank == 0:
         with torch.no_grad():
@@ -359,6 +396,6 @@ def build_cache(args, pairs, dev, rank, world):
         torch.save(empty, os.path.join(args.cache_dir, "empty.pt"))
         shards = sorted(f for f in os.listdir(args.cache_dir) if f.endswith(".safetensors"))
         meta = dict(pairs=n, shards=shards, resolution=args.resolution, model=os.path.abspath(args.model),
-                    data=os.path.abspath(args.data), downsample=v.downsample)
+                    data=os.path.abspath(args.data), downsample=v.downsample, fingerprint=pairs.fingerprint())
         save_json(meta, os.path.join(args.cache_dir, "meta.json"))
     dist.barrier()

@@ -25,13 +25,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import checkpoint
+import cli
 import data
 import demo
 import diffusion
 import kernels
 import optim
 import unet as unetlib
-from data import Pairs, collate, seed_for
+from data import Pairs, collate, distinct, seed_for
 from weights import CheckpointError
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,6 +157,9 @@ def train(args) -> dict:
     ck_path = os.path.join(args.out_dir, "checkpoint.pt")
     if os.path.exists(ck_path) and not args.resume:
         raise ValueError(f"{ck_path} exists: pass --resume to continue that run or choose another --out_dir")
+    if rank == 0 and os.path.isdir(args.out_dir):
+        checkpoint.clean(args.out_dir, log)  # temporary files of a run that was killed
+    dist.barrier()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed_for(args.seed, rank, 0x5EED))
     np.random.seed(args.seed + rank)
@@ -167,13 +171,21 @@ def train(args) -> dict:
     args = resolve(args, policy.is_sdxl, world, device)
     ref = None if args.loss == "sft" else reference(args.unet_init or args.model, dev, args.amp_dtype)
     dataset, encoders, empty, downsample = data.training_set(args, pairs, dev, rank, world, log)
+    fingerprints = checkpoint.fingerprints(args, pairs.fingerprint() if pairs else dataset.meta.get("fingerprint"))
     latent_shape = (policy.config["in_channels"], args.resolution // downsample, args.resolution // downsample)
     schedule = diffusion.scheduler_config(args.model, policy.prediction_type)  # single files: from their metadata
     alphas_cumprod = diffusion.alphas_cumprod(schedule)
 
     opt = optim.build(args.optimizer, policy.parameters(), args.lr, args.weight_decay, fused=device == "cuda")
-    os.makedirs(args.out_dir, exist_ok=True)
-    step, position = checkpoint.load(ck_path, args, policy, opt, rank, world, log)
+    step, position = checkpoint.load(ck_path, args, fingerprints, policy, opt, rank, world, log)
+    if step >= args.max_steps:  # said, not done: nothing is rewritten (but a final UNet that a crash cut short)
+        log(f"nothing to do: {ck_path} is at step {step}, --max_steps is {args.max_steps}")
+        if rank == 0 and not checkpoint.outputs_done(args, step):
+            checkpoint.save_outputs(policy, args, step, log)
+        return dict(step=step, metrics={}, out_dir=args.out_dir)
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        checkpoint.start_log(args.out_dir, step, log)
     policy.gradient_checkpointing = args.gradient_checkpointing
     if args.channels_last:
         policy.to(memory_format=torch.channels_last)
@@ -195,7 +207,7 @@ def train(args) -> dict:
     log(f"{'SDXL' if policy.is_sdxl else 'SD1.5'} {args.loss} beta={args.beta} lr={args.lr:.3g} {args.optimizer} "
         f"{world} rank(s) x {B} pairs x {A} accum = {G} pairs/step, {len(dataset)} pairs, {args.resolution}px")
 
-    flops, bad, seen, last, last_ckpt = None, 0, 0, {}, step
+    flops, bad, seen, last, last_ckpt = None, set(), 0, {}, step
     first_step, logged, tic = step, step, time.time()
     policy.train()
     while step < args.max_steps:
@@ -206,7 +218,8 @@ def train(args) -> dict:
             t, eps = t.to(dev), eps.to(dev)
             z, cond = data.model_inputs(batch, drop.to(dev), dev, args.amp_dtype, encoders, empty)
             if flops is None and device == "cuda":  # per pair: policy fwd+bwd (3 forwards) on 2 images + ref fwd on 2
-                flops = unet_flops(policy, z, t, cond) * (3 if args.loss == "sft" else 8)
+                one = kernels.flops(policy, z[:1], t[:1], *(None if c is None else c[:1] for c in cond))
+                flops = one * (3 if args.loss == "sft" else 8)
             sync = m == A - 1  # gradients are all-reduced once per optimizer step, on its last micro-step
             with contextlib.nullcontext() if sync else model.no_sync():
                 loss, stats = pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, schedule["prediction_type"])
@@ -214,15 +227,17 @@ def train(args) -> dict:
                 scaler.scale(loss * scale / A).backward()
             for k, val in {"loss": loss, **stats}.items():
                 acc[k] = acc.get(k, 0.0) + torch.as_tensor(val, dtype=torch.float64, device=dev).detach() / A
-            bad += batch["bad"]
+            bad.update(batch["bad"])
             seen += len(batch["pos"])
-        rec, bad_all, seen_all = reduce_stats(acc, bad, seen, dev, world)
+        rec, seen_all = reduce_stats(acc, seen, dev, world)
+        bad = distinct(bad)  # every rank's unreadable pairs so far, each counted once
+        bad_all = len(bad)
         if not math.isfinite(rec["loss"]):
             raise ValueError(f"loss is {rec['loss']} at step {step + 1}: stopped; the last good checkpoint "
                              f"(step {last_ckpt}) is kept in {ck_path if last_ckpt else 'none written yet'}")
         if bad_all > args.max_bad_frac * max(seen_all, 100):
-            raise ValueError(f"{bad_all} of {seen_all} pairs were unreadable (more than --max_bad_frac "
-                             f"{args.max_bad_frac}): check --data")
+            raise ValueError(f"{bad_all} of {seen_all} pairs of {args.data} were unreadable (more than "
+                             f"--max_bad_frac {args.max_bad_frac})")
         lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr  # linear warmup, then constant
         for g in opt.param_groups:
             g["lr"] = lr
@@ -247,25 +262,21 @@ def train(args) -> dict:
                 with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(last) + "\n")
         if step % args.ckpt_every == 0 or step == args.max_steps:
-            checkpoint.save(ck_path, policy, opt, step, position + (step - first_step) * G, args, rank)
+            checkpoint.save(ck_path, policy, opt, step, position + (step - first_step) * G, args, fingerprints, rank,
+                            log)
             last_ckpt = step
     if rank == 0:
-        unetlib.save(policy, os.path.join(args.out_dir, "unet"), layout="diffusers")
-        if args.save_single:
-            unetlib.save(policy, os.path.join(args.out_dir, "unet.safetensors"), layout="single")
-        log(f"saved {os.path.join(args.out_dir, 'unet')}")
+        checkpoint.save_outputs(policy, args, step, log)
     dist.barrier()
     return dict(step=step, metrics=last, out_dir=args.out_dir)
 
 
-def reduce_stats(acc, bad, seen, dev, world):
-    """Means of the logged numbers over ranks, and the unreadable / seen pair counts summed over ranks."""
+def reduce_stats(acc, seen, dev, world):
+    """Means of the logged numbers over ranks, and the pairs seen, summed over ranks."""
     keys = sorted(acc)
-    counts = torch.tensor([float(bad), float(seen)], dtype=torch.float64, device=dev)
-    red = torch.cat([torch.stack([acc[k] for k in keys]), counts])
+    red = torch.cat([torch.stack([acc[k] for k in keys]), torch.tensor([float(seen)], dtype=torch.float64, device=dev)])
     dist.all_reduce(red)
-    rec = {k: red[i].item() / world for i, k in enumerate(keys)}
-    return rec, int(red[-2].item()), int(red[-1].item())
+    return {k: red[i].item() / world for i, k in enumerate(keys)}, int(red[-1].item())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,14 +296,6 @@ def setup_distributed(device):
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size()
-
-
-def unet_flops(u, x, t, cond):
-    """FLOPs of one UNet forward on the first image of x, counted op by op (attention through SDPA)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), kernels.references(), FlopCounterMode(display=False) as fc:
-        u(x[:1], t[:1], *(None if c is None else c[:1] for c in cond))
-    return fc.get_total_flops()
 
 
 def resolve(args, sdxl, world, device="cpu"):
@@ -332,15 +335,9 @@ def reference(path, dev, dtype):
 # Flags
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, not usage + error
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """The flags; None defaults are filled by model family in resolve(); args.given lists the flags typed."""
-    p = _Parser(description=__doc__.split("\n")[0] + " [...] = default picked by model family / world size.",
+    p = cli.Parser(description=__doc__.split("\n")[0] + " [...] = default picked by model family / world size.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", help="base model (diffusers folder or one .safetensors, SDXL or SD1.5): policy init AND frozen "
@@ -410,9 +407,9 @@ def main(argv=None):
         else:
             train(args)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        if dist.is_initialized() and dist.get_rank() > 0:
+            sys.exit(1)  # rank 0 says it
+        cli.fail(str(e))
 
 
 if __name__ == "__main__":

@@ -10,16 +10,15 @@ The two schedulers are written out below (no diffusers): each is a table of nois
 timesteps plus a one-line update. They reproduce diffusers' EulerDiscreteScheduler / DDIMScheduler (eta=0)
 and its SDXL / SD1.5 pipelines step for step; tests/test_sample.py checks that on tiny random models.
 """
-import argparse
 import math
 import os
-import sys
 from typing import Callable, List
 
 import numpy as np
 import torch
 from PIL import Image
 
+import cli
 import clip
 import data
 import diffusion
@@ -157,13 +156,13 @@ class Pipeline:
             raise ValueError(f"steps must be an integer in [1, {self.sched_cfg['num_train_timesteps']}], got {steps}")
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        B, m = len(prompts), 8 * self.f
+        B, m = len(prompts), max(8, self.f)  # as diffusers: any multiple of 8 px (the UNet takes any latent size)
+        if (height is not None and (height <= 0 or height % m)) or (width is not None and (width <= 0 or width % m)):
+            raise ValueError(f"height and width must be positive multiples of {m}, got {height}x{width}")
         if init_image is not None:  # SDEdit's output keeps the input's size unless told otherwise
             init_image = load_image(init_image, height, width, multiple=m)
             height, width = init_image.shape[-2:]
         height, width = height or self.size, width or self.size
-        if height % m or width % m or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {m}, got {height}x{width}")
         shape = (self.unet.config["in_channels"], height // self.f, width // self.f)
         if latents is not None and tuple(latents.shape) != (B, *shape):
             raise ValueError(f"latents must have shape {(B, *shape)}, got {tuple(latents.shape)}")
@@ -191,9 +190,8 @@ class Pipeline:
                 out = uncond + guidance * (cond - uncond)
             x = sched.step(out, i, x)
             if self.progress:
-                print(f"\rsampling: step {i + 1 - start}/{steps - start}", end="", file=sys.stderr, flush=True)
-        if self.progress:
-            print(file=sys.stderr)
+                cli.progress(f"sampling: step {i + 1 - start}/{steps - start}")
+        cli.end_progress()
         self.last_latents = x  # (B, 4, h, w), scaled: what diffusers returns with output_type="latent"
         img = self.vae.decode((x / self.vae.scaling_factor).to(self.device, self.vae.dtype)).float()
         return (img / 2 + 0.5).clamp(0, 1).cpu()
@@ -223,6 +221,8 @@ def load_image(img, height=None, width=None, multiple=1) -> torch.Tensor:
     if isinstance(img, torch.Tensor):
         x = (img[None] if img.dim() == 3 else img).float()
         size = (height or x.shape[-2] // multiple * multiple, width or x.shape[-1] // multiple * multiple)
+        if min(size) == 0:
+            raise ValueError(f"image is smaller than {multiple}x{multiple} pixels")
         return x if size == x.shape[-2:] else torch.nn.functional.interpolate(x, size, mode="bicubic").clamp(0, 1)
     try:
         img = img.convert("RGB") if isinstance(img, Image.Image) else data.open_image(img)
@@ -305,10 +305,16 @@ def implicit_accuracy(pipe: Pipeline, ref, pairs, k=4, seed=0, size=None, batch_
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
         B = len(chunk)
-        # centre crop at `size` and SDXL size conditioning exactly as dpo.py trains (data.transform)
-        xs, ids = zip(*[data.transform(data.open_image(p[f"image_{j}"]), size, None, False, False)
-                        for j in (0, 1) for p in chunk])
-        z = pipe.encode_images((torch.stack(xs) + 1) / 2).cpu()  # (2B, 4, h, w): all image_0, then all image_1
+        xs, ids = [], []  # all image_0, then all image_1
+        for j in (0, 1):
+            for p in chunk:  # centre crop at `size` and SDXL size conditioning exactly as dpo.py trains
+                try:
+                    x, i = data.transform(data.open_image(p[f"image_{j}"]), size, None, False, False)
+                except Exception as e:  # one line that says which pair
+                    raise ValueError(f"{p.get('source', 'a pair')}: cannot read an image of the pair: {e}") from None
+                xs.append(x)
+                ids.append(i)
+        z = pipe.encode_images((torch.stack(xs) + 1) / 2).cpu()  # (2B, 4, h, w)
         ctx, pooled = pipe.te.encode([p["caption"] for p in chunk] * 2)
         time_ids = torch.stack(ids).to(pipe.device, ctx.dtype)  # (2B, 6)
         d = torch.zeros(B)
@@ -323,9 +329,8 @@ def implicit_accuracy(pipe: Pipeline, ref, pairs, k=4, seed=0, size=None, batch_
             d += (reward[:B] - reward[B:]) / k
         diffs += d.tolist()
         if pipe.progress:
-            print(f"\reval: {s + B}/{len(pairs)} pairs", end="", file=sys.stderr, flush=True)
-    if pipe.progress:
-        print(file=sys.stderr)
+            cli.progress(f"eval: {s + B}/{len(pairs)} pairs")
+    cli.end_progress()
     right = [0.5 if x == 0 else float((x > 0) == (p["label_0"] > 0.5)) for x, p in zip(diffs, pairs)]  # ties: 0.5
     return sum(right) / len(pairs), diffs
 
@@ -334,14 +339,8 @@ def implicit_accuracy(pipe: Pipeline, ref, pairs, k=4, seed=0, size=None, batch_
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        print(f"sample.py: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None):
-    p = _Parser(description="Generate images, base-vs-tuned grids, SDEdit edits, or preference accuracy.")
+    p = cli.Parser(description="Generate images, base-vs-tuned grids, SDEdit edits, or preference accuracy.")
     p.add_argument("--model", required=True, help="diffusers folder or single .safetensors (SDXL / SD1.5)")
     p.add_argument("--unet", help="fine-tuned UNet: dpo.py's --out_dir, a diffusers unet/ folder or one file")
     p.add_argument("--tokenizer", help="tokenizer folder(s) for a single-file checkpoint")
@@ -442,8 +441,7 @@ def main(argv=None):
     try:
         run(a)
     except (CheckpointError, ValueError, OSError) as e:
-        print(f"sample.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 if __name__ == "__main__":

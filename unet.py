@@ -383,17 +383,18 @@ def load(path, device="cpu", dtype=torch.float32):
     return u
 
 
-def save(u, path, layout="diffusers"):
-    """diffusers layout: path/ config.json + diffusion_pytorch_model.safetensors; single: one file, original names."""
+def save(u, path, layout="diffusers", metadata=None):
+    """diffusers layout: path/ config.json + diffusion_pytorch_model.safetensors; single: one file, original names.
+    metadata: more string pairs for the safetensors header (dpo.py records the training step there)."""
     config = {"_class_name": "UNet2DConditionModel", **u.config}
-    sd = u.state_dict()
+    sd, metadata = u.state_dict(), dict(metadata or {})
     if layout == "diffusers":
         os.makedirs(path, exist_ok=True)
-        weights.save_safetensors(sd, os.path.join(path, "diffusion_pytorch_model.safetensors"))
+        weights.save_safetensors(sd, os.path.join(path, "diffusion_pytorch_model.safetensors"), metadata or None)
         weights.save_json(config, os.path.join(path, "config.json"))
     elif layout == "single":
         table = layout_map(u.config)
-        weights.save_safetensors({PREFIX + weights.rename(k, table): v for k, v in sd.items()}, path,
-                                 {"config": json.dumps(config), "prediction_type": u.prediction_type})
+        metadata.update(config=json.dumps(config), prediction_type=u.prediction_type)
+        weights.save_safetensors({PREFIX + weights.rename(k, table): v for k, v in sd.items()}, path, metadata)
     else:
         raise ValueError(f"layout must be 'diffusers' or 'single', got {layout!r}")

@@ -5,6 +5,8 @@ they share: where the weights live in a diffusers folder (plain, fp16 variant, s
 safetensors files (memory-mapped, one tensor at a time), a strict key-for-key load into a model built on
 the meta device, and writing safetensors atomically so a crash never leaves a half-written file.
 """
+import glob
+import hashlib
 import json
 import os
 from typing import Callable, Dict, Iterable, Mapping, Union
@@ -186,6 +188,33 @@ def load_module(module: torch.nn.Module, sources: Mapping[str, Source], dtype, d
     return module
 
 
+def fingerprint(path: str) -> dict:
+    """What a model path holds, wherever it lies: a digest of its configs and tokenizer files, and of each weight
+    file's size, header and first and last 64 KiB of data (two fine-tunes differ there; reading is instant).
+    Moving or copying the files keeps the digest; any other weights change it."""
+    if os.path.isfile(path):
+        files, root = [path], None
+    else:
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                       if f.endswith((".json", ".safetensors", ".txt")) and os.path.isfile(f))
+        root = path
+    h, size = hashlib.sha256(), 0
+    for f in files:
+        n = os.path.getsize(f)
+        size += n
+        h.update(f"{os.path.relpath(f, root) if root else ''}:{n}\n".encode())
+        with open(f, "rb") as fh:
+            if not f.endswith(".safetensors"):
+                h.update(fh.read())
+                continue
+            header = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(header, n)))
+            h.update(fh.read(1 << 16))
+            fh.seek(max(8 + header, n - (1 << 16)))
+            h.update(fh.read())
+    return {"digest": h.hexdigest()[:16], "files": len(files), "bytes": size, "path": os.path.abspath(path)}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Other layouts: each model writes one table, from its own module names to the other layout's, with loops
 
@@ -218,11 +247,21 @@ def renamed(ckpt: "Checkpoint", names, prefix: str, table: Mapping[str, str], wh
 # Saving
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file here; safetensors' writer makes its files 0600
+
+
 def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: dict = None):
     """Write a safetensors file atomically: to a temporary name first, then rename over the target."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.chmod(tmp, FILE_MODE)
     os.replace(tmp, path)
 
 

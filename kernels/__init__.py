@@ -16,8 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .dispatch import references, use_triton  # noqa: E402
+from .dispatch import flops, references, use_triton  # noqa: E402
 from .flash_attention import attention, attention_ref  # noqa: E402
 from .fused_dpo_loss import dpo_loss, dpo_loss_ref  # noqa: E402
 
-__all__ = ["attention", "attention_ref", "dpo_loss", "dpo_loss_ref", "references", "use_triton"]
+__all__ = ["attention", "attention_ref", "dpo_loss", "dpo_loss_ref", "flops", "references", "use_triton"]

@@ -42,3 +42,13 @@ def references():
         os.environ.pop("DPO_KERNELS")
         if old is not None:
             os.environ["DPO_KERNELS"] = old
+
+
+def flops(fn, *args) -> int:
+    """FLOPs of fn(*args) without autograd, counted op by op by torch with the PyTorch references in place of the
+    kernels (FlopCounterMode cannot see into a Triton kernel)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), references(), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()

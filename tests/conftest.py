@@ -25,3 +25,18 @@ def sdxl_dir(tmp_path_factory):
 def sd15_dir(tmp_path_factory):
     """A tiny random SD1.5 pipeline folder in the diffusers layout."""
     return tiny.make_sd15(str(tmp_path_factory.mktemp("sd15")))
+
+
+@pytest.fixture(scope="session")
+def jsonl(tmp_path_factory):
+    """8 pairs (labels alternate 1/0) + one tie, PNG files of varied sizes, paths relative to the JSONL."""
+    return tiny.write_pairs_jsonl(str(tmp_path_factory.mktemp("jsonl")))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core box run ~100x faster on one thread (no OpenMP spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

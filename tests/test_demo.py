@@ -114,7 +114,10 @@ def test_toy_model_is_a_diffusers_pipeline(toy_model):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end_prints_the_readme_numbers(tmp_path):
+    """The demo, then the README's evaluation command on its output: what they print is what the README says (a
+    change that moves a number fails here until the README moves too)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
     out = subprocess.run([sys.executable, "dpo.py", "--out_dir", str(tmp_path / "demo")], cwd=ROOT,
                          capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -124,6 +127,16 @@ def test_demo_end_to_end(tmp_path):
     w, f_ref, f_dpo = (float(vals[k]) for k in ("win_rate", "fidelity_ref", "fidelity_dpo"))
     assert w >= 0.7 and f_dpo >= 0.9 * f_ref, last
     assert os.path.isfile(tmp_path / "demo" / "grid.png")
+    assert last in readme, last
+    area = next(line for line in out.stdout.splitlines() if "mean shape area:" in line)
+    ref, dpo_ = area.split("mean shape area: reference ")[1].split(";")[0].split(", DPO ")
+    assert f"Mean shape area goes from {ref} to {dpo_}" in readme, area
+    command = next(line for line in readme.splitlines() if line.startswith("python sample.py") and "--eval_pairs" in line)
+    printed = next(line for line in readme.splitlines() if line.startswith("#   eval pairs="))[len("#   "):]
+    argv = command.replace("demo_out", str(tmp_path / "demo")).split()[1:]
+    ev = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert ev.stdout.strip().splitlines()[-1] == printed
 
 
 @pytest.mark.slow

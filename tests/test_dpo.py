@@ -19,46 +19,19 @@ import kernels
 import optim
 import unet as unetlib
 from data import Pairs, read_pairs
+from tiny import CAPTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-CAPTIONS = ["a red circle", "a blue square", "a photo of a cat", "a green dog"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box run ~100x faster on one thread (no OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _png(rng, h, w):
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _jpeg(rng, h, w):
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def jsonl(tmp_path_factory):
-    """8 pairs (labels alternate 1/0) + one tie, PNG files of varied sizes, paths relative to the JSONL."""
-    root, rng = tmp_path_factory.mktemp("jsonl"), np.random.default_rng(0)
-    (root / "img").mkdir()
-    with open(root / "pairs.jsonl", "w") as f:
-        for i in range(9):
-            for j in range(2):
-                (root / "img" / f"{i}_{j}.png").write_bytes(_png(rng, 36 + 4 * j, 40 - 2 * i))
-            lab = 0.5 if i == 8 else float(i % 2)
-            row = dict(caption=CAPTIONS[i % 4], image_0=f"img/{i}_0.png", image_1=f"img/{i}_1.png", label_0=lab)
-            f.write(json.dumps(row) + "\n")
-    return str(root / "pairs.jsonl")
 
 
 def write_parquet(path, n=10, drop=(), rg=4):

@@ -163,6 +163,45 @@ def test_sdedit_matches_diffusers_img2img(models, fam, kind, monkeypatch):
     assert_close(ours, img)
 
 
+@pytest.fixture(scope="module")
+def sdxl_f8(tmp_path_factory):
+    """The tiny SDXL with a VAE that downsamples by 8, as the real ones: 8k px give latent sides that the UNet's
+    two halvings do not divide (40 px -> 5)."""
+    import tiny
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    path = tiny.make_sdxl(str(tmp_path_factory.mktemp("sdxl_f8")), vae_channels=(8, 8, 16, 16))
+    ref = StableDiffusionXLPipeline.from_pretrained(path)
+    i2i = StableDiffusionXLImg2ImgPipeline(**ref.components)
+    for p in (ref, i2i):
+        p.set_progress_bar_config(disable=True)
+        p.scheduler = diffusers_scheduler("euler")
+    pipe = sample.load(path)
+    pipe.progress = False
+    return pipe, ref, i2i
+
+
+@pytest.mark.parametrize("height, width", [(40, 56), (8, 24), (104, 72)])
+def test_every_multiple_of_8_as_diffusers(sdxl_f8, height, width, monkeypatch):
+    """Text-to-image and SDEdit at sizes diffusers generates whose latent sides (height / 8) the UNet's
+    downsampling does not divide: the UNet upsamples to each skip's size, as diffusers' does."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    pipe, ref, i2i = sdxl_f8
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, height=height, width=width)
+    lat = ref(["a red circle"], generator=gens(2, 1), output_type="latent", **kw).images
+    img = ref(["a red circle"], generator=gens(2, 1), output_type="pt", **kw).images
+    ours = pipe(["a red circle"], steps=3, guidance=5.0, seed=2, height=height, width=width)
+    assert ours.shape == img.shape == (1, 3, height, width) and lat.shape[-2:] == (height // 8, width // 8)
+    assert_close(pipe.last_latents, lat)
+    assert_close(ours, img)
+    init = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(1))
+    kw = dict(image=init, strength=0.6, num_inference_steps=5, guidance_scale=5.0)
+    img = i2i(["a red circle"], generator=gens(5, 1), output_type="pt", **kw).images
+    ours = pipe(["a red circle"], steps=5, guidance=5.0, seed=5, init_image=init, strength=0.6)
+    assert ours.shape == (1, 3, height, width)
+    assert_close(ours, img)
+
+
 @pytest.mark.parametrize("fam", ["sdxl", "sd15"])
 def test_single_file_checkpoint(models, fam, sdxl_dir, sd15_dir, tmp_path):
     """One original-layout .safetensors (+ --tokenizer): no scheduler/ or model_index.json, so SD's released
@@ -432,6 +471,26 @@ def test_cli_bad_input(sd15_dir, tmp_path, capsys):
     assert "go with --eval_pairs" in cli_error(["--model", sd15_dir, "--eval_baseline", sd15_dir] + out, capsys)
 
 
+def test_unreadable_eval_pair_is_named_on_a_fresh_line(sd15_dir, pairs_jsonl, tmp_path, capsys):
+    """An error during --eval_pairs ends the progress line first and names the pair by file:line."""
+    rows = open(pairs_jsonl).read().splitlines()
+    root = os.path.dirname(pairs_jsonl)
+    bad = tmp_path / "pairs.jsonl"
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    row = json.loads(rows[2])
+    rows = [json.dumps({**json.loads(r), "image_0": os.path.join(root, json.loads(r)["image_0"]),
+                        "image_1": os.path.join(root, json.loads(r)["image_1"])}) for r in rows]
+    rows[2] = json.dumps({**row, "image_0": "broken.png", "image_1": os.path.join(root, row["image_1"])})
+    bad.write_text("\n".join(rows) + "\n")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--model", sd15_dir, "--eval_pairs", str(bad), "--eval_k", "1", "--height", "32",
+                     "--batch_size", "1", "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "eval: 2/6 pairs" in err  # the progress line came first
+    last = err.splitlines()[-1]
+    assert last.startswith(f"error: {bad}:3: cannot read an image of the pair: ") and "broken.png" in last, err
+
+
 def test_api_bad_input(models):
     pipe = models["sd15"][0]
     with pytest.raises(CheckpointError, match="model path does not exist"):
@@ -442,7 +501,10 @@ def test_api_bad_input(models):
         pipe(["a cat"], steps=2, strength=0.3, init_image=torch.rand(1, 3, 32, 32))
     with pytest.raises(ValueError, match="unknown scheduler 'pndm'"):
         pipe(["a cat"], scheduler="pndm")
-    with pytest.raises(ValueError, match="multiples of 16"):
-        pipe(["a cat"], height=40)
+    for h, w in ((36, 32), (32, 0), (-8, 32)):  # diffusers' rule: positive multiples of 8 (40 is fine, see above)
+        with pytest.raises(ValueError, match="height and width must be positive multiples of 8"):
+            pipe(["a cat"], height=h, width=w)
+    with pytest.raises(ValueError, match="image is smaller than 8x8 pixels"):  # SDEdit from a 4x6 image
+        pipe(["a cat"], init_image=torch.rand(1, 3, 4, 6))
     with pytest.raises(ValueError, match=r"latents must have shape \(1, 4, 16, 16\)"):
         pipe(["a cat"], latents=torch.randn(1, 4, 8, 8))

@@ -5,9 +5,13 @@ without any download.
 Layout written (as a hub snapshot): model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/,
 and for SDXL also text_encoder_2/, tokenizer_2/.
 """
+import io
+import json
 import os
 
+import numpy as np
 import torch
+from PIL import Image
 
 from demo import write_tokenizer  # the tiny CLIP BPE tokenizer writer lives in demo.py (the demo needs one too)
 
@@ -20,11 +24,13 @@ def _text_config(vocab_size, act, proj):
                           pad_token_id=vocab_size - 1)
 
 
-def _vae(scaling_factor):
+def _vae(scaling_factor, channels=(16, 32)):
+    """A VAE that downsamples by 2^(len(channels) - 1): 2 by default, 8 (as SD's) with four levels."""
     from diffusers import AutoencoderKL
+    n = len(channels)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
+                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                         block_out_channels=channels, layers_per_block=1, norm_num_groups=8, sample_size=32,
                          scaling_factor=scaling_factor)
 
 
@@ -58,7 +64,7 @@ def sd15_unet_config():
                 norm_num_groups=8, use_linear_projection=False)
 
 
-def make_sdxl(root, seed=0):
+def make_sdxl(root, seed=0, vae_channels=(16, 32)):
     """Write a tiny random SDXL pipeline folder at root; returns root."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -68,7 +74,7 @@ def make_sdxl(root, seed=0):
     te1 = CLIPTextModel(_text_config(n, "quick_gelu", 32))
     te2 = CLIPTextModelWithProjection(_text_config(n, "gelu", 32))
     unet = UNet2DConditionModel(**sdxl_unet_config())
-    vae = _vae(0.13025)
+    vae = _vae(0.13025, vae_channels)
     _randomize(te1, te2, unet, vae, seed=seed)
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
@@ -98,3 +104,29 @@ def make_sd15(root, seed=0):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(root)
     return root
+
+
+CAPTIONS = ["a red circle", "a blue square", "a photo of a cat", "a green dog"]
+
+
+def png(rng, h, w):
+    """PNG bytes of random pixels."""
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_pairs_jsonl(root):
+    """root/pairs.jsonl: 8 pairs (labels alternate 1/0) + one tie, PNGs of varied sizes in root/img/ (paths relative
+    to the JSONL). Returns the JSONL's path."""
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "img"))
+    with open(os.path.join(root, "pairs.jsonl"), "w") as f:
+        for i in range(9):
+            for j in range(2):
+                with open(os.path.join(root, "img", f"{i}_{j}.png"), "wb") as img:
+                    img.write(png(rng, 36 + 4 * j, 40 - 2 * i))
+            lab = 0.5 if i == 8 else float(i % 2)
+            row = dict(caption=CAPTIONS[i % 4], image_0=f"img/{i}_0.png", image_1=f"img/{i}_1.png", label_0=lab)
+            f.write(json.dumps(row) + "\n")
+    return os.path.join(root, "pairs.jsonl")
