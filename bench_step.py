@@ -41,6 +41,7 @@ import dpo
 import kernels
 import optim
 import unet as unetlib
+import vae as vaelib
 from dpo import H100_BF16_PEAK, dpo_loss, pair_loss, reference, resolve
 from weights import Checkpoint, CheckpointError, component, family, read_config
 
@@ -86,11 +87,11 @@ def unet_config(model):
 
 
 def latent_factor(model):
-    """VAE downsampling factor from --model's vae/config.json (2^(levels-1)), else SD's 8."""
-    p = os.path.join(model, "vae") if model and os.path.isdir(model) else ""
-    if not os.path.isfile(os.path.join(p, "config.json")):
+    """The VAE downsampling of --model (SD's 8 without --model, or for a folder without a VAE)."""
+    try:
+        return vaelib.downsample(model) if model else 8
+    except CheckpointError:
         return 8
-    return 2 ** (len(read_config(p)["block_out_channels"]) - 1)
 
 
 def settings(args, sdxl, device):

@@ -23,7 +23,8 @@ import weights
 
 # flags that --resume must keep (max_steps, logging, paths and world size may change: draws are keyed by position)
 RESUME_SAME = ("loss", "beta", "pairs_per_step", "lr", "warmup", "optimizer", "weight_decay", "grad_clip", "seed",
-               "resolution", "random_crop", "no_flip", "prompt_dropout", "dreamlike_only", "rpo_tau")
+               "resolution", "random_crop", "no_flip", "prompt_dropout", "dreamlike_only", "rpo_tau", "split",
+               "time_ids", "latents")
 TEMP = re.compile(r"\.tmp\d*(\.png)?$")  # what weights.save_*, torch.save here and save_png write first
 
 
@@ -64,7 +65,7 @@ def load(path, args, fingerprints, policy, opt, rank, world, log):
     except Exception as e:
         raise ValueError(f"cannot read the checkpoint {path}: {str(e).splitlines()[0]}") from None
     now = _flags(args)
-    changed = [f"--{k} {ck['args'].get(k)} -> {now[k]}" for k in RESUME_SAME if ck["args"].get(k) != now[k]]
+    changed = [f"--{k} {ck['args'][k]} -> {now[k]}" for k in RESUME_SAME if k in ck["args"] and ck["args"][k] != now[k]]
     if changed:  # data position, draws and schedule would silently mean something else
         raise ValueError(f"--resume with flags that change the run: {', '.join(changed)}; use a new --out_dir")
     for flag, old in ck.get("fingerprints", {}).items():

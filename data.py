@@ -1,24 +1,35 @@
-"""Preference pairs for dpo.py: Pick-a-Pic v2 parquet shards or JSONL, read lazily; image transforms; the UNets'
+"""Preference data for dpo.py: Pick-a-Pic v2 parquet shards or JSONL, read lazily; image transforms; the UNets'
 inputs made from a batch (VAE latents, text embeddings); a latent cache.
 
-An index holds, per usable pair, where it lives (file, row group, row) and which image won; images are read on
-demand, one parquet row group at a time, so the 851K-pair Pick-a-Pic v2 (hundreds of GB) never sits in memory.
-Training visits pairs in a global order (`EpochOrder`): row groups shuffled, rows shuffled inside each group
-(a block shuffle, so a rank reads a row group once instead of once per pair). Global position P of the run maps
-to epoch P // len and pair order(epoch)[P % len]; every rank derives the same order and takes its own positions.
+Two kinds of data. Pairs (parquet, or JSONL {caption, image_0, image_1, label_0}) have a preferred and a rejected
+image; ties are dropped. Single images (JSONL {caption, image, label}, label 1 desirable, 0 undesirable) are what
+Diffusion-KTO learns from; it takes pairs too, as two such records. An index holds, per usable item, where it
+lives (file, row group, row) and which image won; images are read on demand, so the 851K-pair Pick-a-Pic v2
+(hundreds of GB) never sits in memory. A Pick-a-Pic folder holds several splits side by side (train-00000-of-00645,
+validation-..., test-..., ...); training reads the train shards only, as the official code (--split picks another).
+
+Training visits the items in a global order (`EpochOrder`): the parquet row groups are shuffled, cut into windows
+of about SHUFFLE_PAIRS pairs, and the pairs of a window are shuffled uniformly, so consecutive pairs (a micro-batch,
+the RPO matrix) come from many row groups, while a reader decodes each row group once per window (an LRU of one
+window) instead of once per pair. Global position P maps to epoch P // len and item order(epoch)[P % len]: the
+order depends on (seed, position) alone, so every rank derives it and world size and resume do not change it.
 """
 import glob
 import hashlib
 import io
 import json
 import os
-from collections import OrderedDict
+import re
+from collections import Counter, OrderedDict
 
 import numpy as np
 import torch
 from PIL import Image
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "model_0", "model_1")  # Pick-a-Pic v2 parquet
+SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")  # Pick-a-Pic v2's splits
+SHARD = re.compile(r"^([a-z][a-z_]*)-\d{5}-of-\d{5}")  # hub shard names: train-00000-of-00645-<hash>.parquet
+SHUFFLE_PAIRS = 2048  # pairs per shuffle window (one optimizer step at the paper's batch size)
 
 
 def _pq():
@@ -29,17 +40,39 @@ def _pq():
     return pq
 
 
-def parquet_files(path: str) -> list:
-    """A .parquet file, a folder of them, or a glob -> sorted file list."""
+def _split(f, root):
+    """The split a shard belongs to: its name's prefix (train-00000-of-00645...), or a folder named after one."""
+    m = SHARD.match(os.path.basename(f))
+    if m:
+        return m.group(1)
+    folders = os.path.relpath(os.path.dirname(f), root).split(os.sep) if root else []
+    return next((d for d in reversed(folders) if d in SPLITS), None)
+
+
+def parquet_files(path: str, split: str = "train"):
+    """A .parquet file, a folder or a glob -> (sorted files, what was read). Where the shards name their split
+    (Pick-a-Pic's folder), only `split`'s are read; a folder with no recognisable split is read whole."""
+    pattern = any(c in path for c in "*?[")
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
-    elif any(c in path for c in "*?["):
+    elif pattern:
         files = sorted(glob.glob(path))
     else:
         files = [path] if os.path.isfile(path) else []
     if not files:
         raise FileNotFoundError(f"no data at {path} (expected a .parquet file, a folder or glob of them, or .jsonl)")
-    return files
+    if not (os.path.isdir(path) or pattern):
+        return files, f"{path}"
+    root = path if os.path.isdir(path) else os.path.dirname(path.split("*")[0].split("?")[0].split("[")[0])
+    splits = {f: _split(f, root) for f in files}
+    named = Counter(s for s in splits.values() if s)
+    if not named:
+        return files, f"{len(files)} shard(s) in {path}, no split in their names: all read"
+    chosen = [f for f in files if splits[f] == split]
+    if not chosen:
+        raise ValueError(f"--split {split} matches no shard in {path} (its splits: {', '.join(sorted(named))})")
+    others = ", ".join(f"{s} ({n})" for s, n in sorted(named.items()) if s != split)
+    return chosen, f"{len(chosen)} {split} shard(s) of {path}" + (f"; not read: {others}" if others else "")
 
 
 def seed_for(*keys) -> int:
@@ -48,37 +81,57 @@ def seed_for(*keys) -> int:
 
 
 class Pairs:
-    """Index of usable pairs (ties dropped, optional dreamlike filter) and lazy access to their images."""
+    """Index of the usable data and lazy access to its images: pairs (ties dropped, optional dreamlike filter) or
+    single labelled images (self.singles). raw(i) = (caption, images, label): a pair's two images preferred first
+    (label None), or one image with its label (1 desirable, 0 undesirable)."""
 
-    def __init__(self, path: str, dreamlike_only: bool = False):
-        self.path, self.jsonl = path, path.endswith(".jsonl")
+    def __init__(self, path: str, dreamlike_only: bool = False, split: str = "train"):
+        self.path, self.jsonl, self.singles = path, path.endswith(".jsonl"), False
         if self.jsonl:
             self._index_jsonl(path)
+            self.read = f"{path}"
         else:
-            self._index_parquet(parquet_files(path), dreamlike_only)
+            files, self.read = parquet_files(path, split)
+            self._index_parquet(files, dreamlike_only)
         if len(self) == 0:
             raise ValueError(f"{path}: no usable pairs (all ties, or filtered out by --dreamlike_only)")
-        self._groups = OrderedDict()  # (file, group) -> pyarrow table, a small LRU cache
+        self.read += f": {len(self)} usable {'images' if self.singles else 'pairs'}"
+        groups = len(np.unique(self.group))  # row groups per shuffle window: about SHUFFLE_PAIRS pairs
+        self.window_groups = max(1, min(groups, round(SHUFFLE_PAIRS * groups / len(self))))
+        self._groups = OrderedDict()  # (file, group) -> pyarrow table, an LRU of one shuffle window
 
     def _index_jsonl(self, path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data file not found: {path}")
-        root, rows = os.path.dirname(os.path.abspath(path)), []
+        root, rows, kinds = os.path.dirname(os.path.abspath(path)), [], set()
         with open(path) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     r = json.loads(line)
-                    r = (str(r["caption"]), r["image_0"], r["image_1"], float(r["label_0"]))
+                    single = "image" in r
+                    if single:  # {caption, image, label}: label 1 desirable, 0 undesirable
+                        r = (str(r["caption"]), (r["image"],), float(r["label"]), n)
+                    else:  # {caption, image_0, image_1, label_0}: label_0 1 if image_0 is preferred, 0.5 a tie
+                        r = (str(r["caption"]), (r["image_0"], r["image_1"]), float(r["label_0"]), n)
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise ValueError(f"{path}:{n}: not a JSON object with caption, image_0, image_1, label_0 "
-                                     f"({e})") from None
-                if r[3] in (0.0, 1.0):  # label_0 == 0.5 is a tie: no preference to learn from
-                    rows.append(r + (n,))
-        self.rows = [(c, os.path.join(root, a), os.path.join(root, b), int(lab == 0.0)) for c, a, b, lab, _ in rows]
-        self.line = [r[4] for r in rows]  # where each pair is, for messages
-        self.winner = np.array([r[3] for r in self.rows], dtype=np.int64)  # index (0/1) of the preferred image
+                    raise ValueError(f"{path}:{n}: not a JSON object with caption, image_0, image_1, label_0 (a "
+                                     f"pair) or caption, image, label (one image) ({e})") from None
+                kinds.add(single)
+                if len(kinds) > 1:
+                    raise ValueError(f"{path}:{n}: pairs and single images mixed in one file")
+                if r[2] in (0.0, 1.0):  # a pair's label_0 == 0.5 is a tie: no preference to learn from
+                    rows.append(r)
+        self.singles = kinds == {True}
+        self.rows, self.line = [], []
+        for caption, images, label, n in rows:
+            images = tuple(os.path.join(root, im) for im in images)
+            if not self.singles and label == 0.0:
+                images = images[::-1]  # the preferred image first
+            self.rows.append((caption, images, int(label) if self.singles else None))
+            self.line.append(n)
+        self.winner = np.zeros(len(self.rows), dtype=np.int64)  # (JSONL rows are already preferred-first)
         self.group = np.zeros(len(self.rows), dtype=np.int64)  # one group: a plain full shuffle
 
     def _index_parquet(self, files, dreamlike_only):
@@ -109,13 +162,13 @@ class Pairs:
             ri.append(row[keep])
             win.append((lab[keep] == 0.0).astype(np.int64))
         self.file, self.rg, self.row, self.winner = (np.concatenate(a).astype(np.int64) for a in (fi, gi, ri, win))
-        self.group = self.file * (1 << 32) + self.rg  # block-shuffle unit = one row group
+        self.group = self.file * (1 << 32) + self.rg  # shuffle unit = one row group
 
     def __len__(self):
         return len(self.winner)
 
     def where(self, i: int) -> str:
-        """Pair i's place in the data, for messages: file:line (JSONL) or file, row (parquet, 0-based)."""
+        """Item i's place in the data, for messages: file:line (JSONL) or file, row (parquet, 0-based)."""
         if self.jsonl:
             return f"{self.path}:{self.line[i]}"
         f = int(self.file[i])
@@ -132,32 +185,37 @@ class Pairs:
         if self.jsonl:
             with open(self.path, "rb") as fh:
                 h.update(fh.read())
-        return {"digest": h.hexdigest()[:16], "files": len(files), "pairs": len(self), "path": os.path.abspath(self.path)}
+        return {"digest": h.hexdigest()[:16], "files": len(files), "pairs": len(self),
+                "path": os.path.abspath(self.path)}
 
     def raw(self, i: int):
-        """(caption, preferred image, other image): bytes (parquet) or file paths (JSONL)."""
+        """(caption, images preferred first (bytes for parquet, paths for JSONL), label or None)."""
         if self.jsonl:
-            c, a, b, w = self.rows[i]
-            return (c, a, b) if w == 0 else (c, b, a)
+            return self.rows[i]
         key = (int(self.file[i]), int(self.rg[i]))
         if key not in self._groups:
             f = _pq().ParquetFile(self.files[key[0]])
             self._groups[key] = f.read_row_group(key[1], columns=["caption", "jpg_0", "jpg_1"])
-            while len(self._groups) > 2:
+            while len(self._groups) > self.window_groups + 1:
                 self._groups.popitem(last=False)
         self._groups.move_to_end(key)
         t, r = self._groups[key], int(self.row[i])
         imgs = (t.column("jpg_0")[r].as_py(), t.column("jpg_1")[r].as_py())
         w = int(self.winner[i])
-        return str(t.column("caption")[r].as_py()), imgs[w], imgs[1 - w]
+        return str(t.column("caption")[r].as_py()), (imgs[w], imgs[1 - w]), None
 
 
-def read_pairs(path: str, dreamlike_only: bool = False) -> list:
-    """All usable pairs as dicts {caption, image_0, image_1 (bytes or path), label_0, source (where it is)}; for
-    evaluation-sized sets."""
-    p = Pairs(path, dreamlike_only)
-    return [dict(zip(("caption", "image_0", "image_1"), p.raw(i)), label_0=1.0, source=p.where(i))
-            for i in range(len(p))]
+def read_pairs(path: str, dreamlike_only: bool = False, split: str = "train") -> list:
+    """All usable pairs as dicts {caption, image_0 (preferred), image_1 (bytes or path), label_0, source (where it
+    is)}; for evaluation-sized sets."""
+    p = Pairs(path, dreamlike_only, split)
+    if p.singles:
+        raise ValueError(f"{path} holds single labelled images, not preference pairs")
+    out = []
+    for i in range(len(p)):
+        caption, (preferred, other), _ = p.raw(i)
+        out.append(dict(caption=caption, image_0=preferred, image_1=other, label_0=1.0, source=p.where(i)))
+    return out
 
 
 def open_image(src) -> Image.Image:
@@ -188,18 +246,20 @@ def transform(img: Image.Image, res: int, rng: np.random.Generator, random_crop:
 
 
 class EpochOrder:
-    """Global position -> pair index. Epoch e = pos // n visits the pairs with groups (parquet row groups) in random
-    order and rows shuffled within their group: a rank reads each row group once per epoch, not once per pair."""
+    """Global position -> item index. Epoch e = pos // n puts the groups (parquet row groups) in random order, cuts
+    them into windows of `window` groups and shuffles the items of each window uniformly: a reader holding one
+    window's row groups decodes each once per epoch. window=1 is a block shuffle; all groups, a uniform one."""
 
-    def __init__(self, group: np.ndarray, seed: int):
-        self.group, self.seed, self._epoch, self._order = group, seed, None, None
+    def __init__(self, group: np.ndarray, seed: int, window: int = 1):
+        self.group, self.seed, self.window, self._epoch, self._order = group, seed, window, None, None
 
     def order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng(seed_for(self.seed, epoch, 0xD47A))
         groups = np.unique(self.group)
         rank = np.empty(len(groups), dtype=np.int64)
         rank[rng.permutation(len(groups))] = np.arange(len(groups))
-        return np.lexsort((rng.random(len(self.group)), rank[np.searchsorted(groups, self.group)]))
+        window = rank[np.searchsorted(groups, self.group)] // self.window  # (n,) each item's window
+        return np.lexsort((rng.random(len(self.group)), window))
 
     def __call__(self, pos: int) -> int:
         epoch, k = divmod(int(pos), len(self.group))
@@ -209,13 +269,13 @@ class EpochOrder:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Global position -> the pair's two images, preferred first. An unreadable pair is reported (its index in
-    "bad") and replaced by the next readable one in the epoch order (deterministic, so every world size sees the
-    same data)."""
+    """Global position -> the item's images (a pair's two, preferred first, or one with its label). An unreadable
+    item is reported (its index in "bad") and replaced by the next readable one in the epoch order (deterministic,
+    so every world size sees the same data)."""
 
     def __init__(self, pairs: Pairs, res: int, seed: int, random_crop: bool, flip: bool):
         self.pairs, self.res, self.seed, self.random_crop, self.flip = pairs, res, seed, random_crop, flip
-        self.index = EpochOrder(pairs.group, seed)
+        self.index = EpochOrder(pairs.group, seed, pairs.window_groups)
 
     def __len__(self):
         return len(self.pairs)
@@ -225,20 +285,23 @@ class PairDataset(torch.utils.data.Dataset):
 
     def read(self, candidate, key: int) -> dict:
         """Try pairs candidate(0), candidate(1), ... until one decodes; crop/flip drawn from (seed, key)."""
-        bad = []  # the indices of the unreadable pairs passed over
+        bad = []  # the indices of the unreadable items passed over
         for k in range(len(self.pairs)):
             i = candidate(k)
             try:
-                cap, a, b = self.pairs.raw(i)
+                caption, images, label = self.pairs.raw(i)
                 rng = np.random.default_rng(seed_for(self.seed, key, k, 0xC409))
-                xa, ida = transform(open_image(a), self.res, rng, self.random_crop, self.flip)
-                xb, idb = transform(open_image(b), self.res, rng, self.random_crop, self.flip)
+                out = [transform(open_image(im), self.res, rng, self.random_crop, self.flip) for im in images]
             except Exception as e:  # corrupt bytes, missing file, decoder error: skip and report, never crash
                 print(f"warning: skipping unreadable pair {self.pairs.where(i)} ({type(e).__name__}: {str(e)[:80]})",
                       flush=True)
                 bad.append(i)
                 continue
-            return dict(index=i, caption=cap, pixels=torch.stack([xa, xb]), time_ids=torch.stack([ida, idb]), bad=bad)
+            item = dict(index=i, caption=caption, pixels=torch.stack([x for x, _ in out]),  # (k, 3, H, W)
+                        time_ids=torch.stack([ids for _, ids in out]), bad=bad)  # (k, 6)
+            if label is not None:
+                item["label"] = label
+            return item
         raise ValueError(f"{self.pairs.path}: no readable image pair")
 
 
@@ -264,27 +327,40 @@ def collate(items: list) -> dict:
     return out
 
 
-def model_inputs(batch, drop, dev, amp_dtype, encoders=None, empty=None):
-    """What the UNets take: clean latents z (2B, C, h, w) winners first, and cond = (context, pooled, time_ids) with
-    2B rows. A dropped prompt is the encoders' embedding of "" (as the official code, for SDXL too; not zeros)."""
+def model_inputs(batch, drop, dev, args, encoders=None, empty=None, latent_noise=None):
+    """What the UNets take for B items of k images each (pairs: k = 2): clean latents z (kB, C, h, w), all first
+    images first (the winners), and cond = (context, pooled, time_ids) with kB rows. A dropped prompt is the
+    encoders' embedding of "" (as the official code, for SDXL too; not zeros). --latents sample draws z from the
+    VAE posterior with latent_noise (B, k, C, h, w) (the official code); the default is the posterior mean.
+    --time_ids official gives every image the constants the official code used."""
     with torch.no_grad():
         if "latents" in batch:  # --cache: latents and text embeddings were computed once
-            z = batch["latents"].to(dev).transpose(0, 1).flatten(0, 1).float()  # (B, 2, C, h, w) -> (2B, ...)
+            z = batch["latents"].to(dev).float()  # (B, k, C, h, w)
+            std = batch["latents_std"].to(dev).float() if latent_noise is not None else None
             ctx = torch.where(drop[:, None, None], empty["context"], batch["context"].to(dev))
             pooled = batch.get("pooled")
             if pooled is not None:
                 pooled = torch.where(drop[:, None], empty["pooled"], pooled.to(dev))
         else:  # the VAE and the text encoders run here, on the GPU
             te, v = encoders
-            px = batch["pixels"].to(dev).transpose(0, 1).flatten(0, 1)  # (2B, 3, H, W) winners first
-            with torch.autocast(dev.type, torch.bfloat16, enabled=amp_dtype == torch.bfloat16):
-                z = v.encode(px).float() * v.scaling_factor  # (2B, C, h, w) scaled latent means
+            px = batch["pixels"].to(dev)  # (B, k, 3, H, W)
+            with torch.autocast(dev.type, torch.bfloat16, enabled=args.amp_dtype == torch.bfloat16):
+                z, std = v.encode(px.flatten(0, 1), std=True)  # (Bk, C, h, w) each, unscaled
+            z = z.float().unflatten(0, px.shape[:2]) * v.scaling_factor  # (B, k, C, h, w) scaled latent means
+            std = std.float().unflatten(0, px.shape[:2]) * v.scaling_factor
             ctx, pooled = te.encode(["" if d else c for c, d in zip(batch["caption"], drop.tolist())])
+        if latent_noise is not None:
+            z = z + std * latent_noise.to(dev)  # a sample of the posterior instead of its mean
+        k = z.shape[1]
+        z = z.transpose(0, 1).flatten(0, 1)  # (kB, C, h, w): all first images, then all second ones
         time_ids = None  # SDXL (the family with a pooled embedding) is also told each image's size and crop
         if pooled is not None:
-            time_ids = batch["time_ids"].to(dev).float().transpose(0, 1).flatten(0, 1)  # (B, 2, 6) -> (2B, 6)
-            pooled = torch.cat([pooled, pooled])
-    return z, (torch.cat([ctx, ctx]), pooled, time_ids)
+            time_ids = batch["time_ids"].to(dev).float().transpose(0, 1).flatten(0, 1)  # (B, k, 6) -> (kB, 6)
+            if args.time_ids == "official":
+                r = float(args.resolution)
+                time_ids = torch.tensor([r, r, 0.0, 0.0, r, r], device=dev).expand(len(time_ids), 6)
+            pooled = pooled.repeat(k, 1)
+    return z, (ctx.repeat(k, 1, 1), pooled, time_ids)
 
 
 def training_set(args, pairs, dev, rank, world, log):
@@ -306,6 +382,9 @@ def training_set(args, pairs, dev, rank, world, log):
     elif meta["resolution"] != args.resolution or (pairs is not None and meta["pairs"] != len(pairs)):
         raise ValueError(f"the cache in {args.cache_dir} was built for other data or resolution; "
                          "use another --cache_dir")
+    elif args.latents == "sample" and not meta.get("latents_std"):
+        raise ValueError(f"the cache in {args.cache_dir} holds latent means only, --latents sample needs their "
+                         "standard deviations too: use another --cache_dir")
     dataset = Cache(args.cache_dir, args.seed)
     empty = {k: None if v is None else v.to(dev) for k, v in dataset.empty.items()}
     return dataset, None, empty, dataset.meta["downsample"]
@@ -315,7 +394,7 @@ def training_set(args, pairs, dev, rank, world, log):
 # The latent cache: scaled VAE latents + text embeddings, computed once, so training needs neither VAE nor
 # text encoders. One crop/flip per pair is frozen into it (drawn as in epoch 0).
 
-CACHE_KEYS = ("latents", "context", "pooled", "time_ids")
+CACHE_KEYS = ("latents", "latents_std", "context", "pooled", "time_ids", "label")
 
 
 def cache_meta(cache_dir: str):
@@ -327,8 +406,9 @@ def cache_meta(cache_dir: str):
 
 
 class Cache(torch.utils.data.Dataset):
-    """A cache written by dpo.build_cache: global position -> latents (2, C, h, w) preferred first, context, pooled,
-    time_ids; memory-mapped, one row at a time. The order is a plain shuffle of all cached pairs per epoch."""
+    """A cache written by build_cache: global position -> latents (k, C, h, w) preferred first, context, pooled,
+    time_ids (and label, for single images); memory-mapped, one row at a time. The order is a plain shuffle of all
+    cached items per epoch."""
 
     def __init__(self, cache_dir: str, seed: int):
         from safetensors import safe_open
@@ -349,12 +429,16 @@ class Cache(torch.utils.data.Dataset):
     def __getitem__(self, pos: int) -> dict:
         k, r = self.where[self.index(pos)]
         h = self.shards[k]
-        return dict(pos=pos, bad=[], **{n: h.get_slice(n)[r:r + 1][0] for n in CACHE_KEYS if n in h.keys()})
+        item = dict(pos=pos, bad=[], **{n: h.get_slice(n)[r:r + 1][0] for n in CACHE_KEYS if n in h.keys()})
+        if "label" in item:
+            item["label"] = int(item["label"])
+        return item
 
 
 def build_cache(args, pairs, dev, rank, world):
-    """Each rank encodes pairs rank, rank+world, ...; crop/flip are frozen per pair (drawn as for key = pair index).
-    Latents are stored in fp16 (fp32 for fp32 runs), text embeddings in the compute dtype."""
+    """Each rank encodes items rank, rank+world, ...; crop/flip are frozen per item (drawn as for key = its index).
+    Latents (and with --latents sample their posterior std) are stored in fp16 (fp32 for fp32 runs), text
+    embeddings in the compute dtype."""
     import torch.distributed as dist
 
     import clip
@@ -367,21 +451,25 @@ def build_cache(args, pairs, dev, rank, world):
     mine, bad, done = list(range(rank, n, world)), set(), 0
     os.makedirs(args.cache_dir, exist_ok=True)
     for s in range(0, len(mine), 1024):  # one shard file per 1024 pairs
-        out = {k: [] for k in ("index", "latents", "context", "pooled", "time_ids")}
+        out = {k: [] for k in ("index", *CACHE_KEYS)}
         for b in range(s, min(s + 1024, len(mine)), 8):
             items = [ds.read(lambda k, i=i: (i + k) % n, i) for i in mine[b:b + 8]]
             bad.update(i for d in items for i in d["bad"])
-            px = torch.stack([d["pixels"] for d in items]).to(dev)  # (b, 2, 3, H, W)
+            px = torch.stack([d["pixels"] for d in items]).to(dev)  # (b, k, 3, H, W)
             with torch.no_grad():
-                z = v.encode(px.flatten(0, 1)).float() * v.scaling_factor  # (2b, C, h, w)
+                z, std = v.encode(px.flatten(0, 1), std=True)  # (bk, C, h, w) each
                 ctx, pooled = te.encode([d["caption"] for d in items])
             out["index"].append(torch.tensor(mine[b:b + 8]))
-            out["latents"].append(z.unflatten(0, (len(items), 2)).to(store).cpu())
+            out["latents"].append((z.float() * v.scaling_factor).unflatten(0, px.shape[:2]).to(store).cpu())
+            if args.latents == "sample":
+                out["latents_std"].append((std.float() * v.scaling_factor).unflatten(0, px.shape[:2]).to(store).cpu())
             out["context"].append(ctx.cpu())
             out["time_ids"].append(torch.stack([d["time_ids"] for d in items]))
             out["pooled"].append(None if pooled is None else pooled.cpu())
+            if pairs.singles:
+                out["label"].append(torch.tensor([d["label"] for d in items]))
         done += len(out["index"])
-        save_safetensors({k: torch.cat(v) for k, v in out.items() if v[0] is not None},
+        save_safetensors({k: torch.cat(v) for k, v in out.items() if v and v[0] is not None},
                          os.path.join(args.cache_dir, f"r{rank:03d}_{s // 1024:05d}.safetensors"))
         if rank == 0:
             print(f"cache: rank 0 encoded {min(s + 1024, len(mine))}/{len(mine)} pairs", flush=True)
@@ -396,6 +484,7 @@ def build_cache(args, pairs, dev, rank, world):
         torch.save(empty, os.path.join(args.cache_dir, "empty.pt"))
         shards = sorted(f for f in os.listdir(args.cache_dir) if f.endswith(".safetensors"))
         meta = dict(pairs=n, shards=shards, resolution=args.resolution, model=os.path.abspath(args.model),
-                    data=os.path.abspath(args.data), downsample=v.downsample, fingerprint=pairs.fingerprint())
+                    data=os.path.abspath(args.data), downsample=v.downsample, fingerprint=pairs.fingerprint(),
+                    singles=pairs.singles, latents_std=args.latents == "sample")
         save_json(meta, os.path.join(args.cache_dir, "meta.json"))
     dist.barrier()

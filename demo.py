@@ -290,8 +290,9 @@ def build_model(root: str, vae_steps: int, seed: int, log=print) -> str:
 # Everything the base model depends on; a stamp of it lets a second run reuse demo_out/base.
 WORLD = dict(size=SIZE, radius=RADIUS, prompts=PROMPTS, unet=UNET_CONFIG, vae=VAE_CONFIG, vae_steps=300,
              sft_pairs=1536, sft=dict(max_steps=400, batch_size=32, lr=1e-3, warmup=20), seed=0, version=1)
-# DPO defaults (each one overridden by the same dpo.py flag when given); batch_size counts pairs over all ranks
-DPO_DEFAULTS = dict(beta=5000.0, lr=5e-6, max_steps=100, batch_size=16, grad_accum=1, warmup=10)
+# DPO defaults (each one overridden by the same dpo.py flag when given); batch_size counts pairs over all ranks;
+# beta is the loss's own default (dpo.BETA: 5000 for eq. 14)
+DPO_DEFAULTS = dict(lr=5e-6, max_steps=100, batch_size=16, grad_accum=1, warmup=10)
 DPO_PAIRS, HELDOUT_PAIRS = 1536, 96
 EVAL = dict(noises=16, steps=20, guidance=3.0, scheduler="euler", seed=1234)
 

@@ -32,6 +32,7 @@ import diffusion
 import kernels
 import optim
 import unet as unetlib
+import vae as vaelib
 from data import Pairs, collate, distinct, seed_for
 from weights import CheckpointError
 
@@ -50,16 +51,60 @@ def preference_logits(model_mse_w, model_mse_l, ref_mse_w, ref_mse_l, beta):
     return -0.5 * beta * ((model_mse_w - model_mse_l) - (ref_mse_w - ref_mse_l))
 
 
-def dpo_loss(model_pred, ref_pred, noise, beta):
+def dpo_loss(model_pred, ref_pred, noise, beta, form="dpo"):
     """Eq. 14: loss = mean_pairs -log sigmoid(logits). Preds (2B, C, H, W) winners first; noise (B, C, H, W) is
-    the eps both images of pair i were noised with. Plain PyTorch; kernels.dpo_loss fuses it for CUDA."""
+    the eps both images of pair i were noised with. Plain PyTorch; kernels.dpo_loss fuses it for CUDA.
+    form "ipo" or "hinge": the DPO variants diffusers' example offers, on the same logits (pair_losses)."""
     B = noise.shape[0]
     target = torch.cat([noise, noise])  # (2B, C, H, W): the same eps for winner i and loser i
     model_mse = mse(model_pred, target)  # (2B,) |eps - eps_theta(x_t, t)|^2
     ref_mse = mse(ref_pred, target).detach()  # (2B,) |eps - eps_ref(x_t, t)|^2, no gradient
     logits = preference_logits(model_mse[:B], model_mse[B:], ref_mse[:B], ref_mse[B:], beta)  # (B,)
-    loss = -F.logsigmoid(logits).mean()
+    loss = pair_losses(logits, beta, form).mean()
     return loss, _stats(logits, model_mse.detach(), ref_mse, beta)
+
+
+def pair_losses(logits, beta, form):
+    """Each pair's loss from its eq.-14 logits z; h = z / beta is the log-likelihood-ratio margin, winner over loser."""
+    if form == "ipo":  # IPO (Azar et al. 2023, eq. 17): regress h onto 1/(2 beta) instead of pushing it up forever
+        return (logits / beta - 1 / (2 * beta)) ** 2
+    if form == "hinge":  # SLiC / RSO's hinge (Liu et al. 2023, arXiv:2309.06657): no gradient once z reaches 1
+        return F.relu(1 - logits)
+    return -F.logsigmoid(logits)  # DPO, eq. 14
+
+
+def kto_loss(model_pred, ref_pred, target, beta, labels):
+    """Diffusion-KTO (Li et al. 2024, arXiv:2404.04465): single images, labels (N,) 1 desirable, 0 undesirable.
+    With r = beta (|eps - eps_ref|^2 - |eps - eps_theta|^2), each image's implicit reward, the loss is
+    1 - sigmoid(r - z) for a desirable image and 1 - sigmoid(z - r) for an undesirable one; the reference point z
+    is the batch's mean reward over all ranks, not below 0 (no gradient; the paper's eq. 8, as its code notes)."""
+    model_mse, ref_mse = mse(model_pred, target), mse(ref_pred, target).detach()  # (N,)
+    reward = ref_mse - model_mse  # (N,) / beta
+    z = reward.detach().mean()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(z)
+        z = z / dist.get_world_size()
+    sign = 2.0 * labels.float() - 1  # +1 desirable, -1 undesirable
+    value = sign * beta * (reward - z.clamp(min=0))  # (N,)
+    loss = (1 - torch.sigmoid(value)).mean()
+    return loss, {"implicit_acc": (value.detach() > 0).float().mean(), "reward_margin": (sign * reward).mean(),
+                  "model_mse": model_mse.detach().mean(), "ref_mse": ref_mse.mean()}
+
+
+MAPO_W = 0.5  # MaPO's constant in its score's link function (the authors' --snr_value)
+
+
+def mapo_loss(model_pred, target, beta, T):
+    """MaPO (Hong et al. 2024, arXiv:2406.06424), reference-free: the winner's denoising loss, plus beta times the
+    Bradley-Terry loss of the margin between the two images' scores s(m) = w m / (e^(w m) - 1) (w = 0.5; a bounded,
+    decreasing link of the MSE m), scaled by T timesteps: L = m_w - beta log sigmoid(T (s(m_w) - s(m_l))), as the
+    authors' code (mapo-t2i/mapo) computes it."""
+    B = target.shape[0] // 2
+    model_mse = mse(model_pred, target)  # (2B,)
+    score = MAPO_W * model_mse / torch.expm1(MAPO_W * model_mse)  # (2B,)
+    margin = T * (score[:B] - score[B:])  # (B,)
+    loss = model_mse[:B].mean() - beta * F.logsigmoid(margin).mean()
+    return loss, {"implicit_acc": (margin.detach() > 0).float().mean(), "model_mse": model_mse.detach().mean()}
 
 
 def rpo_loss(model_pred, ref_pred, noise, beta, emb, tau, weights=None):
@@ -103,25 +148,30 @@ def _gather(x):
 # One micro-batch of pairs
 
 
-def draw(pos, seed, shape, n_t, p_drop):
+def draw(pos, seed, shape, n_t, p_drop, n_latent=0):
     """t, eps and prompt dropout for the pairs at global positions pos: ONE draw per pair (shared by winner and
-    loser), keyed by (seed, position) alone, so world size, data workers and resume do not change it."""
-    t, eps, drop = [], [], []
+    loser), keyed by (seed, position) alone, so world size, data workers and resume do not change it. n_latent > 0
+    (--latents sample): also the noise that draws each of a pair's n_latent latents from the VAE posterior."""
+    t, eps, drop, latent = [], [], [], []
     for p in pos.tolist():
         g = torch.Generator().manual_seed(seed_for(seed, p, 0x7E5))
         t.append(torch.randint(0, n_t, (1,), generator=g))
         eps.append(torch.randn(shape, generator=g))
         drop.append(torch.rand(1, generator=g) < p_drop)
-    return torch.cat(t), torch.stack(eps), torch.cat(drop)  # (B,), (B, C, h, w), (B,) bool
+        if n_latent:
+            latent.append(torch.randn((n_latent, *shape), generator=g))
+    latent = torch.stack(latent) if n_latent else None  # (B, n_latent, C, h, w)
+    return torch.cat(t), torch.stack(eps), torch.cat(drop), latent  # (B,), (B, C, h, w), (B,) bool
 
 
-def pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, prediction_type):
+def pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, prediction_type, labels=None):
     """The loss of one micro-batch, as the paper computes it. z (2B, C, h, w): clean latents, winners first; eps
-    (B, C, h, w) and t (B,): one draw per pair; cond = (context, pooled, time_ids) with 2B rows."""
+    (B, C, h, w) and t (B,): one draw per pair; cond = (context, pooled, time_ids) with 2B rows. KTO's single
+    images: z (B, C, h, w) with labels (B,)."""
     B = eps.shape[0]
     if args.loss == "sft":  # the paper's baseline: the plain denoising loss on the preferred images only
         z, cond = z[:B], tuple(None if c is None else c[:B] for c in cond)
-    k = z.shape[0] // B  # images per pair: 2 (1 for SFT)
+    k = z.shape[0] // B  # images per pair: 2 (1 for SFT and single images)
     eps, t = eps.repeat(k, 1, 1, 1), t.repeat(k)  # (kB, C, h, w), (kB,): winner i and loser i share them
     x_t = diffusion.forward_process(z, eps, t, alphas_cumprod)  # (kB, C, h, w) a draw of q(x_t | x_0)
     target = diffusion.target(z, eps, t, alphas_cumprod, prediction_type)  # eps, or v for v-prediction
@@ -131,13 +181,20 @@ def pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, prediction_type
     if args.loss == "sft":
         loss = mse(pred, target).mean()
         return loss, {"model_mse": loss.detach()}
+    if args.loss == "mapo":  # no reference model at all
+        return mapo_loss(pred, target, args.beta, len(alphas_cumprod))
     with torch.no_grad(), amp:
         ref_pred = ref(x_t, t, *cond)  # (2B, C, h, w) the frozen reference's eps_ref(x_t, t, c)
+    if args.loss == "kto":  # a pair is two labelled images: the winner desirable, the loser not
+        labels = torch.arange(len(z), device=z.device) < B if labels is None else labels
+        return kto_loss(pred, ref_pred, target, args.beta, labels)
     if prediction_type == "v_prediction":  # |pred - v|^2 = |(pred - v + eps) - eps|^2: the losses' shared-eps layout
         pred, ref_pred = pred - (target - eps), ref_pred - (target - eps)
     if args.loss == "rpo":  # prompt embedding: SDXL's pooled one; SD1.5 has none, so the mean of the context states
         emb = (cond[0].mean(1) if cond[1] is None else cond[1])[:B]  # (B, E), one per pair
         return rpo_loss(pred, ref_pred, eps[:B], args.beta, emb, args.rpo_tau)
+    if args.loss in ("ipo", "hinge"):
+        return dpo_loss(pred, ref_pred, eps[:B], args.beta, args.loss)
     loss_fn = kernels.dpo_loss if kernels.use_triton(pred) else dpo_loss  # eq. 14: fused in Triton on CUDA
     return loss_fn(pred, ref_pred, eps[:B], args.beta)
 
@@ -165,14 +222,21 @@ def train(args) -> dict:
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
 
-    pairs = Pairs(args.data, args.dreamlike_only) if args.data else None  # the index only: images are read lazily
+    pairs = Pairs(args.data, args.dreamlike_only, args.split) if args.data else None  # images are read lazily
+    if pairs is not None:
+        log(f"data: {pairs.read}")
     # Models: fp32 master weights for the policy; the reference (and the frozen encoders) in the compute dtype
     policy = unetlib.load(args.unet_init or args.model, dev, torch.float32)
-    args = resolve(args, policy.is_sdxl, world, device)
-    ref = None if args.loss == "sft" else reference(args.unet_init or args.model, dev, args.amp_dtype)
+    native = policy.config["sample_size"] * vaelib.downsample(args.model) if policy.config["sample_size"] else None
+    args = resolve(args, policy.is_sdxl, world, device, native)
+    ref = None if args.loss in ("sft", "mapo") else reference(args.unet_init or args.model, dev, args.amp_dtype)
     dataset, encoders, empty, downsample = data.training_set(args, pairs, dev, rank, world, log)
+    singles = pairs.singles if pairs is not None else dataset.meta.get("singles", False)
+    if singles and args.loss != "kto":  # single images have no second image to compare with
+        raise ValueError(f"{args.data or args.cache_dir} holds single labelled images: train them with --loss kto")
     fingerprints = checkpoint.fingerprints(args, pairs.fingerprint() if pairs else dataset.meta.get("fingerprint"))
     latent_shape = (policy.config["in_channels"], args.resolution // downsample, args.resolution // downsample)
+    per_item = 1 if singles else 2  # images per item (a pair has two)
     schedule = diffusion.scheduler_config(args.model, policy.prediction_type)  # single files: from their metadata
     alphas_cumprod = diffusion.alphas_cumprod(schedule)
 
@@ -214,15 +278,18 @@ def train(args) -> dict:
         acc = {}
         for m in range(A):
             batch = next(loader)
-            t, eps, drop = draw(batch["pos"], args.seed, latent_shape, len(alphas_cumprod), args.prompt_dropout)
+            n_latent = per_item if args.latents == "sample" else 0
+            t, eps, drop, zn = draw(batch["pos"], args.seed, latent_shape, len(alphas_cumprod), args.prompt_dropout,
+                                    n_latent)
             t, eps = t.to(dev), eps.to(dev)
-            z, cond = data.model_inputs(batch, drop.to(dev), dev, args.amp_dtype, encoders, empty)
-            if flops is None and device == "cuda":  # per pair: policy fwd+bwd (3 forwards) on 2 images + ref fwd on 2
+            z, cond = data.model_inputs(batch, drop.to(dev), dev, args, encoders, empty, zn)
+            if flops is None and device == "cuda":  # per item: policy fwd+bwd (3 forwards) and ref fwd per image
                 one = kernels.flops(policy, z[:1], t[:1], *(None if c is None else c[:1] for c in cond))
-                flops = one * (3 if args.loss == "sft" else 8)
+                flops = one * (3 if args.loss == "sft" else 3 * per_item + (0 if ref is None else per_item))
             sync = m == A - 1  # gradients are all-reduced once per optimizer step, on its last micro-step
             with contextlib.nullcontext() if sync else model.no_sync():
-                loss, stats = pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, schedule["prediction_type"])
+                loss, stats = pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, schedule["prediction_type"],
+                                        batch["label"].to(dev) if "label" in batch else None)
                 scale = world if args.loss == "rpo" else 1  # RPO's loss covers every rank's pairs
                 scaler.scale(loss * scale / A).backward()
             for k, val in {"loss": loss, **stats}.items():
@@ -283,6 +350,8 @@ def reduce_stats(acc, seen, dev, world):
 # Setup
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of one H100 SXM, the MFU denominator
+# --beta by loss, as each method's authors ran it (the DPO family on eq. 14's scale)
+BETA = {"dpo": 5000.0, "rpo": 5000.0, "ipo": 5000.0, "hinge": 5000.0, "kto": 1000.0, "mapo": 0.1}
 
 
 def setup_distributed(device):
@@ -298,10 +367,14 @@ def setup_distributed(device):
     return dist.get_rank(), dist.get_world_size()
 
 
-def resolve(args, sdxl, world, device="cpu"):
-    """A copy of args with the defaults that depend on the model family (SDXL vs SD1.5, as the official launchers),
-    the world size and the device filled in."""
+def resolve(args, sdxl, world, device="cpu", native=None):
+    """A copy of args with the defaults filled in that depend on the model (native: its own image size; its family,
+    SDXL or SD1.5, for the recipe, as the official launchers), the loss, the world size and the device."""
     args = argparse.Namespace(**vars(args))
+    if args.resolution is None and native:
+        args.resolution = native
+    if args.beta is None:
+        args.beta = BETA.get(args.loss, BETA["dpo"])
     family = {"resolution": (1024, 512), "warmup": (200, 500), "optimizer": ("adafactor", "adamw"),
               "gradient_checkpointing": (True, False)}
     for k, (for_sdxl, for_sd15) in family.items():
@@ -345,8 +418,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--unet_init", help="start policy AND reference from this UNet instead (e.g. an SFT run's out_dir/unet), "
       "as the official --unet_init; VAE, text encoders and noise schedule still come from --model")
     a("--data", help="Pick-a-Pic v2 parquet (file, folder or glob) or JSONL {caption,image_0,image_1,label_0}")
-    a("--beta", type=float, default=5000.0, help="beta of eq. 14 (official launchers: 5000; paper text: 2000 SD1.5)")
-    a("--loss", choices=["dpo", "sft", "rpo"], default="dpo", help="sft: MSE on the winner; rpo: Diffusion-RPO")
+    a("--split", default="train", help="which split's shards a Pick-a-Pic folder gives (others are not read)")
+    a("--beta", type=float, help="beta of the loss [eq. 14: 5000 as the official launchers (paper text: 2000 for "
+      "SD1.5), also for rpo, ipo, hinge; kto 1000, mapo 0.1, as their authors' code]")
+    a("--loss", choices=["dpo", "sft", "rpo", "ipo", "hinge", "mapo", "kto"], default="dpo",
+      help="sft: MSE on the winner; rpo: Diffusion-RPO; ipo, hinge: DPO variants; mapo: reference-free; kto: "
+      "single labelled images (JSONL {caption,image,label}) or pairs")
     a("--out_dir", default="out", help="unet/, metrics.jsonl, checkpoint.pt")
     a("--batch_size", type=int, default=1, help="pairs per rank per micro-step")
     a("--grad_accum", type=int, help="micro-steps per optimizer step [2048 / (batch_size*world): the paper's 2048]")
@@ -363,6 +440,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--prompt_dropout", type=float, default=0.2, help="P(prompt -> empty string), drawn once per pair")
     a("--dreamlike_only", action="store_true", help="keep pairs whose model_0 and model_1 contain 'dream' (official)")
     a("--rpo_tau", type=float, default=0.5, help="RPO temperature of the prompt-similarity weights")
+    a("--time_ids", choices=["image", "official"], default="image",
+      help="SDXL size conditioning: each image's true size and crop, or the official code's constants")
+    a("--latents", choices=["mean", "sample"], default="mean",
+      help="VAE posterior mean, or a sample of it (the official code)")
     a("--seed", type=int, default=0, help="data order, t, noise, dropout, crops: all keyed by (seed, pair position)")
     a("--resume", action="store_true", help="continue from out_dir/checkpoint.pt (a new run refuses to overwrite one)")
     a("--ckpt_every", type=int, default=200, help="optimizer steps between checkpoints")
@@ -389,7 +470,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k in ("batch_size", "grad_accum", "max_steps", "resolution", "ckpt_every", "log_every"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k} must be >= 1, got {getattr(args, k)}")
-    valid = {"beta": lambda v: 0 < v < math.inf, "lr": lambda v: v is None or 0 < v < math.inf,
+    valid = {"beta": lambda v: v is None or 0 < v < math.inf, "lr": lambda v: v is None or 0 < v < math.inf,
              "prompt_dropout": lambda v: 0 <= v <= 1, "max_bad_frac": lambda v: 0 <= v <= 1,
              "rpo_tau": lambda v: v > 0, "warmup": lambda v: v is None or v >= 0, "grad_clip": lambda v: v > 0}
     for k, ok in valid.items():

@@ -362,6 +362,7 @@ def parse_args(argv=None):
     p.add_argument("--strength", type=float, default=0.6, help="SDEdit noise level in (0, 1]")
     p.add_argument("--eval_pairs", help="preference pairs (parquet or JSONL): report implicit-reward accuracy")
     p.add_argument("--eval_k", type=int, default=4, help="(t, eps) draws per pair")
+    p.add_argument("--split", default="test_unique", help="--eval_pairs: which split of a Pick-a-Pic folder")
     p.add_argument("--eval_ref", help="reference UNet for --eval_pairs (default: --model's UNet)")
     p.add_argument("--eval_baseline", help="--eval_pairs: also score this UNet (e.g. an SFT run) with the same draws")
     a = p.parse_args(argv)
@@ -391,7 +392,7 @@ def run(a):
                 prompts += [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise ValueError(f"cannot read prompts file {a.prompts}: {e.strerror}") from None
-    pairs = data.read_pairs(a.eval_pairs) if a.eval_pairs else None
+    pairs = data.read_pairs(a.eval_pairs, split=a.split) if a.eval_pairs else None
     pipe = load(a.model, unet=None if a.compare else a.unet, device=a.device, dtype=dtype, tokenizer=a.tokenizer)
     os.makedirs(a.out, exist_ok=True)
     if pairs is not None:

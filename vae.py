@@ -161,12 +161,16 @@ class AutoencoderKL(nn.Module):
     def weight_dtype(self):
         return self.encoder.conv_in.weight.dtype
 
-    def encode(self, images):
-        """images (B, 3, H, W) in [-1, 1] -> latent mean (B, 4, H/f, W/f), unscaled (x scaling_factor for the UNet)."""
+    def encode(self, images, std=False):
+        """images (B, 3, H, W) in [-1, 1] -> latent mean (B, 4, H/f, W/f), unscaled (x scaling_factor for the UNet);
+        std=True: (mean, standard deviation) of the diagonal Gaussian posterior, to draw a sample of it."""
         moments = self.encoder(images.to(self.weight_dtype))  # (B, 2*4, H/f, W/f): mean, log-variance
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        return moments[:, : self.config["latent_channels"]].to(self.dtype)
+        mean, logvar = moments.chunk(2, dim=1)  # (B, 4, H/f, W/f) each
+        if not std:
+            return mean.to(self.dtype)
+        return mean.to(self.dtype), (0.5 * logvar.clamp(-30.0, 20.0)).exp().to(self.dtype)  # clamped as diffusers
 
     def decode(self, z):
         """Unscaled latents (B, 4, h, w) -> images (B, 3, h*f, w*f), nominally [-1, 1] (not clamped, as diffusers)."""
@@ -254,6 +258,17 @@ def load(path, device="cpu", dtype=torch.float32, scaling_factor=None):
                 sources[name] = lambda k=k: ckpt[k].flatten(1)  # (C, C, 1, 1) -> (C, C)
     load_module(model, sources, torch.float32 if upcast else dtype, device, f"VAE ({where})")
     return model.eval()
+
+
+def downsample(path) -> int:
+    """How much the VAE of the model at path downsamples (2^(levels - 1): 8 for SD's), from its config alone."""
+    kind, where = component(path, "vae")
+    if kind == "folder":
+        cfg = read_config(where)
+    else:
+        meta = Checkpoint(where).metadata
+        cfg = json.loads(meta["vae_config"]) if "vae_config" in meta else FULL_CONFIG
+    return 2 ** (len(cfg.get("block_out_channels", FULL_CONFIG["block_out_channels"])) - 1)
 
 
 def save(v, path, layout="diffusers"):

@@ -131,7 +131,8 @@ def test_demo_end_to_end_prints_the_readme_numbers(tmp_path):
     area = next(line for line in out.stdout.splitlines() if "mean shape area:" in line)
     ref, dpo_ = area.split("mean shape area: reference ")[1].split(";")[0].split(", DPO ")
     assert f"Mean shape area goes from {ref} to {dpo_}" in readme, area
-    command = next(line for line in readme.splitlines() if line.startswith("python sample.py") and "--eval_pairs" in line)
+    command = next(line for line in readme.splitlines() if line.startswith("python sample.py --model demo_out")
+                   and "--eval_pairs" in line)
     printed = next(line for line in readme.splitlines() if line.startswith("#   eval pairs="))[len("#   "):]
     argv = command.replace("demo_out", str(tmp_path / "demo")).split()[1:]
     ev = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=1800)

@@ -183,8 +183,8 @@ def test_adafactor_matches_transformers():
 
 def test_pairs_share_t_noise_and_draws_depend_on_position_only(monkeypatch):
     pos = torch.tensor([5, 9, 2])
-    t, eps, drop = dpo.draw(pos, 0, (4, 8, 8), 1000, 0.5)
-    t2, eps2, drop2 = dpo.draw(torch.tensor([9]), 0, (4, 8, 8), 1000, 0.5)  # another batch, another world size
+    t, eps, drop, _ = dpo.draw(pos, 0, (4, 8, 8), 1000, 0.5)
+    t2, eps2, drop2, _ = dpo.draw(torch.tensor([9]), 0, (4, 8, 8), 1000, 0.5)  # another batch, another world size
     assert t[1] == t2[0] and torch.equal(eps[1], eps2[0]) and drop[1] == drop2[0]
     z = torch.randn(6, 4, 8, 8)
     cfg = diffusion.scheduler_config("")
@@ -231,7 +231,7 @@ def test_read_pairs_parquet_and_jsonl(tmp_path, jsonl):
     keep = [i for i in range(10) if i != 3]
     for k, i in enumerate(keep):  # winner first, chosen from label_0
         win = t["jpg_0"][i] if t["label_0"][i] == 1.0 else t["jpg_1"][i]
-        assert raw.raw(k)[1] == win and raw.raw(k)[0] == t["caption"][i]
+        assert raw.raw(k)[1][0] == win and raw.raw(k)[0] == t["caption"][i]
     dream = Pairs(pq, dreamlike_only=True)  # both model names contain "dream": rows 1, 2, 4, 5 (3 is the tie)
     assert sorted(dream.row + 4 * dream.rg) == [1, 2, 4, 5]
     assert len(read_pairs(jsonl)) == 8 and read_pairs(jsonl)[0]["image_0"].endswith("img/0_1.png")  # label_0 = 0
