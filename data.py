@@ -276,6 +276,7 @@ class PairDataset(torch.utils.data.Dataset):
     def __init__(self, pairs: Pairs, res: int, seed: int, random_crop: bool, flip: bool):
         self.pairs, self.res, self.seed, self.random_crop, self.flip = pairs, res, seed, random_crop, flip
         self.index = EpochOrder(pairs.group, seed, pairs.window_groups)
+        self.per_item = 1 if pairs.singles else 2  # images per item
 
     def __len__(self):
         return len(self.pairs)
@@ -366,6 +367,10 @@ def model_inputs(batch, drop, dev, args, encoders=None, empty=None, latent_noise
 def training_set(args, pairs, dev, rank, world, log):
     """(dataset, (text encoders, VAE) or None, embeddings of "" or None, VAE downsampling): the latent cache with
     --cache or without --data (built first if missing), else the images themselves."""
+    meta = cache_meta(args.cache_dir)
+    singles = pairs.singles if pairs is not None else bool(meta and meta.get("singles"))
+    if singles and args.loss != "kto":  # one image has no second to compare with; refused before anything is written
+        raise ValueError(f"{args.data or args.cache_dir} holds single labelled images: train them with --loss kto")
     if not args.cache and pairs is not None:
         import clip
         import vae as vaelib
@@ -373,7 +378,6 @@ def training_set(args, pairs, dev, rank, world, log):
         v = vaelib.load(args.model, dev, torch.float32)
         dataset = PairDataset(pairs, args.resolution, args.seed, args.random_crop, not args.no_flip)
         return dataset, (te, v), None, v.downsample
-    meta = cache_meta(args.cache_dir)
     if meta is None and pairs is None:
         raise FileNotFoundError(f"no --data and no cache in {args.cache_dir}")
     if meta is None:
@@ -421,6 +425,7 @@ class Cache(torch.utils.data.Dataset):
             for r, i in enumerate(h.get_tensor("index").tolist()):
                 self.where[i] = (k, r)
         self.index = EpochOrder(np.zeros(self.meta["pairs"], dtype=np.int64), seed)
+        self.per_item = 1 if self.meta.get("singles") else 2  # images per item
         self.empty = torch.load(os.path.join(cache_dir, "empty.pt"), weights_only=True)  # embeddings of ""
 
     def __len__(self):

@@ -231,12 +231,9 @@ def train(args) -> dict:
     args = resolve(args, policy.is_sdxl, world, device, native)
     ref = None if args.loss in ("sft", "mapo") else reference(args.unet_init or args.model, dev, args.amp_dtype)
     dataset, encoders, empty, downsample = data.training_set(args, pairs, dev, rank, world, log)
-    singles = pairs.singles if pairs is not None else dataset.meta.get("singles", False)
-    if singles and args.loss != "kto":  # single images have no second image to compare with
-        raise ValueError(f"{args.data or args.cache_dir} holds single labelled images: train them with --loss kto")
     fingerprints = checkpoint.fingerprints(args, pairs.fingerprint() if pairs else dataset.meta.get("fingerprint"))
     latent_shape = (policy.config["in_channels"], args.resolution // downsample, args.resolution // downsample)
-    per_item = 1 if singles else 2  # images per item (a pair has two)
+    per_item = dataset.per_item  # images per item: a pair's two, or one labelled image
     schedule = diffusion.scheduler_config(args.model, policy.prediction_type)  # single files: from their metadata
     alphas_cumprod = diffusion.alphas_cumprod(schedule)
 

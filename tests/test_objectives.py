@@ -175,10 +175,12 @@ def test_kto_on_single_images_and_on_pairs(tmp_path, sdxl_dir, jsonl, capsys):
     assert abs(m[0]["loss"] - 0.5) < 1e-6 and all(math.isfinite(r["loss"]) for r in m)  # 1 - sigmoid(0) at step 0
     m = run(tmp_path / "kto2", sdxl_dir, jsonl, "--loss", "kto", "--cache", steps=2)  # pairs as two records
     assert abs(m[0]["loss"] - 0.5) < 1e-6
-    with pytest.raises(SystemExit):
-        run(tmp_path / "dpo", sdxl_dir, str(singles), steps=1)
-    err = capsys.readouterr().err.strip()
-    assert err == f"error: {singles} holds single labelled images: train them with --loss kto"
+    for flags in ((), ("--cache",)):
+        with pytest.raises(SystemExit):
+            run(tmp_path / "dpo", sdxl_dir, str(singles), *flags, steps=1)
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {singles} holds single labelled images: train them with --loss kto"
+        assert not (tmp_path / "dpo" / "cache").exists()  # refused before anything is written
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(singles.read_text().splitlines()[0] + "\n" + json.dumps(src[0]) + "\n")
     with pytest.raises(ValueError, match=rf"{mixed}:2: pairs and single images mixed in one file"):
