@@ -19,6 +19,7 @@ import kernels
 import optim
 import unet as unetlib
 from data import Pairs, read_pairs
+import tiny
 from tiny import CAPTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,16 +63,8 @@ def run(out, model, data, *flags, steps=2):
 # The loss
 
 
-def _preds(B=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(B, 4, 8, 8, generator=g)
-    model = torch.cat([noise, noise]) + 0.3 * torch.randn(2 * B, 4, 8, 8, generator=g)
-    ref = torch.cat([noise, noise]) + 0.3 * torch.randn(2 * B, 4, 8, 8, generator=g)
-    return model, ref, noise
-
-
 def test_dpo_loss_is_the_official_formula_and_its_gradient():
-    model, ref, noise = _preds()
+    model, ref, noise = tiny.preds()
     beta, B, N = 50.0, 3, 4 * 8 * 8
     m, r, e = (x.double().numpy().reshape(x.shape[0], -1) for x in (model, ref, noise))
     mse = lambda p, k: ((p[k] - e[k % B]) ** 2).mean()
@@ -91,7 +84,7 @@ def test_dpo_loss_is_the_official_formula_and_its_gradient():
 @pytest.mark.parametrize("path", ["torch", "triton"])
 def test_dpo_loss_equals_kernels(monkeypatch, path):
     monkeypatch.setenv("DPO_KERNELS", path)
-    model, ref, noise = _preds(B=2, seed=1)
+    model, ref, noise = tiny.preds(B=2, seed=1)
     a, b = model.clone().requires_grad_(True), model.clone().requires_grad_(True)
     la, sa = dpo.dpo_loss(a, ref, noise, 5000.0)
     lb, sb = kernels.dpo_loss(b, ref, noise, 5000.0)
@@ -141,7 +134,7 @@ def test_pair_loss_dispatches_to_the_fused_kernel_with_the_same_numbers(monkeypa
 
 
 def test_rpo_identity_weights_is_dpo_and_matrix_by_hand():
-    model, ref, noise = _preds(B=4, seed=2)
+    model, ref, noise = tiny.preds(B=4, seed=2)
     target = torch.cat([noise, noise])
     a, b = model.clone().requires_grad_(True), model.clone().requires_grad_(True)
     emb = torch.eye(4, 16)  # orthogonal prompts + tiny tau: softmax(-(1 - cos)/tau) is exactly the identity

@@ -19,14 +19,6 @@ from test_dpo import ENV, ROOT, run, write_parquet
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _preds(B=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(B, 4, 8, 8, generator=g)
-    model = torch.cat([noise, noise]) + 0.3 * torch.randn(2 * B, 4, 8, 8, generator=g)
-    ref = torch.cat([noise, noise]) + 0.3 * torch.randn(2 * B, 4, 8, 8, generator=g)
-    return model, ref, noise
-
-
 def _grad(fn, model):
     x = model.clone().double().requires_grad_(True)
     fn(x).backward()
@@ -46,7 +38,7 @@ def _check(ours, theirs, model):
 
 @pytest.mark.parametrize("form", ["ipo", "hinge"])
 def test_ipo_and_hinge_by_hand(form):
-    model, ref, noise = _preds()
+    model, ref, noise = tiny.preds(B=4)
     beta, B = 40.0, 4
     e = torch.cat([noise, noise]).double()
 
@@ -61,7 +53,7 @@ def test_ipo_and_hinge_by_hand(form):
 
 
 def test_mapo_by_hand():
-    model, _, noise = _preds(seed=1)
+    model, _, noise = tiny.preds(B=4, seed=1)
     beta, T, w, B = 0.1, 1000, 0.5, 4
     target = torch.cat([noise, noise])
 
@@ -74,7 +66,7 @@ def test_mapo_by_hand():
 
 @pytest.mark.parametrize("shift", [0.0, 0.05])  # 0.05: the batch's mean reward > 0, so the reference point is used
 def test_kto_by_hand(shift):
-    model, ref, noise = _preds(seed=2)
+    model, ref, noise = tiny.preds(B=4, seed=2)
     target = torch.cat([noise, noise])
     ref = ref + shift * torch.randn_like(ref)  # a worse reference: positive rewards
     labels = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0])

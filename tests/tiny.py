@@ -130,3 +130,13 @@ def write_pairs_jsonl(root):
             row = dict(caption=CAPTIONS[i % 4], image_0=f"img/{i}_0.png", image_1=f"img/{i}_1.png", label_0=lab)
             f.write(json.dumps(row) + "\n")
     return os.path.join(root, "pairs.jsonl")
+
+
+def preds(B=3, seed=0):
+    """Predictions of a policy and a reference for B pairs, and the noise: model, ref (2B, 4, 8, 8) winners first,
+    each the shared noise plus its own error; noise (B, 4, 8, 8)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(B, 4, 8, 8, generator=g)
+    model = torch.cat([noise, noise]) + 0.3 * torch.randn(2 * B, 4, 8, 8, generator=g)
+    ref = torch.cat([noise, noise]) + 0.3 * torch.randn(2 * B, 4, 8, 8, generator=g)
+    return model, ref, noise
