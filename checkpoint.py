@@ -18,13 +18,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import lora
+import parallel
 import unet as unetlib
 import weights
 
 # flags that --resume must keep (max_steps, logging, paths and world size may change: draws are keyed by position)
 RESUME_SAME = ("loss", "beta", "pairs_per_step", "lr", "warmup", "optimizer", "weight_decay", "grad_clip", "seed",
                "resolution", "random_crop", "no_flip", "prompt_dropout", "dreamlike_only", "rpo_tau", "split",
-               "time_ids", "latents")
+               "time_ids", "latents", "lora", "lora_alpha")
 TEMP = re.compile(r"\.tmp\d*(\.png)?$")  # what weights.save_*, torch.save here and save_png write first
 
 
@@ -61,7 +63,7 @@ def load(path, args, fingerprints, policy, opt, rank, world, log):
             log(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
         return 0, 0
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # ranks share the page cache
     except Exception as e:
         raise ValueError(f"cannot read the checkpoint {path}: {str(e).splitlines()[0]}") from None
     now = _flags(args)
@@ -74,8 +76,12 @@ def load(path, args, fingerprints, policy, opt, rank, world, log):
             was, now_ = (_describe(fp) if fp else "none" for fp in (old, new))
             raise ValueError(f"--resume with other --{flag}: {path} was trained on {was}, this run has {now_}; "
                              "use a new --out_dir")
-    policy.load_state_dict(ck["policy"])
-    opt.load_state_dict(ck["optimizer"])
+    want = trainable(policy)
+    if set(ck["policy"]) != set(want):  # e.g. a checkpoint of another version of this code
+        raise ValueError(f"{path} holds {len(ck['policy'])} policy tensors, this run trains {len(want)} (first "
+                         f"differing: {sorted(set(ck['policy']) ^ set(want))[0]}); use a new --out_dir")
+    policy.load_state_dict(parallel.scatter(ck["policy"], want), strict=False)  # FSDP: each rank takes its shard
+    opt.load_state_dict(parallel.scatter(ck["optimizer"], parallel.optimizer_like(opt, ck["optimizer"])))
     if len(ck["rng"]) == world:
         set_rng_state(ck["rng"][rank])
     log(f"resumed {path} at step {ck['step']}")
@@ -109,18 +115,26 @@ def start_log(out_dir, step, log):
     os.replace(path + ".tmp", path)
 
 
+def trainable(policy) -> dict:
+    """What a checkpoint holds of the policy: its trainable tensors (a full run's UNet, a LoRA run's adapters)."""
+    names = {n for n, p in policy.named_parameters() if p.requires_grad}
+    return {k: v for k, v in policy.state_dict().items() if k in names}
+
+
 def save(path, policy, opt, step, position, args, fingerprints, rank, log):
-    """Everything --resume needs, in one file written atomically; every rank takes part (RNG states). A final UNet
-    of an earlier step (unet/, unet.safetensors) is removed: the run rewrites them at its end."""
+    """Everything --resume needs, in one file written atomically; every rank takes part (RNG states, FSDP shards
+    gathered to rank 0). A final UNet of an earlier step (unet/, lora/, unet.safetensors) is removed: the run
+    rewrites them at its end."""
     rngs = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, rng_state())  # every rank's RNG state, restored rank by rank
+    model_state, opt_state = parallel.gathered(trainable(policy)), parallel.gathered(opt.state_dict())
     if rank == 0:
-        state = dict(policy=policy.state_dict(), optimizer=opt.state_dict(), step=step, position=position, rng=rngs,
+        state = dict(policy=model_state, optimizer=opt_state, step=step, position=position, rng=rngs,
                      schedule=dict(lr=args.lr, warmup=args.warmup), args=_flags(args), fingerprints=fingerprints)
         tmp = f"{path}.tmp{os.getpid()}"
         torch.save(state, tmp)
         os.replace(tmp, path)
-        for old in (os.path.join(args.out_dir, "unet"), os.path.join(args.out_dir, "unet.safetensors")):
+        for old in [os.path.join(args.out_dir, n) for n in ("unet", "lora", "unet.safetensors")]:
             if os.path.isdir(old):
                 shutil.rmtree(old)
             elif os.path.exists(old):
@@ -139,27 +153,51 @@ def _outputs(args) -> list:
 
 def save_outputs(policy, args, step, log):
     """The run's final UNet: unet/ (diffusers layout) and with --save_single unet.safetensors (original layout),
-    each recording its step in the safetensors metadata. A unet.safetensors that this run was not asked for is
-    removed (the checkpoint of this step has already removed older ones, see save)."""
-    for path in _outputs(args):
-        unetlib.save(policy, path, "single" if path.endswith(".safetensors") else "diffusers", {"step": str(step)})
-        log(f"saved {path} (step {step})")
-    single = os.path.join(args.out_dir, "unet.safetensors")
-    if not args.save_single and os.path.exists(single):
-        os.remove(single)
-        log(f"removed {single} of an earlier run (no --save_single this time)")
+    each recording its step in the safetensors metadata; a LoRA run also writes lora/ (diffusers' LoRA file) and
+    merges its adapters into an fp32 copy of the base for unet/. Every rank calls it (FSDP shards are gathered);
+    rank 0 writes. A unet.safetensors that this run was not asked for is removed."""
+    rank0, meta = dist.get_rank() == 0, {"step": str(step)}
+    if args.lora:
+        adapters = lora.state_dict(policy)  # (file layout) every rank takes part in the gathers
+        u = unetlib.load(args.unet_init or args.model, "cpu", torch.float32) if rank0 else None
+        if rank0:
+            lora.merge(u, lora.pairs(adapters, "adapters"))
+            lora.save(adapters, os.path.join(args.out_dir, "lora"), meta)
+            log(f"saved {os.path.join(args.out_dir, 'lora')} (step {step})")
+    else:
+        state = parallel.gathered(policy.state_dict())
+        u = None
+        if rank0:
+            with torch.device("meta"):
+                u = unetlib.UNet(policy.config)
+            u.load_state_dict(state, assign=True)
+            u.prediction_type = policy.prediction_type
+    if rank0:
+        for path in _outputs(args):
+            unetlib.save(u, path, "single" if path.endswith(".safetensors") else "diffusers", meta)
+            log(f"saved {path} (step {step})")
+        single = os.path.join(args.out_dir, "unet.safetensors")
+        if not args.save_single and os.path.exists(single):
+            os.remove(single)
+            log(f"removed {single} of an earlier run (no --save_single this time)")
+    dist.barrier()
 
 
 def outputs_done(args, step) -> bool:
-    """Whether save_outputs wrote this step's final UNet(s) to the end."""
-    for path in _outputs(args):
-        single = path.endswith(".safetensors")
-        f = path if single else os.path.join(path, "diffusion_pytorch_model.safetensors")
-        if not os.path.isfile(f) or not (single or os.path.isfile(os.path.join(path, "config.json"))):
-            return False
-        if weights.Checkpoint(f).metadata.get("step") != str(step):
-            return False
-    return True
+    """Whether save_outputs wrote this step's final UNet(s) to the end (rank 0 looks, every rank is told)."""
+    done = [True]
+    if dist.get_rank() == 0:
+        files = [p if p.endswith(".safetensors") else os.path.join(p, "diffusion_pytorch_model.safetensors")
+                 for p in _outputs(args)]
+        files += [os.path.join(args.out_dir, "lora", lora.FILE)] if args.lora else []
+        for f in files:
+            config = os.path.join(os.path.dirname(f), "config.json")
+            if not os.path.isfile(f) or (f.endswith("model.safetensors") and not os.path.isfile(config)):
+                done[0] = False
+            elif weights.Checkpoint(f).metadata.get("step") != str(step):
+                done[0] = False
+    dist.broadcast_object_list(done)
+    return done[0]
 
 
 def rng_state() -> dict:

@@ -30,7 +30,9 @@ import data
 import demo
 import diffusion
 import kernels
+import lora
 import optim
+import parallel
 import unet as unetlib
 import vae as vaelib
 from data import Pairs, collate, distinct, seed_for
@@ -206,7 +208,7 @@ def pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, prediction_type
 def train(args) -> dict:
     """One run: policy + frozen reference from args.model, the loop, checkpoints, the final UNet in out_dir/unet."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world = setup_distributed(device)
+    rank, world = parallel.setup(device)
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     if args.model is None:
@@ -214,6 +216,11 @@ def train(args) -> dict:
     ck_path = os.path.join(args.out_dir, "checkpoint.pt")
     if os.path.exists(ck_path) and not args.resume:
         raise ValueError(f"{ck_path} exists: pass --resume to continue that run or choose another --out_dir")
+    if args.fsdp and world == 1:
+        raise ValueError("--fsdp shards the model over ranks: start with torchrun --nproc_per_node N, N > 1 "
+                         "(on one rank drop --fsdp)")
+    if args.fsdp and args.dtype == "fp16":
+        raise ValueError("--fsdp takes --dtype bf16 or fp32 (fp16 would need a sharded gradient scaler)")
     if rank == 0 and os.path.isdir(args.out_dir):
         checkpoint.clean(args.out_dir, log)  # temporary files of a run that was killed
     dist.barrier()
@@ -225,11 +232,19 @@ def train(args) -> dict:
     pairs = Pairs(args.data, args.dreamlike_only, args.split) if args.data else None  # images are read lazily
     if pairs is not None:
         log(f"data: {pairs.read}")
-    # Models: fp32 master weights for the policy; the reference (and the frozen encoders) in the compute dtype
-    policy = unetlib.load(args.unet_init or args.model, dev, torch.float32)
-    native = policy.config["sample_size"] * vaelib.downsample(args.model) if policy.config["sample_size"] else None
-    args = resolve(args, policy.is_sdxl, world, device, native)
-    ref = None if args.loss in ("sft", "mapo") else reference(args.unet_init or args.model, dev, args.amp_dtype)
+    start = args.unet_init or args.model
+    config = unetlib.read_config(start)
+    native = config["sample_size"] * vaelib.downsample(args.model) if config.get("sample_size") else None
+    args = resolve(args, config.get("addition_embed_type") == "text_time", world, device, native)
+    # Models. Full fine-tune: fp32 master weights for the policy, a frozen reference in the compute dtype. LoRA: one
+    # frozen UNet in the compute dtype with fp32 adapters; the reference is that UNet with the adapters off.
+    if args.lora:
+        policy = reference(start, dev, args.amp_dtype)
+        lora.add(policy, args.lora, args.lora_alpha, seed=args.seed)
+        ref = lora.reference(policy)
+    else:
+        policy = unetlib.load(start, dev, torch.float32)
+        ref = None if args.loss in ("sft", "mapo") else reference(start, dev, args.amp_dtype)
     dataset, encoders, empty, downsample = data.training_set(args, pairs, dev, rank, world, log)
     fingerprints = checkpoint.fingerprints(args, pairs.fingerprint() if pairs else dataset.meta.get("fingerprint"))
     latent_shape = (policy.config["in_channels"], args.resolution // downsample, args.resolution // downsample)
@@ -237,23 +252,25 @@ def train(args) -> dict:
     schedule = diffusion.scheduler_config(args.model, policy.prediction_type)  # single files: from their metadata
     alphas_cumprod = diffusion.alphas_cumprod(schedule)
 
-    opt = optim.build(args.optimizer, policy.parameters(), args.lr, args.weight_decay, fused=device == "cuda")
+    policy.gradient_checkpointing = args.gradient_checkpointing
+    if args.channels_last:
+        policy.to(memory_format=torch.channels_last)
+        if isinstance(ref, torch.nn.Module):
+            ref.to(memory_format=torch.channels_last)
+    model = parallel.wrap(policy, args.fsdp, args.amp_dtype, dev)  # DDP, or FSDP2 shards (policy is sharded too)
+    if args.fsdp and isinstance(ref, torch.nn.Module):
+        parallel.shard(ref, args.amp_dtype)  # the same bf16 weights as the policy: eq. 14 starts at log 2
+    trained = [p for p in policy.parameters() if p.requires_grad]  # a LoRA run: the adapters only
+    opt = optim.build(args.optimizer, trained, args.lr, args.weight_decay, fused=device == "cuda")
     step, position = checkpoint.load(ck_path, args, fingerprints, policy, opt, rank, world, log)
     if step >= args.max_steps:  # said, not done: nothing is rewritten (but a final UNet that a crash cut short)
         log(f"nothing to do: {ck_path} is at step {step}, --max_steps is {args.max_steps}")
-        if rank == 0 and not checkpoint.outputs_done(args, step):
+        if not checkpoint.outputs_done(args, step):
             checkpoint.save_outputs(policy, args, step, log)
         return dict(step=step, metrics={}, out_dir=args.out_dir)
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
         checkpoint.start_log(args.out_dir, step, log)
-    policy.gradient_checkpointing = args.gradient_checkpointing
-    if args.channels_last:
-        policy.to(memory_format=torch.channels_last)
-        if ref is not None:
-            ref.to(memory_format=torch.channels_last)
-    model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[dev.index] if device == "cuda" else None,
-                                                      gradient_as_bucket_view=True)
     if args.compile:
         model = torch.compile(model)
     scaler = torch.amp.GradScaler(device, enabled=args.amp_dtype == torch.float16)  # a no-op unless fp16
@@ -283,7 +300,9 @@ def train(args) -> dict:
             if flops is None and device == "cuda":  # per item: policy fwd+bwd (3 forwards) and ref fwd per image
                 one = kernels.flops(policy, z[:1], t[:1], *(None if c is None else c[:1] for c in cond))
                 flops = one * (3 if args.loss == "sft" else 3 * per_item + (0 if ref is None else per_item))
-            sync = m == A - 1  # gradients are all-reduced once per optimizer step, on its last micro-step
+            # DDP all-reduces gradients once per optimizer step, on its last micro-step; FSDP reduce-scatters
+            # every micro-step into the sharded gradients (holding whole ones between would cost their memory)
+            sync = m == A - 1 or args.fsdp
             with contextlib.nullcontext() if sync else model.no_sync():
                 loss, stats = pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, schedule["prediction_type"],
                                         batch["label"].to(dev) if "label" in batch else None)
@@ -306,7 +325,7 @@ def train(args) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip).item()
+        grad_norm = parallel.full(torch.nn.utils.clip_grad_norm_(trained, args.grad_clip)).item()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -329,9 +348,7 @@ def train(args) -> dict:
             checkpoint.save(ck_path, policy, opt, step, position + (step - first_step) * G, args, fingerprints, rank,
                             log)
             last_ckpt = step
-    if rank == 0:
-        checkpoint.save_outputs(policy, args, step, log)
-    dist.barrier()
+    checkpoint.save_outputs(policy, args, step, log)
     return dict(step=step, metrics=last, out_dir=args.out_dir)
 
 
@@ -351,19 +368,6 @@ H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of one H100 SXM, the MFU denominato
 BETA = {"dpo": 5000.0, "rpo": 5000.0, "ipo": 5000.0, "hinge": 5000.0, "kto": 1000.0, "mapo": 0.1}
 
 
-def setup_distributed(device):
-    """One code path for 1 and N processes: torchrun's env:// rendezvous, or a 1-process group of our own."""
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if not dist.is_initialized():
-        backend = "nccl" if device == "cuda" else "gloo"
-        if "RANK" in os.environ:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size()
-
-
 def resolve(args, sdxl, world, device="cpu", native=None):
     """A copy of args with the defaults filled in that depend on the model (native: its own image size; its family,
     SDXL or SD1.5, for the recipe, as the official launchers), the loss, the world size and the device."""
@@ -374,6 +378,8 @@ def resolve(args, sdxl, world, device="cpu", native=None):
         args.beta = BETA.get(args.loss, BETA["dpo"])
     family = {"resolution": (1024, 512), "warmup": (200, 500), "optimizer": ("adafactor", "adamw"),
               "gradient_checkpointing": (True, False)}
+    if args.lora and args.optimizer is None:
+        args.optimizer = "adamw"  # the adapters are small: no need for Adafactor's factored moments
     for k, (for_sdxl, for_sd15) in family.items():
         if getattr(args, k) is None:
             setattr(args, k, for_sdxl if sdxl else for_sd15)
@@ -393,7 +399,7 @@ def reference(path, dev, dtype):
     """The frozen reference: conv/linear weights in the compute dtype, norms in fp32, so that under autocast it
     computes bit for bit what the policy computes at step 0 (bf16 norm weights would shift eq. 14's argument by
     beta x rounding noise: loss 0.34 instead of log 2 at step 0 on the tiny model)."""
-    ref = unetlib.load(path, dev, torch.float32) if isinstance(path, str) else path
+    ref = unetlib.load(path, dev, dtype, norm_dtype=torch.float32) if isinstance(path, str) else path
     ref.requires_grad_(False).eval()
     for m in ref.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -448,6 +454,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--device", choices=["cpu", "cuda"], help="[cuda if available]")
     a("--dtype", choices=["fp32", "bf16", "fp16"], help="compute dtype: autocast + frozen models [bf16 cuda, fp32 cpu]")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, help="[on for SDXL]")
+    a("--lora", type=int, help="train rank-RANK LoRA adapters (attention + feed-forward projections of the "
+      "transformer blocks) on a frozen base; the reference is the base: no second UNet [full fine-tune]")
+    a("--lora_alpha", type=float, help="LoRA scale alpha/rank [alpha = rank]")
+    a("--fsdp", action="store_true", help="FSDP2: shard parameters, gradients and optimizer state (and the "
+      "reference) over the ranks instead of DDP's full copies")
     a("--compile", action="store_true", help="torch.compile the policy")
     a("--channels_last", action="store_true", help="channels_last memory format for the UNets")
     a("--cache", action="store_true", help="precompute latents + text embeddings once, train without VAE/text encoders")
@@ -464,12 +475,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for act in p._actions:
         if getattr(args, act.dest, None) is unset:
             setattr(args, act.dest, act.default)
-    for k in ("batch_size", "grad_accum", "max_steps", "resolution", "ckpt_every", "log_every"):
+    for k in ("batch_size", "grad_accum", "max_steps", "resolution", "ckpt_every", "log_every", "lora"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k} must be >= 1, got {getattr(args, k)}")
     valid = {"beta": lambda v: v is None or 0 < v < math.inf, "lr": lambda v: v is None or 0 < v < math.inf,
              "prompt_dropout": lambda v: 0 <= v <= 1, "max_bad_frac": lambda v: 0 <= v <= 1,
-             "rpo_tau": lambda v: v > 0, "warmup": lambda v: v is None or v >= 0, "grad_clip": lambda v: v > 0}
+             "rpo_tau": lambda v: v > 0, "warmup": lambda v: v is None or v >= 0, "grad_clip": lambda v: v > 0,
+             "lora_alpha": lambda v: v is None or 0 < v < math.inf}
     for k, ok in valid.items():
         if not ok(getattr(args, k)):
             p.error(f"--{k} has an invalid value: {getattr(args, k)}")
@@ -480,7 +492,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.model is None:  # no model: the CPU demo, whose training runs are train() above
-            setup_distributed("cpu")
+            parallel.setup("cpu")
             demo.run(args, train)
         else:
             train(args)

@@ -22,6 +22,7 @@ import cli
 import clip
 import data
 import diffusion
+import lora as loralib
 import unet as unetlib
 import vae as vaelib
 from weights import CheckpointError, read_json, save_json
@@ -197,13 +198,21 @@ class Pipeline:
         return (img / 2 + 0.5).clamp(0, 1).cpu()
 
 
-def load(path, unet=None, device="cpu", dtype=torch.float32, tokenizer=None) -> Pipeline:
-    """A Pipeline from a diffusers folder or single-file checkpoint; `unet` swaps in a fine-tuned UNet."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"model path does not exist: {path}")
+def load_unet(path, unet=None, lora=None, device="cpu", dtype=torch.float32):
+    """The UNet to sample with: path's own or a fine-tuned one (unet), with a LoRA (a dpo.py --lora run's out_dir,
+    its lora/ folder, or a diffusers LoRA file) merged in."""
     if unet is not None and not os.path.exists(unet):
         raise CheckpointError(f"UNet path does not exist: {unet}")
     u = unetlib.load(unet or path, device=device, dtype=dtype)
+    return loralib.merge(u, loralib.read(lora)) if lora else u
+
+
+def load(path, unet=None, device="cpu", dtype=torch.float32, tokenizer=None, lora=None) -> Pipeline:
+    """A Pipeline from a diffusers folder or single-file checkpoint; `unet` swaps in a fine-tuned UNet, `lora`
+    merges a LoRA into the UNet."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"model path does not exist: {path}")
+    u = load_unet(path, unet, lora, device, dtype)
     v = vaelib.load(path, device=device, dtype=dtype)  # computes in fp32 where fp16 would overflow
     te = clip.load(path, device=device, dtype=dtype, tokenizer=tokenizer)
     sched = diffusion.scheduler_config(path, u.prediction_type)  # a single file's UNet knows its prediction type
@@ -343,6 +352,8 @@ def parse_args(argv=None):
     p = cli.Parser(description="Generate images, base-vs-tuned grids, SDEdit edits, or preference accuracy.")
     p.add_argument("--model", required=True, help="diffusers folder or single .safetensors (SDXL / SD1.5)")
     p.add_argument("--unet", help="fine-tuned UNet: dpo.py's --out_dir, a diffusers unet/ folder or one file")
+    p.add_argument("--lora", help="a LoRA on top of the UNet: dpo.py --lora's out_dir, its lora/ folder, or a "
+                   "diffusers pytorch_lora_weights.safetensors")
     p.add_argument("--tokenizer", help="tokenizer folder(s) for a single-file checkpoint")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="text file, one prompt per line")
@@ -370,8 +381,8 @@ def parse_args(argv=None):
         p.error("--steps, --batch_size and --eval_k must be >= 1")
     if not 0 < a.strength <= 1:
         p.error(f"--strength must be in (0, 1], got {a.strength}")
-    if a.compare and not a.unet:
-        p.error("--compare needs --unet (the tuned UNet to compare with the base)")
+    if a.compare and not (a.unet or a.lora):
+        p.error("--compare needs --unet or --lora (the tuned model to compare with the base)")
     if a.compare and a.eval_pairs:
         p.error("--compare and --eval_pairs are separate runs (--eval_pairs evaluates --unet against --eval_ref)")
     if (a.eval_ref or a.eval_baseline) and not a.eval_pairs:
@@ -393,7 +404,8 @@ def run(a):
         except OSError as e:
             raise ValueError(f"cannot read prompts file {a.prompts}: {e.strerror}") from None
     pairs = data.read_pairs(a.eval_pairs, split=a.split) if a.eval_pairs else None
-    pipe = load(a.model, unet=None if a.compare else a.unet, device=a.device, dtype=dtype, tokenizer=a.tokenizer)
+    pipe = load(a.model, unet=None if a.compare else a.unet, device=a.device, dtype=dtype, tokenizer=a.tokenizer,
+                lora=None if a.compare else a.lora)
     os.makedirs(a.out, exist_ok=True)
     if pairs is not None:
         if not pairs:
@@ -417,7 +429,7 @@ def run(a):
     guidance = a.guidance if a.guidance is not None else (5.0 if pipe.sdxl else 7.5)
     kw = dict(negative=a.negative, steps=a.steps, guidance=guidance, scheduler=a.scheduler, height=a.height,
               width=a.width, init_image=a.init_image, strength=a.strength)
-    tuned = unetlib.load(a.unet, device=a.device, dtype=dtype) if a.compare else None
+    tuned = load_unet(a.model, a.unet, a.lora, a.device, dtype) if a.compare else None
     rows = []
     for s in range(0, len(prompts), a.batch_size):
         batch = prompts[s:s + a.batch_size]

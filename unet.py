@@ -350,35 +350,49 @@ def layout_map(config):
 # Loading and saving
 
 
-def load(path, device="cpu", dtype=torch.float32):
-    """A UNet from a diffusers folder (root or unet/) or an original single .safetensors, straight into dtype."""
+def _open(path):
+    """(config, checkpoint, our key -> checkpoint key or None when they agree, prediction_type), no weights read."""
     kind, where = weights.component(path, "unet")
     if kind == "folder":
         config = weights.read_config(where)
         if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
             raise CheckpointError(f"{where} holds a {config['_class_name']}, not a UNet2DConditionModel")
         ckpt = weights.Checkpoint(weights.find_weights(where))
-        names = {k: k for k in ckpt.keys()}  # the diffusers layout is ours
         scheduler = weights.read_json(os.path.join(where, "..", "scheduler", "scheduler_config.json"), {})
-        pred = scheduler.get("prediction_type", "epsilon")
+        return config, ckpt, None, scheduler.get("prediction_type", "epsilon")  # the diffusers layout is ours
+    ckpt = weights.Checkpoint(where)
+    if "config" in ckpt.metadata:  # written by save(layout="single"), so any size round-trips
+        config = json.loads(ckpt.metadata["config"])
     else:
-        ckpt = weights.Checkpoint(where)
-        if "config" in ckpt.metadata:  # written by save(layout="single"), so any size round-trips
-            config = json.loads(ckpt.metadata["config"])
-        else:
-            config = SDXL if weights.family(ckpt) == "sdxl" else SD15
-        if not any(k.startswith(PREFIX) for k in ckpt.keys()):
-            raise CheckpointError(f"{where}: no UNet weights in this file (no {PREFIX}* keys)")
-        pred = ckpt.metadata.get("prediction_type", "epsilon")
+        config = SDXL if weights.family(ckpt) == "sdxl" else SD15
+    if not any(k.startswith(PREFIX) for k in ckpt.keys()):
+        raise CheckpointError(f"{where}: no UNet weights in this file (no {PREFIX}* keys)")
+    return config, ckpt, layout_map(config), ckpt.metadata.get("prediction_type", "epsilon")
+
+
+def read_config(path) -> dict:
+    """The UNet config of a model path (folder or single file) without reading its weights."""
+    return _open(path)[0]
+
+
+def load(path, device="cpu", dtype=torch.float32, norm_dtype=None):
+    """A UNet from a diffusers folder (root or unet/) or an original single .safetensors, straight into dtype
+    (norm layers into norm_dtype when given: the frozen models keep fp32 norms, see dpo.reference)."""
+    config, ckpt, table, pred = _open(path)
     try:
         with torch.device("meta"):
             u = UNet(config)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    if kind == "file":
-        names = weights.renamed(ckpt, u.state_dict(), PREFIX, layout_map(config), f"{where}: UNet", strict=True)
+    if table is None:
+        names = {k: k for k in ckpt.keys()}
+    else:
+        names = weights.renamed(ckpt, u.state_dict(), PREFIX, table, f"{ckpt.files[0]}: UNet", strict=True)
     sources = {name: (lambda k=k: ckpt[k]) for name, k in names.items()}
-    weights.load_module(u, sources, dtype, device, f"UNet {path}")
+    norms = {f"{n}.{p}" for n, m in u.named_modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))
+             for p in ("weight", "bias")}
+    dtypes = {name: norm_dtype if norm_dtype is not None and name in norms else dtype for name in names}
+    weights.load_module(u, sources, dtypes, device, f"UNet {path}")
     u.prediction_type = pred
     return u
 

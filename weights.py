@@ -158,7 +158,8 @@ def _names(keys, limit=8) -> str:
 
 
 def load_module(module: torch.nn.Module, sources: Mapping[str, Source], dtype, device, what: str):
-    """Strict key-for-key load of a (meta-built) module; each tensor goes straight to dtype/device.
+    """Strict key-for-key load of a (meta-built) module; each tensor goes straight to dtype/device (dtype: one
+    for all, or a dict name -> dtype).
 
     sources maps the module's own state_dict names to tensors or to thunks that produce them, so a
     converted layout is read one tensor at a time and never held twice in memory.
@@ -180,7 +181,8 @@ def load_module(module: torch.nn.Module, sources: Mapping[str, Source], dtype, d
         if tuple(t.shape) != tuple(ref.shape):
             raise CheckpointError(f"{what}: shape mismatch for {name}: checkpoint {tuple(t.shape)}, "
                                   f"model {tuple(ref.shape)}")
-        state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        want = dtype[name] if isinstance(dtype, dict) else dtype
+        state[name] = t.to(device=device, dtype=want if t.is_floating_point() else t.dtype)
     module.load_state_dict(state, strict=True, assign=True)
     for name, b in module.named_buffers():
         if b.is_meta:

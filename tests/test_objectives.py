@@ -196,13 +196,16 @@ def test_every_objective_on_every_data_path(tmp_path, sdxl_dir, sd15_dir, jsonl,
 
 
 def test_every_objective_under_ddp_matches_one_process(tmp_path, sdxl_dir, jsonl):
-    """One torchrun of 2 ranks x 1 pair trains each objective in turn (tests/ddp_objectives.py); each equals the
-    same objective on 1 rank x 2 pairs."""
+    """One torchrun of 2 ranks x 1 pair trains each objective in turn (tests/ddp_runs.py); each equals the same
+    objective on 1 rank x 2 pairs."""
     losses = ["ipo", "hinge", "mapo", "kto"]
     common = ["--model", sdxl_dir, "--data", jsonl, "--resolution", "32", "--grad_accum", "2", "--max_steps", "2",
-              "--log_every", "1", "--lr", "1e-4", "--warmup", "0", "--device", "cpu"]
+              "--log_every", "1", "--lr", "1e-4", "--warmup", "0", "--device", "cpu", "--batch_size", "1"]
+    runs = []
+    for loss in losses:  # small beta: eq. 14 multiplies fp32 rounding of the MSEs by beta/2
+        runs += ["::", "--loss", loss, "--beta", str(dpo.BETA[loss] * 0.02), "--out_dir", str(tmp_path / f"two_{loss}")]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        os.path.join(ROOT, "tests", "ddp_objectives.py"), str(tmp_path), *losses, "--", *common],
+                        os.path.join(ROOT, "tests", "ddp_runs.py"), *common, *runs],
                        env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for loss in losses:

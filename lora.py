@@ -1,0 +1,167 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) for the UNet: train a low-rank update B A of chosen Linear layers.
+
+    W x  ->  W x + (alpha / r) B A x,      A (r, in) Gaussian-initialized, B (out, r) zero: at step 0 nothing changes
+
+The base UNet stays frozen in the compute dtype; only A and B (fp32) train, so the policy costs ~2 bytes per base
+parameter instead of the full fine-tune's 8+ (fp32 weights, fp32 gradients, optimizer state), and the Diffusion-DPO
+reference needs no copy at all: it is the same UNet with the adapters switched off (`disabled`).
+
+Module names follow PEFT: the adapted layer keeps its name (its base weight loads and saves as before) and gains
+children lora_A and lora_B, so `save` writes the file diffusers' `pipeline.load_lora_weights(folder)` reads:
+pytorch_lora_weights.safetensors with keys "unet.<layer>.lora_A.weight" / "unet.<layer>.lora_B.weight". The scale
+alpha/r is folded into B there, so the file needs no alpha metadata (diffusers then assumes alpha = r).
+"""
+import contextlib
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import parallel
+import weights
+
+# The attention and feed-forward projections of every transformer block (diffusers' DPO example adapts the
+# attention ones only: to_q, to_k, to_v, to_out.0). Matched as name suffixes, as PEFT's target_modules.
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+PREFIX = "unet."  # diffusers' pipelines keep the UNet's LoRA under this prefix
+
+
+class LoRALinear(nn.Linear):
+    """A Linear plus a switchable low-rank update; weight and bias keep their names, so base checkpoints load."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias  # the base parameters themselves, not copies
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+        self.scale, self.enabled = alpha / rank, True
+
+    def forward(self, x):  # x (..., in)
+        y = F.linear(x, self.weight, self.bias)  # (..., out) the base layer, exactly as nn.Linear
+        if not self.enabled:
+            return y
+        return y + self.scale * self.lora_B(self.lora_A(x))
+
+
+def add(unet: nn.Module, rank: int, alpha: float = None, targets=TARGETS, seed: int = 0) -> list:
+    """Freeze unet and adapt every Linear whose name ends in a target; returns the trainable parameters (fp32).
+    A is drawn with std 1/r with a generator keyed by seed (PEFT's init_lora_weights="gaussian"), B is zero."""
+    if rank < 1:
+        raise ValueError(f"--lora must be a rank >= 1, got {rank}")
+    alpha = float(rank if alpha is None else alpha)
+    unet.requires_grad_(False)
+    names = [n for n, m in unet.named_modules() if type(m) is nn.Linear and n.endswith(tuple(targets))]
+    if not names:
+        raise ValueError(f"LoRA: no Linear layer of the UNet ends in any of {', '.join(targets)}")
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        layer = LoRALinear(unet.get_submodule(name), rank, alpha)
+        a = torch.randn(layer.lora_A.weight.shape, generator=g) / rank  # (r, in), std 1/r
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.zero_()
+        setattr(unet.get_submodule(parent_name), child, layer)  # ModuleList children are named "0", "1", ...
+        params += [layer.lora_A.weight, layer.lora_B.weight]
+    return params
+
+
+def layers(unet) -> dict:
+    """name -> LoRALinear of an adapted UNet (empty if none)."""
+    return {n: m for n, m in unet.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def disabled(unet):
+    """Run the base model: Diffusion-DPO's frozen reference, with no second UNet in memory."""
+    adapted = list(layers(unet).values())
+    for m in adapted:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in adapted:
+            m.enabled = True
+
+
+def reference(unet):
+    """The reference of a LoRA run as a callable like a UNet: the policy with its adapters off, under no_grad."""
+
+    def forward(*args):
+        with torch.no_grad(), disabled(unet):
+            return unet(*args)
+
+    return forward
+
+
+def state_dict(unet) -> dict:
+    """The adapters in the diffusers/PEFT file layout, the scale folded into B, fp32 on the CPU. Gathers FSDP
+    shards: every rank calls it."""
+    sd = {}
+    for name, m in layers(unet).items():
+        sd[f"{PREFIX}{name}.lora_A.weight"] = parallel.full(m.lora_A.weight.detach()).float().cpu()
+        sd[f"{PREFIX}{name}.lora_B.weight"] = (m.scale * parallel.full(m.lora_B.weight.detach()).float()).cpu()
+    return sd
+
+
+def save(sd, folder, metadata=None):
+    """folder/pytorch_lora_weights.safetensors (diffusers: pipe.load_lora_weights(folder)), written atomically."""
+    os.makedirs(folder, exist_ok=True)
+    weights.save_safetensors(sd, os.path.join(folder, FILE), {"format": "pt", **(metadata or {})})
+
+
+def pairs(sd, where, meta=None) -> dict:
+    """layer name -> (A (r, in), B (out, r)) of a file-layout state dict, the scale folded into B: ours have it
+    folded already; diffusers' say alpha and r in their metadata (unet.lora_alpha, unet.r), when not 1."""
+    meta = meta or {}
+    found, bad = {}, []
+    for key, t in sd.items():
+        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            bad.append(key)
+            continue
+        name, which = key[len(PREFIX):].rsplit(".", 2)[:2]
+        found.setdefault(name, {})[which] = t
+    if bad:
+        raise weights.CheckpointError(f"{where}: not a UNet LoRA in the diffusers/PEFT layout (unexpected keys "
+                                      f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+    out = {}
+    for name, p in found.items():
+        if set(p) != {"lora_A", "lora_B"}:
+            raise weights.CheckpointError(f"{where}: {name} has {', '.join(sorted(p))} only (need lora_A and lora_B)")
+        r = p["lora_A"].shape[0]
+        scale = float(meta.get("unet.lora_alpha", r)) / float(meta.get("unet.r", r))
+        out[name] = (p["lora_A"].float(), scale * p["lora_B"].float())
+    return out
+
+
+def read(path) -> dict:
+    """pairs() of a LoRA file: the file, a folder holding pytorch_lora_weights.safetensors, or dpo.py's out_dir."""
+    f = path
+    for where in (os.path.join(path, FILE), os.path.join(path, "lora", FILE)):  # the lora/ folder or its out_dir
+        f = where if os.path.isfile(where) else f
+    if not os.path.isfile(f):
+        raise weights.CheckpointError(f"{path}: no LoRA file (expected {FILE} in a folder, or a .safetensors file)")
+    ckpt = weights.Checkpoint(f)
+    meta = json.loads(ckpt.metadata.get("lora_adapter_metadata", "{}"))
+    return pairs({k: ckpt[k] for k in ckpt.keys()}, f, meta)
+
+
+@torch.no_grad()
+def merge(unet, adapters: dict):
+    """W += B A for every layer of adapters (pairs()' dict): the plain UNet a LoRA run leaves, or a LoRA applied
+    for sampling. A layer the UNet lacks, or whose shape differs, is an error naming it."""
+    modules = dict(unet.named_modules())
+    for name, (A, B) in adapters.items():
+        m = modules.get(name)
+        if not isinstance(m, nn.Linear):
+            raise weights.CheckpointError(f"LoRA layer {name}: the UNet has no Linear of that name")
+        if (B.shape[0], A.shape[1]) != tuple(m.weight.shape) or A.shape[0] != B.shape[1]:
+            raise weights.CheckpointError(f"LoRA layer {name}: B {tuple(B.shape)} A {tuple(A.shape)} do not fit "
+                                          f"its weight {tuple(m.weight.shape)}")
+        delta = B.to(m.weight.device) @ A.to(m.weight.device)  # (out, in) fp32
+        m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
+    return unet
