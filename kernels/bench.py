@@ -37,6 +37,7 @@ ATTN_SHAPES = [
 QUICK_SHAPES = {"sdxl self 64x64", "sdxl cross 64x64", "sd15 self 16x16"}
 LOSS_LATENT = (4, 128, 128)  # SDXL latents at 1024^2: (C, H, W) of one image
 COPY_NUMEL = 256 * 2**20  # fp32 elements (1 GiB) copied to measure the bandwidth ceiling
+COMPILE = torch.compile  # the compiled baseline of the loss
 
 
 def sdpa_impls():
@@ -108,7 +109,7 @@ def bench_dpo_loss(args, do_bench, header):
         ref = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
         noise = torch.randn(pairs, *shape[1:], device=DEVICE, dtype=torch.float32)
         nbytes = 3 * model.numel() * model.element_size() + noise.numel() * noise.element_size()
-        compiled = torch.compile(kernels.dpo_loss_ref)
+        compiled = COMPILE(kernels.dpo_loss_ref)
         impls = {"triton": lambda: kernels.dpo_loss(model, ref, noise, 5000.0)[0].backward(),
                  "eager_ref": lambda: kernels.dpo_loss_ref(model, ref, noise, 5000.0)[0].backward(),
                  "compiled_ref": lambda: compiled(model, ref, noise, 5000.0)[0].backward()}
@@ -159,20 +160,44 @@ def plot(path, attn_rows, loss_rows):
     print(f"wrote {path}")
 
 
-def main():
+def stub_timer(fn, grad_to_none=None):
+    """--dry_run's timer: runs fn once and says 2 ms."""
+    fn()
+    return 2.0
+
+
+def dry_run():
+    """Tiny CPU shapes for --dry_run (needs TRITON_INTERPRET=1 set before triton is imported)."""
+    global DEVICE, ATTN_SHAPES, QUICK_SHAPES, LOSS_LATENT, COPY_NUMEL, COMPILE
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("--dry_run runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1")
+    DEVICE, LOSS_LATENT, COPY_NUMEL = "cpu", (4, 8, 8), 4096
+    ATTN_SHAPES = [("tiny cross", 2, 37, 77, 40)]
+    QUICK_SHAPES = {"tiny cross"}
+    COMPILE = lambda fn: fn  # noqa: E731  inductor on CPU takes minutes; not what a dry run checks
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_out", help="output folder for CSV / PNG")
     p.add_argument("--quick", action="store_true", help="three attention shapes, one loss shape")
     p.add_argument("--batch", type=int, default=2, help="attention batch; the loss uses 2x and 8x as many pairs")
     p.add_argument("--verbose", action="store_true", help="print why a backend is n/a")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench.py needs a CUDA GPU")
+    p.add_argument("--dry_run", action="store_true", help="every code path once on tiny CPU shapes with a stub timer "
+                   "(TRITON_INTERPRET=1): the numbers mean nothing, the script is checked without a GPU")
+    args = p.parse_args(argv)
     os.environ["DPO_KERNELS"] = "triton"
+    if args.dry_run:
+        dry_run()
+    elif not torch.cuda.is_available():
+        sys.exit("bench.py needs a CUDA GPU (or --dry_run)")
     import triton
     from triton.testing import do_bench
+    if args.dry_run:
+        do_bench = stub_timer
 
-    header = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    device = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    header = {"device": device, "torch": torch.__version__, "triton": triton.__version__}
     print(f"device: {header['device']} | torch {header['torch']} | triton {header['triton']}")
     os.makedirs(args.out, exist_ok=True)
     attn_rows = bench_attention(args, do_bench, header)
