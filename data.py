@@ -7,6 +7,8 @@ Diffusion-KTO learns from; it takes pairs too, as two such records. An index hol
 lives (file, row group, row) and which image won; images are read on demand, so the 851K-pair Pick-a-Pic v2
 (hundreds of GB) never sits in memory. A Pick-a-Pic folder holds several splits side by side (train-00000-of-00645,
 validation-..., test-..., ...); training reads the train shards only, as the official code (--split picks another).
+A JSONL image may also point into a parquet shard ("shard.parquet#row=17&col=jpg_0", see parquet_ref): AI feedback
+(sample.py --relabel) relabels Pick-a-Pic without copying its images.
 
 Training visits the items in a global order (`EpochOrder`): the parquet row groups are shuffled, cut into windows
 of about SHUFFLE_PAIRS pairs, and the pairs of a window are shuffled uniformly, so consecutive pairs (a micro-batch,
@@ -80,6 +82,59 @@ def seed_for(*keys) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+REF = re.compile(r"^(?P<file>.+\.parquet)#row=(?P<row>\d+)&col=(?P<col>\w+)$")
+
+
+def parquet_ref(file: str, row: int, col: str) -> str:
+    """An image inside a parquet shard, as a JSONL image entry: "FILE#row=R&col=C" (row R counted from 0 over the
+    whole file, C the image column), so relabelled Pick-a-Pic pairs point at its images instead of copying them."""
+    return f"{file}#row={row}&col={col}"
+
+
+def parse_ref(src):
+    """(file, row, column) of a parquet_ref string; None for anything else (a path, bytes)."""
+    m = REF.match(src) if isinstance(src, str) else None
+    return (m.group("file"), int(m.group("row")), m.group("col")) if m else None
+
+
+def parquet_layout(file: str):
+    """(first row of each row group with the row count last (groups + 1,), column names) of a parquet file."""
+    try:
+        pf = _pq().ParquetFile(file)
+    except Exception as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"cannot read parquet file {file}: {why}") from None
+    sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+    return np.cumsum([0] + sizes), pf.schema_arrow.names
+
+
+def check_ref(layout, file: str, row: int, col: str):
+    """Refuse a reference to a row or column the file does not have."""
+    starts, names = layout
+    if col not in names:
+        raise ValueError(f"{file} has no column {col} (its columns: {', '.join(names)})")
+    if not 0 <= row < starts[-1]:
+        raise ValueError(f"{file} has {starts[-1]} rows, no row {row}")
+
+
+def read_cell(file: str, row: int, col: str, cache=None, layout=None):
+    """The value at (row, col) of a parquet file. Its row group's column is decoded once and kept in `cache` (an
+    OrderedDict the caller trims as an LRU), so reading a row group's images one by one decodes it once."""
+    layout = parquet_layout(file) if layout is None else layout
+    check_ref(layout, file, row, col)
+    starts = layout[0]
+    g = int(np.searchsorted(starts, row, side="right")) - 1
+    key = (file, g, col)
+    if cache is not None and key in cache:
+        cache.move_to_end(key)
+        column = cache[key]
+    else:
+        column = _pq().ParquetFile(file).read_row_group(g, columns=[col]).column(col)
+        if cache is not None:
+            cache[key] = column
+    return column[row - int(starts[g])].as_py()
+
+
 class Pairs:
     """Index of the usable data and lazy access to its images: pairs (ties dropped, optional dreamlike filter) or
     single labelled images (self.singles). raw(i) = (caption, images, label): a pair's two images preferred first
@@ -124,15 +179,32 @@ class Pairs:
                 if r[2] in (0.0, 1.0):  # a pair's label_0 == 0.5 is a tie: no preference to learn from
                     rows.append(r)
         self.singles = kinds == {True}
-        self.rows, self.line = [], []
+        self.rows, self.line, group = [], [], []
+        self.layouts, groups = {}, {}  # parquet file -> layout; (file, row group) -> shuffle group (from 1)
         for caption, images, label, n in rows:
             images = tuple(os.path.join(root, im) for im in images)
+            g = 0  # plain images: one group
+            for im in images:  # references into parquet shards: checked now, grouped by the first one's row group
+                ref = parse_ref(im)
+                if ref is None:
+                    continue
+                try:
+                    if ref[0] not in self.layouts:
+                        self.layouts[ref[0]] = parquet_layout(ref[0])
+                    check_ref(self.layouts[ref[0]], *ref)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n}: {e}") from None
+                if g == 0:
+                    key = (ref[0], int(np.searchsorted(self.layouts[ref[0]][0], ref[1], side="right")))
+                    g = groups.setdefault(key, len(groups) + 1)
             if not self.singles and label == 0.0:
                 images = images[::-1]  # the preferred image first
             self.rows.append((caption, images, int(label) if self.singles else None))
             self.line.append(n)
+            group.append(g)
         self.winner = np.zeros(len(self.rows), dtype=np.int64)  # (JSONL rows are already preferred-first)
-        self.group = np.zeros(len(self.rows), dtype=np.int64)  # one group: a plain full shuffle
+        self.group = np.array(group, dtype=np.int64)  # a plain full shuffle, or windows of parquet row groups
+        self._cells = OrderedDict()  # (file, row group, column) -> decoded column, an LRU like _groups
 
     def _index_parquet(self, files, dreamlike_only):
         pq = _pq()
@@ -189,9 +261,11 @@ class Pairs:
                 "path": os.path.abspath(self.path)}
 
     def raw(self, i: int):
-        """(caption, images preferred first (bytes for parquet, paths for JSONL), label or None)."""
+        """(caption, images preferred first (bytes for parquet and JSONL references into it, paths for other JSONL
+        images), label or None)."""
         if self.jsonl:
-            return self.rows[i]
+            caption, images, label = self.rows[i]
+            return caption, tuple(self._image(im) for im in images), label
         key = (int(self.file[i]), int(self.rg[i]))
         if key not in self._groups:
             f = _pq().ParquetFile(self.files[key[0]])
@@ -203,6 +277,16 @@ class Pairs:
         imgs = (t.column("jpg_0")[r].as_py(), t.column("jpg_1")[r].as_py())
         w = int(self.winner[i])
         return str(t.column("caption")[r].as_py()), (imgs[w], imgs[1 - w]), None
+
+    def _image(self, src):
+        """A JSONL image: its path, or the bytes a parquet reference points at (a window's row groups kept)."""
+        ref = parse_ref(src)
+        if ref is None:
+            return src
+        value = read_cell(*ref, cache=self._cells, layout=self.layouts[ref[0]])
+        while len(self._cells) > 2 * (self.window_groups + 1):  # two image columns per row group
+            self._cells.popitem(last=False)
+        return value
 
 
 def read_pairs(path: str, dreamlike_only: bool = False, split: str = "train") -> list:
@@ -218,8 +302,77 @@ def read_pairs(path: str, dreamlike_only: bool = False, split: str = "train") ->
     return out
 
 
+class PairRows:
+    """Every pair of a parquet set or a JSONL file in file order, ties included (AI feedback labels them all), as
+    dicts {caption, image_0, image_1: what open_image reads (bytes or a path); ref_0, ref_1: where each image lies
+    (a path, or a parquet_ref); label_0: the data's own label (0.5 a tie; None if it has none); source: where the
+    pair is}. A parquet row group is decoded once."""
+
+    def __init__(self, path: str, split: str = "train"):
+        self.path, self.jsonl = path, path.endswith(".jsonl")
+        if self.jsonl:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"data file not found: {path}")
+            with open(path) as f:
+                self.n = sum(1 for line in f if line.strip())
+            self.read = path
+        else:
+            self.files, self.read = parquet_files(path, split)
+            self.layouts = [parquet_layout(f) for f in self.files]
+            for f, (_, names) in zip(self.files, self.layouts):
+                missing = [c for c in ("caption", "jpg_0", "jpg_1") if c not in names]
+                if missing:
+                    raise ValueError(f"{f}: missing columns {', '.join(missing)} (a pair needs caption, jpg_0, jpg_1)")
+            self.n = sum(int(starts[-1]) for starts, _ in self.layouts)
+        if self.n == 0:
+            raise ValueError(f"{path}: no pairs")
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return self._jsonl() if self.jsonl else self._parquet()
+
+    def _jsonl(self):
+        root, cells = os.path.dirname(os.path.abspath(self.path)), OrderedDict()
+        with open(self.path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                    caption = str(r["caption"])
+                    refs = [os.path.join(root, r["image_0"]), os.path.join(root, r["image_1"])]
+                    label = None if r.get("label_0") is None else float(r["label_0"])
+                    images = [ref if parse_ref(ref) is None else read_cell(*parse_ref(ref), cache=cells)
+                              for ref in refs]
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+                    raise ValueError(f"{self.path}:{n}: not a pair {{caption, image_0, image_1}} with readable "
+                                     f"references ({e})") from None
+                while len(cells) > 4:  # a row group's two image columns, and the next one's
+                    cells.popitem(last=False)
+                yield dict(caption=caption, image_0=images[0], image_1=images[1], ref_0=refs[0],
+                           ref_1=refs[1], label_0=label, source=f"{self.path}:{n}")
+
+    def _parquet(self):
+        for f, (starts, names) in zip(self.files, self.layouts):
+            pf = _pq().ParquetFile(f)
+            cols = ["caption", "jpg_0", "jpg_1"] + (["label_0"] if "label_0" in names else [])
+            for g in range(len(starts) - 1):
+                t = pf.read_row_group(g, columns=cols).to_pydict()
+                labels = t.get("label_0", [None] * len(t["caption"]))
+                for r in range(len(t["caption"])):
+                    row = int(starts[g]) + r
+                    yield dict(caption=str(t["caption"][r]), image_0=t["jpg_0"][r], image_1=t["jpg_1"][r],
+                               ref_0=parquet_ref(f, row, "jpg_0"), ref_1=parquet_ref(f, row, "jpg_1"),
+                               label_0=None if labels[r] is None else float(labels[r]), source=f"{f}, row {row}")
+
+
 def open_image(src) -> Image.Image:
-    """Decode JPEG/PNG bytes or a file path to RGB (raises on corrupt or missing images)."""
+    """Decode JPEG/PNG bytes, a file path or a parquet_ref to RGB (raises on corrupt or missing images)."""
+    ref = parse_ref(src)
+    if ref is not None:
+        src = read_cell(*ref)
     img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
     img.load()
     return img.convert("RGB")

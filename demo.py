@@ -15,7 +15,8 @@ Steps (all with the repo's own code, results in demo_out/):
   4. dpo/: dpo.train(loss="dpo") from base/ on the rule-labelled pairs (latent cache, CPU, fp32).
   5. Reference and DPO model sample the same prompts from the same initial noise (16 per prompt, Euler 20
      steps, guidance 3); win rate = how often the DPO sample's shape is larger (ties 0.5); grid.png shows the
-     pairs side by side (rows = prompts, columns = reference | DPO for 4 noises).
+     pairs side by side (rows = prompts, columns = reference | DPO for 4 noises). prompts.txt lists the prompts
+     for sample.py (`--compare --prompts demo_out/prompts.txt --score area` is the same evaluation, other noise).
 
 Tuning (beta, lr; 100 steps x 16 pairs, AdamW, grad clip 1; 48 eval samples, reference fidelity 0.938):
   lr 1e-4, beta 5000: win 1.000, fidelity 0.542 (collapse: big mixed-colour blobs; DPO loss ~0, model mse 0.04 -> 0.3)
@@ -41,6 +42,7 @@ from PIL import Image
 
 import clip
 import sample
+from reward import BACKGROUND, area_scorer, foreground  # the rule is a scorer like the real ones
 import unet as unetlib
 import vae as vaelib
 from weights import save_json, save_safetensors
@@ -105,10 +107,8 @@ def write_tokenizer(folder, pad_token="<|endoftext|>"):
 COLOURS = {"red": (0.85, 0.10, 0.10), "green": (0.10, 0.70, 0.15), "blue": (0.10, 0.20, 0.90)}
 SHAPES = ("circle", "square")
 PROMPTS = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
-BACKGROUND = (1.0, 1.0, 1.0)
 SIZE = 16  # image side in pixels
 RADIUS = (2.0, 6.5)  # shape "radius" range (circle radius, half the square's side), pixels
-FG_THRESHOLD = 0.35  # a pixel is foreground when its RGB distance from the background exceeds this
 
 
 def render(colour: str, shape: str, radius: float, cx: float, cy: float, size: int = SIZE) -> np.ndarray:
@@ -130,17 +130,6 @@ def random_image(prompt: str, rng: np.random.Generator, radius: float = None) ->
     r = rng.uniform(*RADIUS) if radius is None else radius
     cx, cy = rng.uniform(r + 1, SIZE - r - 1, size=2)
     return render(colour, shape, r, cx, cy)
-
-
-def foreground(images: torch.Tensor) -> torch.Tensor:
-    """Boolean mask (B, H, W) of pixels far from the background colour; images (B, 3, H, W) in [0, 1]."""
-    bg = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return (images - bg).norm(dim=1) > FG_THRESHOLD
-
-
-def area_scorer(images: torch.Tensor, prompts=None) -> torch.Tensor:
-    """The rule as a scorer (sample.py's Scorer hook): foreground fraction of each image, (B,) float."""
-    return foreground(images).float().mean(dim=(1, 2))
 
 
 def dominant_colour(images: torch.Tensor) -> list:
@@ -399,6 +388,8 @@ def run(args, train):
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         open(mark, "w").close()
+        with open(os.path.join(root, "prompts.txt"), "w") as f:  # for sample.py --prompts
+            f.write("\n".join(PROMPTS) + "\n")
     dist.barrier()
     build_world(root, args, train, log)
     out = os.path.join(root, "dpo")

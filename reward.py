@@ -257,7 +257,28 @@ def _tokenizer(folder, model, kind):
     return clip.Tokenizer(folder, max_length=model.config["max_position_embeddings"])
 
 
-OPTIONS = {"pickscore": ("tokenizer",), "clip": ("tokenizer",), "hps": ("tokenizer", "config"), "aesthetic": ("head",)}
+# ----------------------------------------------------------------------------------------------------
+# The CPU demo's rule as a scorer: its world is coloured shapes on a white background (demo.py), and the
+# larger shape wins. No weights, so the evaluation and AI-feedback tools can be tried without downloads.
+
+BACKGROUND = (1.0, 1.0, 1.0)
+FG_THRESHOLD = 0.35  # a pixel is foreground when its RGB distance from the background exceeds this
+
+
+def foreground(images: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (B, H, W) of pixels far from the background colour; images (B, 3, H, W) in [0, 1]."""
+    bg = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - bg).norm(dim=1) > FG_THRESHOLD
+
+
+def area_scorer(images: torch.Tensor, prompts=None) -> torch.Tensor:
+    """The rule as a scorer (the Scorer interface): foreground fraction of each image, (B,) float."""
+    return foreground(images).float().mean(dim=(1, 2))
+
+
+
+OPTIONS = {"pickscore": ("tokenizer",), "clip": ("tokenizer",), "hps": ("tokenizer", "config"), "aesthetic": ("head",),
+           "area": ()}
 
 
 def load(kind, path, device="cpu", dtype=torch.float32, **options):
@@ -266,12 +287,20 @@ def load(kind, path, device="cpu", dtype=torch.float32, **options):
       hps              path: HPS_v2(.1)_compressed.pt; tokenizer=FOLDER (any CLIP tokenizer folder: open_clip uses
                        CLIP's BPE vocabulary; it also runs ftfy and html.unescape on prompts, which leave ordinary
                        prompts as they are); config=an open_clip model-config dict (default ViT-H-14)
-      aesthetic        path: a transformers CLIP ViT-L/14 folder; head=sac+logos+ava1-l14-linearMSE.pth (its MLP)"""
+      aesthetic        path: a transformers CLIP ViT-L/14 folder; head=sac+logos+ava1-l14-linearMSE.pth (its MLP)
+      area             no path: the CPU demo's rule "the larger shape wins" (area_scorer), to try the tools on"""
     if kind not in OPTIONS:
         raise ValueError(f"unknown reward kind {kind!r} (one of {', '.join(OPTIONS)})")
     extra = [k for k in options if k not in OPTIONS[kind]]
     if extra:
-        raise ValueError(f"{kind}: unknown option(s) {', '.join(extra)} (it takes {', '.join(OPTIONS[kind])})")
+        takes = ", ".join(OPTIONS[kind]) or "none"
+        raise ValueError(f"{kind}: unknown option(s) {', '.join(extra)} (it takes {takes})")
+    if kind == "area":
+        if path is not None:
+            raise ValueError(f"area: the demo's rule has no weights, so no path (got {path})")
+        return area_scorer
+    if path is None:
+        raise ValueError(f"{kind}: needs the path of its weights")
     if kind == "hps" and options.get("tokenizer") is None:
         raise CheckpointError("hps: pass tokenizer=FOLDER (a CLIP tokenizer folder with vocab.json and merges.txt; "
                               "the checkpoint holds none)")
