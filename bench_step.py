@@ -3,7 +3,11 @@
     python bench_step.py                           # SDXL at 1024px, 1 pair/step, Adafactor, checkpointing, bf16
                                                    # (needs a GPU: it refuses what cannot fit, saying how much)
     python bench_step.py --model SD15_DIR          # another architecture: its UNet config (no weights are read)
+    python bench_step.py --model sd15              # the real SD1.5 config at 512^2 (sdxl: the default)
     python bench_step.py --model tiny_sdxl/ --resolution 32 --steps 2 --warmup 1 --dtype fp32 --device cpu
+    python bench_step.py --lora 64                 # a LoRA step (rank 64, dpo.py --lora): ours only
+    python bench_step.py --plan [--plan_out F]     # no GPU needed: the predicted peak memory of every training
+                                                   # configuration (memplan.py), SDXL and SD1.5 (or --model's)
 
 What one step is (random weights and inputs, one process, inputs already on the device as with dpo.py --cache):
 policy forward + backward on the 2B winner/loser latents, frozen reference forward on the same 2B (a copy of the
@@ -17,9 +21,10 @@ each step); pairs/s = B / (s/step); s/pair = its inverse (the official code repo
 GFLOP = one UNet forward on one image, counted op by op (torch's FlopCounterMode; it does not count SDPA on CPU).
 A step costs 8 of them per pair (policy forward on 2 images + backward ~2x that + reference forward on 2), not
 counting the recomputation of checkpointing: MFU = 8 B GFLOP / (s/step) / 989 TFLOP/s, the dense bf16 peak of one
-H100 SXM, so it only means something on an H100 in bf16. peak GiB = torch.cuda.max_memory_allocated while that
-impl ran (weights, gradients, optimizer state, activations). loss@0 = the first step's loss (log 2 = 0.693: the
-policy equals the reference). speedup = diffusers s/step / ours s/step.
+H100 SXM, so it only means something on an H100 in bf16. peak GiB = torch.cuda.max_memory_allocated over that impl's
+steps (weights, gradients, optimizer state, activations; counted from after the models are built). plan GiB = what
+memplan.py predicts for the same step without a GPU (ours only; --no-predict skips it). loss@0 = the first step's loss
+(log 2 = 0.693: the policy equals the reference). speedup = diffusers s/step / ours s/step.
 """
 import argparse
 import csv
@@ -39,6 +44,8 @@ import cli
 import diffusion
 import dpo
 import kernels
+import lora
+import memplan
 import optim
 import unet as unetlib
 import vae as vaelib
@@ -49,7 +56,8 @@ from weights import Checkpoint, CheckpointError, component, family, read_config
 def parse_args(argv):
     p = cli.Parser(description=__doc__.split("\n")[0] + " [...] = default by model family.")
     a = p.add_argument
-    a("--model", help="take the UNet config of this model (diffusers folder or single file) [SDXL]; no weights read")
+    a("--model", help="take the UNet config of this model (diffusers folder or single file, or sdxl / sd15: the "
+      "real configs) [sdxl]; no weights read")
     a("--resolution", type=int, help="square image size in pixels [1024 SDXL, 512 SD1.5]")
     a("--batch_size", type=int, default=1, help="pairs per step")
     a("--steps", type=int, default=10, help="timed steps")
@@ -61,22 +69,41 @@ def parse_args(argv):
     a("--impl", default="ours,diffusers", help="comma-separated: ours, diffusers")
     a("--device", choices=["cuda", "cpu"], help="[cuda if available]")
     a("--csv", help="append one row per impl to this CSV file")
+    a("--lora", type=int, help="a LoRA step of this rank (dpo.py --lora): frozen base, fp32 adapters; ours only")
+    a("--predict", action=argparse.BooleanOptionalAction, default=True,
+      help="print memplan.py's predicted peak memory beside the measured one")
+    a("--plan", action="store_true", help="no timing: the predicted peak GPU memory of every training "
+      "configuration (memplan.py; full / LoRA / FSDP-8, checkpointing, 1/2/4 pairs, encoders on the GPU or cached)")
+    a("--plan_out", help="with --plan: write the plan as a JSON list to this file")
+    a("--plan_batches", default="1,2,4", help="with --plan: the batch sizes (pairs per rank) to plan")
     args = p.parse_args(argv)
     args.impl = args.impl.split(",")
     if not args.impl or set(args.impl) - {"ours", "diffusers"}:
         p.error(f"--impl takes ours and/or diffusers, got {','.join(args.impl)}")
-    for k in ("resolution", "batch_size", "steps"):
+    for k in ("resolution", "batch_size", "steps", "lora"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k} must be >= 1, got {getattr(args, k)}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
+    given = args.plan_batches
+    try:
+        args.plan_batches = [int(b) for b in given.split(",")]
+    except ValueError:
+        args.plan_batches = []
+    if not args.plan_batches or min(args.plan_batches) < 1:
+        p.error(f"--plan_batches takes batch sizes >= 1 separated by commas, got {given}")
     return args
+
+
+def builtin(model):
+    """The name of a built-in real model ("sdxl", "sd15": configs in unet.py, no files), None for a path."""
+    return model if model in ("sdxl", "sd15") and not os.path.exists(model) else None
 
 
 def unet_config(model):
     """The UNet config (dict) of --model without reading weights; SDXL's without --model."""
-    if model is None:
-        return dict(unetlib.SDXL)
+    if model is None or builtin(model):
+        return dict(unetlib.SD15 if builtin(model) == "sd15" else unetlib.SDXL)
     kind, where = component(model, "unet")
     if kind == "folder":
         return read_config(where)
@@ -89,7 +116,7 @@ def unet_config(model):
 def latent_factor(model):
     """The VAE downsampling of --model (SD's 8 without --model, or for a folder without a VAE)."""
     try:
-        return vaelib.downsample(model) if model else 8
+        return vaelib.downsample(model) if model and not builtin(model) else 8
     except CheckpointError:
         return 8
 
@@ -97,7 +124,7 @@ def latent_factor(model):
 def settings(args, sdxl, device):
     """dpo.py's own defaults for this family (beta, lr, weight decay, clip, optimizer, ...), the bench flags on top."""
     targs = dpo.parse_args([])
-    for k in ("resolution", "batch_size", "optimizer", "gradient_checkpointing", "compile"):
+    for k in ("resolution", "batch_size", "optimizer", "gradient_checkpointing", "compile", "lora"):
         setattr(targs, k, getattr(args, k))
     targs.dtype = args.dtype
     return resolve(targs, sdxl, 1, device)
@@ -128,7 +155,13 @@ def as_ours(net):
 
 def build(impl, cfg, dev, targs):
     """(policy, ref, step): step(z, eps, t, cond) does one optimizer step and returns (loss, grad norm) tensors."""
-    if impl == "ours":
+    if impl == "ours" and targs.lora:  # as dpo.py --lora: one frozen UNet, fp32 adapters, the base as reference
+        with torch.device(dev):
+            policy = reference(unetlib.UNet(cfg), dev, targs.amp_dtype)
+        trained = lora.add(policy, targs.lora, targs.lora_alpha)
+        ref = lora.reference(policy)
+        policy.gradient_checkpointing = targs.gradient_checkpointing
+    elif impl == "ours":
         with torch.device(dev):
             policy, ref = unetlib.UNet(cfg), unetlib.UNet(cfg)
         policy.gradient_checkpointing = targs.gradient_checkpointing
@@ -138,11 +171,13 @@ def build(impl, cfg, dev, targs):
             policy, ref = UNet2DConditionModel.from_config(cfg), UNet2DConditionModel.from_config(cfg)
         if targs.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
-    ref.load_state_dict(policy.state_dict())  # the reference starts as the policy, as in training
-    ref, acp = reference(ref, dev, targs.amp_dtype), diffusion.alphas_cumprod(diffusion.SD_SCHEDULE).to(dev)
+    if not targs.lora:
+        ref.load_state_dict(policy.state_dict())  # the reference starts as the policy, as in training
+        ref, trained = reference(ref, dev, targs.amp_dtype), list(policy.parameters())
+    acp = diffusion.alphas_cumprod(diffusion.SD_SCHEDULE).to(dev)
     policy.train()
     net = torch.compile(policy) if targs.compile else policy
-    opt = optim.build(targs.optimizer, policy.parameters(), targs.lr, targs.weight_decay, fused=dev.type == "cuda")
+    opt = optim.build(targs.optimizer, trained, targs.lr, targs.weight_decay, fused=dev.type == "cuda")
 
     def loss_fn(z, eps, t, cond):
         if impl == "ours":  # exactly dpo.py's micro-step
@@ -159,7 +194,7 @@ def build(impl, cfg, dev, targs):
     def step(z, eps, t, cond):
         loss = loss_fn(z, eps, t, cond)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), targs.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(trained, targs.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach(), norm
@@ -167,14 +202,14 @@ def build(impl, cfg, dev, targs):
 
 
 def measure(impl, cfg, dev, targs, args, h):
-    """One impl's row: build, count FLOPs once, warm up, time, peak memory."""
+    """One impl's row: build, count FLOPs once, warm up, time, peak memory of the steps."""
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     policy, ref, step = build(impl, cfg, dev, targs)
     z, eps, t, cond = inputs(cfg, targs.batch_size, h, targs.resolution, dev)
     net = policy if impl == "ours" else as_ours(policy)
     one = kernels.flops(net, z[:1], t[:1], *(None if c is None else c[:1] for c in cond))
+    if dev.type == "cuda":  # the steps' peak, as memplan plans it (not the building of the models)
+        torch.cuda.reset_peak_memory_stats()
     times, loss0 = [], None
     for i in range(args.warmup + args.steps):
         sync()
@@ -205,16 +240,66 @@ def available_bytes(dev):
 
 def state_bytes(cfg, targs):
     """A lower bound on one step's memory: fp32 policy and gradients, the reference (conv/linear in the compute
-    dtype), AdamW's two fp32 moments (Adafactor's factored ones are ~0); activations come on top."""
+    dtype), AdamW's two fp32 moments (Adafactor's factored ones are ~0); LoRA: the frozen base alone. Activations
+    come on top."""
     with torch.device("meta"):
         n = sum(p.numel() for p in unetlib.UNet(cfg).parameters())
     ref = 4 if targs.amp_dtype == torch.float32 else 2
+    if targs.lora:
+        return n, n * ref
     return n, n * (4 + 4 + ref + (8 if targs.optimizer == "adamw" else 0))
+
+
+def model_spec(model, resolution=None):
+    """memplan's description of --model (no weights read): its UNet, text encoder and VAE configs, its resolution;
+    the real SDXL without --model. A single file takes the encoders of its family."""
+    cfg = unet_config(model)
+    sdxl = unetlib.check_config(cfg)["addition_embed_type"] == "text_time"
+    spec = dict(memplan.MODELS["sdxl" if sdxl else "sd15"], unet=cfg)
+    if model is not None and not builtin(model):
+        spec["name"] = os.path.basename(os.path.normpath(model))
+        kind, where = component(model, "unet")
+        root = os.path.dirname(os.path.abspath(where))
+        if kind == "folder" and os.path.isdir(os.path.join(root, "text_encoder")):
+            spec["text"] = [read_config(os.path.join(root, s)) for s in ("text_encoder", "text_encoder_2")
+                            if os.path.isdir(os.path.join(root, s))]
+        if kind == "folder" and os.path.isdir(os.path.join(root, "vae")):
+            spec["vae"] = read_config(os.path.join(root, "vae"))
+        if cfg.get("sample_size"):
+            spec["resolution"] = cfg["sample_size"] * 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+    spec["resolution"] = resolution or spec["resolution"]
+    return spec
+
+
+def plan(args, argv):
+    """--plan: memplan's predicted peak memory of every training configuration, as a table (and JSON)."""
+    try:
+        models = [model_spec(args.model, args.resolution)] if args.model else [memplan.MODELS["sdxl"],
+                                                                                memplan.MODELS["sd15"]]
+    except (CheckpointError, ValueError) as e:
+        cli.fail(str(e))
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# {date} | memory plan on shadow tensors, no GPU (memplan.py) | torch {torch.__version__}")
+    print(f"# python bench_step.py {shlex.join(argv)}", flush=True)
+    tic = time.time()
+    rows = memplan.plan(models, args.plan_batches, log=lambda msg: print(msg, flush=True))
+    print(memplan.table([r for r in rows if r["autocast_cache"] == dpo.AUTOCAST_CACHE]))
+    print(f"\nThe same step if dpo.py's autocast {'did not cache' if dpo.AUTOCAST_CACHE else 'cached'} its bf16 copies "
+          f"of the fp32 weights (torch.autocast(..., cache_enabled={not dpo.AUTOCAST_CACHE})):")
+    print(memplan.table([r for r in rows if r["autocast_cache"] != dpo.AUTOCAST_CACHE]))
+    print(f"# {len(rows)} configurations in {time.time() - tic:.0f} s; GiB = 2^30 bytes; a GPU of G GiB fits a peak P "
+          f"when 1.05 P + 0.75 GiB <= G")
+    if args.plan_out:
+        with open(args.plan_out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.plan:
+        return plan(args, argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         cli.fail("--device cuda but no CUDA device is available")
@@ -236,6 +321,9 @@ def main(argv=None):
         cli.fail(f"this step needs at least {need / 2 ** 30:.1f} GiB on the {device} (fp32 weights and gradients, "
                  f"reference, optimizer state of a {params / 1e9:.2f} B-parameter UNet; activations on top) and "
                  f"{free / 2 ** 30:.1f} GiB are free: use a GPU, or --model with a smaller UNet")
+    if "diffusers" in args.impl and args.lora:
+        print("diffusers baseline skipped: --lora (the baseline is a full fine-tune)")
+        args.impl = [i for i in args.impl if i != "diffusers"]
     if "diffusers" in args.impl:
         try:
             import diffusers  # noqa: F401
@@ -250,9 +338,11 @@ def main(argv=None):
     name = torch.cuda.get_device_name(dev) if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {date} | {name} | torch {torch.__version__} | triton {tv}")
-    print(f"# python bench_step.py {shlex.join(argv)}")
+    env = "".join(f"{k}={os.environ[k]} " for k in ("DPO_KERNELS",) if os.environ.get(k))  # what changes the step
+    print(f"# {env}python bench_step.py {shlex.join(argv)}")
     print(f"# {'SDXL' if sdxl else 'SD1.5'}-shaped UNet, {targs.resolution}px ({h}x{h} latents), "
-          f"{targs.batch_size} pair(s)/step, {targs.optimizer}, checkpointing "
+          f"{targs.batch_size} pair(s)/step, {f'LoRA rank {targs.lora}, ' if targs.lora else ''}{targs.optimizer}, "
+          f"checkpointing "
           f"{'on' if targs.gradient_checkpointing else 'off'}, {str(targs.amp_dtype)[6:]}, compile "
           f"{'on' if args.compile else 'off'}, median of {args.steps} steps after {args.warmup} warm-up", flush=True)
     rows = []
@@ -263,26 +353,36 @@ def main(argv=None):
         gc.collect()  # the impl's models and optimizer state are gone with measure()'s frame: free them first
         if device == "cuda":
             torch.cuda.empty_cache()
+    for r in rows:  # the memory plan of the same step, on shadow tensors (ours only: memplan runs our UNet)
+        r["plan_gib"] = r["plan_phase"] = None
+        if r["impl"] == "ours" and args.predict:
+            value, r["plan_phase"], _ = memplan.predict(model_spec(args.model, targs.resolution), targs)
+            r["plan_gib"] = value / 2 ** 30
     print(f"{'impl':<10} {'s/step':>9} {'pairs/s':>9} {'s/pair':>9} {'GFLOP/fwd':>10} {'MFU%':>7} {'peak GiB':>9} "
-          f"{'loss@0':>8}")
+          f"{'plan GiB':>9} {'loss@0':>8}")
     for r in rows:
-        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        peak, pred = ("-" if r[k] is None else f"{r[k]:.2f}" for k in ("peak_gib", "plan_gib"))
         print(f"{r['impl']:<10} {r['s_step']:>9.4f} {r['pairs_s']:>9.3f} {r['s_pair']:>9.4f} {r['gflop_fwd']:>10.2f} "
-              f"{100 * r['mfu']:>7.2f} {peak:>9} {r['loss0']:>8.4f}")
+              f"{100 * r['mfu']:>7.2f} {peak:>9} {pred:>9} {r['loss0']:>8.4f}")
+    for r in rows:
+        if r["peak_gib"] is not None and r["plan_gib"] is not None:
+            print(f"memory plan ({r['impl']}): predicted {r['plan_gib']:.2f} GiB (peak in {r['plan_phase']}), measured "
+                  f"{r['peak_gib']:.2f} GiB: {100 * (r['plan_gib'] / r['peak_gib'] - 1):+.1f}%")
     by = {r["impl"]: r for r in rows}
     if len(by) == 2:
         speedup = by["diffusers"]["s_step"] / by["ours"]["s_step"]
         print(f"speedup ours/diffusers: {speedup:.2f}x (diffusers s/step / ours s/step)")
     if args.csv:
         new = not os.path.exists(args.csv)
-        numbers = ("s_step", "pairs_s", "s_pair", "gflop_fwd", "mfu", "peak_gib", "loss0")
+        numbers = ("s_step", "pairs_s", "s_pair", "gflop_fwd", "mfu", "peak_gib", "plan_gib", "loss0")
         with open(args.csv, "a", newline="") as f:
             w = csv.writer(f)
             if new:
                 w.writerow(["date", "device", "torch", "triton", "command", "impl", "resolution", "batch_size", "dtype",
                             "optimizer", "checkpointing", "compile", *numbers])
             for r in rows:
-                w.writerow([date, name, torch.__version__, tv, "python bench_step.py " + shlex.join(argv), r["impl"],
+                command = env + "python bench_step.py " + shlex.join(argv)
+                w.writerow([date, name, torch.__version__, tv, command, r["impl"],
                             targs.resolution, targs.batch_size, str(targs.amp_dtype)[6:], targs.optimizer,
                             targs.gradient_checkpointing, args.compile, *(r[k] for k in numbers)])
     return rows

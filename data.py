@@ -499,7 +499,8 @@ def model_inputs(batch, drop, dev, args, encoders=None, empty=None, latent_noise
             te, v = encoders
             px = batch["pixels"].to(dev)  # (B, k, 3, H, W)
             with torch.autocast(dev.type, torch.bfloat16, enabled=args.amp_dtype == torch.bfloat16):
-                z, std = v.encode(px.flatten(0, 1), std=True)  # (Bk, C, h, w) each, unscaled
+                one = [v.encode(x[None], std=True) for x in px.flatten(0, 1)]  # an image at a time: 1/Bk the peak
+            z, std = torch.cat([m for m, _ in one]), torch.cat([s for _, s in one])  # (Bk, C, h, w) each, unscaled
             z = z.float().unflatten(0, px.shape[:2]) * v.scaling_factor  # (B, k, C, h, w) scaled latent means
             std = std.float().unflatten(0, px.shape[:2]) * v.scaling_factor
             ctx, pooled = te.encode(["" if d else c for c, d in zip(batch["caption"], drop.tolist())])
@@ -515,6 +516,22 @@ def model_inputs(batch, drop, dev, args, encoders=None, empty=None, latent_noise
                 time_ids = torch.tensor([r, r, 0.0, 0.0, r, r], device=dev).expand(len(time_ids), 6)
             pooled = pooled.repeat(k, 1)
     return z, (ctx.repeat(k, 1, 1), pooled, time_ids)
+
+
+def rpo_embeddings(batch, dev, scorer):
+    """Diffusion-RPO's CLIP embeddings of B pairs (B, 3, P): prompt, winner, loser (unit length, fp32), from the
+    cache (--cache) or from the images with scorer (a reward.Scorer: its CLIP towers)."""
+    if "rpo_clip" in batch:
+        return batch["rpo_clip"].to(dev).float()
+    return clip_triples(scorer, batch["pixels"].to(dev), batch["caption"])
+
+
+def clip_triples(scorer, pixels, captions):
+    """pixels (B, 2, 3, H, W) in [-1, 1] and B captions -> (B, 3, P): each pair's prompt, winner, loser embedding."""
+    with torch.no_grad():
+        img = scorer.image_embeds((pixels.flatten(0, 1) + 1) / 2).unflatten(0, pixels.shape[:2])  # (B, 2, P)
+        txt = scorer.text_embeds(list(captions))  # (B, P)
+    return torch.cat([txt[:, None], img], 1)  # (B, 3, P)
 
 
 def training_set(args, pairs, dev, rank, world, log):
@@ -539,6 +556,10 @@ def training_set(args, pairs, dev, rank, world, log):
     elif meta["resolution"] != args.resolution or (pairs is not None and meta["pairs"] != len(pairs)):
         raise ValueError(f"the cache in {args.cache_dir} was built for other data or resolution; "
                          "use another --cache_dir")
+    elif args.rpo_clip and meta.get("rpo_clip") != os.path.abspath(args.rpo_clip):
+        raise ValueError(f"the cache in {args.cache_dir} holds no CLIP embeddings of --rpo_clip {args.rpo_clip} "
+                         f"(built {'with ' + meta['rpo_clip'] if meta.get('rpo_clip') else 'without it'}): "
+                         "use another --cache_dir")
     elif args.latents == "sample" and not meta.get("latents_std"):
         raise ValueError(f"the cache in {args.cache_dir} holds latent means only, --latents sample needs their "
                          "standard deviations too: use another --cache_dir")
@@ -551,7 +572,7 @@ def training_set(args, pairs, dev, rank, world, log):
 # The latent cache: scaled VAE latents + text embeddings, computed once, so training needs neither VAE nor
 # text encoders. One crop/flip per pair is frozen into it (drawn as in epoch 0).
 
-CACHE_KEYS = ("latents", "latents_std", "context", "pooled", "time_ids", "label")
+CACHE_KEYS = ("latents", "latents_std", "context", "pooled", "time_ids", "label", "rpo_clip")
 
 
 def cache_meta(cache_dir: str):
@@ -604,6 +625,10 @@ def build_cache(args, pairs, dev, rank, world):
     from weights import save_json, save_safetensors
     te = clip.load(args.model, dev, args.amp_dtype, tokenizer=args.tokenizer)
     v = vaelib.load(args.model, dev, torch.float32)
+    scorer = None
+    if args.rpo_clip:  # Diffusion-RPO's CLIP embeddings of each pair, stored beside its latents
+        import reward
+        scorer = reward.load("clip", args.rpo_clip, dev, args.amp_dtype)
     ds, n = PairDataset(pairs, args.resolution, args.seed, args.random_crop, not args.no_flip), len(pairs)
     store = torch.float32 if args.amp_dtype == torch.float32 else torch.float16
     mine, bad, done = list(range(rank, n, world)), set(), 0
@@ -622,6 +647,8 @@ def build_cache(args, pairs, dev, rank, world):
             if args.latents == "sample":
                 out["latents_std"].append((std.float() * v.scaling_factor).unflatten(0, px.shape[:2]).to(store).cpu())
             out["context"].append(ctx.cpu())
+            if scorer is not None:
+                out["rpo_clip"].append(clip_triples(scorer, px, [d["caption"] for d in items]).cpu())
             out["time_ids"].append(torch.stack([d["time_ids"] for d in items]))
             out["pooled"].append(None if pooled is None else pooled.cpu())
             if pairs.singles:
@@ -643,6 +670,7 @@ def build_cache(args, pairs, dev, rank, world):
         shards = sorted(f for f in os.listdir(args.cache_dir) if f.endswith(".safetensors"))
         meta = dict(pairs=n, shards=shards, resolution=args.resolution, model=os.path.abspath(args.model),
                     data=os.path.abspath(args.data), downsample=v.downsample, fingerprint=pairs.fingerprint(),
-                    singles=pairs.singles, latents_std=args.latents == "sample")
+                    singles=pairs.singles, latents_std=args.latents == "sample",
+                    rpo_clip=os.path.abspath(args.rpo_clip) if args.rpo_clip else None)
         save_json(meta, os.path.join(args.cache_dir, "meta.json"))
     dist.barrier()

@@ -33,6 +33,7 @@ import kernels
 import lora
 import optim
 import parallel
+import reward
 import unet as unetlib
 import vae as vaelib
 from data import Pairs, collate, distinct, seed_for
@@ -109,12 +110,27 @@ def mapo_loss(model_pred, target, beta, T):
     return loss, {"implicit_acc": (margin.detach() > 0).float().mean(), "model_mse": model_mse.detach().mean()}
 
 
-def rpo_loss(model_pred, ref_pred, noise, beta, emb, tau, weights=None):
-    """Diffusion-RPO (Gu et al. 2024, arXiv:2406.06382): winner i against EVERY loser j of the batch (all-gathered
-    across ranks), weighted by w_ij = softmax_j(-(1 - cos(e_i, e_j)) / tau) of the prompts' text embeddings e.
-    w_ij weights each pair's loss (the official code multiplies the logit by it) and rows sum to 1, so identity
-    weights give DPO exactly. The loss is the whole gathered batch's: times world size before backward (DDP means).
-    """
+def rpo_weights(emb, tau):
+    """Diffusion-RPO's weights (Gu et al. 2024, arXiv:2406.06382, after RPO, Yin et al. 2024) of winner i against
+    loser j: w_ij = softmax_j(-(1 - s_ij) / tau), rows sum to 1. emb (M, 3, P): CLIP's unit-length embeddings of each
+    pair's prompt c, winner x^w and loser x^l (--rpo_clip); s_ij is the cosine of the concatenated prompt and image
+    embeddings of (c_i, x^w_i) and (c_j, x^l_j): (cos(c_i, c_j) + cos(x^w_i, x^l_j)) / 2. emb (M, E), the fallback
+    without a CLIP model: one text embedding per pair, s_ij = cos(e_i, e_j) (RPO's prompt-only weights)."""
+    if emb.dim() == 3:
+        c, xw, xl = (F.normalize(emb[:, k].float(), dim=-1) for k in range(3))  # (M, P) each
+        s = 0.5 * (c @ c.T + xw @ xl.T)  # (M, M)
+    else:
+        e = F.normalize(emb.float(), dim=-1)  # (M, E)
+        s = e @ e.T
+    return torch.softmax(-(1 - s) / tau, dim=1)  # (M, M)
+
+
+def rpo_loss(model_pred, ref_pred, noise, beta, emb, tau, form="logit", weights=None):
+    """Diffusion-RPO: winner i against EVERY loser j of the batch (all-gathered across ranks), eq. 14's logit for
+    each (i, j) scaled by rpo_weights. form "logit", the paper's and RPO's code: the weight scales the logit,
+    L = mean_ij -log sigmoid(w_ij * logit_ij); form "loss": the weight scales each (i, j)'s loss,
+    L = mean_i sum_j w_ij * -log sigmoid(logit_ij). A single pair (M = 1, w = 1) is DPO in both forms. The loss is
+    the whole gathered batch's: times world size before backward (DDP means)."""
     B = noise.shape[0]
     target = torch.cat([noise, noise])  # (2B, C, H, W)
     model_mse, ref_mse = mse(model_pred, target), mse(ref_pred, target).detach()  # (2B,)
@@ -122,9 +138,11 @@ def rpo_loss(model_pred, ref_pred, noise, beta, emb, tau, weights=None):
     rw, rl = _gather(ref_mse[:B]), _gather(ref_mse[B:])
     logits = preference_logits(mw[:, None], ml[None, :], rw[:, None], rl[None, :], beta)  # (M, M): i vs j
     if weights is None:
-        e = F.normalize(_gather(emb.float().detach()), dim=-1)  # (M, E)
-        weights = torch.softmax(-(1 - e @ e.T) / tau, dim=1)  # (M, M), rows sum to 1
-    loss = (weights * -F.logsigmoid(logits)).sum(1).mean()
+        weights = rpo_weights(_gather(emb.detach()), tau)  # (M, M)
+    if form == "logit":
+        loss = -F.logsigmoid(weights * logits).mean()
+    else:
+        loss = (weights * -F.logsigmoid(logits)).sum(1).mean()
     return loss, _stats(logits.diagonal(), torch.cat([mw, ml]).detach(), torch.cat([rw, rl]), beta)
 
 
@@ -166,10 +184,15 @@ def draw(pos, seed, shape, n_t, p_drop, n_latent=0):
     return torch.cat(t), torch.stack(eps), torch.cat(drop), latent  # (B,), (B, C, h, w), (B,) bool
 
 
-def pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, prediction_type, labels=None):
+# Autocast's cache would keep a bf16 copy of every fp32 policy weight for the whole forward (4.8 GiB for SDXL; see
+# bench_step.py --plan). Each weight is used once per forward, so not caching costs no extra casts.
+AUTOCAST_CACHE = False
+
+
+def pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, prediction_type, labels=None, rpo_emb=None):
     """The loss of one micro-batch, as the paper computes it. z (2B, C, h, w): clean latents, winners first; eps
     (B, C, h, w) and t (B,): one draw per pair; cond = (context, pooled, time_ids) with 2B rows. KTO's single
-    images: z (B, C, h, w) with labels (B,)."""
+    images: z (B, C, h, w) with labels (B,). RPO with --rpo_clip: rpo_emb (B, 3, P), CLIP's prompt, winner, loser."""
     B = eps.shape[0]
     if args.loss == "sft":  # the paper's baseline: the plain denoising loss on the preferred images only
         z, cond = z[:B], tuple(None if c is None else c[:B] for c in cond)
@@ -177,7 +200,8 @@ def pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, prediction_type
     eps, t = eps.repeat(k, 1, 1, 1), t.repeat(k)  # (kB, C, h, w), (kB,): winner i and loser i share them
     x_t = diffusion.forward_process(z, eps, t, alphas_cumprod)  # (kB, C, h, w) a draw of q(x_t | x_0)
     target = diffusion.target(z, eps, t, alphas_cumprod, prediction_type)  # eps, or v for v-prediction
-    amp = torch.autocast(x_t.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype != torch.float32)
+    amp = torch.autocast(x_t.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype != torch.float32,
+                         cache_enabled=AUTOCAST_CACHE)
     with amp:
         pred = model(x_t, t, *cond)  # (kB, C, h, w) the policy's eps_theta(x_t, t, c)
     if args.loss == "sft":
@@ -192,9 +216,10 @@ def pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, prediction_type
         return kto_loss(pred, ref_pred, target, args.beta, labels)
     if prediction_type == "v_prediction":  # |pred - v|^2 = |(pred - v + eps) - eps|^2: the losses' shared-eps layout
         pred, ref_pred = pred - (target - eps), ref_pred - (target - eps)
-    if args.loss == "rpo":  # prompt embedding: SDXL's pooled one; SD1.5 has none, so the mean of the context states
-        emb = (cond[0].mean(1) if cond[1] is None else cond[1])[:B]  # (B, E), one per pair
-        return rpo_loss(pred, ref_pred, eps[:B], args.beta, emb, args.rpo_tau)
+    if args.loss == "rpo":  # CLIP's prompt and image embeddings (--rpo_clip), else the UNet's text embedding:
+        if rpo_emb is None:  # SDXL's pooled one; SD1.5 has none, so the mean of the context states
+            rpo_emb = (cond[0].mean(1) if cond[1] is None else cond[1])[:B]  # (B, E), one per pair
+        return rpo_loss(pred, ref_pred, eps[:B], args.beta, rpo_emb, args.rpo_tau, args.rpo_form)
     if args.loss in ("ipo", "hinge"):
         return dpo_loss(pred, ref_pred, eps[:B], args.beta, args.loss)
     loss_fn = kernels.dpo_loss if kernels.use_triton(pred) else dpo_loss  # eq. 14: fused in Triton on CUDA
@@ -246,6 +271,16 @@ def train(args) -> dict:
         policy = unetlib.load(start, dev, torch.float32)
         ref = None if args.loss in ("sft", "mapo") else reference(start, dev, args.amp_dtype)
     dataset, encoders, empty, downsample = data.training_set(args, pairs, dev, rank, world, log)
+    rpo_clip = None  # Diffusion-RPO's CLIP model, run on each batch's images unless the cache holds its embeddings
+    if args.loss == "rpo":
+        if args.rpo_clip and encoders is not None:
+            rpo_clip = reward.load("clip", args.rpo_clip, dev, args.amp_dtype)
+        weights = f"CLIP prompt + image similarity ({args.rpo_clip})" if args.rpo_clip else \
+            "the UNet's text embeddings of the prompts (no --rpo_clip; Diffusion-RPO uses CLIP prompts and images)"
+        log(f"RPO weights: {weights}, tau {args.rpo_tau}, each weight scales its {args.rpo_form}")
+        if args.batch_size * world == 1:
+            log("RPO over one pair per micro-step (all ranks together) is DPO: its matrix is 1x1 with weight 1; "
+                "raise --batch_size (or the ranks) to compare across pairs")
     fingerprints = checkpoint.fingerprints(args, pairs.fingerprint() if pairs else dataset.meta.get("fingerprint"))
     latent_shape = (policy.config["in_channels"], args.resolution // downsample, args.resolution // downsample)
     per_item = dataset.per_item  # images per item: a pair's two, or one labelled image
@@ -304,8 +339,9 @@ def train(args) -> dict:
             # every micro-step into the sharded gradients (holding whole ones between would cost their memory)
             sync = m == A - 1 or args.fsdp
             with contextlib.nullcontext() if sync else model.no_sync():
+                rpo_emb = data.rpo_embeddings(batch, dev, rpo_clip) if args.rpo_clip else None  # (B, 3, P)
                 loss, stats = pair_loss(model, ref, z, eps, t, cond, args, alphas_cumprod, schedule["prediction_type"],
-                                        batch["label"].to(dev) if "label" in batch else None)
+                                        batch["label"].to(dev) if "label" in batch else None, rpo_emb)
                 scale = world if args.loss == "rpo" else 1  # RPO's loss covers every rank's pairs
                 scaler.scale(loss * scale / A).backward()
             for k, val in {"loss": loss, **stats}.items():
@@ -442,7 +478,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--no_flip", action="store_true", help="no random horizontal flips")
     a("--prompt_dropout", type=float, default=0.2, help="P(prompt -> empty string), drawn once per pair")
     a("--dreamlike_only", action="store_true", help="keep pairs whose model_0 and model_1 contain 'dream' (official)")
-    a("--rpo_tau", type=float, default=0.5, help="RPO temperature of the prompt-similarity weights")
+    a("--rpo_tau", type=float, default=0.5, help="RPO temperature of the similarity weights")
+    a("--rpo_clip", help="RPO weights from this CLIP model's prompt and image embeddings (a transformers CLIPModel "
+      "folder), as Diffusion-RPO [without it: the UNet's text embeddings of the prompts only]")
+    a("--rpo_form", choices=["logit", "loss"], default="logit",
+      help="where RPO's weight enters: scaling each logit (the paper's and RPO's code) or each pair's loss")
     a("--time_ids", choices=["image", "official"], default="image",
       help="SDXL size conditioning: each image's true size and crop, or the official code's constants")
     a("--latents", choices=["mean", "sample"], default="mean",
@@ -485,6 +525,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, ok in valid.items():
         if not ok(getattr(args, k)):
             p.error(f"--{k} has an invalid value: {getattr(args, k)}")
+    if args.rpo_clip is not None and args.loss != "rpo":
+        p.error(f"--rpo_clip weights RPO's matrix: it needs --loss rpo (got --loss {args.loss})")
     return args
 
 

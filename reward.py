@@ -132,23 +132,32 @@ class Scorer:
         self.kind, self.model, self.tokenizer, self.head = kind, model, tokenizer, head
 
     def __call__(self, images, prompts=None):
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"{self.kind}: images must be (B, 3, H, W), got {tuple(images.shape)}")
-        w = self.model.logit_scale
-        x = preprocess(images.to(w.device), self.model.image_size).to(w.dtype)
-        img = F.normalize(self.model.image_embeds(x).float(), dim=-1)  # (B, P) unit length
+        img = self.image_embeds(images)  # (B, P)
         if self.kind == "aesthetic":  # the predictor was trained on unit-length ViT-L/14 embeddings, in fp32
             return self.head(img).squeeze(-1)
         if prompts is None or len(prompts) != len(images):
             raise ValueError(f"{self.kind}: needs one prompt per image, got {len(images)} images and "
                              f"{'no' if prompts is None else len(prompts)} prompts")
-        txt = F.normalize(self.model.text_embeds(self.tokenizer(prompts).to(w.device)).float(), dim=-1)  # (B, P)
-        cos = (img * txt).sum(-1)  # (B,)
+        w = self.model.logit_scale
+        cos = (img * self.text_embeds(prompts)).sum(-1)  # (B,)
         if self.kind == "pickscore":
             return w.float().exp() * cos
         if self.kind == "clip":
             return (100 * cos).clamp(min=0)
         return cos  # hps: hpsv2 takes the diagonal of image_features @ text_features.T, both unit length
+
+    def image_embeds(self, images):
+        """images (B, 3, H, W) in [0, 1] -> (B, P) unit-length fp32 image embeddings (also Diffusion-RPO's weights)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{self.kind}: images must be (B, 3, H, W), got {tuple(images.shape)}")
+        w = self.model.logit_scale
+        x = preprocess(images.to(w.device), self.model.image_size).to(w.dtype)
+        return F.normalize(self.model.image_embeds(x).float(), dim=-1)
+
+    def text_embeds(self, prompts):
+        """prompts (list of B str) -> (B, P) unit-length fp32 text embeddings."""
+        ids = self.tokenizer(prompts).to(self.model.logit_scale.device)  # (B, 77)
+        return F.normalize(self.model.text_embeds(ids).float(), dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------

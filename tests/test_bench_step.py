@@ -11,7 +11,7 @@ TINY = ["--resolution", "32", "--steps", "2", "--warmup", "1", "--dtype", "fp32"
 
 
 def _rows(out):
-    """impl -> the numbers of its table row (s/step, pairs/s, s/pair, GFLOP/fwd, MFU%, peak GiB, loss@0)."""
+    """impl -> the numbers of its table row (s/step, pairs/s, s/pair, GFLOP/fwd, MFU%, peak GiB, plan GiB, loss@0)."""
     lines = out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("impl "))
     rows = {}
@@ -33,10 +33,11 @@ def test_bench_runs_both_impls_on_the_tiny_sdxl(sdxl_dir, capsys, tmp_path):
     table = _rows(out)
     assert set(table) == {"ours", "diffusers"}
     for impl, f in table.items():
-        s_step, pairs_s, s_pair, gflop, mfu, peak, loss0 = f
+        s_step, pairs_s, s_pair, gflop, mfu, peak, plan, loss0 = f
         assert float(s_step) > 0 and float(pairs_s) == pytest.approx(1 / float(s_step), rel=1e-2)
         assert all(math.isfinite(float(x)) for x in (s_step, pairs_s, s_pair, gflop, mfu, loss0))
         assert float(gflop) > 0 and peak == "-"  # no CUDA: no peak memory
+        assert (float(plan) > 0) if impl == "ours" else plan == "-"  # memplan's prediction of our step
         assert float(loss0) == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 0
     # same architecture, same inputs: the same FLOP count (convs and linears; SDPA is not counted on CPU)
     assert table["ours"][3] == table["diffusers"][3]

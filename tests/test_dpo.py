@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import diffusion
@@ -110,7 +111,7 @@ def test_pair_loss_dispatches_to_the_fused_kernel_with_the_same_numbers(monkeypa
     g = torch.Generator().manual_seed(5)
     z, eps, t = torch.randn(4, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
     abar = diffusion.alphas_cumprod(diffusion.SD_SCHEDULE)
-    args = argparse.Namespace(loss="dpo", beta=100.0, amp_dtype=torch.float32, rpo_tau=0.5)
+    args = argparse.Namespace(loss="dpo", beta=100.0, amp_dtype=torch.float32, rpo_tau=0.5, rpo_form="logit")
     ref = torch.nn.Conv2d(4, 4, 1)
     calls, results = [], {}
     for path in ("torch", "triton"):
@@ -133,26 +134,63 @@ def test_pair_loss_dispatches_to_the_fused_kernel_with_the_same_numbers(monkeypa
     assert (ga - gb).norm() < 1e-5 * ga.norm(), (ga - gb).norm() / ga.norm()
 
 
-def test_rpo_identity_weights_is_dpo_and_matrix_by_hand():
+def _rpo_by_hand(model, ref, noise, beta, w, form):
+    """RPO written out in fp64: logit_ij = -beta/2 ((m_wi - r_wi) - (m_lj - r_lj)); form logit: mean_ij
+    -log sigmoid(w_ij logit_ij); form loss: mean_i sum_j w_ij * -log sigmoid(logit_ij)."""
+    B = noise.shape[0]
+    e = torch.cat([noise, noise]).double().flatten(1)
+    d = ((model.double().flatten(1) - e) ** 2).mean(1) - ((ref.double().flatten(1) - e) ** 2).mean(1)  # (2B,)
+    logit = -0.5 * beta * (d[:B, None] - d[None, B:])  # (B, B)
+    if form == "logit":
+        return torch.log1p(torch.exp(-w * logit)).mean()
+    return (w * torch.log1p(torch.exp(-logit))).sum(1).mean()
+
+
+def test_rpo_loss_both_forms_by_hand_value_and_gradient():
     model, ref, noise = tiny.preds(B=4, seed=2)
-    target = torch.cat([noise, noise])
-    a, b = model.clone().requires_grad_(True), model.clone().requires_grad_(True)
+    w = torch.softmax(torch.randn(4, 4, generator=torch.Generator().manual_seed(3)), 1).double()
+    for form in ("logit", "loss"):
+        a, b = model.clone().requires_grad_(True), model.clone().double().requires_grad_(True)
+        loss, _ = dpo.rpo_loss(a, ref, noise, 30.0, None, 0.5, form, weights=w.float())
+        want = _rpo_by_hand(b, ref, noise, 30.0, w, form)
+        (loss + want).backward()
+        assert abs(loss.item() - want.item()) < 1e-6 * max(1, want.item()), form
+        assert (a.grad.double() - b.grad).norm() < 1e-5 * b.grad.norm(), form
+    # the weights scale the logit, not the loss: the two forms differ for any non-trivial weights
+    forms = [_rpo_by_hand(model, ref, noise, 30.0, w, form) for form in ("logit", "loss")]
+    assert abs(forms[0] - forms[1]) > 1e-3
+
+
+def test_rpo_is_dpo_on_one_pair_and_with_identity_weights_in_the_loss_form():
+    model, ref, noise = tiny.preds(B=4, seed=2)
     emb = torch.eye(4, 16)  # orthogonal prompts + tiny tau: softmax(-(1 - cos)/tau) is exactly the identity
-    lr_, _ = dpo.rpo_loss(a, ref, noise, 30.0, emb, tau=1e-3)
+    a, b = model.clone().requires_grad_(True), model.clone().requires_grad_(True)
+    lr_, _ = dpo.rpo_loss(a, ref, noise, 30.0, emb, 1e-3, "loss")
     ld, _ = dpo.dpo_loss(b, ref, noise, 30.0)
     (lr_ + ld).backward()
     assert torch.equal(lr_, ld) and torch.equal(a.grad, b.grad)
-    # general weights: mean_i sum_j w_ij * -log sigmoid(-beta/2 ((m_wi - r_wi) - (m_lj - r_lj))), fp64 by hand
-    emb = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
-    loss, _ = dpo.rpo_loss(model, ref, noise, 30.0, emb, tau=0.5)
-    m, r, e = (x.double().numpy().reshape(x.shape[0], -1) for x in (model, ref, target))
-    d = ((m - e) ** 2).mean(1) - ((r - e) ** 2).mean(1)
-    u = emb.double().numpy() / np.linalg.norm(emb.double().numpy(), axis=1, keepdims=True)
+    one = torch.tensor([0, 4])  # a single pair: a 1x1 matrix of weight 1, in both forms
+    for form in ("logit", "loss"):
+        a, b = model[one].clone().requires_grad_(True), model[one].clone().requires_grad_(True)
+        lr_, _ = dpo.rpo_loss(a, ref[one], noise[:1], 30.0, torch.randn(1, 3, 8), 0.5, form)
+        ld, _ = dpo.dpo_loss(b, ref[one], noise[:1], 30.0)
+        (lr_ + ld).backward()
+        assert torch.allclose(lr_, ld, rtol=1e-6) and torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-9), form
+
+
+def test_rpo_weights_by_hand():
+    g = torch.Generator().manual_seed(4)
+    text = torch.randn(5, 12, generator=g)  # the fallback: one embedding per pair, RPO's cosine distance
+    u = F.normalize(text.double(), dim=-1).numpy()
     w = np.exp(-(1 - u @ u.T) / 0.5)
-    w /= w.sum(1, keepdims=True)
-    want = np.mean([sum(w[i, j] * np.log1p(np.exp(0.5 * 30.0 * (d[i] - d[4 + j]))) for j in range(4))
-                    for i in range(4)])
-    assert abs(loss.item() - want) < 1e-6
+    assert np.abs(dpo.rpo_weights(text, 0.5).double().numpy() - w / w.sum(1, keepdims=True)).max() < 1e-6
+    clip3 = torch.randn(5, 3, 12, generator=g)  # CLIP: prompt, winner, loser of each pair
+    c, xw, xl = (F.normalize(clip3[:, k].double(), dim=-1).numpy() for k in range(3))
+    cat_w = np.concatenate([c, xw], 1) / np.sqrt(2)  # (c_i, x^w_i) as one unit vector; (c_j, x^l_j) likewise
+    cat_l = np.concatenate([c, xl], 1) / np.sqrt(2)
+    w = np.exp(-(1 - cat_w @ cat_l.T) / 0.1)
+    got = dpo.rpo_weights(clip3, 0.1).double().numpy()
+    assert np.abs(got - w / w.sum(1, keepdims=True)).max() < 1e-6 and np.allclose(got.sum(1), 1)
 
 
 def test_adafactor_matches_transformers():
@@ -195,7 +233,7 @@ def test_pairs_share_t_noise_and_draws_depend_on_position_only(monkeypatch):
         targets.append(noise)
         return torch.zeros(()), {}
     monkeypatch.setattr(dpo, "dpo_loss", loss)
-    args = argparse.Namespace(loss="dpo", beta=1.0, amp_dtype=torch.float32, rpo_tau=0.5)
+    args = argparse.Namespace(loss="dpo", beta=1.0, amp_dtype=torch.float32, rpo_tau=0.5, rpo_form="logit")
     dpo.pair_loss(policy, policy, z, eps, t, (None, None, None), args, abar, pred)
     x, tt = seen[0]
     e2, target = torch.cat([eps, eps]), torch.cat([targets[0], targets[0]])
@@ -432,7 +470,7 @@ def test_pair_loss_targets_by_hand(pred_type):
     z, eps, t = torch.randn(4, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
     abar = diffusion.alphas_cumprod(diffusion.SD_SCHEDULE)
     policy, ref = (lambda x, t, *c: 0.5 * x), (lambda x, t, *c: 0.4 * x + 0.1)
-    args = argparse.Namespace(loss="dpo", beta=100.0, amp_dtype=torch.float32, rpo_tau=0.5)
+    args = argparse.Namespace(loss="dpo", beta=100.0, amp_dtype=torch.float32, rpo_tau=0.5, rpo_form="logit")
     loss, _ = dpo.pair_loss(policy, ref, z, eps, t, (None, None, None), args, abar, pred_type)
     a = abar.double()[torch.cat([t, t])].view(-1, 1, 1, 1)
     e2, zd = torch.cat([eps, eps]).double(), z.double()

@@ -1,0 +1,189 @@
+"""Every GPU number this project reports, in one command and one run (GPU time comes in short slices):
+
+    python gpu_check.py                      # on one H100/H200: about 8 minutes; writes gpu_check/summary.md
+    python gpu_check.py --dry_run            # the same steps on the CPU: tiny shapes, stub timers (CI runs this)
+
+Steps, in order of what matters most if time runs out (each in its own process, with its own time limit, so one
+failure or hang costs only its step): the GPU kernel tests (bf16 forward and every gradient against the fp32
+references), bench_step.py (an SDXL DPO step at 1024^2, ours vs a diffusers-UNet trainer, same run), the kernel
+benchmarks (attention vs every SDPA backend, the loss kernel vs eager / torch.compile and copy bandwidth), then
+the memory tiers: measured torch.cuda.max_memory_allocated beside `bench_step.py --plan`'s prediction.
+
+Out: gpu_check/summary.md (tables that go straight into BENCHMARKS.md, with the date, GPU, torch and Triton
+versions and each command), the CSV files behind them, and one .log per step.
+"""
+import argparse
+import csv
+import os
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# bench_step.py configurations: (name, model family, flags, environment). The first is the headline: dpo.py's
+# SDXL defaults, ours against the diffusers UNet; "sdpa" is our UNet with torch's attention instead of the kernel.
+STEPS = [("sdxl", "sdxl", [], {}),
+         ("sdxl_lora64", "sdxl", ["--impl", "ours", "--lora", "64"], {}),
+         ("sdxl_nockpt_b2", "sdxl", ["--impl", "ours", "--no-gradient_checkpointing", "--batch_size", "2"], {}),
+         ("sdxl_sdpa", "sdxl", ["--impl", "ours"], {"DPO_KERNELS": "torch"}),
+         ("sd15_b4", "sd15", ["--batch_size", "4"], {})]
+
+
+def plan(args, out):
+    """(name, argv, seconds, env) of every step; --dry_run swaps in tiny models and CPU flags."""
+    py, env = sys.executable, {}
+    kernel_tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests",
+                                                                                    "test_kernels_gpu.py")]
+    model = {"sdxl": "sdxl", "sd15": "sd15"}  # bench_step.py's built-in configs of the real models (no weights)
+    bench = [py, os.path.join(ROOT, "kernels", "bench.py"), "--quick", "--out", out]
+    step = [py, os.path.join(ROOT, "bench_step.py"), "--csv", os.path.join(out, "step.csv")]
+    budget = {"tests": 120, "bench": 120, "step": 90}
+    if args.dry_run:  # tiny models, one step each, the Triton kernels in the interpreter
+        env = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+        bench.append("--dry_run")
+        model = {family: tiny_model(out, family) for family in model}
+        step += ["--device", "cpu", "--resolution", "32", "--steps", "1", "--warmup", "0", "--dtype", "fp32"]
+        budget = {"tests": 300, "bench": 300, "step": 300}
+    steps = [("kernel_tests", kernel_tests, budget["tests"], env)]
+    for i, (name, family, flags, step_env) in enumerate(STEPS):
+        steps.append((f"step_{name}", step + ["--model", model[family], *flags], budget["step"], {**env, **step_env}))
+        if i == 0:
+            steps.append(("kernel_bench", bench, budget["bench"], env))
+    return steps
+
+
+def tiny_model(out, family):
+    """A tiny random diffusers model for --dry_run (tests/tiny.py, built once)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import tiny
+    root = os.path.join(out, f"tiny_{family}")
+    if not os.path.isdir(os.path.join(root, "unet")):
+        (tiny.make_sdxl if family == "sdxl" else tiny.make_sd15)(root)
+    return root
+
+
+def run(name, argv, seconds, env, out):
+    """One step in its own process, its output in out/name.log; (return code, seconds). 124: out of time."""
+    tic = time.time()
+    with open(os.path.join(out, f"{name}.log"), "w") as log:
+        log.write(f"$ {shlex.join(argv)}\n")
+        log.flush()
+        try:
+            rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=seconds, cwd=ROOT,
+                                env={**os.environ, **env}).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    return rc, time.time() - tic
+
+
+def read_csv(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def num(x, fmt):
+    """A CSV cell as formatted, '-' when empty."""
+    return "-" if x in (None, "", "None") else format(float(x), fmt)
+
+
+def tables(out) -> list:
+    """The markdown tables of BENCHMARKS.md from the CSV files of this run."""
+    lines = []
+    attn = read_csv(os.path.join(out, "attention.csv"))
+    if attn:
+        lines += ["### Attention, fwd+bwd TFLOP/s (kernels/bench.py --quick)", "",
+                  "| shape | ours (Triton) | best SDPA backend | its TFLOP/s | ratio |", "|---|---|---|---|---|"]
+        for shape in dict.fromkeys(r["shape"] for r in attn):
+            rows = [r for r in attn if r["shape"] == shape and r["fwdbwd_tflops"] not in ("", "None")]
+            ours = next((float(r["fwdbwd_tflops"]) for r in rows if r["impl"] == "triton"), None)
+            sdpa = [r for r in rows if r["impl"] != "triton"]
+            best = max(sdpa, key=lambda r: float(r["fwdbwd_tflops"])) if sdpa else None
+            b = float(best["fwdbwd_tflops"]) if best else None
+            ratio = f"{ours / b:.2f}" if ours and b else "-"
+            name = best["impl"] if best else "-"
+            lines.append(f"| {shape} | {num(ours, '.1f')} | {name} | {num(b, '.1f')} | {ratio} |")
+        lines.append("")
+    loss = read_csv(os.path.join(out, "dpo_loss.csv"))
+    if loss:
+        lines += ["### DPO loss fwd+bwd, GB/s (kernels/bench.py --quick)", "",
+                  f"Copy bandwidth: {num(loss[0]['copy_gbs'], '.0f')} GB/s.", "",
+                  "| shape | impl | ms | GB/s | % of copy |", "|---|---|---|---|---|"]
+        for r in loss:
+            pct = "-" if r["gbs"] in ("", "None") else f"{100 * float(r['gbs']) / float(r['copy_gbs']):.0f}%"
+            lines.append(f"| {r['shape']} | {r['impl']} | {num(r['ms'], '.3f')} | {num(r['gbs'], '.0f')} | {pct} |")
+        lines.append("")
+    step = read_csv(os.path.join(out, "step.csv"))
+    if step:
+        lines += ["### One DPO optimizer step (bench_step.py)", "",
+                  "| flags | impl | s/step | pairs/s | MFU | peak GiB measured | plan GiB | plan / measured | loss@0 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in step:
+            cmd = r["command"].replace("python bench_step.py ", "")
+            cmd = cmd.replace(f"--csv {os.path.join(out, 'step.csv')}", "")
+            peak, pred = r.get("peak_gib"), r.get("plan_gib")
+            ratio = f"{float(pred) / float(peak):.2f}" if peak not in (None, "", "None") and pred not in (
+                None, "", "None") else "-"
+            mfu = "-" if r["mfu"] in ("", "None") else f"{100 * float(r['mfu']):.1f}%"
+            lines.append(f"| `{cmd.strip() or '(defaults)'}` | {r['impl']} | {num(r['s_step'], '.3f')} | "
+                         f"{num(r['pairs_s'], '.3f')} | {mfu} | {num(peak, '.2f')} | {num(pred, '.2f')} | {ratio} | "
+                         f"{num(r['loss0'], '.4f')} |")
+        lines.append("")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="gpu_check", help="folder for summary.md, the CSV files and the logs")
+    p.add_argument("--dry_run", action="store_true", help="on the CPU with tiny models: checks the script, no numbers")
+    p.add_argument("--budget", type=float, help="seconds for all steps: a step gets what is left of it, up to its "
+                   "own limit; steps past it are skipped (summary.md is rewritten after each step) [510; dry run 1800]")
+    args = p.parse_args(argv)
+    if args.budget is None:
+        args.budget = 1800 if args.dry_run else 510
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    for f in ("attention.csv", "dpo_loss.csv", "step.csv"):  # this run's numbers only
+        if os.path.exists(os.path.join(out, f)):
+            os.remove(os.path.join(out, f))
+    import torch
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("error: gpu_check.py needs a CUDA GPU (or --dry_run)")
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    device = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = [f"## GPU check, {date}", "", f"{device} | torch {torch.__version__} | triton {tv} | "
+            f"`python gpu_check.py{' --dry_run' if args.dry_run else ''}`", "",
+            "| step | result | seconds | command |", "|---|---|---|---|"]
+    results, start, summary = [], time.time(), ""
+    for name, cmd, seconds, env in plan(args, out):
+        left = args.budget - (time.time() - start)
+        short = " ".join(f"{k}={v}" for k, v in env.items() if k == "DPO_KERNELS")
+        short = (short + " " if short else "") + shlex.join([os.path.relpath(c, ROOT) if c.startswith(ROOT) else c
+                                                             for c in cmd[1:]])
+        if left < 20:
+            results.append(f"| {name} | skipped (--budget {args.budget:.0f} s spent) | 0 | `{short}` |")
+        else:
+            print(f"{name} ...", flush=True)
+            rc, took = run(name, cmd, min(seconds, left), env, out)
+            verdict = "ok" if rc == 0 else ("out of time" if rc == 124 else f"failed (exit {rc})")
+            print(f"{name}: {verdict} in {took:.0f} s (log: {os.path.join(out, name + '.log')})", flush=True)
+            results.append(f"| {name} | {verdict} | {took:.0f} | `{short}` |")
+        summary = "\n".join(head + results + [""] + tables(out))
+        with open(os.path.join(out, "summary.md"), "w") as f:  # after every step: a cut run keeps what it measured
+            f.write(summary + "\n")
+    print(summary)
+    print(f"wrote {os.path.join(out, 'summary.md')}")
+    return 0 if all("| ok |" in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
