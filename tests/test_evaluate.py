@@ -19,6 +19,7 @@ import demo
 import reward
 import sample
 import unet as unetlib
+from test_sample import cli_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,16 +75,6 @@ def prompts_tsv(path):
         f.write("Prompt\tCategory\tChallenge\tNote\n")
         f.writelines(f"{p}\t{c}\tBasic\t\n" for p, c in rows)
     return str(path)
-
-
-def cli_error(argv, capsys):
-    """sample.main's one error line (and a non-zero exit)."""
-    with pytest.raises(SystemExit) as e:
-        sample.main(argv)
-    assert e.value.code != 0
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1, err
-    return err[0]
 
 
 def png(path):

@@ -446,6 +446,7 @@ def test_relabel_with_a_scorer():
 
 
 def cli_error(argv, capsys):
+    """sample.main's one error line (and a non-zero exit); test_evaluate.py uses it too."""
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
     assert e.value.code != 0
