@@ -4,6 +4,8 @@ weights' formula are tested by hand in test_dpo.py."""
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 import data
 import dpo
 import reward
-from test_dpo import run
+from test_dpo import ENV, ROOT, run
 from test_reward import _make
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,3 +90,22 @@ def test_bad_input(tmp_path, sdxl_dir, jsonl, clip_dir, capsys):
         run(tmp_path / "wrong", sdxl_dir, jsonl, "--loss", "rpo", "--rpo_clip", sdxl_dir, steps=1)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: "), err
+
+
+def test_two_ranks_with_clip_weights_match_one_rank(tmp_path, sdxl_dir, jsonl, clip_dir):
+    """The weight matrix spans the gathered batch: 2 ranks x 1 pair = 1 rank x 2 pairs, CLIP embeddings included."""
+    flags = ["--loss", "rpo", "--rpo_clip", clip_dir[0], "--rpo_tau", "0.05", "--beta", "100", "--device", "cpu"]
+    one = run(tmp_path / "one", sdxl_dir, jsonl, *flags, steps=2)  # 1 rank x 2 pairs x 2 micro-steps
+    common = ["--model", sdxl_dir, "--data", jsonl, "--resolution", "32", "--grad_accum", "2", "--max_steps", "2",
+              "--log_every", "1", "--lr", "1e-4", "--warmup", "0", *flags]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(ROOT, "dpo.py"), *common, "--batch_size", "1", "--out_dir", str(tmp_path / "two")],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is DPO" not in r.stdout  # 1 pair per rank, 2 ranks: a 2x2 matrix
+    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert len(two) == 2
+    for a, b in zip(one, two):
+        for k in ("loss", "model_mse", "ref_mse", "implicit_acc"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]
