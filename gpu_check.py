@@ -86,9 +86,15 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def num(x, fmt):
+def value(cell):
+    """A CSV cell as a float, None when empty (what a run could not measure, e.g. peak memory on the CPU)."""
+    return None if cell in (None, "", "None") else float(cell)
+
+
+def num(cell, fmt):
     """A CSV cell as formatted, '-' when empty."""
-    return "-" if x in (None, "", "None") else format(float(x), fmt)
+    v = value(cell)
+    return "-" if v is None else format(v, fmt)
 
 
 def tables(out) -> list:
@@ -99,7 +105,7 @@ def tables(out) -> list:
         lines += ["### Attention, fwd+bwd TFLOP/s (kernels/bench.py --quick)", "",
                   "| shape | ours (Triton) | best SDPA backend | its TFLOP/s | ratio |", "|---|---|---|---|---|"]
         for shape in dict.fromkeys(r["shape"] for r in attn):
-            rows = [r for r in attn if r["shape"] == shape and r["fwdbwd_tflops"] not in ("", "None")]
+            rows = [r for r in attn if r["shape"] == shape and value(r["fwdbwd_tflops"]) is not None]
             ours = next((float(r["fwdbwd_tflops"]) for r in rows if r["impl"] == "triton"), None)
             sdpa = [r for r in rows if r["impl"] != "triton"]
             best = max(sdpa, key=lambda r: float(r["fwdbwd_tflops"])) if sdpa else None
@@ -114,7 +120,8 @@ def tables(out) -> list:
                   f"Copy bandwidth: {num(loss[0]['copy_gbs'], '.0f')} GB/s.", "",
                   "| shape | impl | ms | GB/s | % of copy |", "|---|---|---|---|---|"]
         for r in loss:
-            pct = "-" if r["gbs"] in ("", "None") else f"{100 * float(r['gbs']) / float(r['copy_gbs']):.0f}%"
+            gbs = value(r["gbs"])
+            pct = "-" if gbs is None else f"{100 * gbs / float(r['copy_gbs']):.0f}%"
             lines.append(f"| {r['shape']} | {r['impl']} | {num(r['ms'], '.3f')} | {num(r['gbs'], '.0f')} | {pct} |")
         lines.append("")
     step = read_csv(os.path.join(out, "step.csv"))
@@ -125,10 +132,9 @@ def tables(out) -> list:
         for r in step:
             cmd = r["command"].replace("python bench_step.py ", "")
             cmd = cmd.replace(f"--csv {os.path.join(out, 'step.csv')}", "")
-            peak, pred = r.get("peak_gib"), r.get("plan_gib")
-            ratio = f"{float(pred) / float(peak):.2f}" if peak not in (None, "", "None") and pred not in (
-                None, "", "None") else "-"
-            mfu = "-" if r["mfu"] in ("", "None") else f"{100 * float(r['mfu']):.1f}%"
+            peak, pred, mfu = value(r.get("peak_gib")), value(r.get("plan_gib")), value(r["mfu"])
+            ratio = "-" if peak is None or pred is None else f"{pred / peak:.2f}"
+            mfu = "-" if mfu is None else f"{100 * mfu:.1f}%"
             lines.append(f"| `{cmd.strip() or '(defaults)'}` | {r['impl']} | {num(r['s_step'], '.3f')} | "
                          f"{num(r['pairs_s'], '.3f')} | {mfu} | {num(peak, '.2f')} | {num(pred, '.2f')} | {ratio} | "
                          f"{num(r['loss0'], '.4f')} |")

@@ -377,10 +377,8 @@ def cuda_like(autocast_cache=None):
     saved = [(kernels, "attention"), (kernels, "dpo_loss"), (kernels, "use_triton"),
              (F, "scaled_dot_product_attention"), (dpo, "AUTOCAST_CACHE")] + [(F, name) for name in CUDA_FP32]
     old = [getattr(m, n) for m, n in saved]
-    cache = torch.is_autocast_cache_enabled()
-    if autocast_cache is not None:
+    if autocast_cache is not None:  # pair_loss passes it to its autocast (the step's only one with trained weights)
         dpo.AUTOCAST_CACHE = autocast_cache
-    torch.set_autocast_cache_enabled(dpo.AUTOCAST_CACHE)
     kernels.attention, kernels.dpo_loss, kernels.use_triton = flash_attention, fused_loss, lambda t: True
     F.scaled_dot_product_attention = sdpa
     for name in CUDA_FP32:
@@ -390,7 +388,6 @@ def cuda_like(autocast_cache=None):
     finally:
         for (m, n), f in zip(saved, old):
             setattr(m, n, f)
-        torch.set_autocast_cache_enabled(cache)
 
 
 # ----------------------------------------------------------------------------------------------------
