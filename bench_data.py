@@ -8,7 +8,7 @@
   window   row groups shuffled and cut into windows of about data.SHUFFLE_PAIRS pairs, pairs shuffled uniformly
            inside a window, an LRU of one window's row groups (the default now)
   uniform  one uniform shuffle of all pairs, read with an LRU of 2 row groups (what a plain shuffle costs)
-For each: pairs/s of PairDataset (one process: decode both JPEGs, resize, crop), row groups decoded per 100 pairs,
+For each: pairs/s of PreferenceDataset (one process: decode both JPEGs, resize, crop), row groups decoded per 100 pairs,
 and how many distinct row groups 16 consecutive pairs (a micro-batch, an RPO matrix) and one optimizer step of 2048
 pairs touch (from the order alone, averaged over the dataset).
 """
@@ -20,6 +20,7 @@ import numpy as np
 
 import cli
 import data
+import images
 
 
 def make(folder, shards=4, groups=8, rows=100, size=512, seed=0):
@@ -48,7 +49,7 @@ def make(folder, shards=4, groups=8, rows=100, size=512, seed=0):
 
 def measure(path, order, n_pairs, resolution):
     """(pairs/s, row groups decoded per 100 pairs, distinct row groups per 16 and per 2048 consecutive pairs)."""
-    pairs = data.Pairs(path)
+    pairs = data.Preferences(path)
     groups = len(np.unique(pairs.group))
     window = {"block": 1, "window": pairs.window_groups, "uniform": groups}[order]
     if order == "uniform":
@@ -58,21 +59,21 @@ def measure(path, order, n_pairs, resolution):
     micro = [len(set(group[s:s + 16])) for s in range(0, len(group) - 15, 16)]
     step = [len(set(group[s:s + 2048])) for s in range(0, len(group) - 2047, 2048)]
     decodes = []
-    real = data._pq().ParquetFile.read_row_group
+    real = images.pyarrow_parquet().ParquetFile.read_row_group
 
     def read_row_group(self, i, **kw):
         decodes.append(i)
         return real(self, i, **kw)
-    data._pq().ParquetFile.read_row_group = read_row_group
+    images.pyarrow_parquet().ParquetFile.read_row_group = read_row_group
     try:
-        ds = data.PairDataset(pairs, resolution, seed=0, random_crop=False, flip=True)
+        ds = data.PreferenceDataset(pairs, resolution, seed=0, random_crop=False, flip=True)
         ds.index = index
         tic = time.perf_counter()
         for p in range(n_pairs):
             ds[p]
         seconds = time.perf_counter() - tic
     finally:
-        data._pq().ParquetFile.read_row_group = real
+        images.pyarrow_parquet().ParquetFile.read_row_group = real
     return n_pairs / seconds, 100 * len(decodes) / n_pairs, np.mean(micro), (np.mean(step) if step else float("nan"))
 
 
@@ -87,7 +88,7 @@ def main(argv=None):
         return make(args.make)
     if not args.path:
         p.error("give a parquet folder (or --make FOLDER to write one)")
-    pairs = data.Pairs(args.path)
+    pairs = data.Preferences(args.path)
     print(f"{pairs.read}; {len(np.unique(pairs.group))} row groups, shuffle window {pairs.window_groups} groups "
           f"(~{data.SHUFFLE_PAIRS} pairs); {args.pairs} pairs read per order at {args.resolution} px, one process")
     print(f"{'order':<8} {'pairs/s':>8} {'decodes/100 pairs':>18} {'groups/16 pairs':>16} {'groups/2048 pairs':>18}")

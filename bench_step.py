@@ -11,8 +11,9 @@
 
 What one step is (random weights and inputs, one process, inputs already on the device as with dpo.py --cache):
 policy forward + backward on the 2B winner/loser latents, frozen reference forward on the same 2B (a copy of the
-policy: conv/linear in the compute dtype, norms in fp32, as dpo.reference), the DPO loss (eq. 14), gradient
-clipping, optimizer step, with dpo.py's defaults for the family (SDXL: Adafactor, checkpointing on, 1024px).
+policy: conv/linear in the compute dtype, norms in fp32, as dpo.build_models), the DPO loss (eq. 14), gradient
+clipping, optimizer step (dpo.optimizer_step), with dpo.py's defaults for the family (SDXL: Adafactor, checkpointing
+on, 1024px).
   ours       dpo.pair_loss: our UNet (kernels.attention: Triton on CUDA) and the fused kernels.dpo_loss
   diffusers  diffusers.UNet2DConditionModel, same config, its default SDPA attention processor and its gradient
              checkpointing, the readable plain-PyTorch dpo.dpo_loss: what a diffusers-based trainer does
@@ -44,12 +45,11 @@ import cli
 import diffusion
 import dpo
 import kernels
-import lora
 import memplan
 import optim
 import unet as unetlib
 import vae as vaelib
-from dpo import H100_BF16_PEAK, dpo_loss, pair_loss, reference, resolve
+from dpo import dpo_loss, pair_loss, reference, resolve
 from weights import Checkpoint, CheckpointError, component, family, read_config
 
 
@@ -76,23 +76,23 @@ def parse_args(argv):
       "configuration (memplan.py; full / LoRA / FSDP-8, checkpointing, 1/2/4 pairs, encoders on the GPU or cached)")
     a("--plan_out", help="with --plan: write the plan as a JSON list to this file")
     a("--plan_batches", default="1,2,4", help="with --plan: the batch sizes (pairs per rank) to plan")
-    args = p.parse_args(argv)
-    args.impl = args.impl.split(",")
-    if not args.impl or set(args.impl) - {"ours", "diffusers"}:
-        p.error(f"--impl takes ours and/or diffusers, got {','.join(args.impl)}")
+    opts = p.parse_args(argv)
+    opts.impl = opts.impl.split(",")
+    if not opts.impl or set(opts.impl) - {"ours", "diffusers"}:
+        p.error(f"--impl takes ours and/or diffusers, got {','.join(opts.impl)}")
     for k in ("resolution", "batch_size", "steps", "lora"):
-        if getattr(args, k) is not None and getattr(args, k) < 1:
-            p.error(f"--{k} must be >= 1, got {getattr(args, k)}")
-    if args.warmup < 0:
-        p.error(f"--warmup must be >= 0, got {args.warmup}")
-    given = args.plan_batches
+        if getattr(opts, k) is not None and getattr(opts, k) < 1:
+            p.error(f"--{k} must be >= 1, got {getattr(opts, k)}")
+    if opts.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {opts.warmup}")
+    given = opts.plan_batches
     try:
-        args.plan_batches = [int(b) for b in given.split(",")]
+        opts.plan_batches = [int(b) for b in given.split(",")]
     except ValueError:
-        args.plan_batches = []
-    if not args.plan_batches or min(args.plan_batches) < 1:
+        opts.plan_batches = []
+    if not opts.plan_batches or min(opts.plan_batches) < 1:
         p.error(f"--plan_batches takes batch sizes >= 1 separated by commas, got {given}")
-    return args
+    return opts
 
 
 def builtin(model):
@@ -121,13 +121,13 @@ def latent_factor(model):
         return 8
 
 
-def settings(args, sdxl, device):
+def settings(opts, sdxl, device):
     """dpo.py's own defaults for this family (beta, lr, weight decay, clip, optimizer, ...), the bench flags on top."""
-    targs = dpo.parse_args([])
+    args = argparse.Namespace(**dpo.DEFAULTS)
     for k in ("resolution", "batch_size", "optimizer", "gradient_checkpointing", "compile", "lora"):
-        setattr(targs, k, getattr(args, k))
-    targs.dtype = args.dtype
-    return resolve(targs, sdxl, 1, device)
+        setattr(args, k, getattr(opts, k))
+    args.dtype = opts.dtype
+    return resolve(args, sdxl, 1, device)
 
 
 def inputs(cfg, B, h, res, dev, seed=0):
@@ -153,78 +153,74 @@ def as_ours(net):
     return call
 
 
-def build(impl, cfg, dev, targs):
+def build(impl, cfg, dev, args):
     """(policy, ref, step): step(z, eps, t, cond) does one optimizer step and returns (loss, grad norm) tensors."""
-    if impl == "ours" and targs.lora:  # as dpo.py --lora: one frozen UNet, fp32 adapters, the base as reference
-        with torch.device(dev):
-            policy = reference(unetlib.UNet(cfg), dev, targs.amp_dtype)
-        trained = lora.add(policy, targs.lora, targs.lora_alpha)
-        ref = lora.reference(policy)
-        policy.gradient_checkpointing = targs.gradient_checkpointing
-    elif impl == "ours":
-        with torch.device(dev):
-            policy, ref = unetlib.UNet(cfg), unetlib.UNet(cfg)
-        policy.gradient_checkpointing = targs.gradient_checkpointing
+    if impl == "ours":  # exactly dpo.py's models (dpo.build_models), from random weights
+
+        def make():  # the same random UNet at every call: the reference starts as the policy, as in training
+            torch.manual_seed(0)
+            with torch.device(dev):
+                return unetlib.UNet(cfg)
+        policy, ref, trained = dpo.build_models(args, dev, make)
     else:
         from diffusers import UNet2DConditionModel
         with torch.device(dev):
             policy, ref = UNet2DConditionModel.from_config(cfg), UNet2DConditionModel.from_config(cfg)
-        if targs.gradient_checkpointing:
+        if args.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
-    if not targs.lora:
         ref.load_state_dict(policy.state_dict())  # the reference starts as the policy, as in training
-        ref, trained = reference(ref, dev, targs.amp_dtype), list(policy.parameters())
+        ref, trained = reference(ref, dev, args.amp_dtype), list(policy.parameters())
     acp = diffusion.alphas_cumprod(diffusion.SD_SCHEDULE).to(dev)
     policy.train()
-    net = torch.compile(policy) if targs.compile else policy
-    opt = optim.build(targs.optimizer, trained, targs.lr, targs.weight_decay, fused=dev.type == "cuda")
+    net = torch.compile(policy) if args.compile else policy
+    opt = optim.build(args.optimizer, trained, args.lr, args.weight_decay, fused=dev.type == "cuda")
+    scaler = torch.amp.GradScaler(dev.type, enabled=False)  # bf16 or fp32: no loss scaling, as dpo.py
 
     def loss_fn(z, eps, t, cond):
         if impl == "ours":  # exactly dpo.py's micro-step
-            return pair_loss(net, ref, z, eps, t, cond, targs, acp, "epsilon")[0]
+            inputs = dict(z=z, eps=eps, t=t, T=len(acp), cond=cond)
+            return pair_loss(net, ref, inputs, args, acp, "epsilon")[0]
         t2 = torch.cat([t, t])  # (2B,): the same t and eps for winner i and loser i
         x = diffusion.forward_process(z, torch.cat([eps, eps]), t2, acp)  # (2B, C, h, w)
-        amp = torch.autocast(dev.type, dtype=targs.amp_dtype, enabled=targs.amp_dtype != torch.float32)
+        amp = torch.autocast(dev.type, dtype=args.amp_dtype, enabled=args.amp_dtype != torch.float32)
         with amp:
             pred = as_ours(net)(x, t2, *cond)  # (2B, C, h, w)
         with torch.no_grad(), amp:
             ref_pred = as_ours(ref)(x, t2, *cond)  # (2B, C, h, w)
-        return dpo_loss(pred, ref_pred, eps, targs.beta)[0]
+        return dpo_loss(pred, ref_pred, eps, args.beta)[0]
 
     def step(z, eps, t, cond):
         loss = loss_fn(z, eps, t, cond)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(trained, targs.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _, norm = dpo.optimizer_step(opt, scaler, trained, args, args.warmup)  # past warmup: the full lr
         return loss.detach(), norm
     return policy, ref, step
 
 
-def measure(impl, cfg, dev, targs, args, h):
+def measure(impl, cfg, dev, args, opts, h):
     """One impl's row: build, count FLOPs once, warm up, time, peak memory of the steps."""
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    policy, ref, step = build(impl, cfg, dev, targs)
-    z, eps, t, cond = inputs(cfg, targs.batch_size, h, targs.resolution, dev)
+    policy, ref, step = build(impl, cfg, dev, args)
+    z, eps, t, cond = inputs(cfg, args.batch_size, h, args.resolution, dev)
     net = policy if impl == "ours" else as_ours(policy)
     one = kernels.flops(net, z[:1], t[:1], *(None if c is None else c[:1] for c in cond))
     if dev.type == "cuda":  # the steps' peak, as memplan plans it (not the building of the models)
         torch.cuda.reset_peak_memory_stats()
     times, loss0 = [], None
-    for i in range(args.warmup + args.steps):
+    for i in range(opts.warmup + opts.steps):
         sync()
         tic = time.perf_counter()
         loss, _ = step(z, eps, t, cond)
         sync()
         times.append(time.perf_counter() - tic)
         loss0 = loss.item() if loss0 is None else loss0
-        print(f"  {impl} step {i + 1}/{args.warmup + args.steps}: {times[-1]:.3f} s", file=sys.stderr, flush=True)
+        print(f"  {impl} step {i + 1}/{opts.warmup + opts.steps}: {times[-1]:.3f} s", file=sys.stderr, flush=True)
     if not math.isfinite(loss.item()):
         raise ValueError(f"{impl}: loss is {loss.item()}")
-    s, B = float(np.median(times[args.warmup:])), targs.batch_size
+    s, B = float(np.median(times[opts.warmup:])), args.batch_size
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None
     return dict(impl=impl, s_step=s, pairs_s=B / s, s_pair=s / B, gflop_fwd=one / 1e9,
-                mfu=8 * B * one / s / H100_BF16_PEAK, peak_gib=peak, loss0=loss0)
+                mfu=8 * B * one / s / kernels.H100_BF16_PEAK, peak_gib=peak, loss0=loss0)
 
 
 def available_bytes(dev):
@@ -238,16 +234,16 @@ def available_bytes(dev):
         return None
 
 
-def state_bytes(cfg, targs):
+def state_bytes(cfg, args):
     """A lower bound on one step's memory: fp32 policy and gradients, the reference (conv/linear in the compute
     dtype), AdamW's two fp32 moments (Adafactor's factored ones are ~0); LoRA: the frozen base alone. Activations
     come on top."""
     with torch.device("meta"):
         n = sum(p.numel() for p in unetlib.UNet(cfg).parameters())
-    ref = 4 if targs.amp_dtype == torch.float32 else 2
-    if targs.lora:
+    ref = 4 if args.amp_dtype == torch.float32 else 2
+    if args.lora:
         return n, n * ref
-    return n, n * (4 + 4 + ref + (8 if targs.optimizer == "adamw" else 0))
+    return n, n * (4 + 4 + ref + (8 if args.optimizer == "adamw" else 0))
 
 
 def model_spec(model, resolution=None):
@@ -271,65 +267,65 @@ def model_spec(model, resolution=None):
     return spec
 
 
-def plan(args, argv):
+def plan(opts, argv):
     """--plan: memplan's predicted peak memory of every training configuration, as a table (and JSON)."""
     try:
-        models = [model_spec(args.model, args.resolution)] if args.model else [memplan.MODELS["sdxl"],
-                                                                                memplan.MODELS["sd15"]]
+        models = [model_spec(opts.model, opts.resolution)] if opts.model else [memplan.MODELS["sdxl"],
+                                                                               memplan.MODELS["sd15"]]
     except (CheckpointError, ValueError) as e:
         cli.fail(str(e))
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {date} | memory plan on shadow tensors, no GPU (memplan.py) | torch {torch.__version__}")
     print(f"# python bench_step.py {shlex.join(argv)}", flush=True)
     tic = time.time()
-    rows = memplan.plan(models, args.plan_batches, log=lambda msg: print(msg, flush=True))
+    rows = memplan.plan(models, opts.plan_batches, log=lambda msg: print(msg, flush=True))
     print(memplan.table([r for r in rows if r["autocast_cache"] == dpo.AUTOCAST_CACHE]))
     print(f"\nThe same step if dpo.py's autocast {'did not cache' if dpo.AUTOCAST_CACHE else 'cached'} its bf16 copies "
           f"of the fp32 weights (torch.autocast(..., cache_enabled={not dpo.AUTOCAST_CACHE})):")
     print(memplan.table([r for r in rows if r["autocast_cache"] != dpo.AUTOCAST_CACHE]))
     print(f"# {len(rows)} configurations in {time.time() - tic:.0f} s; GiB = 2^30 bytes; a GPU of G GiB fits a peak P "
           f"when 1.05 P + 0.75 GiB <= G")
-    if args.plan_out:
-        with open(args.plan_out, "w") as f:
+    if opts.plan_out:
+        with open(opts.plan_out, "w") as f:
             json.dump(rows, f, indent=1)
     return rows
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.plan:
-        return plan(args, argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    opts = parse_args(argv)
+    if opts.plan:
+        return plan(opts, argv)
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         cli.fail("--device cuda but no CUDA device is available")
     dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as dpo.train
     try:
-        cfg = unet_config(args.model)
+        cfg = unet_config(opts.model)
         c = unetlib.check_config(cfg)
     except (CheckpointError, ValueError) as e:
         cli.fail(str(e))
     sdxl = c["addition_embed_type"] == "text_time"
-    targs = settings(args, sdxl, device)
-    h, down = targs.resolution // latent_factor(args.model), 2 ** (len(c["block_out_channels"]) - 1)
+    args = settings(opts, sdxl, device)
+    h, down = args.resolution // latent_factor(opts.model), 2 ** (len(c["block_out_channels"]) - 1)
     if h % down:
-        cli.fail(f"--resolution {targs.resolution} gives {h}x{h} latents, not divisible by the UNet's {down}")
-    params, need = state_bytes(cfg, targs)
+        cli.fail(f"--resolution {args.resolution} gives {h}x{h} latents, not divisible by the UNet's {down}")
+    params, need = state_bytes(cfg, args)
     free = available_bytes(dev)
     if free is not None and need > free:  # refuse up front, not by an out-of-memory kill minutes later
         cli.fail(f"this step needs at least {need / 2 ** 30:.1f} GiB on the {device} (fp32 weights and gradients, "
                  f"reference, optimizer state of a {params / 1e9:.2f} B-parameter UNet; activations on top) and "
                  f"{free / 2 ** 30:.1f} GiB are free: use a GPU, or --model with a smaller UNet")
-    if "diffusers" in args.impl and args.lora:
+    if "diffusers" in opts.impl and opts.lora:
         print("diffusers baseline skipped: --lora (the baseline is a full fine-tune)")
-        args.impl = [i for i in args.impl if i != "diffusers"]
-    if "diffusers" in args.impl:
+        opts.impl = [i for i in opts.impl if i != "diffusers"]
+    if "diffusers" in opts.impl:
         try:
             import diffusers  # noqa: F401
         except ImportError as e:
             print(f"diffusers baseline skipped: cannot import diffusers ({e}); pip install -r requirements-dev.txt")
-            args.impl = [i for i in args.impl if i != "diffusers"]
+            opts.impl = [i for i in opts.impl if i != "diffusers"]
     try:
         import triton
         tv = triton.__version__
@@ -340,24 +336,24 @@ def main(argv=None):
     print(f"# {date} | {name} | torch {torch.__version__} | triton {tv}")
     env = "".join(f"{k}={os.environ[k]} " for k in ("DPO_KERNELS",) if os.environ.get(k))  # what changes the step
     print(f"# {env}python bench_step.py {shlex.join(argv)}")
-    print(f"# {'SDXL' if sdxl else 'SD1.5'}-shaped UNet, {targs.resolution}px ({h}x{h} latents), "
-          f"{targs.batch_size} pair(s)/step, {f'LoRA rank {targs.lora}, ' if targs.lora else ''}{targs.optimizer}, "
+    print(f"# {'SDXL' if sdxl else 'SD1.5'}-shaped UNet, {args.resolution}px ({h}x{h} latents), "
+          f"{args.batch_size} pair(s)/step, {f'LoRA rank {args.lora}, ' if args.lora else ''}{args.optimizer}, "
           f"checkpointing "
-          f"{'on' if targs.gradient_checkpointing else 'off'}, {str(targs.amp_dtype)[6:]}, compile "
-          f"{'on' if args.compile else 'off'}, median of {args.steps} steps after {args.warmup} warm-up", flush=True)
+          f"{'on' if args.gradient_checkpointing else 'off'}, {str(args.amp_dtype)[6:]}, compile "
+          f"{'on' if opts.compile else 'off'}, median of {opts.steps} steps after {opts.warmup} warm-up", flush=True)
     rows = []
-    for impl in args.impl:
-        rows.append(measure(impl, cfg, dev, targs, args, h))
-        if args.compile:
+    for impl in opts.impl:
+        rows.append(measure(impl, cfg, dev, args, opts, h))
+        if opts.compile:
             torch._dynamo.reset()  # compiled graphs hold the models
         gc.collect()  # the impl's models and optimizer state are gone with measure()'s frame: free them first
         if device == "cuda":
             torch.cuda.empty_cache()
     for r in rows:  # the memory plan of the same step, on shadow tensors (ours only: memplan runs our UNet)
         r["plan_gib"] = r["plan_phase"] = None
-        if r["impl"] == "ours" and args.predict:
+        if r["impl"] == "ours" and opts.predict:
             try:  # after the GPU measurements: a plan that fails (another torch) must not take them with it
-                value, r["plan_phase"], _ = memplan.predict(model_spec(args.model, targs.resolution), targs)
+                value, r["plan_phase"], _ = memplan.predict(model_spec(opts.model, args.resolution), args)
                 r["plan_gib"] = value / 2 ** 30
             except Exception as e:  # noqa: BLE001
                 print(f"memory plan failed, the measurements stand: {type(e).__name__}: {e}", flush=True)
@@ -375,10 +371,10 @@ def main(argv=None):
     if len(by) == 2:
         speedup = by["diffusers"]["s_step"] / by["ours"]["s_step"]
         print(f"speedup ours/diffusers: {speedup:.2f}x (diffusers s/step / ours s/step)")
-    if args.csv:
-        new = not os.path.exists(args.csv)
+    if opts.csv:
+        new = not os.path.exists(opts.csv)
         numbers = ("s_step", "pairs_s", "s_pair", "gflop_fwd", "mfu", "peak_gib", "plan_gib", "loss0")
-        with open(args.csv, "a", newline="") as f:
+        with open(opts.csv, "a", newline="") as f:
             w = csv.writer(f)
             if new:
                 w.writerow(["date", "device", "torch", "triton", "command", "impl", "resolution", "batch_size", "dtype",
@@ -386,8 +382,8 @@ def main(argv=None):
             for r in rows:
                 command = env + "python bench_step.py " + shlex.join(argv)
                 w.writerow([date, name, torch.__version__, tv, command, r["impl"],
-                            targs.resolution, targs.batch_size, str(targs.amp_dtype)[6:], targs.optimizer,
-                            targs.gradient_checkpointing, args.compile, *(r[k] for k in numbers)])
+                            args.resolution, args.batch_size, str(args.amp_dtype)[6:], args.optimizer,
+                            args.gradient_checkpointing, opts.compile, *(r[k] for k in numbers)])
     return rows
 
 

@@ -13,11 +13,13 @@ import os
 import random
 import re
 import shutil
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import kernels
 import lora
 import parallel
 import unet as unetlib
@@ -39,8 +41,20 @@ def clean(out_dir, log):
                 log(f"removed {os.path.join(root, f)}, left by an interrupted run")
 
 
+def prepare(args, rank, log) -> str:
+    """out_dir/checkpoint.pt, the path this run resumes from and saves to. A new run (no --resume) refuses to
+    overwrite one; rank 0 removes the temporary files a killed run left."""
+    path = os.path.join(args.out_dir, "checkpoint.pt")
+    if os.path.exists(path) and not args.resume:
+        raise ValueError(f"{path} exists: pass --resume to continue that run or choose another --out_dir")
+    if rank == 0 and os.path.isdir(args.out_dir):
+        clean(args.out_dir, log)
+    dist.barrier()
+    return path
+
+
 def fingerprints(args, data) -> dict:
-    """What --resume checks besides the flags: the data (data.Pairs.fingerprint) and the weights it starts from."""
+    """What --resume checks besides the flags: the data (data.Preferences.fingerprint) and the starting weights."""
     return {"data": data, "model": weights.fingerprint(args.model),
             "unet_init": weights.fingerprint(args.unet_init) if args.unet_init else None}
 
@@ -106,6 +120,32 @@ def read_metrics(path, log) -> list:
     return records
 
 
+def step_flops(policy, ref, inputs, loss):
+    """FLOPs per item of a training step: per image the policy's forward and backward (3 forwards) and the
+    reference's forward, one UNet forward on one image counted op by op (kernels.flops)."""
+    z, t, cond = inputs["z"], inputs["t"], inputs["cond"]
+    one = kernels.flops(policy, z[:1], t[:1], *(None if c is None else c[:1] for c in cond))
+    per_item = z.shape[0] // t.shape[0]
+    return one * (3 if loss == "sft" else 3 * per_item + (0 if ref is None else per_item))
+
+
+def log_step(args, step, rec, lr, grad_norm, bad_all, clock, flops, log):
+    """One log line and (rank 0) one metrics.jsonl record: the step's means over ranks, throughput, memory."""
+    pairs_per_s = args.pairs_per_step * (step - clock["logged"]) / (time.time() - clock["tic"])  # global
+    clock.update(tic=time.time(), logged=step)
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    last = dict(step=step, loss=rec["loss"], implicit_acc=rec.get("implicit_acc"),
+                reward_margin=rec.get("reward_margin"), model_mse=rec["model_mse"], ref_mse=rec.get("ref_mse"),
+                lr=lr, grad_norm=grad_norm, pairs_per_s=pairs_per_s, bad_pairs=bad_all,
+                mfu=flops * pairs_per_s / dist.get_world_size() / kernels.H100_BF16_PEAK if flops else None,
+                peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
+    log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items() if v is not None))
+    if dist.get_rank() == 0:
+        with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(last) + "\n")
+    return last
+
+
 def start_log(out_dir, step, log):
     """metrics.jsonl as it was at the checkpoint's step: later lines are logged again (rank 0)."""
     path = os.path.join(out_dir, "metrics.jsonl")
@@ -158,7 +198,7 @@ def save_outputs(policy, args, step, log):
     rank 0 writes. A unet.safetensors that this run was not asked for is removed."""
     rank0, meta = dist.get_rank() == 0, {"step": str(step)}
     if args.lora:
-        adapters = lora.state_dict(policy)  # (file layout) every rank takes part in the gathers
+        adapters = parallel.gathered(lora.state_dict(policy))  # (file layout) every rank takes part in gathers
         u = unetlib.load(args.unet_init or args.model, "cpu", torch.float32) if rank0 else None
         if rank0:
             lora.merge(u, lora.pairs(adapters, "adapters"))
@@ -198,6 +238,17 @@ def outputs_done(args, step) -> bool:
                 done[0] = False
     dist.broadcast_object_list(done)
     return done[0]
+
+
+def finished(path, policy, args, step, log) -> bool:
+    """Whether the checkpoint is at --max_steps already: then nothing is done, but a final UNet that a crash cut short
+    is written again."""
+    if step < args.max_steps:
+        return False
+    log(f"nothing to do: {path} is at step {step}, --max_steps is {args.max_steps}")
+    if not outputs_done(args, step):
+        save_outputs(policy, args, step, log)
+    return True
 
 
 def rng_state() -> dict:

@@ -1,6 +1,6 @@
 """How the command-line tools talk to the user: one error line, and progress lines that errors never run into.
 
-Every tool (dpo.py, sample.py, bench_step.py) reports a problem the user can act on as one line on stderr,
+Every tool (dpo.py, sample.py, evaluate.py, relabel.py, bench_step.py) reports a problem the user can act on as one line on stderr,
 `error: <what, and the file it is about>`, and exits non-zero (2 for a bad flag, 1 for bad input); progress is
 one line on stderr rewritten in place, which an error first ends.
 """
@@ -37,3 +37,11 @@ def fail(message, status=1):
     end_progress()
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+def guard(fn, args, errors=(ValueError, OSError)):
+    """fn(args), with a problem the user can act on (one of errors) reported as the one error line."""
+    try:
+        fn(args)
+    except errors as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)

@@ -1,5 +1,6 @@
-"""Preference data for dpo.py: Pick-a-Pic v2 parquet shards or JSONL, read lazily; image transforms; the UNets'
-inputs made from a batch (VAE latents, text embeddings); a latent cache.
+"""Preference data for dpo.py: Pick-a-Pic v2 parquet shards or JSONL, read lazily; the one image loader; image
+transforms; prompt sets; the order training visits the data in; batches. (The UNets' inputs made from a batch, VAE
+latents and text embeddings, now or once ahead in a latent cache, are cache.py's.)
 
 Two kinds of data. Pairs (parquet, or JSONL {caption, image_0, image_1, label_0}) have a preferred and a rejected
 image; ties are dropped. Single images (JSONL {caption, image, label}, label 1 desirable, 0 undesirable) are what
@@ -7,8 +8,8 @@ Diffusion-KTO learns from; it takes pairs too, as two such records. An index hol
 lives (file, row group, row) and which image won; images are read on demand, so the 851K-pair Pick-a-Pic v2
 (hundreds of GB) never sits in memory. A Pick-a-Pic folder holds several splits side by side (train-00000-of-00645,
 validation-..., test-..., ...); training reads the train shards only, as the official code (--split picks another).
-A JSONL image may also point into a parquet shard ("shard.parquet#row=17&col=jpg_0", see parquet_ref): AI feedback
-(sample.py --relabel) relabels Pick-a-Pic without copying its images.
+A JSONL image may also point into a parquet shard ("shard.parquet#row=17&col=jpg_0", see images.parquet_ref): AI
+feedback (relabel.py) relabels Pick-a-Pic without copying its images.
 
 Training visits the items in a global order (`EpochOrder`): the parquet row groups are shuffled, cut into windows
 of about SHUFFLE_PAIRS pairs, and the pairs of a window are shuffled uniformly, so consecutive pairs (a micro-batch,
@@ -18,28 +19,22 @@ order depends on (seed, position) alone, so every rank derives it and world size
 """
 import glob
 import hashlib
-import io
 import json
 import os
 import re
 from collections import Counter, OrderedDict
+from typing import List, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.distributed as dist
+
+from images import check_ref, open_image, parquet_layout, parquet_ref, parse_ref, pyarrow_parquet, read_cell, transform
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "model_0", "model_1")  # Pick-a-Pic v2 parquet
 SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")  # Pick-a-Pic v2's splits
 SHARD = re.compile(r"^([a-z][a-z_]*)-\d{5}-of-\d{5}")  # hub shard names: train-00000-of-00645-<hash>.parquet
 SHUFFLE_PAIRS = 2048  # pairs per shuffle window (one optimizer step at the paper's batch size)
-
-
-def _pq():
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError("reading parquet needs pyarrow (pip install pyarrow), or give a JSONL file") from None
-    return pq
 
 
 def _split(f, root):
@@ -82,63 +77,38 @@ def seed_for(*keys) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-REF = re.compile(r"^(?P<file>.+\.parquet)#row=(?P<row>\d+)&col=(?P<col>\w+)$")
+def read_jsonl(path: str, labelled: bool = True):
+    """Each non-empty line of a JSONL data file as (line number, caption, images, label, single): a pair {caption,
+    image_0, image_1, label_0} (label_0 1: image_0 preferred, 0: image_1, 0.5: a tie) or one image {caption, image,
+    label} (1 desirable, 0 undesirable, single=True). Image paths are joined to the file's folder (parquet_ref
+    strings too). labelled=False: a pair's label_0 may be missing (label None)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                single = "image" in r
+                if single:
+                    images, label = (r["image"],), float(r["label"])
+                else:
+                    images = (r["image_0"], r["image_1"])
+                    label = None if not labelled and r.get("label_0") is None else float(r["label_0"])
+                caption = str(r["caption"])
+                images = tuple(os.path.join(root, im) for im in images)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"{path}:{n}: not a JSON object with caption, image_0, image_1, label_0 (a pair) or "
+                                 f"caption, image, label (one image) ({e})") from None
+            yield n, caption, images, label, single
 
 
-def parquet_ref(file: str, row: int, col: str) -> str:
-    """An image inside a parquet shard, as a JSONL image entry: "FILE#row=R&col=C" (row R counted from 0 over the
-    whole file, C the image column), so relabelled Pick-a-Pic pairs point at its images instead of copying them."""
-    return f"{file}#row={row}&col={col}"
-
-
-def parse_ref(src):
-    """(file, row, column) of a parquet_ref string; None for anything else (a path, bytes)."""
-    m = REF.match(src) if isinstance(src, str) else None
-    return (m.group("file"), int(m.group("row")), m.group("col")) if m else None
-
-
-def parquet_layout(file: str):
-    """(first row of each row group with the row count last (groups + 1,), column names) of a parquet file."""
-    try:
-        pf = _pq().ParquetFile(file)
-    except Exception as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"cannot read parquet file {file}: {why}") from None
-    sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
-    return np.cumsum([0] + sizes), pf.schema_arrow.names
-
-
-def check_ref(layout, file: str, row: int, col: str):
-    """Refuse a reference to a row or column the file does not have."""
-    starts, names = layout
-    if col not in names:
-        raise ValueError(f"{file} has no column {col} (its columns: {', '.join(names)})")
-    if not 0 <= row < starts[-1]:
-        raise ValueError(f"{file} has {starts[-1]} rows, no row {row}")
-
-
-def read_cell(file: str, row: int, col: str, cache=None, layout=None):
-    """The value at (row, col) of a parquet file. Its row group's column is decoded once and kept in `cache` (an
-    OrderedDict the caller trims as an LRU), so reading a row group's images one by one decodes it once."""
-    layout = parquet_layout(file) if layout is None else layout
-    check_ref(layout, file, row, col)
-    starts = layout[0]
-    g = int(np.searchsorted(starts, row, side="right")) - 1
-    key = (file, g, col)
-    if cache is not None and key in cache:
-        cache.move_to_end(key)
-        column = cache[key]
-    else:
-        column = _pq().ParquetFile(file).read_row_group(g, columns=[col]).column(col)
-        if cache is not None:
-            cache[key] = column
-    return column[row - int(starts[g])].as_py()
-
-
-class Pairs:
-    """Index of the usable data and lazy access to its images: pairs (ties dropped, optional dreamlike filter) or
-    single labelled images (self.singles). raw(i) = (caption, images, label): a pair's two images preferred first
-    (label None), or one image with its label (1 desirable, 0 undesirable)."""
+class Preferences:
+    """Index of the usable preference data and lazy access to its images: pairs (ties dropped, optional dreamlike
+    filter) or single labelled images (self.singles). raw(i) = (caption, images, label): a pair's two images
+    preferred first (label None), or one image with its label (1 desirable, 0 undesirable)."""
 
     def __init__(self, path: str, dreamlike_only: bool = False, split: str = "train"):
         self.path, self.jsonl, self.singles = path, path.endswith(".jsonl"), False
@@ -156,33 +126,17 @@ class Pairs:
         self._groups = OrderedDict()  # (file, group) -> pyarrow table, an LRU of one shuffle window
 
     def _index_jsonl(self, path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"data file not found: {path}")
-        root, rows, kinds = os.path.dirname(os.path.abspath(path)), [], set()
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                    single = "image" in r
-                    if single:  # {caption, image, label}: label 1 desirable, 0 undesirable
-                        r = (str(r["caption"]), (r["image"],), float(r["label"]), n)
-                    else:  # {caption, image_0, image_1, label_0}: label_0 1 if image_0 is preferred, 0.5 a tie
-                        r = (str(r["caption"]), (r["image_0"], r["image_1"]), float(r["label_0"]), n)
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise ValueError(f"{path}:{n}: not a JSON object with caption, image_0, image_1, label_0 (a "
-                                     f"pair) or caption, image, label (one image) ({e})") from None
-                kinds.add(single)
-                if len(kinds) > 1:
-                    raise ValueError(f"{path}:{n}: pairs and single images mixed in one file")
-                if r[2] in (0.0, 1.0):  # a pair's label_0 == 0.5 is a tie: no preference to learn from
-                    rows.append(r)
+        rows, kinds = [], set()
+        for n, caption, images, label, single in read_jsonl(path):
+            kinds.add(single)
+            if len(kinds) > 1:
+                raise ValueError(f"{path}:{n}: pairs and single images mixed in one file")
+            if label in (0.0, 1.0):  # a pair's label_0 == 0.5 is a tie: no preference to learn from
+                rows.append((caption, images, label, n))
         self.singles = kinds == {True}
         self.rows, self.line, group = [], [], []
         self.layouts, groups = {}, {}  # parquet file -> layout; (file, row group) -> shuffle group (from 1)
         for caption, images, label, n in rows:
-            images = tuple(os.path.join(root, im) for im in images)
             g = 0  # plain images: one group
             for im in images:  # references into parquet shards: checked now, grouped by the first one's row group
                 ref = parse_ref(im)
@@ -207,7 +161,7 @@ class Pairs:
         self._cells = OrderedDict()  # (file, row group, column) -> decoded column, an LRU like _groups
 
     def _index_parquet(self, files, dreamlike_only):
-        pq = _pq()
+        pq = pyarrow_parquet()
         self.files, fi, gi, ri, win = files, [], [], [], []
         self.group_start = []  # per file: the first row of each row group, for messages
         for k, f in enumerate(files):
@@ -268,7 +222,7 @@ class Pairs:
             return caption, tuple(self._image(im) for im in images), label
         key = (int(self.file[i]), int(self.rg[i]))
         if key not in self._groups:
-            f = _pq().ParquetFile(self.files[key[0]])
+            f = pyarrow_parquet().ParquetFile(self.files[key[0]])
             self._groups[key] = f.read_row_group(key[1], columns=["caption", "jpg_0", "jpg_1"])
             while len(self._groups) > self.window_groups + 1:
                 self._groups.popitem(last=False)
@@ -292,7 +246,7 @@ class Pairs:
 def read_pairs(path: str, dreamlike_only: bool = False, split: str = "train") -> list:
     """All usable pairs as dicts {caption, image_0 (preferred), image_1 (bytes or path), label_0, source (where it
     is)}; for evaluation-sized sets."""
-    p = Pairs(path, dreamlike_only, split)
+    p = Preferences(path, dreamlike_only, split)
     if p.singles:
         raise ValueError(f"{path} holds single labelled images, not preference pairs")
     out = []
@@ -311,10 +265,7 @@ class PairRows:
     def __init__(self, path: str, split: str = "train"):
         self.path, self.jsonl = path, path.endswith(".jsonl")
         if self.jsonl:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"data file not found: {path}")
-            with open(path) as f:
-                self.n = sum(1 for line in f if line.strip())
+            self.n = sum(1 for _ in read_jsonl(path, labelled=False))
             self.read = path
         else:
             self.files, self.read = parquet_files(path, split)
@@ -334,29 +285,22 @@ class PairRows:
         return self._jsonl() if self.jsonl else self._parquet()
 
     def _jsonl(self):
-        root, cells = os.path.dirname(os.path.abspath(self.path)), OrderedDict()
-        with open(self.path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                    caption = str(r["caption"])
-                    refs = [os.path.join(root, r["image_0"]), os.path.join(root, r["image_1"])]
-                    label = None if r.get("label_0") is None else float(r["label_0"])
-                    images = [ref if parse_ref(ref) is None else read_cell(*parse_ref(ref), cache=cells)
-                              for ref in refs]
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-                    raise ValueError(f"{self.path}:{n}: not a pair {{caption, image_0, image_1}} with readable "
-                                     f"references ({e})") from None
-                while len(cells) > 4:  # a row group's two image columns, and the next one's
-                    cells.popitem(last=False)
-                yield dict(caption=caption, image_0=images[0], image_1=images[1], ref_0=refs[0],
-                           ref_1=refs[1], label_0=label, source=f"{self.path}:{n}")
+        cells = OrderedDict()
+        for n, caption, refs, label, single in read_jsonl(self.path, labelled=False):
+            if single:
+                raise ValueError(f"{self.path}:{n}: one labelled image, not a pair (AI feedback labels pairs)")
+            try:
+                images = [ref if parse_ref(ref) is None else read_cell(*parse_ref(ref), cache=cells) for ref in refs]
+            except ValueError as e:
+                raise ValueError(f"{self.path}:{n}: not a pair with readable references ({e})") from None
+            while len(cells) > 4:  # a row group's two image columns, and the next one's
+                cells.popitem(last=False)
+            yield dict(caption=caption, image_0=images[0], image_1=images[1], ref_0=refs[0],
+                       ref_1=refs[1], label_0=label, source=f"{self.path}:{n}")
 
     def _parquet(self):
         for f, (starts, names) in zip(self.files, self.layouts):
-            pf = _pq().ParquetFile(f)
+            pf = pyarrow_parquet().ParquetFile(f)
             cols = ["caption", "jpg_0", "jpg_1"] + (["label_0"] if "label_0" in names else [])
             for g in range(len(starts) - 1):
                 t = pf.read_row_group(g, columns=cols).to_pydict()
@@ -368,34 +312,37 @@ class PairRows:
                                label_0=None if labels[r] is None else float(labels[r]), source=f"{f}, row {row}")
 
 
-def open_image(src) -> Image.Image:
-    """Decode JPEG/PNG bytes, a file path or a parquet_ref to RGB (raises on corrupt or missing images)."""
-    ref = parse_ref(src)
-    if ref is not None:
-        src = read_cell(*ref)
-    img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
-    img.load()
-    return img.convert("RGB")
+# PartiPrompts (Yu et al. 2022, google-research/parti, Apache-2.0): 1,632 prompts in 12 categories, the prompt set
+# of the paper's evaluation. Shipped in prompts/parti/ with its license and attribution.
+PARTI = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "parti", "PartiPrompts.tsv")
 
 
-def transform(img: Image.Image, res: int, rng: np.random.Generator, random_crop: bool, flip: bool):
-    """Resize the short side to res, crop res x res (center or random), maybe flip.
-
-    Returns pixels (3, res, res) in [-1, 1] and SDXL's size conditioning (orig_h, orig_w, crop_top, crop_left,
-    res, res), taken from this image's true size and crop (the official code passed constants).
-    """
-    w, h = img.size
-    s = res / min(w, h)
-    nw, nh = max(res, round(w * s)), max(res, round(h * s))
-    img = img.resize((nw, nh), Image.BILINEAR)
-    top = int(rng.integers(0, nh - res + 1)) if random_crop else (nh - res) // 2
-    left = int(rng.integers(0, nw - res + 1)) if random_crop else (nw - res) // 2
-    img = img.crop((left, top, left + res, top + res))
-    if flip and rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        left = nw - res - left  # the crop as seen in the mirrored image
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0  # (3, res, res)
-    return x, torch.tensor([h, w, top, left, res, res], dtype=torch.float32)
+def read_prompts(path) -> List[Tuple[str, str]]:
+    """(prompt, category) pairs from a text file (one prompt per line, no category), a TSV file whose header names a
+    Prompt column and maybe a Category column (PartiPrompts' format), or "parti": the built-in PartiPrompts."""
+    path = PARTI if path == "parti" else path
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read prompts file {path}: {getattr(e, 'strerror', None) or e}") from None
+    head = lines[0].split("\t") if lines else []
+    if "Prompt" not in head:
+        out = [(line.strip(), "") for line in lines if line.strip()]
+    else:
+        p, c = head.index("Prompt"), (head.index("Category") if "Category" in head else None)
+        out = []
+        for n, line in enumerate(lines[1:], 2):
+            cells = line.split("\t")
+            if not line.strip():
+                continue
+            if len(cells) <= max(p, c or 0):
+                raise ValueError(f"{path}:{n}: {len(cells)} tab-separated column(s), the header has {len(head)}")
+            if cells[p].strip():
+                out.append((cells[p].strip(), "" if c is None else cells[c].strip()))
+    if not out:
+        raise ValueError(f"{path}: no prompts (a text file with one prompt per line, or a TSV with a Prompt column)")
+    return out
 
 
 class EpochOrder:
@@ -421,12 +368,12 @@ class EpochOrder:
         return int(self._order[k])
 
 
-class PairDataset(torch.utils.data.Dataset):
+class PreferenceDataset(torch.utils.data.Dataset):
     """Global position -> the item's images (a pair's two, preferred first, or one with its label). An unreadable
     item is reported (its index in "bad") and replaced by the next readable one in the epoch order (deterministic,
     so every world size sees the same data)."""
 
-    def __init__(self, pairs: Pairs, res: int, seed: int, random_crop: bool, flip: bool):
+    def __init__(self, pairs: Preferences, res: int, seed: int, random_crop: bool, flip: bool):
         self.pairs, self.res, self.seed, self.random_crop, self.flip = pairs, res, seed, random_crop, flip
         self.index = EpochOrder(pairs.group, seed, pairs.window_groups)
         self.per_item = 1 if pairs.singles else 2  # images per item
@@ -459,12 +406,25 @@ class PairDataset(torch.utils.data.Dataset):
         raise ValueError(f"{self.pairs.path}: no readable image pair")
 
 
-def distinct(indices) -> set:
-    """The union over all ranks of each rank's set of pair indices (an unreadable pair met twice counts once)."""
-    import torch.distributed as dist
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, set(indices))
-    return set().union(*parts)
+class Unreadable:
+    """The items found unreadable so far, over all ranks, each counted once (one met twice, or by two ranks, counts
+    once), against --max_bad_frac: a few bad images are skipped and said, many stop the run."""
+
+    def __init__(self, max_frac: float, what: str):  # what: "pairs of DATA", for the message
+        self.max_frac, self.what, self.mine, self.all = max_frac, what, set(), set()
+
+    def add(self, indices):
+        self.mine.update(indices)
+
+    def check(self, seen: int) -> int:
+        """Every rank's items so far (a collective: every rank calls it); raises past the limit. seen: items read."""
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, self.mine)
+        self.all = set().union(*parts)
+        if len(self.all) > self.max_frac * max(seen, 100):
+            raise ValueError(f"{len(self.all)} of {seen} {self.what} were unreadable (more than --max_bad_frac "
+                             f"{self.max_frac})")
+        return len(self.all)
 
 
 def collate(items: list) -> dict:
@@ -479,198 +439,3 @@ def collate(items: list) -> dict:
         else:
             out[k] = torch.tensor(vals) if isinstance(v, int) else vals
     return out
-
-
-def model_inputs(batch, drop, dev, args, encoders=None, empty=None, latent_noise=None):
-    """What the UNets take for B items of k images each (pairs: k = 2): clean latents z (kB, C, h, w), all first
-    images first (the winners), and cond = (context, pooled, time_ids) with kB rows. A dropped prompt is the
-    encoders' embedding of "" (as the official code, for SDXL too; not zeros). --latents sample draws z from the
-    VAE posterior with latent_noise (B, k, C, h, w) (the official code); the default is the posterior mean.
-    --time_ids official gives every image the constants the official code used."""
-    with torch.no_grad():
-        if "latents" in batch:  # --cache: latents and text embeddings were computed once
-            z = batch["latents"].to(dev).float()  # (B, k, C, h, w)
-            std = batch["latents_std"].to(dev).float() if latent_noise is not None else None
-            ctx = torch.where(drop[:, None, None], empty["context"], batch["context"].to(dev))
-            pooled = batch.get("pooled")
-            if pooled is not None:
-                pooled = torch.where(drop[:, None], empty["pooled"], pooled.to(dev))
-        else:  # the VAE and the text encoders run here, on the GPU
-            te, v = encoders
-            px = batch["pixels"].to(dev)  # (B, k, 3, H, W)
-            with torch.autocast(dev.type, torch.bfloat16, enabled=args.amp_dtype == torch.bfloat16):
-                one = [v.encode(x[None], std=True) for x in px.flatten(0, 1)]  # an image at a time: 1/Bk the peak
-            z, std = torch.cat([m for m, _ in one]), torch.cat([s for _, s in one])  # (Bk, C, h, w) each, unscaled
-            z = z.float().unflatten(0, px.shape[:2]) * v.scaling_factor  # (B, k, C, h, w) scaled latent means
-            std = std.float().unflatten(0, px.shape[:2]) * v.scaling_factor
-            ctx, pooled = te.encode(["" if d else c for c, d in zip(batch["caption"], drop.tolist())])
-        if latent_noise is not None:
-            z = z + std * latent_noise.to(dev)  # a sample of the posterior instead of its mean
-        k = z.shape[1]
-        z = z.transpose(0, 1).flatten(0, 1)  # (kB, C, h, w): all first images, then all second ones
-        time_ids = None  # SDXL (the family with a pooled embedding) is also told each image's size and crop
-        if pooled is not None:
-            time_ids = batch["time_ids"].to(dev).float().transpose(0, 1).flatten(0, 1)  # (B, k, 6) -> (kB, 6)
-            if args.time_ids == "official":
-                r = float(args.resolution)
-                time_ids = torch.tensor([r, r, 0.0, 0.0, r, r], device=dev).expand(len(time_ids), 6)
-            pooled = pooled.repeat(k, 1)
-    return z, (ctx.repeat(k, 1, 1), pooled, time_ids)
-
-
-def rpo_embeddings(batch, dev, scorer):
-    """Diffusion-RPO's CLIP embeddings of B pairs (B, 3, P): prompt, winner, loser (unit length, fp32), from the
-    cache (--cache) or from the images with scorer (a reward.Scorer: its CLIP towers)."""
-    if "rpo_clip" in batch:
-        return batch["rpo_clip"].to(dev).float()
-    return clip_triples(scorer, batch["pixels"].to(dev), batch["caption"])
-
-
-def clip_triples(scorer, pixels, captions):
-    """pixels (B, 2, 3, H, W) in [-1, 1] and B captions -> (B, 3, P): each pair's prompt, winner, loser embedding."""
-    with torch.no_grad():
-        img = scorer.image_embeds((pixels.flatten(0, 1) + 1) / 2).unflatten(0, pixels.shape[:2])  # (B, 2, P)
-        txt = scorer.text_embeds(list(captions))  # (B, P)
-    return torch.cat([txt[:, None], img], 1)  # (B, 3, P)
-
-
-def training_set(args, pairs, dev, rank, world, log):
-    """(dataset, (text encoders, VAE) or None, embeddings of "" or None, VAE downsampling): the latent cache with
-    --cache or without --data (built first if missing), else the images themselves."""
-    meta = cache_meta(args.cache_dir)
-    singles = pairs.singles if pairs is not None else bool(meta and meta.get("singles"))
-    if singles and args.loss != "kto":  # one image has no second to compare with; refused before anything is written
-        raise ValueError(f"{args.data or args.cache_dir} holds single labelled images: train them with --loss kto")
-    if not args.cache and pairs is not None:
-        import clip
-        import vae as vaelib
-        te = clip.load(args.model, dev, args.amp_dtype, tokenizer=args.tokenizer)
-        v = vaelib.load(args.model, dev, torch.float32)
-        dataset = PairDataset(pairs, args.resolution, args.seed, args.random_crop, not args.no_flip)
-        return dataset, (te, v), None, v.downsample
-    if meta is None and pairs is None:
-        raise FileNotFoundError(f"no --data and no cache in {args.cache_dir}")
-    if meta is None:
-        log(f"building the latent cache in {args.cache_dir}")
-        build_cache(args, pairs, dev, rank, world)
-    elif meta["resolution"] != args.resolution or (pairs is not None and meta["pairs"] != len(pairs)):
-        raise ValueError(f"the cache in {args.cache_dir} was built for other data or resolution; "
-                         "use another --cache_dir")
-    elif args.rpo_clip and meta.get("rpo_clip") != os.path.abspath(args.rpo_clip):
-        raise ValueError(f"the cache in {args.cache_dir} holds no CLIP embeddings of --rpo_clip {args.rpo_clip} "
-                         f"(built {'with ' + meta['rpo_clip'] if meta.get('rpo_clip') else 'without it'}): "
-                         "use another --cache_dir")
-    elif args.latents == "sample" and not meta.get("latents_std"):
-        raise ValueError(f"the cache in {args.cache_dir} holds latent means only, --latents sample needs their "
-                         "standard deviations too: use another --cache_dir")
-    dataset = Cache(args.cache_dir, args.seed)
-    empty = {k: None if v is None else v.to(dev) for k, v in dataset.empty.items()}
-    return dataset, None, empty, dataset.meta["downsample"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# The latent cache: scaled VAE latents + text embeddings, computed once, so training needs neither VAE nor
-# text encoders. One crop/flip per pair is frozen into it (drawn as in epoch 0).
-
-CACHE_KEYS = ("latents", "latents_std", "context", "pooled", "time_ids", "label", "rpo_clip")
-
-
-def cache_meta(cache_dir: str):
-    p = os.path.join(cache_dir, "meta.json")
-    if not os.path.isfile(p):
-        return None
-    with open(p) as f:
-        return json.load(f)
-
-
-class Cache(torch.utils.data.Dataset):
-    """A cache written by build_cache: global position -> latents (k, C, h, w) preferred first, context, pooled,
-    time_ids (and label, for single images); memory-mapped, one row at a time. The order is a plain shuffle of all
-    cached items per epoch."""
-
-    def __init__(self, cache_dir: str, seed: int):
-        from safetensors import safe_open
-        self.meta = cache_meta(cache_dir)
-        if self.meta is None:
-            raise FileNotFoundError(f"no cache at {cache_dir} (meta.json missing): run with --cache and --data first")
-        self.shards = [safe_open(os.path.join(cache_dir, s), "pt") for s in self.meta["shards"]]
-        self.where = {}  # pair index -> (shard, row)
-        for k, h in enumerate(self.shards):
-            for r, i in enumerate(h.get_tensor("index").tolist()):
-                self.where[i] = (k, r)
-        self.index = EpochOrder(np.zeros(self.meta["pairs"], dtype=np.int64), seed)
-        self.per_item = 1 if self.meta.get("singles") else 2  # images per item
-        self.empty = torch.load(os.path.join(cache_dir, "empty.pt"), weights_only=True)  # embeddings of ""
-
-    def __len__(self):
-        return self.meta["pairs"]
-
-    def __getitem__(self, pos: int) -> dict:
-        k, r = self.where[self.index(pos)]
-        h = self.shards[k]
-        item = dict(pos=pos, bad=[], **{n: h.get_slice(n)[r:r + 1][0] for n in CACHE_KEYS if n in h.keys()})
-        if "label" in item:
-            item["label"] = int(item["label"])
-        return item
-
-
-def build_cache(args, pairs, dev, rank, world):
-    """Each rank encodes items rank, rank+world, ...; crop/flip are frozen per item (drawn as for key = its index).
-    Latents (and with --latents sample their posterior std) are stored in fp16 (fp32 for fp32 runs), text
-    embeddings in the compute dtype."""
-    import torch.distributed as dist
-
-    import clip
-    import vae as vaelib
-    from weights import save_json, save_safetensors
-    te = clip.load(args.model, dev, args.amp_dtype, tokenizer=args.tokenizer)
-    v = vaelib.load(args.model, dev, torch.float32)
-    scorer = None
-    if args.rpo_clip:  # Diffusion-RPO's CLIP embeddings of each pair, stored beside its latents
-        import reward
-        scorer = reward.load("clip", args.rpo_clip, dev, args.amp_dtype)
-    ds, n = PairDataset(pairs, args.resolution, args.seed, args.random_crop, not args.no_flip), len(pairs)
-    store = torch.float32 if args.amp_dtype == torch.float32 else torch.float16
-    mine, bad, done = list(range(rank, n, world)), set(), 0
-    os.makedirs(args.cache_dir, exist_ok=True)
-    for s in range(0, len(mine), 1024):  # one shard file per 1024 pairs
-        out = {k: [] for k in ("index", *CACHE_KEYS)}
-        for b in range(s, min(s + 1024, len(mine)), 8):
-            items = [ds.read(lambda k, i=i: (i + k) % n, i) for i in mine[b:b + 8]]
-            bad.update(i for d in items for i in d["bad"])
-            px = torch.stack([d["pixels"] for d in items]).to(dev)  # (b, k, 3, H, W)
-            with torch.no_grad():
-                z, std = v.encode(px.flatten(0, 1), std=True)  # (bk, C, h, w) each
-                ctx, pooled = te.encode([d["caption"] for d in items])
-            out["index"].append(torch.tensor(mine[b:b + 8]))
-            out["latents"].append((z.float() * v.scaling_factor).unflatten(0, px.shape[:2]).to(store).cpu())
-            if args.latents == "sample":
-                out["latents_std"].append((std.float() * v.scaling_factor).unflatten(0, px.shape[:2]).to(store).cpu())
-            out["context"].append(ctx.cpu())
-            if scorer is not None:
-                out["rpo_clip"].append(clip_triples(scorer, px, [d["caption"] for d in items]).cpu())
-            out["time_ids"].append(torch.stack([d["time_ids"] for d in items]))
-            out["pooled"].append(None if pooled is None else pooled.cpu())
-            if pairs.singles:
-                out["label"].append(torch.tensor([d["label"] for d in items]))
-        done += len(out["index"])
-        save_safetensors({k: torch.cat(v) for k, v in out.items() if v and v[0] is not None},
-                         os.path.join(args.cache_dir, f"r{rank:03d}_{s // 1024:05d}.safetensors"))
-        if rank == 0:
-            print(f"cache: rank 0 encoded {min(s + 1024, len(mine))}/{len(mine)} pairs", flush=True)
-    bad_all = distinct(bad)
-    if len(bad_all) > args.max_bad_frac * max(n, 100):
-        raise ValueError(f"{len(bad_all)} of {n} pairs in {args.data} are unreadable (more than --max_bad_frac "
-                         f"{args.max_bad_frac})")
-    if rank == 0:
-        with torch.no_grad():
-            ctx, pooled = te.encode([""])
-        empty = {"context": ctx[0].cpu(), "pooled": None if pooled is None else pooled[0].cpu()}
-        torch.save(empty, os.path.join(args.cache_dir, "empty.pt"))
-        shards = sorted(f for f in os.listdir(args.cache_dir) if f.endswith(".safetensors"))
-        meta = dict(pairs=n, shards=shards, resolution=args.resolution, model=os.path.abspath(args.model),
-                    data=os.path.abspath(args.data), downsample=v.downsample, fingerprint=pairs.fingerprint(),
-                    singles=pairs.singles, latents_std=args.latents == "sample",
-                    rpo_clip=os.path.abspath(args.rpo_clip) if args.rpo_clip else None)
-        save_json(meta, os.path.join(args.cache_dir, "meta.json"))
-    dist.barrier()

@@ -1,13 +1,13 @@
 """The CPU demo behind `python dpo.py`: Diffusion-DPO in a toy world where the preference is visible by eye.
 
-World: prompts "a <colour> <shape>" (red/green/blue x circle/square); 16x16 images of one shape at a random size
-and place on white. Rule (the "human" preference): the larger shape wins, area = pixels far from the background
-(`area_scorer`, the first implementation of sample.py's Scorer hook). Fidelity: the shape's dominant colour is
-the prompt's colour.
+World (toy.py): prompts "a <colour> <shape>" (red/green/blue x circle/square); 16x16 images of one shape at a
+random size and place on white. Rule (the "human" preference): the larger shape wins, area = pixels far from the
+background (toy.area, a scorer like reward.py's real ones: `--score area`). Fidelity: the shape's dominant colour
+is the prompt's colour.
 
 Steps (all with the repo's own code, results in demo_out/):
   1. data/: JSONL + PNG pairs in dpo.py's --data format: 1536 unbiased pairs (random labels) for the reference,
-     1536 rule-labelled pairs for DPO, 96 held-out rule-labelled pairs (for `sample.py --eval_pairs`).
+     1536 rule-labelled pairs for DPO, 96 held-out rule-labelled pairs (for `evaluate.py --eval_pairs`).
   2. init/: a diffusers-layout SDXL-architecture model (3-level UNet with text_time embedding, two CLIP text
      encoders, pooled embedding, time ids; random frozen text encoders; a vae.py VAE trained 300 steps to
      reconstruct the world, scaling_factor = 1/latent std).
@@ -16,7 +16,7 @@ Steps (all with the repo's own code, results in demo_out/):
   5. Reference and DPO model sample the same prompts from the same initial noise (16 per prompt, Euler 20
      steps, guidance 3); win rate = how often the DPO sample's shape is larger (ties 0.5); grid.png shows the
      pairs side by side (rows = prompts, columns = reference | DPO for 4 noises). prompts.txt lists the prompts
-     for sample.py (`--compare --prompts demo_out/prompts.txt --score area` is the same evaluation, other noise).
+     for evaluate.py (`--compare --prompts demo_out/prompts.txt --score area` is the same evaluation, other noise).
 
 Tuning (beta, lr; 100 steps x 16 pairs, AdamW, grad clip 1; 48 eval samples, reference fidelity 0.938):
   lr 1e-4, beta 5000: win 1.000, fidelity 0.542 (collapse: big mixed-colour blobs; DPO loss ~0, model mse 0.04 -> 0.3)
@@ -24,7 +24,7 @@ Tuning (beta, lr; 100 steps x 16 pairs, AdamW, grad clip 1; 48 eval samples, ref
   lr 1e-5, beta 5000: win 1.000, fidelity 0.958 (some colour bleeding visible)
   lr 5e-6, beta 5000: win 1.000, fidelity 0.938, mean area 0.315 -> 0.456   <- the default
 With 96 eval samples the default gives win_rate=1.000 fidelity_ref=0.917 fidelity_dpo=0.948, mean area
-0.320 -> 0.459, held-out implicit-reward accuracy 0.97 (`sample.py --eval_pairs`). About 2 minutes on 2 CPU
+0.320 -> 0.459, held-out implicit-reward accuracy 0.97 (`evaluate.py --eval_pairs`). About 2 minutes on 2 CPU
 cores (the same numbers under `torchrun --nproc_per_node 2`); a second run reuses demo_out/base and demo_out/data
 (the stamp base/demo_world.json must match WORLD).
 """
@@ -41,120 +41,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip
-import sample
-from reward import BACKGROUND, area_scorer, foreground  # the rule is a scorer like the real ones
+import diffusion
+import images
 import unet as unetlib
 import vae as vaelib
+from reward import win_rate
+from toy import PROMPTS, RADIUS, SIZE, area, fidelity, random_image, write_tokenizer
 from weights import save_json, save_safetensors
-
-# ----------------------------------------------------------------------------------------------------
-# The tokenizer (also used by tests/tiny.py)
-
-# A small CLIP-style BPE vocabulary: the 256 byte symbols (with and without the end-of-word mark), merges
-# that spell out the words below, and the two special tokens last (so <|endoftext|> has the largest id, as
-# in the real 49408-token vocabulary, where pooling takes the argmax id).
-WORDS = ["a", "photo", "of", "the", "cat", "dog", "red", "green", "blue", "big", "small", "circle",
-         "square", "on", "with", "and", "painting", "astronaut", "horse", "riding", "in", "space"]
-
-
-def _bytes_to_unicode():
-    """CLIP/GPT-2's reversible byte -> printable unicode map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def write_tokenizer(folder, pad_token="<|endoftext|>"):
-    """A tokenizer folder (vocab.json, merges.txt, configs) that HF CLIPTokenizer loads."""
-    os.makedirs(folder, exist_ok=True)
-    chars = _bytes_to_unicode()
-    vocab = chars + [c + "</w>" for c in chars]
-    merges = []
-    for w in WORDS:
-        syms = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(syms) > 1:
-            pair = (syms[0], syms[1])
-            if f"{pair[0]} {pair[1]}" not in merges:
-                merges.append(f"{pair[0]} {pair[1]}")
-                vocab.append(pair[0] + pair[1])
-            syms = [pair[0] + pair[1]] + syms[2:]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(vocab))}
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-           "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-           "pad_token": pad_token, "errors": "replace", "add_prefix_space": False}
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f)
-    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
-        json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f)
-    return len(vocab)
-
-
-
-# ----------------------------------------------------------------------------------------------------
-# The world: prompts, rendering, the rule, fidelity
-
-COLOURS = {"red": (0.85, 0.10, 0.10), "green": (0.10, 0.70, 0.15), "blue": (0.10, 0.20, 0.90)}
-SHAPES = ("circle", "square")
-PROMPTS = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
-SIZE = 16  # image side in pixels
-RADIUS = (2.0, 6.5)  # shape "radius" range (circle radius, half the square's side), pixels
-
-
-def render(colour: str, shape: str, radius: float, cx: float, cy: float, size: int = SIZE) -> np.ndarray:
-    """One anti-aliased shape on the background: float32 (size, size, 3) in [0, 1]."""
-    ss = 4  # supersampling per axis
-    c = (np.arange(size * ss) + 0.5) / ss  # sub-pixel centres
-    y, x = np.meshgrid(c, c, indexing="ij")
-    if shape == "circle":
-        inside = (x - cx) ** 2 + (y - cy) ** 2 <= radius ** 2
-    else:
-        inside = (np.abs(x - cx) <= radius) & (np.abs(y - cy) <= radius)
-    cover = inside.reshape(size, ss, size, ss).mean(axis=(1, 3))[..., None]  # (size, size, 1)
-    return (cover * np.array(COLOURS[colour]) + (1 - cover) * np.array(BACKGROUND)).astype(np.float32)
-
-
-def random_image(prompt: str, rng: np.random.Generator, radius: float = None) -> np.ndarray:
-    """A random instance of a prompt: size uniform in RADIUS (unless given), position anywhere it fits."""
-    _, colour, shape = prompt.split()
-    r = rng.uniform(*RADIUS) if radius is None else radius
-    cx, cy = rng.uniform(r + 1, SIZE - r - 1, size=2)
-    return render(colour, shape, r, cx, cy)
-
-
-def dominant_colour(images: torch.Tensor) -> list:
-    """Per image, the palette colour that most foreground pixels are nearest to (None if there is no foreground)."""
-    mask = foreground(images)  # (B, H, W)
-    palette = torch.tensor(list(COLOURS.values()), dtype=images.dtype)  # (K, 3)
-    nearest = (images.permute(0, 2, 3, 1)[..., None, :] - palette).norm(dim=-1).argmin(-1)  # (B, H, W) palette index
-    names = []
-    for near, m in zip(nearest, mask):
-        votes = torch.bincount(near[m], minlength=len(COLOURS))
-        names.append(list(COLOURS)[int(votes.argmax())] if m.any() else None)
-    return names
-
-
-def fidelity(images: torch.Tensor, prompts) -> torch.Tensor:
-    """1 where the image shows a shape (>= 1% of pixels) whose colour is the prompt's colour, else 0."""
-    found = dominant_colour(images)
-    big_enough = area_scorer(images) >= 0.01
-    return torch.tensor([float(f == p.split()[1] and bool(b)) for f, p, b in zip(found, prompts, big_enough)])
-
-
-def win_rate(scores_a: torch.Tensor, scores_b: torch.Tensor) -> float:
-    """How often a beats b, pairwise (ties count 0.5)."""
-    return float(((scores_a > scores_b).float() + 0.5 * (scores_a == scores_b).float()).mean())
-
 
 # ----------------------------------------------------------------------------------------------------
 # The data set: JSONL + PNG files in dpo.py's --data format
@@ -172,7 +65,7 @@ def write_pairs(folder: str, name: str, n: int, seed: int, biased: bool) -> str:
         prompt = PROMPTS[i % len(PROMPTS)]
         pair = [random_image(prompt, rng) for _ in range(2)]
         if biased:
-            a = area_scorer(torch.from_numpy(np.stack(pair)).permute(0, 3, 1, 2))
+            a = area(torch.from_numpy(np.stack(pair)).permute(0, 3, 1, 2))
             label = 1.0 if a[0] > a[1] else 0.0 if a[0] < a[1] else 0.5
         else:
             label = float(rng.integers(0, 2))
@@ -186,11 +79,6 @@ def write_pairs(folder: str, name: str, n: int, seed: int, biased: bool) -> str:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     os.replace(path + ".tmp", path)
     return path
-
-
-def load_png(path: str) -> torch.Tensor:
-    """(3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -347,28 +235,31 @@ def build_world(root: str, args, train, log):
 
 
 @torch.no_grad()
-def evaluate(root: str, dpo_unet: str):
-    """Sample reference and DPO model from the same prompts and initial noise; score with the rule and fidelity."""
-    pipe = sample.load(os.path.join(root, "base"))
-    pipe.progress = False
-    tuned = unetlib.load(dpo_unet)
+def side_by_side(root: str, dpo_unet: str):
+    """Sample reference and DPO model from the same prompts and initial noise (diffusion.py's sampling loop, as
+    sample.py's pipeline runs it); score with the rule and fidelity."""
+    base = os.path.join(root, "base")
+    te, v, cfg = clip.load(base), vaelib.load(base), diffusion.scheduler_config(base)
     n = EVAL["noises"]
     prompts = [p for p in PROMPTS for _ in range(n)]
     g = torch.Generator().manual_seed(EVAL["seed"])
-    latents = torch.randn((len(prompts), 4, LATENT, LATENT), generator=g)
-    kw = dict(steps=EVAL["steps"], guidance=EVAL["guidance"], scheduler=EVAL["scheduler"], latents=latents)
-    ref_img = pipe(prompts, **kw)
-    pipe.unet = tuned
-    dpo_img = pipe(prompts, **kw)
-    res = dict(win_rate=win_rate(area_scorer(dpo_img), area_scorer(ref_img)),
+    latents = torch.randn((len(prompts), 4, LATENT, LATENT), generator=g)  # (B, 4, h, w) the same for both
+    cond = diffusion.conditions(te, prompts, guided=EVAL["guidance"] > 1, size=(SIZE, SIZE))  # negatives: ""
+
+    def samples(unet):  # (B, 3, H, W) in [0, 1]
+        sched = diffusion.SCHEDULERS[EVAL["scheduler"]](cfg, EVAL["steps"])
+        x = diffusion.denoise(unet, sched, latents * sched.init_sigma, cond, EVAL["guidance"], torch.float32)
+        return diffusion.decode(v, x)
+    ref_img, dpo_img = samples(unetlib.load(base)), samples(unetlib.load(dpo_unet))
+    res = dict(win_rate=win_rate(area(ref_img), area(dpo_img))["win_rate"],
                fidelity_ref=float(fidelity(ref_img, prompts).mean()),
                fidelity_dpo=float(fidelity(dpo_img, prompts).mean()),
-               area_ref=float(area_scorer(ref_img).mean()), area_dpo=float(area_scorer(dpo_img).mean()))
+               area_ref=float(area(ref_img).mean()), area_dpo=float(area(dpo_img).mean()))
     k = min(n, 4)  # grid: one row per prompt, (reference, DPO) column pairs for its first k noises
     rows = [[im for j in range(k) for im in (ref_img[i * n + j], dpo_img[i * n + j])] for i in range(len(PROMPTS))]
-    img = sample.grid(rows)
+    img = images.grid(rows)
     img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
-    sample.save_png(img, os.path.join(root, "grid.png"))
+    images.save_png(img, os.path.join(root, "grid.png"))
     return res
 
 
@@ -388,7 +279,7 @@ def run(args, train):
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         open(mark, "w").close()
-        with open(os.path.join(root, "prompts.txt"), "w") as f:  # for sample.py --prompts
+        with open(os.path.join(root, "prompts.txt"), "w") as f:  # for sample.py / evaluate.py --prompts
             f.write("\n".join(PROMPTS) + "\n")
     dist.barrier()
     build_world(root, args, train, log)
@@ -403,7 +294,7 @@ def run(args, train):
     if rank != 0:
         return
     log("eval: sampling reference and DPO model from the same prompts and noise")
-    r = evaluate(root, os.path.join(out, "unet"))
+    r = side_by_side(root, os.path.join(out, "unet"))
     log(f"mean shape area: reference {r['area_ref']:.3f}, DPO {r['area_dpo']:.3f}; grid: {root}/grid.png "
         f"(rows = prompts, columns = reference | DPO pairs); held-out pairs: {root}/data/heldout.jsonl")
     print(f"demo win_rate={r['win_rate']:.3f} fidelity_ref={r['fidelity_ref']:.3f} "

@@ -1,4 +1,6 @@
-"""The diffusion math that training, sampling and evaluation share: the noise schedule and the forward process.
+"""The diffusion math that training, sampling and evaluation share: the noise schedule, the forward process and the
+sampling loop (schedulers, classifier-free guidance, the denoising loop over a given UNet, text side and VAE), so
+that training can sample (online DPO) without importing a tool.
 
 DDPM (Ho et al. 2020) noises a clean latent x_0 in T = 1000 steps with variances beta_1..beta_T. After t steps
 the fraction of signal variance left is alpha_bar_t = prod_{s<=t} (1 - beta_s), so x_t can be drawn in one go:
@@ -6,10 +8,17 @@ the fraction of signal variance left is alpha_bar_t = prod_{s<=t} (1 - beta_s), 
 The UNet is trained to predict eps from x_t (prediction_type "epsilon"), or v = sqrt(alpha_bar_t) eps -
 sqrt(1 - alpha_bar_t) x_0 ("v_prediction", Salimans & Ho 2022). SD1.5 and SDXL use the "scaled_linear" betas
 below; a model folder's scheduler/scheduler_config.json can say otherwise.
+
+Sampling runs the reverse process with one of two schedulers, each written out below (no diffusers): a table of
+noise levels over the chosen timesteps plus a one-line update. They reproduce diffusers' EulerDiscreteScheduler /
+DDIMScheduler (eta=0) and its SDXL / SD1.5 pipelines step for step (tests/test_diffusion.py, tests/test_sample.py).
 """
 import os
 
+import numpy as np
 import torch
+
+import cli
 
 from weights import read_json
 
@@ -55,3 +64,144 @@ def target(x0, eps, t, alphas_cumprod, prediction_type):
         return eps
     a = alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)  # (N, 1, 1, 1)
     return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedulers: the reverse process over `steps` of the T training timesteps
+
+
+def timesteps(cfg, steps) -> np.ndarray:
+    """The `steps` training timesteps to visit, high noise first ("Common Diffusion Noise Schedules ...", Tab. 2)."""
+    n, spacing = cfg["num_train_timesteps"], cfg["timestep_spacing"]
+    if spacing == "leading":  # 1, 1+n/s, 1+2n/s, ... (SD's convention: offset 1)
+        return (np.arange(steps) * (n // steps)).round()[::-1].astype(np.float32) + cfg["steps_offset"]
+    if spacing == "trailing":
+        return np.arange(n, 0, -n / steps).round().astype(np.float32) - 1
+    if spacing == "linspace":
+        return np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
+    raise ValueError(f"unsupported timestep_spacing {spacing!r} (leading, trailing or linspace)")
+
+
+class Euler:
+    """Euler steps on the probability-flow ODE in sigma = sqrt((1-a)/a) space (Karras et al. 2022, Alg. 1 at s_churn=0).
+
+    Latents live at x = x0 + sigma * eps; the UNet sees x / sqrt(sigma^2 + 1), i.e. the DDPM-scaled x_t.
+    """
+
+    def __init__(self, cfg, steps):
+        self.v_pred = cfg["prediction_type"] == "v_prediction"
+        ac = alphas_cumprod(cfg)
+        sig = ((1 - ac) / ac) ** 0.5  # (N,) sigma of every training timestep
+        ts = timesteps(cfg, steps)
+        # sigma at (possibly fractional) timesteps by linear interpolation, then a final sigma of 0
+        sigmas = np.interp(ts, np.arange(len(sig)), sig.numpy())
+        self.sigmas = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))  # (steps+1,)
+        self.timesteps = torch.from_numpy(ts)
+        smax = self.sigmas.max()
+        # diffusers: sigma_max for linspace/trailing; for leading sqrt(sigma_max^2 + 1), the std of x0 + sigma*eps
+        self.init_sigma = smax if cfg["timestep_spacing"] in ("linspace", "trailing") else (smax ** 2 + 1) ** 0.5
+
+    def scale_input(self, x, i):
+        return x / (self.sigmas[i] ** 2 + 1) ** 0.5
+
+    def add_noise(self, x0, noise, i):
+        return x0 + noise * self.sigmas[i]
+
+    def step(self, out, i, x):
+        s, s_next = self.sigmas[i], self.sigmas[i + 1]
+        x0 = out * (-s / (s ** 2 + 1) ** 0.5) + x / (s ** 2 + 1) if self.v_pred else x - s * out
+        return x + (x - x0) / s * (s_next - s)  # one Euler step of dx/dsigma = (x - x0) / sigma
+
+
+class DDIM:
+    """Deterministic DDIM (Song et al. 2021, eta = 0): predict x0 and eps, then re-noise x0 to the previous level."""
+
+    def __init__(self, cfg, steps):
+        self.cfg, self.ac = cfg, alphas_cumprod(cfg)
+        self.timesteps = torch.from_numpy(timesteps(cfg, steps).round().astype(np.int64))
+        self.gap = cfg["num_train_timesteps"] // steps  # diffusers' previous timestep is always t - N // steps
+        self.final = torch.tensor(1.0) if cfg["set_alpha_to_one"] else self.ac[0]
+        self.init_sigma = 1.0
+
+    def scale_input(self, x, i):
+        return x
+
+    def add_noise(self, x0, noise, i):
+        a = self.ac[self.timesteps[i]]
+        return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
+
+    def step(self, out, i, x):
+        t = int(self.timesteps[i])
+        a, a_prev = self.ac[t], (self.ac[t - self.gap] if t - self.gap >= 0 else self.final)
+        if self.cfg["prediction_type"] == "v_prediction":
+            x0, eps = a ** 0.5 * x - (1 - a) ** 0.5 * out, a ** 0.5 * out + (1 - a) ** 0.5 * x
+        else:
+            x0, eps = (x - (1 - a) ** 0.5 * out) / a ** 0.5, out
+        if self.cfg["clip_sample"]:
+            x0 = x0.clamp(-1, 1)
+        return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+
+
+SCHEDULERS = {"euler": Euler, "ddim": DDIM}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The sampling loop: text side -> guided denoising from noise (or a noised image) -> VAE
+
+
+def conditions(te, prompts, negative=None, guided=True, zeros_for_empty=False, size=None):
+    """What the UNet is conditioned on, (context, pooled, time_ids), with [negatives; prompts] stacked along the
+    batch when guided (classifier-free guidance). negative: None, one string or one per prompt; zeros_for_empty:
+    no negative prompt means all-zero negative embeddings (SDXL's force_zeros_for_empty_prompt). size (height,
+    width): SDXL's micro-conditioning (original size, crop top-left 0, target size) for a model with pooled text."""
+    ctx, pooled = te.encode(prompts)
+    if guided and negative is None and zeros_for_empty:
+        nctx, npooled = torch.zeros_like(ctx), (None if pooled is None else torch.zeros_like(pooled))
+    elif guided:
+        neg = [negative or ""] * len(prompts) if negative is None or isinstance(negative, str) else list(negative)
+        if len(neg) != len(prompts):
+            raise ValueError(f"{len(neg)} negative prompts for {len(prompts)} prompts")
+        nctx, npooled = te.encode(neg)
+    if guided:
+        ctx, pooled = torch.cat([nctx, ctx]), (None if pooled is None else torch.cat([npooled, pooled]))
+    time_ids = None
+    if pooled is not None and size is not None:
+        h, w = size
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(ctx), device=ctx.device).to(ctx)  # (B or 2B, 6)
+    return ctx, pooled, time_ids
+
+
+def predict(unet, x, t, cond, dtype):
+    """One UNet call in the model's dtype, on the device of the conditioning; the result in fp32 (the scheduler
+    math runs in fp32). t: one timestep for the batch, or (B,)."""
+    ctx, pooled, time_ids = cond
+    t = t.to(ctx.device, torch.float32).expand(x.shape[0])
+    return unet(x.to(ctx.device, dtype), t, ctx, pooled=pooled, time_ids=time_ids).float()
+
+
+@torch.no_grad()
+def denoise(unet, sched, x, cond, guidance, dtype, start=0, progress=False):
+    """The reverse process from x (B, C, h, w) at scheduler step `start` (0: pure noise, already scaled by
+    sched.init_sigma) to the clean latents (B, C, h, w), on the CPU in fp32. With guidance > 1, cond holds
+    [negatives; prompts] and each step is uncond + guidance * (cond - uncond) (Ho & Salimans 2022)."""
+    guided = guidance > 1
+    steps = len(sched.timesteps)
+    for i in range(start, steps):
+        xin = sched.scale_input(torch.cat([x, x]) if guided else x, i)
+        out = predict(unet, xin, sched.timesteps[i], cond, dtype).cpu()
+        if guided:
+            uncond, c = out.chunk(2)
+            out = uncond + guidance * (c - uncond)
+        x = sched.step(out, i, x)
+        if progress:
+            cli.progress(f"sampling: step {i + 1 - start}/{steps - start}")
+    if progress:  # otherwise the caller's own progress line stays open
+        cli.end_progress()
+    return x
+
+
+def decode(vae, latents):
+    """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1] on the CPU."""
+    dev = next(vae.parameters()).device
+    img = vae.decode((latents / vae.scaling_factor).to(dev, vae.dtype)).float()
+    return (img / 2 + 0.5).clamp(0, 1).cpu()

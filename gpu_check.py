@@ -36,7 +36,7 @@ def plan(args, out):
     """(name, argv, seconds, env) of every step; --dry_run swaps in tiny models and CPU flags."""
     py, env = sys.executable, {}
     kernel_tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests",
-                                                                                    "test_kernels_gpu.py")]
+                                                                                     "test_kernels_gpu.py")]
     model = {"sdxl": "sdxl", "sd15": "sd15"}  # bench_step.py's built-in configs of the real models (no weights)
     bench = [py, os.path.join(ROOT, "kernels", "bench.py"), "--quick", "--out", out]
     step = [py, os.path.join(ROOT, "bench_step.py"), "--csv", os.path.join(out, "step.csv")]

@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import parallel
 import weights
 
 # The attention and feed-forward projections of every transformer block (diffusers' DPO example adapts the
@@ -99,12 +98,12 @@ def reference(unet):
 
 
 def state_dict(unet) -> dict:
-    """The adapters in the diffusers/PEFT file layout, the scale folded into B, fp32 on the CPU. Gathers FSDP
-    shards: every rank calls it."""
+    """The adapters in the diffusers/PEFT file layout, the scale folded into B, fp32 (FSDP shards stay sharded:
+    parallel.gathered makes them whole)."""
     sd = {}
     for name, m in layers(unet).items():
-        sd[f"{PREFIX}{name}.lora_A.weight"] = parallel.full(m.lora_A.weight.detach()).float().cpu()
-        sd[f"{PREFIX}{name}.lora_B.weight"] = (m.scale * parallel.full(m.lora_B.weight.detach()).float()).cpu()
+        sd[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float()
+        sd[f"{PREFIX}{name}.lora_B.weight"] = m.scale * m.lora_B.weight.detach().float()
     return sd
 
 

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
+import unet as unetlib
+
 
 def setup(device):
     """torchrun's env:// rendezvous, or a 1-process group of our own, so the loop is the same for 1 and N."""
@@ -37,8 +39,7 @@ def setup(device):
 
 def shard(unet, dtype):
     """FSDP2 over the UNet's blocks, then the root; parameters gathered in dtype, gradients reduced in fp32."""
-    import unet as unetlib
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # torch >= 2.6: only --fsdp needs it
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for m in list(unet.modules()):
         if isinstance(m, (unetlib.ResBlock, unetlib.SpatialTransformer, unetlib.Resample)):
@@ -114,3 +115,12 @@ def _replicated(p, v):
     """A stand-in with v's shape, replicated over p's mesh (only its placement and device are read)."""
     return DTensor.from_local(torch.empty(v.shape, device=p.device, dtype=v.dtype), p.device_mesh,
                               [Replicate()] * p.device_mesh.ndim, run_check=False)
+
+
+def mean_over_ranks(acc: dict, seen: int, dev):
+    """The means over ranks of a step's logged numbers (acc: name -> 0-d fp64 tensor), and the items seen, summed
+    over ranks: one all-reduce."""
+    keys = sorted(acc)
+    red = torch.cat([torch.stack([acc[k] for k in keys]), torch.tensor([float(seen)], dtype=torch.float64, device=dev)])
+    dist.all_reduce(red)
+    return {k: red[i].item() / dist.get_world_size() for i, k in enumerate(keys)}, int(red[-1].item())

@@ -16,6 +16,7 @@ logit_scale), so its folders load key for key; open_clip's layout is renamed by 
 Images are preprocessed on tensors (see preprocess); the model's weights never require grad, so no graph is built
 unless the images require one (then the score is differentiable in them).
 """
+import math
 import os
 
 import torch
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 
 import clip
 import kernels
-from weights import Checkpoint, CheckpointError, find_weights, load_module, read_config, renamed
+import toy
+from weights import Checkpoint, CheckpointError, find_weights, load_module, read_config, read_json, renamed
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP's, all four use it
 # transformers' CLIPVisionConfig defaults (old configs leave some out).
@@ -266,26 +268,6 @@ def _tokenizer(folder, model, kind):
     return clip.Tokenizer(folder, max_length=model.config["max_position_embeddings"])
 
 
-# ----------------------------------------------------------------------------------------------------
-# The CPU demo's rule as a scorer: its world is coloured shapes on a white background (demo.py), and the
-# larger shape wins. No weights, so the evaluation and AI-feedback tools can be tried without downloads.
-
-BACKGROUND = (1.0, 1.0, 1.0)
-FG_THRESHOLD = 0.35  # a pixel is foreground when its RGB distance from the background exceeds this
-
-
-def foreground(images: torch.Tensor) -> torch.Tensor:
-    """Boolean mask (B, H, W) of pixels far from the background colour; images (B, 3, H, W) in [0, 1]."""
-    bg = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return (images - bg).norm(dim=1) > FG_THRESHOLD
-
-
-def area_scorer(images: torch.Tensor, prompts=None) -> torch.Tensor:
-    """The rule as a scorer (the Scorer interface): foreground fraction of each image, (B,) float."""
-    return foreground(images).float().mean(dim=(1, 2))
-
-
-
 OPTIONS = {"pickscore": ("tokenizer",), "clip": ("tokenizer",), "hps": ("tokenizer", "config"), "aesthetic": ("head",),
            "area": ()}
 
@@ -297,7 +279,7 @@ def load(kind, path, device="cpu", dtype=torch.float32, **options):
                        CLIP's BPE vocabulary; it also runs ftfy and html.unescape on prompts, which leave ordinary
                        prompts as they are); config=an open_clip model-config dict (default ViT-H-14)
       aesthetic        path: a transformers CLIP ViT-L/14 folder; head=sac+logos+ava1-l14-linearMSE.pth (its MLP)
-      area             no path: the CPU demo's rule "the larger shape wins" (area_scorer), to try the tools on"""
+      area             no path: the CPU demo's rule "the larger shape wins" (toy.area), to try the tools on"""
     if kind not in OPTIONS:
         raise ValueError(f"unknown reward kind {kind!r} (one of {', '.join(OPTIONS)})")
     extra = [k for k in options if k not in OPTIONS[kind]]
@@ -307,7 +289,7 @@ def load(kind, path, device="cpu", dtype=torch.float32, **options):
     if kind == "area":
         if path is not None:
             raise ValueError(f"area: the demo's rule has no weights, so no path (got {path})")
-        return area_scorer
+        return toy.area
     if path is None:
         raise ValueError(f"{kind}: needs the path of its weights")
     if kind == "hps" and options.get("tokenizer") is None:
@@ -331,3 +313,56 @@ def load(kind, path, device="cpu", dtype=torch.float32, **options):
     else:
         tok = _tokenizer(options.get("tokenizer") or path, model, kind)
     return Scorer(kind, model.eval().requires_grad_(False), tok, head)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The --score flag of every tool: KIND[=PATH][,OPTION=VALUE...]
+
+
+def parse_spec(spec: str):
+    """--score KIND[=PATH][,OPTION=VALUE...] -> (kind, path or None, options), e.g. "hps=HPS_v2.1_compressed.pt,
+    tokenizer=CLIP-ViT-H-14" -> ("hps", "HPS_v2.1_compressed.pt", {"tokenizer": "CLIP-ViT-H-14"}); "area" -> the
+    demo's rule, which has no path."""
+    head, *rest = spec.split(",")
+    kind, _, path = head.partition("=")
+    options = {}
+    for r in rest:
+        key, eq, value = r.partition("=")
+        if not (key and eq and value):
+            raise ValueError(f"--score {spec}: after KIND=PATH come OPTION=VALUE items separated by commas, got {r!r}")
+        options[key] = value
+    if kind not in OPTIONS:
+        raise ValueError(f"--score {spec}: unknown kind {kind!r} (one of {', '.join(OPTIONS)})")
+    return kind, path or None, options
+
+
+def load_all(specs, device="cpu", dtype=torch.float32) -> dict:
+    """kind -> Scorer for parsed --score specs, loaded before any image is made, so that a wrong folder or head
+    file fails in seconds, not after hours of sampling. config= names an open_clip model-config JSON file."""
+    out = {}
+    for kind, path, options in specs:
+        if kind != "area" and path is not None and not os.path.exists(path):  # (area takes no path: load says so)
+            raise CheckpointError(f"{kind}: no such file or folder: {path}")
+        if "config" in options:
+            options = dict(options, config=read_json(options["config"]))
+        out[kind] = load(kind, path, device=device, dtype=dtype, **options)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# How two sets of scores compare: the win rate of one over the other, with its interval
+
+
+def wilson(successes, n, z=1.96):
+    """95% Wilson score interval for a proportion (stays inside [0, 1] even for small n)."""
+    p, d = successes / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z / d * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def win_rate(base: torch.Tensor, tuned: torch.Tensor) -> dict:
+    """Paired scores (n,) each -> their means and the win rate of tuned over base, a tie counting 0.5, with a 95%
+    Wilson interval on wins + ties / 2 out of n (each pair taken as one independent trial)."""
+    n = len(base)
+    wins = float((tuned > base).sum()) + 0.5 * float((tuned == base).sum())
+    return dict(base=float(base.mean()), tuned=float(tuned.mean()), win_rate=wins / n, ci95=list(wilson(wins, n)), n=n)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from unet import GroupNorm32
 from weights import (Checkpoint, CheckpointError, component, family, find_weights, load_module, read_config,
                      rename, renamed, save_json, save_safetensors)
@@ -43,8 +44,8 @@ class ResnetBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Single-head self-attention over all H*W positions, head dim = C (512): plain SDPA, not the Triton
-    kernel, which handles head dims up to 160."""
+    """Single-head self-attention over all H*W positions, head dim = C (512): kernels.sdpa (torch's SDPA), not
+    the Triton kernel, which handles head dims up to 160."""
 
     def __init__(self, c, groups):
         super().__init__()
@@ -56,7 +57,7 @@ class Attention(nn.Module):
         B, C, H, W = x.shape
         h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
-        o = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C)
+        o = kernels.sdpa(q, k, v).squeeze(1)  # (B, HW, C)
         return x + self.to_out[0](o).transpose(1, 2).reshape(B, C, H, W)
 
 

@@ -1,7 +1,8 @@
 """Triton kernels for Diffusion-DPO: FlashAttention-2 and a fused paired-noise DPO loss.
 
-Each kernel file holds the Triton kernel(s), the launcher, the autograd.Function and a
-plain-PyTorch `*_ref` used as the correctness oracle. `DPO_KERNELS` picks the path at call time:
+Each kernel file holds the Triton kernel(s), the launcher, the autograd.Function, a plain-PyTorch
+`*_ref` used as the correctness oracle, the kernel's allocation model (what memplan.py counts), and
+a self-check (`python kernels/flash_attention.py`). `DPO_KERNELS` picks the path at call time:
   DPO_KERNELS=triton  -> Triton kernels (on a CPU-only machine they run in the Triton interpreter)
   DPO_KERNELS=torch   -> plain PyTorch (SDPA for attention, dpo_loss_ref for the loss)
   unset               -> Triton on CUDA tensors, PyTorch on CPU tensors
@@ -16,8 +17,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .dispatch import flops, references, use_triton  # noqa: E402
-from .flash_attention import attention, attention_ref  # noqa: E402
+from .dispatch import H100_BF16_PEAK, allocation_models, flops, references, use_triton  # noqa: E402
+from .flash_attention import attention, attention_ref, sdpa  # noqa: E402
 from .fused_dpo_loss import dpo_loss, dpo_loss_ref  # noqa: E402
 
-__all__ = ["attention", "attention_ref", "dpo_loss", "dpo_loss_ref", "flops", "references", "use_triton"]
+__all__ = ["H100_BF16_PEAK", "allocation_models", "attention", "attention_ref", "dpo_loss", "dpo_loss_ref", "flops",
+           "references", "sdpa", "use_triton"]

@@ -1,12 +1,38 @@
-"""Pick Triton kernels or PyTorch references, per call, from the DPO_KERNELS env var."""
+"""Pick Triton kernels or PyTorch references, per call, from the DPO_KERNELS env var (or, for memplan.py, each
+kernel's allocation model); count FLOPs."""
 import contextlib
+import contextvars
 import os
 
 import torch
 
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of one H100 SXM, the MFU denominator
+
+
+_PLANNING = contextvars.ContextVar("kernels_planning", default=False)
+
+
+@contextlib.contextmanager
+def allocation_models():
+    """Inside, kernels.attention and kernels.dpo_loss run their allocation models (each kernel file's own: the
+    tensors its launchers allocate, made empty, and no compute) on any device: memplan.py counts the CUDA step's
+    memory on CPU shadow tensors with them. use_triton says True meanwhile, so callers take the kernels' path."""
+    token = _PLANNING.set(True)
+    try:
+        yield
+    finally:
+        _PLANNING.reset(token)
+
+
+def planning() -> bool:
+    """True inside allocation_models()."""
+    return _PLANNING.get()
+
 
 def use_triton(t: torch.Tensor) -> bool:
     """True if this call should run the Triton kernel (read at call time so tests can monkeypatch)."""
+    if planning():
+        return True
     mode = os.environ.get("DPO_KERNELS", "").strip().lower()
     if mode not in ("", "auto", "triton", "torch"):
         raise ValueError(f"DPO_KERNELS must be 'triton', 'torch' or unset, got {mode!r}")

@@ -1,7 +1,8 @@
 """FlashAttention-2 (forward + backward) in Triton, plus the plain-PyTorch reference.
 
 Reading order: forward kernel, backward kernels (preprocess, dK/dV, dQ), launchers,
-autograd.Function, public `attention`, `attention_ref`.
+autograd.Function, its allocation model, public `attention`, `attention_ref`, and the self-check
+`python kernels/flash_attention.py` (against the reference; on a GPU it also times itself).
 
 Notation: q (B, H, Lq, D), k/v (B, H, Lk, D), S = scale * q k^T, P = softmax(S), O = P v.
 The head dim D (40, 64, 80, 128, 160, ...) is padded to BLOCK_D = next power of two inside the
@@ -10,13 +11,20 @@ Only plain pointer arithmetic is used (no block pointers / tensor descriptors) s
 runs on Triton 3.6 (GPU machines) and 3.9 (CI interpreter).
 """
 import math
+import os
+import sys
 
-import torch
-import torch.nn.functional as F
-import triton
-import triton.language as tl
+if __package__ in (None, ""):  # run as a script: be the package's module (kernels/__init__ sets the interpreter up)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "kernels"
+    import kernels  # noqa: F401
 
-from .dispatch import interpreting, use_triton
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from .dispatch import interpreting, planning, use_triton  # noqa: E402
 
 # softmax is computed with exp2: e^x = 2^(x * log2 e), and the log-sum-exp kept in natural log: ln x = log2 x * ln 2
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -350,6 +358,30 @@ class FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+class FlashAttentionMemory(torch.autograd.Function):
+    """FlashAttention's allocation model: the tensors its launchers allocate (_attn_forward, _attn_backward), made
+    empty, in the same order, with no kernel run (memplan.py counts the CUDA step with it). No L x L matrix."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        B, H, Lq, D = q.shape  # k, v (B, H, Lk, D)
+        o = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)  # log-sum-exp, kept for backward
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = do.contiguous()  # (B, H, Lq, D), laid out like O
+        delta = torch.empty_like(lse)  # (B, H, Lq): rowsum(dO * O), read by both backward kernels
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # dQ, dK, dV: contiguous, in the inputs' dtypes
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        del do, delta  # freed as the launcher returns
+        return dq, dk, dv, None, None
+
+
 # ----------------------------------------------------------------------------------------------
 # public API and reference
 
@@ -365,11 +397,21 @@ def attention(q, k, v, causal=False, scale=None):
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal attention needs Lq == Lk, got {q.shape[2]} and {k.shape[2]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if planning():  # memplan.py: what the kernels would allocate, no compute
+        return FlashAttentionMemory.apply(q, k, v, causal, scale)
     if use_triton(q):
         if not q.dtype == k.dtype == v.dtype:
             raise ValueError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
         return FlashAttention.apply(q, k, v, causal, scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def sdpa(q, k, v):
+    """Attention at shapes the kernel does not take (the VAE's one head of 512 channels): torch's SDPA (its
+    memory-efficient kernel on CUDA); inside allocation_models(), modelled as FlashAttention (O and the LSE)."""
+    if planning():
+        return FlashAttentionMemory.apply(q, k, v, False, 1.0 / math.sqrt(q.shape[-1]))
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 def attention_ref(q, k, v, causal=False, scale=None):
@@ -381,3 +423,54 @@ def attention_ref(q, k, v, causal=False, scale=None):
         Lq, Lk = s.shape[-2:]
         s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     return (s.softmax(-1) @ v.to(dt)).to(q.dtype)  # (B, H, Lq, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# self-check: python kernels/flash_attention.py
+
+
+def check(shapes, dtype, tol):
+    """Forward and every gradient of the Triton path against attention_ref at each (B, H, Lq, Lk, D, causal)."""
+    for B, H, Lq, Lk, D, causal in shapes:
+        g = torch.Generator().manual_seed(0)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        q, k, v = (torch.randn(B, H, L, D, generator=g).to(dev, dtype).requires_grad_() for L in (Lq, Lk, Lk))
+        do = torch.randn(B, H, Lq, D, generator=g).to(dev, dtype)
+        out = {}
+        for name, fn in (("triton", lambda: FlashAttention.apply(q, k, v, causal, D ** -0.5)),
+                         ("ref", lambda: attention_ref(q, k, v, causal))):
+            o = fn()
+            o.backward(do)
+            out[name] = [o.detach().float()] + [x.grad.float() for x in (q, k, v)]
+            for x in (q, k, v):
+                x.grad = None
+        errs = [((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item() for a, b in zip(out["triton"], out["ref"])]
+        ok = all(e <= tol for e in errs)
+        print(f"{'ok ' if ok else 'BAD'} B={B} H={H} Lq={Lq} Lk={Lk} D={D} causal={causal} {str(dtype)[6:]}: "
+              f"max rel err o {errs[0]:.1e}, dq {errs[1]:.1e}, dk {errs[2]:.1e}, dv {errs[3]:.1e}", flush=True)
+        if not ok:
+            raise SystemExit(f"attention differs from its reference by more than {tol}")
+
+
+def bench(shapes):
+    """Forward + backward time (ms) of the Triton kernels and of torch's SDPA at each (B, H, Lq, Lk, D), bf16."""
+    from triton.testing import do_bench
+    for B, H, Lq, Lk, D in shapes:
+        q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for L in (Lq, Lk, Lk))
+        do = torch.randn(B, H, Lq, D, device="cuda", dtype=torch.bfloat16)
+        ms = {name: do_bench(lambda: fn(q, k, v).backward(do), grad_to_none=[q, k, v])
+              for name, fn in (("triton", attention), ("sdpa", F.scaled_dot_product_attention))}
+        tflops = 3.5 * 4 * B * H * Lq * Lk * D / 1e12
+        print(f"B={B} H={H} Lq={Lq} Lk={Lk} D={D} fwd+bwd: triton {ms['triton']:.3f} ms "
+              f"({tflops / ms['triton'] * 1e3:.0f} TFLOP/s), sdpa {ms['sdpa']:.3f} ms "
+              f"({tflops / ms['sdpa'] * 1e3:.0f} TFLOP/s)", flush=True)
+
+
+if __name__ == "__main__":
+    if torch.cuda.is_available():  # the UNets' shapes: SDXL self/cross attention at 64x64 latents, SD1.5's D = 160
+        check([(2, 10, 4096, 4096, 64, False), (2, 10, 4096, 77, 64, False), (2, 8, 256, 256, 160, False),
+               (2, 8, 77, 77, 64, True)], torch.bfloat16, 2e-2)
+        bench([(2, 10, 4096, 4096, 64), (2, 10, 4096, 77, 64), (2, 8, 256, 256, 160)])
+    else:  # Triton's interpreter: small shapes (ragged lengths, padded head dims, several key blocks)
+        check([(1, 2, 70, 70, 40, False), (1, 2, 70, 77, 64, False), (1, 1, 77, 77, 32, True)], torch.float32, 1e-4)

@@ -11,13 +11,23 @@ and writes per-chunk partial sums; the backward is closed form:
 so grad(model_w) = c_i (model_w - noise), grad(model_l) = -c_i (model_l - noise),
     c_i = beta * sigmoid(-inner_i) / (B * N),
 written by one elementwise kernel with no intermediate tensor of the predictions' size.
+Beside them: the autograd.Function, its allocation model, the public dpo_loss, dpo_loss_ref, and the self-check
+`python kernels/fused_dpo_loss.py` (against the reference; on a GPU it also times itself).
 """
-import torch
-import torch.nn.functional as F
-import triton
-import triton.language as tl
+import os
+import sys
 
-from .dispatch import use_triton
+if __package__ in (None, ""):  # run as a script: be the package's module (kernels/__init__ sets the interpreter up)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "kernels"
+    import kernels  # noqa: F401
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from .dispatch import planning, use_triton  # noqa: E402
 
 BLOCK = 2048  # elements of one sample handled by one program (both kernels)
 
@@ -115,9 +125,33 @@ class DPOLoss(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+class DPOLossMemory(torch.autograd.Function):
+    """DPOLoss's allocation model: the tensors its forward and backward allocate, made empty, in the same order, with
+    no kernel run (memplan.py counts the CUDA step with it): per-chunk partial sums, then one gradient."""
+
+    @staticmethod
+    def forward(ctx, model_pred, ref_pred, noise, beta):
+        model_pred, ref_pred, noise = model_pred.contiguous(), ref_pred.contiguous(), noise.contiguous()
+        B = noise.shape[0]
+        N = noise.numel() // B
+        partial = torch.empty((4, B, -(-N // BLOCK)), device=noise.device, dtype=torch.float32)
+        loss, inner, _ = _epilogue(partial.sum(-1), N, beta)
+        c = beta * torch.sigmoid(-inner) / (B * N)  # (B,)
+        ctx.save_for_backward(model_pred, noise, torch.cat([c, -c]))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        model_pred, noise, coef = ctx.saved_tensors
+        coef = (coef * grad_loss).contiguous()  # (2B,)
+        return torch.empty_like(model_pred), None, None, None
+
+
 def dpo_loss(model_pred, ref_pred, noise, beta):
     """Diffusion-DPO loss and detached stats; gradient flows to model_pred only."""
     _check(model_pred, ref_pred, noise)
+    if planning():  # memplan.py: what the kernels would allocate, no compute (no stats)
+        return DPOLossMemory.apply(model_pred, ref_pred.detach(), noise.detach(), float(beta)), {}
     if not use_triton(model_pred):
         return dpo_loss_ref(model_pred, ref_pred, noise, beta)
     stats = {}
@@ -136,3 +170,55 @@ def dpo_loss_ref(model_pred, ref_pred, noise, beta):
     sse = torch.stack([model_se[:B], model_se[B:], ref_se[:B], ref_se[B:]])  # (4, B)
     loss, _, stats = _epilogue(sse, noise[0].numel(), beta)
     return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# self-check: python kernels/fused_dpo_loss.py
+
+
+def check(B, shape, dtype, tol):
+    """Loss, stats and the gradient of the fused path against dpo_loss_ref for B pairs of images of shape (C, H, W)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(B, *shape, generator=g)
+    model = (torch.cat([noise, noise]) + 0.3 * torch.randn(2 * B, *shape, generator=g)).to(dev, dtype)
+    ref = (torch.cat([noise, noise]) + 0.3 * torch.randn(2 * B, *shape, generator=g)).to(dev, dtype)
+    out = {}
+    for name in ("triton", "ref"):
+        x = model.clone().requires_grad_()
+        if name == "triton":
+            s = {}
+            loss = DPOLoss.apply(x, ref, noise.to(dev, dtype), 50.0, s)
+        else:
+            loss, s = dpo_loss_ref(x, ref, noise.to(dev, dtype), 50.0)
+        loss.backward()
+        out[name] = (loss.item(), float(s["implicit_acc"]), x.grad.float())
+    (la, aa, ga), (lb, ab, gb) = out["triton"], out["ref"]
+    err = ((ga - gb).abs().max() / gb.abs().max()).item()
+    ok = abs(la - lb) <= tol * max(1.0, abs(lb)) and aa == ab and err <= tol
+    print(f"{'ok ' if ok else 'BAD'} B={B} {tuple(shape)} {str(dtype)[6:]}: loss {la:.6f} vs {lb:.6f}, "
+          f"implicit_acc {aa:.3f} vs {ab:.3f}, max rel grad err {err:.1e}", flush=True)
+    if not ok:
+        raise SystemExit(f"dpo_loss differs from its reference by more than {tol}")
+
+
+def bench(B, shape):
+    """Forward + backward time (ms) and GB/s (reads of both predictions and the noise, one gradient written) of the
+    fused kernels and of the eager reference, bf16."""
+    from triton.testing import do_bench
+    noise = torch.randn(B, *shape, device="cuda", dtype=torch.bfloat16)
+    model = torch.randn(2 * B, *shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ref = torch.randn(2 * B, *shape, device="cuda", dtype=torch.bfloat16)
+    gb = (3 * model.numel() + noise.numel()) * 2 / 1e9
+    for name, fn in (("triton", dpo_loss), ("eager ref", dpo_loss_ref)):
+        ms = do_bench(lambda: fn(model, ref, noise, 5000.0)[0].backward(), grad_to_none=[model])
+        print(f"B={B} {tuple(shape)} fwd+bwd {name}: {ms:.3f} ms, {gb / ms * 1e3:.0f} GB/s", flush=True)
+
+
+if __name__ == "__main__":
+    if torch.cuda.is_available():
+        check(4, (4, 128, 128), torch.bfloat16, 2e-2)  # SDXL latents at 1024^2
+        bench(8, (4, 128, 128))
+    else:  # Triton's interpreter: odd sizes (chunks that do not fill a block)
+        check(3, (4, 9, 13), torch.float32, 1e-5)
+        check(2, (4, 8, 8), torch.float16, 1e-2)

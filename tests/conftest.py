@@ -40,3 +40,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A tiny transformers CLIPModel folder (32 px images) with its tokenizer, and the model itself."""
+    folder, model, _ = tiny.make_clip(str(tmp_path_factory.mktemp("clip")), "quick_gelu")
+    return folder, model

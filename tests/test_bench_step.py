@@ -1,4 +1,5 @@
-"""bench_step.py: runs both impls at toy size on CPU, and the two impls time the same work (same loss, same update)."""
+"""bench_step.py: runs both impls at toy size on CPU, the two impls time the same work (same loss, same update), and
+it refuses what cannot fit."""
 import math
 import sys
 
@@ -99,3 +100,12 @@ def test_ours_and_diffusers_do_the_same_step(family, request):
     d_d = torch.cat([(after_d[k] - before[k]).flatten() for k in before])
     assert d_o.abs().max() > 1e-4  # the step really moved the weights
     assert (d_o - d_d).norm() / d_o.norm() < 1e-3
+
+
+def test_bench_step_refuses_what_cannot_fit(monkeypatch, capsys):
+    monkeypatch.setattr(bench_step, "available_bytes", lambda dev: 8 * 2 ** 30)
+    with pytest.raises(SystemExit) as e:
+        bench_step.main(["--device", "cpu"])  # no flags: SDXL at 1024 px
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1
+    assert err[0].startswith("error: this step needs at least 28.7 GiB on the cpu") and "8.0 GiB are free" in err[0]

@@ -1,7 +1,5 @@
-"""The CPU demo's world: the rule scorer and fidelity measure on images with known answers, the data set in
-dpo.py's --data format, the toy model folder (loadable by every tool, its VAE reconstructing the world), and
-(slow) the whole `python dpo.py` demo."""
-import math
+"""demo.py: the data set in dpo.py's --data format, the toy model folder (loadable by every tool, its VAE
+reconstructing the world), and (slow) the whole `python dpo.py` demo."""
 import os
 import subprocess
 import sys
@@ -10,61 +8,26 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import demo
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _batch(*imgs):
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)  # (B, 3, H, W) in [0, 1]
-
-
-def test_area_matches_geometry_and_bigger_shape_wins():
-    S = demo.SIZE
-    for colour in demo.COLOURS:
-        for shape, area in (("circle", lambda r: math.pi * r * r), ("square", lambda r: 4 * r * r)):
-            small = demo.render(colour, shape, 2.5, S / 2, S / 2)
-            big = demo.render(colour, shape, 5.5, S / 2, S / 2)
-            a = demo.area_scorer(_batch(small, big), [f"a {colour} {shape}"] * 2)
-            assert a[1] > a[0]
-            for got, r in zip(a.tolist(), (2.5, 5.5)):  # the foreground fraction is the shape's true area
-                assert abs(got * S * S - area(r)) <= 2 * math.pi * r * 0.6, (colour, shape, r, got * S * S)
-    white = np.ones((S, S, 3), np.float32)
-    assert demo.area_scorer(_batch(white)).item() == 0.0
-    x = torch.tensor([0.3, 0.1, 0.2, 0.2])
-    y = torch.tensor([0.1, 0.2, 0.2, 0.1])
-    assert demo.win_rate(x, y) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
-
-
-def test_fidelity_and_colour_detection():
-    rng = np.random.default_rng(0)
-    prompts = [p for p in demo.PROMPTS for _ in range(5)]
-    imgs = _batch(*[demo.random_image(p, rng) for p in prompts])
-    assert demo.dominant_colour(imgs) == [p.split()[1] for p in prompts]
-    assert demo.fidelity(imgs, prompts).tolist() == [1.0] * len(prompts)
-    shift = {"red": "blue", "green": "red", "blue": "green"}  # every prompt names another colour
-    wrong = [" ".join(shift.get(w, w) for w in p.split()) for p in prompts]
-    assert demo.fidelity(imgs, wrong).tolist() == [0.0] * len(prompts)
-    white = np.ones((demo.SIZE, demo.SIZE, 3), np.float32)
-    assert demo.fidelity(_batch(white), ["a red circle"]).tolist() == [0.0]  # no shape: not faithful
-    assert demo.dominant_colour(_batch(white)) == [None]
+import images
+import toy
+from tiny import ROOT
 
 
 def test_pairs_are_dpo_data_labelled_by_the_rule(tmp_path):
-    import data
     path = demo.write_pairs(str(tmp_path), "dpo", 24, seed=5, biased=True)
     pairs = data.read_pairs(path)  # dpo.py's reader: image_0 is the preferred image, ties dropped
-    assert len(pairs) >= 20 and {p["caption"] for p in pairs} == set(demo.PROMPTS)
+    assert len(pairs) >= 20 and {p["caption"] for p in pairs} == set(toy.PROMPTS)
     for p in pairs:
-        assert p["caption"] in demo.PROMPTS
-        a = demo.area_scorer(torch.stack([demo.load_png(p["image_0"]), demo.load_png(p["image_1"])]))
+        assert p["caption"] in toy.PROMPTS
+        a = toy.area(torch.cat([images.load_image(p[f"image_{k}"]) for k in (0, 1)]))
         assert a[0] > a[1]
-    ds = data.PairDataset(data.Pairs(path), demo.SIZE, seed=0, random_crop=False, flip=True)
+    ds = data.PreferenceDataset(data.Preferences(path), toy.SIZE, seed=0, random_crop=False, flip=True)
     item = ds[0]
-    assert item["pixels"].shape == (2, 3, demo.SIZE, demo.SIZE) and item["pixels"].min() >= -1
+    assert item["pixels"].shape == (2, 3, toy.SIZE, toy.SIZE) and item["pixels"].min() >= -1
     unbiased = data.read_pairs(demo.write_pairs(str(tmp_path), "sft", 24, seed=6, biased=False))
-    wins = [float(demo.area_scorer(torch.stack([demo.load_png(p["image_0"]), demo.load_png(p["image_1"])])).argmax())
-            for p in unbiased]
+    wins = [float(toy.area(torch.cat([images.load_image(p[f"image_{k}"]) for k in (0, 1)])).argmax()) for p in unbiased]
     assert 0 < sum(wins) < len(wins)  # winners are not picked by size
 
 
@@ -82,26 +45,26 @@ def test_toy_model_loads_everywhere_and_its_vae_reconstructs(toy_model):
     u = unet.load(toy_model)
     assert u.is_sdxl and u.config["block_out_channels"] == demo.UNET_CONFIG["block_out_channels"]
     te = clip.load(toy_model)
-    ctx, pooled = te.encode(demo.PROMPTS)
+    ctx, pooled = te.encode(toy.PROMPTS)
     assert te.is_sdxl and ctx.shape == (6, 77, 64) and pooled.shape == (6, 32)
     assert min(torch.dist(ctx[i], ctx[j]) for i in range(6) for j in range(i)) > 1e-2  # distinct prompts
     v = vae.load(toy_model)
     assert v.downsample == 2 and 0.1 < v.scaling_factor < 10
     rng = np.random.default_rng(123)  # images the VAE never saw
-    prompts = [p for p in demo.PROMPTS for _ in range(4)]
-    x = _batch(*[demo.random_image(p, rng) for p in prompts])
+    prompts = [p for p in toy.PROMPTS for _ in range(4)]
+    x = torch.from_numpy(np.stack([toy.random_image(p, rng) for p in prompts])).permute(0, 3, 1, 2)  # (B, 3, H, W)
     with torch.no_grad():
         z = v.encode(x * 2 - 1)
         rec = (v.decode(z) / 2 + 0.5).clamp(0, 1)
     assert z.shape == (len(prompts), 4, demo.LATENT, demo.LATENT)
     assert (z * v.scaling_factor).std().item() == pytest.approx(1.0, abs=0.25)
     assert torch.mean((rec - x) ** 2).item() < 0.01  # stated bound: mean squared error < 0.01 on [0, 1] pixels
-    assert demo.fidelity(rec, prompts).tolist() == [1.0] * len(prompts)
-    assert (demo.area_scorer(rec) - demo.area_scorer(x)).abs().max().item() < 0.05
+    assert toy.fidelity(rec, prompts).tolist() == [1.0] * len(prompts)
+    assert (toy.area(rec) - toy.area(x)).abs().max().item() < 0.05
     pipe = sample.load(toy_model)
     pipe.progress = False
-    out = pipe(demo.PROMPTS[:2], steps=2, guidance=3.0)
-    assert out.shape == (2, 3, demo.SIZE, demo.SIZE)
+    out = pipe(toy.PROMPTS[:2], steps=2, guidance=3.0)
+    assert out.shape == (2, 3, toy.SIZE, toy.SIZE)
 
 
 def test_toy_model_is_a_diffusers_pipeline(toy_model):
@@ -131,7 +94,7 @@ def test_demo_end_to_end_prints_the_readme_numbers(tmp_path):
     area = next(line for line in out.stdout.splitlines() if "mean shape area:" in line)
     ref, dpo_ = area.split("mean shape area: reference ")[1].split(";")[0].split(", DPO ")
     assert f"Mean shape area goes from {ref} to {dpo_}" in readme, area
-    command = next(line for line in readme.splitlines() if line.startswith("python sample.py --model demo_out")
+    command = next(line for line in readme.splitlines() if line.startswith("python evaluate.py --model demo_out")
                    and "--eval_pairs" in line)
     printed = next(line for line in readme.splitlines() if line.startswith("#   eval pairs="))[len("#   "):]
     argv = command.replace("demo_out", str(tmp_path / "demo")).split()[1:]
@@ -157,9 +120,8 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     """The demo rewrites data/, dpo/, ... inside --out_dir: a user's non-empty folder must be left untouched."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "precious.txt").write_text("keep me")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, "dpo.py"), "--out_dir", str(tmp_path)],
-                       capture_output=True, text=True, cwd=root)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "dpo.py"), "--out_dir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [f"error: --out_dir {tmp_path} exists and is not a demo folder: the demo "
                                              "rewrites subfolders of its out_dir, so give it a new or empty folder"]

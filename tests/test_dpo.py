@@ -1,7 +1,7 @@
-"""dpo.py: the loss against the official formula (fp64, by hand), RPO, Adafactor against transformers, the shared
-noise draw, and tiny end-to-end runs (SDXL + SD1.5, parquet + JSONL, cache, resume, 2-rank DDP, bad input)."""
+"""dpo.py: eq. 14 against the official formula (fp64, by hand) and the fused kernel, pair_loss (its targets, the
+shared noise draw, the dispatch), the flags and their defaults, and tiny end-to-end runs (SDXL + SD1.5, parquet +
+JSONL, cache, resume, 2-rank DDP, bad input)."""
 import argparse
-import io
 import json
 import math
 import os
@@ -11,53 +11,27 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 import diffusion
 import dpo
 import kernels
-import optim
 import unet as unetlib
-from data import Pairs, read_pairs
 import tiny
-from tiny import CAPTIONS
+from tiny import ENV, ROOT, run, write_parquet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+def inputs(z, eps, t, cond=(None, None, None)):
+    """pair_loss's micro-batch: clean latents z (2B, ...), one (t, eps) per pair, the text conditioning."""
+    return dict(z=z, eps=eps, t=t, T=1000, cond=cond)
+
+
+def namespace(**kw):
+    """The run's arguments pair_loss reads, with kw on top."""
+    args = dict(loss="dpo", beta=1.0, amp_dtype=torch.float32, rpo_tau=0.5, rpo_form="logit", autocast_cache=False)
+    return argparse.Namespace(**dict(args, **kw))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _jpeg(rng, h, w):
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def write_parquet(path, n=10, drop=(), rg=4):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    rng = np.random.default_rng(1)
-    lab = [0.5 if i == 3 else float(i % 2) for i in range(n)]  # row 3 is a tie
-    cols = dict(caption=[CAPTIONS[i % 4] for i in range(n)],
-                jpg_0=pa.array([_jpeg(rng, 40, 36) for _ in range(n)], pa.binary()),
-                jpg_1=pa.array([_jpeg(rng, 36, 44) for _ in range(n)], pa.binary()),
-                label_0=lab, label_1=[1 - x for x in lab],
-                model_0=["dreamlike-photoreal-2.0" if i < 6 else "sdxl" for i in range(n)],
-                model_1=["dreamlike-art" if i % 3 else "sd-2.1" for i in range(n)])
-    pq.write_table(pa.table({k: v for k, v in cols.items() if k not in drop}), path, row_group_size=rg)
-    return str(path)
-
-
-def run(out, model, data, *flags, steps=2):
-    """dpo.main in-process on a tiny model at 32 px (latents 16x16: the tiny VAE downsamples by 2)."""
-    dpo.main(["--model", model, "--data", data, "--out_dir", str(out), "--resolution", "32", "--batch_size", "2",
-              "--grad_accum", "2", "--max_steps", str(steps), "--log_every", "1", "--lr", "1e-4", "--warmup", "0",
-              *flags])
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,7 +85,7 @@ def test_pair_loss_dispatches_to_the_fused_kernel_with_the_same_numbers(monkeypa
     g = torch.Generator().manual_seed(5)
     z, eps, t = torch.randn(4, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
     abar = diffusion.alphas_cumprod(diffusion.SD_SCHEDULE)
-    args = argparse.Namespace(loss="dpo", beta=100.0, amp_dtype=torch.float32, rpo_tau=0.5, rpo_form="logit")
+    args = namespace(beta=100.0)
     ref = torch.nn.Conv2d(4, 4, 1)
     calls, results = [], {}
     for path in ("torch", "triton"):
@@ -122,8 +96,8 @@ def test_pair_loss_dispatches_to_the_fused_kernel_with_the_same_numbers(monkeypa
             policy.weight.add_(0.01)  # not the reference: a loss away from log 2
         for name, module in (("readable", dpo), ("fused", kernels)):
             monkeypatch.setattr(module, "dpo_loss", _recorded(module.dpo_loss, name, calls))
-        loss, stats = dpo.pair_loss(lambda x, tt, *c: policy(x), lambda x, tt, *c: ref(x), z, eps, t,
-                                    (None, None, None), args, abar, pred_type)
+        loss, stats = dpo.pair_loss(lambda x, tt, *c: policy(x), lambda x, tt, *c: ref(x), inputs(z, eps, t), args,
+                                    abar, pred_type)
         loss.backward()
         results[path] = (loss.item(), {k: float(v) for k, v in stats.items()}, policy.weight.grad.clone())
         monkeypatch.undo()
@@ -132,84 +106,6 @@ def test_pair_loss_dispatches_to_the_fused_kernel_with_the_same_numbers(monkeypa
     assert abs(la - math.log(2)) > 1e-3 and abs(la - lb) < 1e-5 * max(1, la)
     assert all(abs(sa[k] - sb[k]) < 1e-5 for k in ("implicit_acc", "model_mse", "ref_mse", "reward_margin"))
     assert (ga - gb).norm() < 1e-5 * ga.norm(), (ga - gb).norm() / ga.norm()
-
-
-def _rpo_by_hand(model, ref, noise, beta, w, form):
-    """RPO written out in fp64: logit_ij = -beta/2 ((m_wi - r_wi) - (m_lj - r_lj)); form logit: mean_ij
-    -log sigmoid(w_ij logit_ij); form loss: mean_i sum_j w_ij * -log sigmoid(logit_ij)."""
-    B = noise.shape[0]
-    e = torch.cat([noise, noise]).double().flatten(1)
-    d = ((model.double().flatten(1) - e) ** 2).mean(1) - ((ref.double().flatten(1) - e) ** 2).mean(1)  # (2B,)
-    logit = -0.5 * beta * (d[:B, None] - d[None, B:])  # (B, B)
-    if form == "logit":
-        return torch.log1p(torch.exp(-w * logit)).mean()
-    return (w * torch.log1p(torch.exp(-logit))).sum(1).mean()
-
-
-def test_rpo_loss_both_forms_by_hand_value_and_gradient():
-    model, ref, noise = tiny.preds(B=4, seed=2)
-    w = torch.softmax(torch.randn(4, 4, generator=torch.Generator().manual_seed(3)), 1).double()
-    for form in ("logit", "loss"):
-        a, b = model.clone().requires_grad_(True), model.clone().double().requires_grad_(True)
-        loss, _ = dpo.rpo_loss(a, ref, noise, 30.0, None, 0.5, form, weights=w.float())
-        want = _rpo_by_hand(b, ref, noise, 30.0, w, form)
-        (loss + want).backward()
-        assert abs(loss.item() - want.item()) < 1e-6 * max(1, want.item()), form
-        assert (a.grad.double() - b.grad).norm() < 1e-5 * b.grad.norm(), form
-    # the weights scale the logit, not the loss: the two forms differ for any non-trivial weights
-    forms = [_rpo_by_hand(model, ref, noise, 30.0, w, form) for form in ("logit", "loss")]
-    assert abs(forms[0] - forms[1]) > 1e-3
-
-
-def test_rpo_is_dpo_on_one_pair_and_with_identity_weights_in_the_loss_form():
-    model, ref, noise = tiny.preds(B=4, seed=2)
-    emb = torch.eye(4, 16)  # orthogonal prompts + tiny tau: softmax(-(1 - cos)/tau) is exactly the identity
-    a, b = model.clone().requires_grad_(True), model.clone().requires_grad_(True)
-    lr_, _ = dpo.rpo_loss(a, ref, noise, 30.0, emb, 1e-3, "loss")
-    ld, _ = dpo.dpo_loss(b, ref, noise, 30.0)
-    (lr_ + ld).backward()
-    assert torch.equal(lr_, ld) and torch.equal(a.grad, b.grad)
-    one = torch.tensor([0, 4])  # a single pair: a 1x1 matrix of weight 1, in both forms
-    for form in ("logit", "loss"):
-        a, b = model[one].clone().requires_grad_(True), model[one].clone().requires_grad_(True)
-        lr_, _ = dpo.rpo_loss(a, ref[one], noise[:1], 30.0, torch.randn(1, 3, 8), 0.5, form)
-        ld, _ = dpo.dpo_loss(b, ref[one], noise[:1], 30.0)
-        (lr_ + ld).backward()
-        assert torch.allclose(lr_, ld, rtol=1e-6) and torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-9), form
-
-
-def test_rpo_weights_by_hand():
-    g = torch.Generator().manual_seed(4)
-    text = torch.randn(5, 12, generator=g)  # the fallback: one embedding per pair, RPO's cosine distance
-    u = F.normalize(text.double(), dim=-1).numpy()
-    w = np.exp(-(1 - u @ u.T) / 0.5)
-    assert np.abs(dpo.rpo_weights(text, 0.5).double().numpy() - w / w.sum(1, keepdims=True)).max() < 1e-6
-    clip3 = torch.randn(5, 3, 12, generator=g)  # CLIP: prompt, winner, loser of each pair
-    c, xw, xl = (F.normalize(clip3[:, k].double(), dim=-1).numpy() for k in range(3))
-    cat_w = np.concatenate([c, xw], 1) / np.sqrt(2)  # (c_i, x^w_i) as one unit vector; (c_j, x^l_j) likewise
-    cat_l = np.concatenate([c, xl], 1) / np.sqrt(2)
-    w = np.exp(-(1 - cat_w @ cat_l.T) / 0.1)
-    got = dpo.rpo_weights(clip3, 0.1).double().numpy()
-    assert np.abs(got - w / w.sum(1, keepdims=True)).max() < 1e-6 and np.allclose(got.sum(1), 1)
-
-
-def test_adafactor_matches_transformers():
-    from transformers.optimization import Adafactor as HF
-    g = torch.Generator().manual_seed(0)
-    shapes = [(6, 5), (4, 3, 3, 3), (7,)]
-    p1 = [torch.randn(s, generator=g).requires_grad_(True) for s in shapes]
-    p2 = [p.detach().clone().requires_grad_(True) for p in p1]
-    o1 = optim.Adafactor(p1, lr=1e-2, weight_decay=1e-2)
-    o2 = HF(p2, lr=1e-2, weight_decay=1e-2, clip_threshold=1.0, scale_parameter=False, relative_step=False,
-            warmup_init=False)
-    for _ in range(4):
-        grads = [torch.randn(s, generator=g) for s in shapes]
-        for ps, o in ((p1, o1), (p2, o2)):
-            for p, gr in zip(ps, grads):
-                p.grad = gr.clone()
-            o.step()
-    for a, b in zip(p1, p2):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_pairs_share_t_noise_and_draws_depend_on_position_only(monkeypatch):
@@ -233,8 +129,8 @@ def test_pairs_share_t_noise_and_draws_depend_on_position_only(monkeypatch):
         targets.append(noise)
         return torch.zeros(()), {}
     monkeypatch.setattr(dpo, "dpo_loss", loss)
-    args = argparse.Namespace(loss="dpo", beta=1.0, amp_dtype=torch.float32, rpo_tau=0.5, rpo_form="logit")
-    dpo.pair_loss(policy, policy, z, eps, t, (None, None, None), args, abar, pred)
+    args = namespace(beta=1.0)
+    dpo.pair_loss(policy, policy, inputs(z, eps, t), args, abar, pred)
     x, tt = seen[0]
     e2, target = torch.cat([eps, eps]), torch.cat([targets[0], targets[0]])
     assert torch.equal(target, e2) and torch.equal(e2, torch.cat([eps, eps]))
@@ -250,34 +146,6 @@ def test_pairs_share_t_noise_and_draws_depend_on_position_only(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------------
 # Data
-
-
-def test_read_pairs_parquet_and_jsonl(tmp_path, jsonl):
-    pq = write_parquet(tmp_path / "a.parquet")
-    rows = read_pairs(pq)
-    assert len(rows) == 9 and all(isinstance(r["image_0"], bytes) for r in rows)  # the tie is dropped
-    raw = Pairs(pq)
-    import pyarrow.parquet as pqm
-    t = pqm.read_table(pq).to_pydict()
-    keep = [i for i in range(10) if i != 3]
-    for k, i in enumerate(keep):  # winner first, chosen from label_0
-        win = t["jpg_0"][i] if t["label_0"][i] == 1.0 else t["jpg_1"][i]
-        assert raw.raw(k)[1][0] == win and raw.raw(k)[0] == t["caption"][i]
-    dream = Pairs(pq, dreamlike_only=True)  # both model names contain "dream": rows 1, 2, 4, 5 (3 is the tie)
-    assert sorted(dream.row + 4 * dream.rg) == [1, 2, 4, 5]
-    assert len(read_pairs(jsonl)) == 8 and read_pairs(jsonl)[0]["image_0"].endswith("img/0_1.png")  # label_0 = 0
-    assert len(read_pairs(str(tmp_path / "*.parquet"))) == 9 and len(read_pairs(str(tmp_path))) == 9
-
-
-def test_epoch_order_blocks_row_groups(tmp_path):
-    p = Pairs(write_parquet(tmp_path / "a.parquet", n=20, rg=5))
-    from data import EpochOrder
-    o = EpochOrder(p.group, seed=0)
-    first = [o(k) for k in range(len(p))]
-    assert sorted(first) == list(range(len(p)))
-    groups = [p.group[i] for i in first]
-    assert sum(a != b for a, b in zip(groups, groups[1:])) == len(set(groups)) - 1  # each row group read once
-    assert [o(len(p) + k) for k in range(len(p))] != first  # a new shuffle next epoch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -330,25 +198,6 @@ def test_parquet_sdxl_rpo_and_sd15_sft(tmp_path, sdxl_dir, sd15_dir):
     m = run(tmp_path / "sft", sd15_dir, pq, "--loss", "sft", "--optimizer", "adamw")
     assert len(m) == 2 and m[0]["implicit_acc"] is None and m[0]["loss"] > 0
     assert os.path.isfile(tmp_path / "sft" / "unet" / "config.json")
-
-
-def test_sd15_dpo_cache_then_cache_only(tmp_path, sd15_dir, jsonl, monkeypatch):
-    cache = str(tmp_path / "cache")
-    first = run(tmp_path / "a", sd15_dir, jsonl, "--cache", "--cache_dir", cache)
-    assert abs(first[0]["loss"] - math.log(2)) < 1e-6
-    meta = json.load(open(os.path.join(cache, "meta.json")))
-    assert meta["pairs"] == 8 and meta["downsample"] == 2
-    import clip
-    import vae
-    monkeypatch.setattr(clip, "load", lambda *a, **k: pytest.fail("text encoders loaded although cached"))
-    monkeypatch.setattr(vae, "load", lambda *a, **k: pytest.fail("VAE loaded although cached"))
-    dpo.main(["--model", sd15_dir, "--cache_dir", cache, "--out_dir", str(tmp_path / "b"), "--resolution", "32",
-              "--batch_size", "2", "--grad_accum", "2", "--max_steps", "2", "--log_every", "1",
-              "--unet_init", str(tmp_path / "a" / "unet")])  # policy and reference start from run a's UNet
-    m = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
-    assert abs(m[0]["loss"] - math.log(2)) < 1e-6
-    assert m[0]["ref_mse"] != first[0]["ref_mse"]  # the same inputs, a trained reference
-    assert os.path.isfile(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 def test_resume_is_bit_exact(tmp_path, sdxl_dir, jsonl, capsys):
@@ -470,8 +319,8 @@ def test_pair_loss_targets_by_hand(pred_type):
     z, eps, t = torch.randn(4, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
     abar = diffusion.alphas_cumprod(diffusion.SD_SCHEDULE)
     policy, ref = (lambda x, t, *c: 0.5 * x), (lambda x, t, *c: 0.4 * x + 0.1)
-    args = argparse.Namespace(loss="dpo", beta=100.0, amp_dtype=torch.float32, rpo_tau=0.5, rpo_form="logit")
-    loss, _ = dpo.pair_loss(policy, ref, z, eps, t, (None, None, None), args, abar, pred_type)
+    args = namespace(beta=100.0)
+    loss, _ = dpo.pair_loss(policy, ref, inputs(z, eps, t), args, abar, pred_type)
     a = abar.double()[torch.cat([t, t])].view(-1, 1, 1, 1)
     e2, zd = torch.cat([eps, eps]).double(), z.double()
     x = a.sqrt() * zd + (1 - a).sqrt() * e2
@@ -480,7 +329,7 @@ def test_pair_loss_targets_by_hand(pred_type):
     inner = -0.5 * 100.0 * ((m[:2] - m[2:]) - (r[:2] - r[2:]))
     assert abs(loss.item() - torch.nn.functional.softplus(-inner).mean().item()) < 1e-5
     args.loss = "sft"
-    loss, _ = dpo.pair_loss(policy, None, z, eps, t, (None, None, None), args, abar, pred_type)
+    loss, _ = dpo.pair_loss(policy, None, inputs(z, eps, t), args, abar, pred_type)
     assert abs(loss.item() - m[:2].mean().item()) < 1e-5
 
 
@@ -489,3 +338,16 @@ def test_bf16_reference_equals_policy_at_step0(tmp_path, sdxl_dir, jsonl):
     the reference keeps its norms in fp32, as autocast does for the policy."""
     m = run(tmp_path, sdxl_dir, jsonl, "--dtype", "bf16", steps=1)
     assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-7) and m[0]["model_mse"] == m[0]["ref_mse"]
+
+
+def test_default_resolution_is_the_models_own(tmp_path, sdxl_dir, jsonl, capsys):
+    """No --resolution: the UNet's sample_size x the VAE's downsampling (the tiny SDXL: 16 x 2 = 32 px)."""
+    dpo.main(["--model", sdxl_dir, "--data", jsonl, "--out_dir", str(tmp_path / "run"), "--batch_size", "2",
+              "--grad_accum", "1", "--max_steps", "1", "--log_every", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert "pairs, 32px" in out
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["args"]["resolution"] == 32
+    import vae as vaelib
+    folder = tiny.make_sdxl(str(tmp_path / "f8"), vae_channels=(8, 8, 16, 16))
+    assert vaelib.downsample(folder) == 8 and vaelib.downsample(sdxl_dir) == 2

@@ -1,9 +1,9 @@
-"""The paper's evaluation and AI feedback (sample.py --compare --score, --relabel) on tiny models: base and tuned
-images from the same noise, scores.json / scores.csv / scores.png, ties counting 0.5, per-category results, a rerun
-reusing the images; relabelled labels equal the sign of transformers' CLIPModel score difference, the JSONL (also
-pointing into parquet shards) is what dpo.py reads; the built-in PartiPrompts; bad input as one line."""
+"""evaluate.py on tiny models: --compare (base and tuned images from the same noise, scores.json / scores.csv /
+scores.png, ties counting 0.5, per-category results, a rerun reusing the images, the grid) and --eval_pairs (the
+implicit-reward accuracy: exactly chance for the reference against itself, its sign convention, parquet = JSONL,
+above chance after DPO training); win rates and Wilson intervals against values computed by hand; bad input as
+one line."""
 import csv
-import io
 import json
 import os
 import subprocess
@@ -15,44 +15,27 @@ import torch
 from PIL import Image
 
 import data
-import demo
+import diffusion
+import evaluate
+import images
 import reward
 import sample
 import unet as unetlib
-from test_sample import cli_error
+from tiny import ROOT, read_png, transformers_pickscore
+from tiny import cli_error as tool_error
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def cli_error(argv, capsys):
+    """evaluate.main's one error line (and a non-zero exit)."""
+    return tool_error(evaluate.main, argv, capsys)
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A tiny transformers CLIPModel folder with its tokenizer (a PickScore_v1 look-alike): (folder, model)."""
-    from transformers import CLIPConfig, CLIPModel
-    root = str(tmp_path_factory.mktemp("pickscore"))
-    n = demo.write_tokenizer(root)
-    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      vocab_size=n, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1),
-                     vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=3, image_size=32, patch_size=8), projection_dim=16)
-    torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
-    with torch.no_grad():  # every weight off its init, so no score can hide behind a zero
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-    model.save_pretrained(root)
-    return root, model
-
-
-def transformers_pickscore(model, folder, images, prompts):
-    """PickScore by transformers' CLIPModel: logit_scale.exp() * cos(image, prompt); pixels as reward.preprocess
-    makes them (tests/test_reward.py checks that against transformers' image processor)."""
-    from transformers import CLIPTokenizer
-    ids = torch.tensor(CLIPTokenizer.from_pretrained(folder)(prompts, padding="max_length", max_length=77,
-                                                             truncation=True).input_ids)
-    with torch.no_grad():
-        out = model(input_ids=ids, pixel_values=reward.preprocess(images, 32))
-    cos = (out.image_embeds * out.text_embeds).sum(-1) / (out.image_embeds.norm(dim=-1) * out.text_embeds.norm(dim=-1))
-    return model.logit_scale.exp().detach() * cos
+def pipe15(sd15_dir):
+    """Our pipeline of the tiny SD1.5 (no progress lines)."""
+    pipe = sample.load(sd15_dir)
+    pipe.progress = False
+    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -77,22 +60,18 @@ def prompts_tsv(path):
     return str(path)
 
 
-def png(path):
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Evaluation: --compare --score
 
 
 def test_compare_scores_both_models_per_category_and_reuses_images(sd15_dir, tuned, clip_dir, tmp_path, capsys,
-                                                                     monkeypatch, one_thread):
+                                                                   monkeypatch, one_thread):
     folder, model = clip_dir
     out = tmp_path / "eval"
     argv = ["--model", sd15_dir, "--unet", tuned, "--compare", "--prompts", prompts_tsv(tmp_path / "p.tsv"),
             "--per_prompt", "2", "--steps", "2", "--seed", "5", "--batch_size", "3", "--score", "area",
             "--score", f"pickscore={folder}", "--score_batch", "3", "--device", "cpu", "--out", str(out)]
-    sample.main(argv)
+    evaluate.main(argv)
     printed = capsys.readouterr().out
     assert "images: 0 of 10 pairs reused, 10 to make" in printed
     res = json.load(open(out / "scores.json"))
@@ -106,12 +85,12 @@ def test_compare_scores_both_models_per_category_and_reuses_images(sd15_dir, tun
         [(i, j, 5 + 2 * i + j) for i in range(5) for j in range(2)]  # image j of prompt i: seed + 2i + j
     base = torch.tensor([float(r["pickscore_base"]) for r in rows])
     tuned_scores = torch.tensor([float(r["pickscore_tuned"]) for r in rows])
-    assert res["pickscore"]["win_rate"] == pytest.approx(sample.win_rate(base, tuned_scores)["win_rate"])
+    assert res["pickscore"]["win_rate"] == pytest.approx(reward.win_rate(base, tuned_scores)["win_rate"])
     in_a = torch.tensor([r["category"] == "A" for r in rows])
     assert res["pickscore"]["categories"]["A"]["tuned"] == pytest.approx(float(tuned_scores[in_a].mean()), rel=1e-5)
     # the scores are transformers' PickScore of the PNG files
-    images = torch.stack([png(out / r["base_image"]) for r in rows])
-    want = transformers_pickscore(model, folder, images, [r["prompt"] for r in rows])
+    pixels = torch.stack([read_png(out / r["base_image"]) for r in rows])
+    want = transformers_pickscore(model, folder, pixels, [r["prompt"] for r in rows])
     torch.testing.assert_close(base, want, rtol=1e-4, atol=1e-4)
     # same seed, same initial noise: the base image is the base pipeline's with that seed, the tuned one the tuned's
     r = rows[3]  # prompt 1, its second image (made in a batch of 3: within one 8-bit step of making it alone)
@@ -119,16 +98,16 @@ def test_compare_scores_both_models_per_category_and_reuses_images(sd15_dir, tun
         pipe = sample.load(sd15_dir, unet=unet)
         pipe.progress = False
         x = pipe([r["prompt"]], steps=2, seed=int(r["seed"]), guidance=7.5)
-        assert (png(out / r[f"{side}_image"]) - png_of(x[0])).abs().max() <= 1 / 255 + 1e-6
-    assert (png(out / r["base_image"]) - png(out / r["tuned_image"])).abs().max() > 0.1
+        assert (read_png(out / r[f"{side}_image"]) - png_of(x[0])).abs().max() <= 1 / 255 + 1e-6
+    assert (read_png(out / r["base_image"]) - read_png(out / r["tuned_image"])).abs().max() > 0.1
     assert Image.open(out / "scores.png").size[0] > 300 and os.path.isfile(out / "compare_seed5.png")
     # a rerun makes nothing: every image is reused (and scored again, to the same numbers)
     monkeypatch.setattr(sample.Pipeline, "__call__", lambda *a, **k: pytest.fail("generated again"))
-    sample.main(argv)
+    evaluate.main(argv)
     assert "images: 10 of 10 pairs reused, 0 to make" in capsys.readouterr().out
     assert json.load(open(out / "scores.json")) == res
     # a slice names and seeds its images as the whole set did: reused too
-    sample.main(argv[:-2] + ["--categories", "B", "--per_category", "1", "--out", str(out)])
+    evaluate.main(argv[:-2] + ["--categories", "B", "--per_category", "1", "--out", str(out)])
     assert "images: 2 of 2 pairs reused" in capsys.readouterr().out
     assert json.load(open(out / "scores.json"))["area"]["categories"]["B"]["n"] == 2
     # other settings: refused, never mixed with the old images
@@ -138,140 +117,19 @@ def test_compare_scores_both_models_per_category_and_reuses_images(sd15_dir, tun
 
 def png_of(x):
     """What a [3,H,W] sample becomes once saved as an 8-bit PNG and read back."""
-    return torch.from_numpy(np.asarray(sample.to_pil(x), dtype=np.float32) / 255).permute(2, 0, 1)
+    return torch.from_numpy(np.asarray(images.to_pil(x), dtype=np.float32) / 255).permute(2, 0, 1)
 
 
-def test_win_rate_counts_ties_half(sd15_dir, tmp_path, capsys, one_thread):
-    r = sample.win_rate(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([2.0, 2.0, 1.0, 5.0]))
-    assert r["win_rate"] == (1 + 0.5 + 0 + 1) / 4 and r["base"] == 2.5 and r["tuned"] == 2.5 and r["n"] == 4
-    assert r["ci95"] == list(sample.wilson(2.5, 4))
-    # the base model against itself: every pair ties, the win rate is exactly 0.5
-    sample.main(["--model", sd15_dir, "--unet", sd15_dir, "--compare", "--prompt", "a cat", "--prompt", "a dog",
-                 "--per_prompt", "2", "--steps", "2", "--score", "area", "--out", str(tmp_path)])
+def test_the_base_against_itself_ties_every_pair(sd15_dir, tmp_path, capsys, one_thread):
+    """The base model against itself: every pair ties, the win rate is exactly 0.5."""
+    evaluate.main(["--model", sd15_dir, "--unet", sd15_dir, "--compare", "--prompt", "a cat", "--prompt", "a dog",
+                   "--per_prompt", "2", "--steps", "2", "--score", "area", "--out", str(tmp_path)])
     res = json.load(open(tmp_path / "scores.json"))["area"]
     assert res["win_rate"] == 0.5 and res["base"] == res["tuned"] and res["n"] == 4 and "categories" not in res
     assert res["ci95"][0] < 0.5 < res["ci95"][1]
     table = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert ["area", "all", "4"] in [t[:3] for t in table]
 
-
-def test_parti_prompts_built_in():
-    rows = sample.read_prompts("parti")
-    assert len(rows) == 1632 and rows[0] == ("bond", "Abstract")
-    counts = {c: sum(1 for _, k in rows if k == c) for c in dict.fromkeys(k for _, k in rows)}
-    assert len(counts) == 12 and counts["Animals"] == 314 and counts["World Knowledge"] == 214
-    assert sum('"' in p for p, _ in rows) == 22  # quotes inside prompts are kept as they are
-    assert os.path.isfile(os.path.join(os.path.dirname(sample.PARTI), "LICENSE"))
-    a = sample.parse_args(["--model", "m", "--prompts", "parti", "--per_category", "2", "--seed", "1"])
-    items = sample.prompt_items(a)
-    assert len(items) == 24 and {it["category"] for it in items} == set(counts)
-    whole = {it["name"]: it for it in sample.prompt_items(sample.parse_args(["--model", "m", "--prompts", "parti",
-                                                                              "--seed", "1"]))}
-    assert all(whole[it["name"]] == it for it in items)  # the slice's images are the whole set's
-
-
-# ----------------------------------------------------------------------------------------------------
-# AI feedback: --relabel
-
-
-def pairs_jsonl(root, sizes=((40, 36), (32, 32), (36, 48), (32, 40), (44, 32))):
-    """Pairs of random images (sizes vary, also within a pair) and a last pair of one image twice (a score tie);
-    the third pair's own label is a tie."""
-    rng = np.random.default_rng(0)
-    os.makedirs(root / "img", exist_ok=True)
-    with open(root / "pairs.jsonl", "w") as f:
-        for i, (h, w) in enumerate(sizes):
-            for j in (0, 1):
-                Image.fromarray(rng.integers(0, 255, (h, w + 4 * j, 3), dtype=np.uint8)).save(root / f"img/{i}_{j}.png")
-            label = 0.5 if i == 2 else float(i % 2)
-            f.write(json.dumps(dict(caption=demo.WORDS[i] + " cat", image_0=f"img/{i}_0.png", image_1=f"img/{i}_1.png",
-                                    label_0=label)) + "\n")
-        f.write(json.dumps(dict(caption="a cat", image_0="img/0_0.png", image_1="img/0_0.png", label_0=1.0)) + "\n")
-    return str(root / "pairs.jsonl")
-
-
-def test_relabel_labels_are_the_sign_of_the_transformers_score_difference(clip_dir, tmp_path, capsys, one_thread):
-    folder, model = clip_dir
-    src = pairs_jsonl(tmp_path / "src")
-    out = tmp_path / "aif" / "pairs.jsonl"
-    sample.main(["--relabel", src, "--score", f"pickscore={folder}", "--score_batch", "2", "--device", "cpu",
-                 "--out", str(out)])
-    summary = capsys.readouterr().out.strip().splitlines()[-1]
-    lines = [json.loads(line) for line in open(out)]
-    assert len(lines) == 6 and summary.startswith("relabel pairs=6 ") and "ties=1 (label 0.5" in summary
-    for line, row in zip(lines, map(json.loads, open(src))):
-        images = [png(os.path.join(out.parent, line[f"image_{k}"])) for k in (0, 1)]  # paths relative to the JSONL
-        s0, s1 = (transformers_pickscore(model, folder, x[None], [row["caption"]])[0] for x in images)
-        assert line["score_0"] == pytest.approx(float(s0), rel=1e-4) and line["score_1"] == pytest.approx(float(s1),
-                                                                                                          rel=1e-4)
-        assert line["label_0"] == (1.0 if s0 > s1 else 0.0 if s0 < s1 else 0.5), (line, s0, s1)
-        assert line["label_0_before"] == row["label_0"] and line["scorer"] == "pickscore"
-    assert lines[-1]["label_0"] == 0.5 and lines[-1]["score_0"] == lines[-1]["score_1"]  # one image twice: a tie
-    # dpo.py's reader: ties dropped, the preferred image first
-    pairs = data.Pairs(str(out))
-    assert len(pairs) == 5
-    for i, line in enumerate(lines[:5]):
-        winner = line["image_0"] if line["label_0"] == 1.0 else line["image_1"]
-        assert pairs.raw(i)[1][0] == os.path.join(out.parent, winner)
-    # the official rule: a score tie keeps image_0 as the winner, pairs labelled a tie are not used
-    sample.main(["--relabel", src, "--score", f"pickscore={folder}", "--ties", "official", "--device", "cpu",
-                 "--out", str(out)])
-    assert "skipped 1 pairs labelled a tie" in capsys.readouterr().out
-    official = [json.loads(line) for line in open(out)]
-    assert [x["label_0"] for x in official] == [x["label_0"] for i, x in enumerate(lines[:-1]) if i != 2] + [1.0]
-    assert len(data.Pairs(str(out))) == 5
-
-
-def test_relabel_pick_a_pic_parquet_references_its_images(tmp_path, capsys):
-    """Parquet in, JSONL out: each image is a reference "shard.parquet#row=R&col=jpg_k" into the shard, which
-    dpo.py's reader resolves (a window of row groups decoded at a time)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    rng = np.random.default_rng(1)
-    rows = []
-    for i in range(6):  # the demo's world: larger shape wins; label_0 the opposite of the rule on purpose
-        imgs = [demo.random_image("a red circle", rng, radius=r) for r in ((3.0, 5.0) if i % 2 else (5.0, 3.0))]
-        blobs = []
-        for x in imgs:
-            buf = io.BytesIO()
-            Image.fromarray((x * 255).round().astype(np.uint8)).save(buf, format="PNG")
-            blobs.append(buf.getvalue())
-        rows.append(dict(caption="a red circle", jpg_0=blobs[0], jpg_1=blobs[1], label_0=float(i % 2),
-                         label_1=1.0 - i % 2, model_0="m", model_1="m"))
-    (tmp_path / "pap").mkdir()
-    shard = tmp_path / "pap" / "train-00000-of-00001.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), shard, row_group_size=4)  # two row groups: rows 0-3 and 4-5
-    out = tmp_path / "aif.jsonl"
-    sample.main(["--relabel", str(tmp_path / "pap"), "--score", "area", "--out", str(out)])
-    assert "agreement_with_former_labels=0.000" in capsys.readouterr().out
-    lines = [json.loads(line) for line in open(out)]
-    assert [x["image_1"] for x in lines] == [f"pap/train-00000-of-00001.parquet#row={i}&col=jpg_1" for i in range(6)]
-    assert [x["label_0"] for x in lines] == [1.0 - i % 2 for i in range(6)]  # the larger circle wins
-    pairs = data.Pairs(str(out))
-    assert len(pairs) == 6 and len(set(pairs.group.tolist())) == 2  # shuffled in windows of row groups
-    for i in range(6):
-        caption, (win, lose), _ = pairs.raw(i)
-        w = "jpg_0" if i % 2 == 0 else "jpg_1"
-        assert win == rows[i][w] and lose == rows[i]["jpg_1" if w == "jpg_0" else "jpg_0"]
-    item = data.PairDataset(pairs, 16, seed=0, random_crop=False, flip=False)[0]
-    assert item["pixels"].shape == (2, 3, 16, 16) and item["bad"] == []
-    assert data.open_image(str(shard) + "#row=5&col=jpg_0").size == (16, 16)
-    # a reference to a row the shard does not have is named by file:line when the JSONL is read
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(open(out).read() + json.dumps(dict(lines[0], image_0=lines[0]["image_0"].replace("row=0", "row=9")))
-                   + "\n")
-    with pytest.raises(ValueError, match=rf"{bad}:7: .*train-00000-of-00001.parquet has 6 rows, no row 9"):
-        data.Pairs(str(bad))
-
-
-def test_relabel_with_the_demo_rule_gives_the_rule_labels(tmp_path, capsys):
-    """The demo's coin-flip pairs relabelled by its rule (--score area) carry the labels the rule gives."""
-    src = demo.write_pairs(str(tmp_path), "sft", 48, seed=3, biased=False)
-    sample.main(["--relabel", src, "--score", "area", "--out", str(tmp_path / "aif.jsonl")])
-    for line in open(tmp_path / "aif.jsonl"):
-        x = json.loads(line)
-        a = demo.area_scorer(torch.stack([demo.load_png(tmp_path / x[f"image_{k}"]) for k in (0, 1)]))
-        assert x["label_0"] == (1.0 if a[0] > a[1] else 0.0 if a[0] < a[1] else 0.5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,22 +163,24 @@ def test_bad_input(sd15_dir, tuned, clip_dir, tmp_path, capsys):
     assert "after KIND=PATH come OPTION=VALUE items" in cli_error(cmp + ["--score", f"clip={folder},tok"], capsys)
     assert "each kind once" in cli_error(cmp + ["--score", "area", "--score", "area"], capsys)
     assert "--score goes with --compare" in cli_error(["--model", sd15_dir, "--prompt", "a", "--score", "area"], capsys)
-    rel = ["--relabel", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "r.jsonl")]
-    assert "needs one --score" in cli_error(rel, capsys)
-    assert "give --out FILE.jsonl" in cli_error(rel[:2] + ["--score", "area", "--out", str(tmp_path)], capsys)
-    assert "data file not found" in cli_error(rel + ["--score", "area"], capsys)
     assert "--model is required" in cli_error(["--prompt", "a cat"], capsys)
+    out = ["--out", str(tmp_path / "o"), "--steps", "2", "--prompt", "a cat"]
+    assert "--compare needs --unet" in cli_error(["--model", sd15_dir, "--compare"] + out, capsys)
+    nodata = str(tmp_path / "none.parquet")
+    assert "no data at" in cli_error(["--model", sd15_dir, "--eval_pairs", nodata] + out, capsys)
+    assert "go with --eval_pairs" in cli_error(["--model", sd15_dir, "--eval_baseline", sd15_dir] + out, capsys)
+    assert "one of them" in cli_error(["--model", sd15_dir] + out, capsys)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The README's commands on the CPU demo (slow: runs the demo)
+# The commands of docs/evaluation.md on the CPU demo (slow: runs the demo)
 
 
 @pytest.mark.slow
-def test_readme_evaluation_and_ai_feedback_commands(tmp_path):
-    """Every command of the README's evaluation and AI-feedback blocks, run on a fresh demo: each printed line the
-    README quotes under a command (`#   ...`) is printed by it."""
-    readme = open(os.path.join(ROOT, "README.md")).read().splitlines()
+def test_documented_evaluation_and_ai_feedback_commands(tmp_path):
+    """Every command of docs/evaluation.md's evaluation and AI-feedback blocks, run on a fresh demo: each printed
+    line the page quotes under a command (`#   ...`) is printed by it."""
+    readme = open(os.path.join(ROOT, "docs", "evaluation.md")).read().splitlines()
     root = tmp_path / "demo"
     r = subprocess.run([sys.executable, "dpo.py", "--out_dir", str(root)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -331,10 +191,164 @@ def test_readme_evaluation_and_ai_feedback_commands(tmp_path):
             quoted[line] = []
         elif line.startswith("#   ") and commands and line[4:].strip():
             quoted[commands[-1]].append(line[4:].replace("demo_out", str(root)))
-    assert any("--relabel" in c for c in commands) and any("--compare" in c for c in commands), commands
+    assert any("relabel.py" in c for c in commands) and any("--compare" in c for c in commands), commands
     for c in commands:
         argv = c.replace("demo_out", str(root)).split()[1:]
         r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, (c, r.stderr[-2000:])
         for q in quoted[c]:
             assert q in r.stdout.splitlines(), (c, q, r.stdout)
+
+
+def test_cli_compare_grid(pipe15, sd15_dir, tuned, tmp_path, capsys):
+    evaluate.main(["--model", sd15_dir, "--unet", tuned, "--compare", "--prompt", "a red circle",
+                   "--prompt", "a cat", "--steps", "2", "--seed", "3", "--batch_size", "2", "--out", str(tmp_path)])
+    path = capsys.readouterr().out.split()[-1]
+    g = np.asarray(Image.open(path).convert("RGB"))
+    assert g.shape == (2 * 32 + 4, 2 * 32 + 4, 3)  # rows = prompts, columns = base, tuned
+    base = pipe15(["a red circle", "a cat"], steps=2, seed=3, guidance=7.5)
+    pipe = sample.load(sd15_dir, unet=tuned)
+    pipe.progress = False
+    made = pipe(["a red circle", "a cat"], steps=2, seed=3, guidance=7.5)
+    for r in range(2):
+        assert np.array_equal(g[r * 36:r * 36 + 32, :32], np.asarray(images.to_pil(base[r])))
+        assert np.array_equal(g[r * 36:r * 36 + 32, 36:], np.asarray(images.to_pil(made[r])))
+    assert not np.array_equal(g[:32, :32], g[:32, 36:])
+
+
+@pytest.fixture(scope="module")
+def pairs_jsonl(tmp_path_factory):
+    """Six preference pairs of random 40x36 images (a non-square size: the eval centre-crops like training)."""
+    d = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    with open(d / "pairs.jsonl", "w") as f:
+        for i in range(7):
+            for j in (0, 1):
+                Image.fromarray((rng.random((36, 40, 3)) * 255).astype(np.uint8)).save(d / f"{i}_{j}.png")
+            label = 0.5 if i == 6 else float(i % 2)  # the last one is a tie: dropped
+            f.write(json.dumps({"caption": ["a cat", "a red circle"][i % 2], "image_0": f"{i}_0.png",
+                                "image_1": f"{i}_1.png", "label_0": label}) + "\n")
+    return str(d / "pairs.jsonl")
+
+
+def test_eval_reference_against_itself_is_exactly_chance(sd15_dir, pairs_jsonl, tmp_path, capsys):
+    evaluate.main(["--model", sd15_dir, "--eval_pairs", pairs_jsonl, "--eval_k", "2", "--height", "32",
+                   "--batch_size", "4", "--out", str(tmp_path)])
+    res = json.load(open(tmp_path / "eval.json"))
+    assert res["pairs"] == 6 and res["accuracy"] == 0.5 and "baseline_accuracy" not in res  # no --eval_baseline
+    lo, hi = res["ci95"]
+    assert lo < 0.5 < hi
+    assert "accuracy=0.5000" in capsys.readouterr().out
+
+
+def test_eval_reads_pick_a_pic_parquet_like_jsonl(sd15_dir, tuned, pairs_jsonl, tmp_path):
+    """The same pairs as Pick-a-Pic v2 parquet (JPEG bytes replaced by PNG bytes) give the same reward differences."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [json.loads(line) for line in open(pairs_jsonl)]
+    root = os.path.dirname(pairs_jsonl)
+    blob = [[open(os.path.join(root, r[k]), "rb").read() for r in rows] for k in ("image_0", "image_1")]
+    pq.write_table(pa.table({"caption": [r["caption"] for r in rows], "jpg_0": blob[0], "jpg_1": blob[1],
+                             "label_0": [r["label_0"] for r in rows], "label_1": [1 - r["label_0"] for r in rows],
+                             "model_0": ["m"] * len(rows), "model_1": ["m"] * len(rows)}), tmp_path / "p.parquet")
+    pipe = sample.load(sd15_dir, unet=tuned)
+    pipe.progress = False
+    ref = unetlib.load(sd15_dir)
+    a = evaluate.implicit_accuracy(pipe, ref, data.read_pairs(pairs_jsonl), k=1, size=32)
+    b = evaluate.implicit_accuracy(pipe, ref, data.read_pairs(str(tmp_path)), k=1, size=32)
+    assert a == b and len(a[1]) == 6 and all(d != 0 for d in a[1])
+
+
+def test_eval_sign_convention(pipe15, pairs_jsonl):
+    """A policy that denoises image_0 perfectly (and is the reference elsewhere) has the higher implicit reward
+    for image_0 on every pair: accuracy = the fraction of pairs labelled image_0."""
+    pipe = pipe15
+    pairs = data.read_pairs(pairs_jsonl)  # image_0 = the preferred image
+    pairs = [dict(p, image_0=p["image_1"], image_1=p["image_0"], label_0=0.0) if i % 3 == 0 else p
+             for i, p in enumerate(pairs)]  # swap a third of them back: label_0 = 0 there
+    ac = diffusion.alphas_cumprod(pipe.sched_cfg)
+    x0 = {}
+
+    def oracle(x, t, context, pooled=None, time_ids=None):  # eps = (x_t - sqrt(a) z0) / sqrt(1 - a) for image_0
+        out = ref(x, t, context, pooled, time_ids)
+        B = x.shape[0] // 2
+        a = ac[t.long()].view(-1, 1, 1, 1)[:B]
+        out[:B] = (x[:B] - a.sqrt() * x0["z"][:B]) / (1 - a).sqrt()
+        return out
+
+    ref, orig = pipe.unet, pipe.encode_images
+
+    def encode(pixels):
+        x0["z"] = orig(pixels)
+        return x0["z"]
+    pipe.encode_images, pipe.unet = encode, oracle
+    try:
+        acc, diffs = evaluate.implicit_accuracy(pipe, ref, pairs, k=2, size=32, batch_size=len(pairs))
+    finally:
+        pipe.encode_images, pipe.unet = orig, ref
+    base, same = evaluate.implicit_accuracy(pipe, ref, pairs, k=2, size=32, batch_size=len(pairs))  # ref vs itself
+    assert all(d > 0 for d in diffs) and all(d == 0 for d in same)
+    assert acc == pytest.approx(sum(p["label_0"] == 1.0 for p in pairs) / len(pairs)) and base == 0.5
+
+
+def shapes_pairs(folder, split, n, rng):
+    """Pairs of one red square of random size on white; the larger square is preferred (the demo's rule)."""
+    y, x = np.mgrid[:32, :32] + 0.5
+
+    def square(r):
+        img = np.ones((32, 32, 3))
+        cx, cy = rng.uniform(r + 1, 31 - r, 2)
+        img[(abs(x - cx) <= r) & (abs(y - cy) <= r)] = (0.85, 0.1, 0.1)
+        return Image.fromarray((img * 255).astype(np.uint8))
+    with open(folder / f"{split}.jsonl", "w") as f:
+        for i in range(n):
+            small, big = sorted(rng.uniform(3, 11, 2))
+            big_first = bool(rng.random() < 0.5)
+            for j, r in enumerate((big, small) if big_first else (small, big)):
+                square(r).save(folder / f"{split}{i}_{j}.png")
+            f.write(json.dumps({"caption": "a red square", "image_0": f"{split}{i}_0.png",
+                                "image_1": f"{split}{i}_1.png", "label_0": float(big_first)}) + "\n")
+    return str(folder / f"{split}.jsonl")
+
+
+def test_eval_after_dpo_training_beats_chance(sd15_dir, tmp_path, capsys):
+    """End to end: dpo.py trains the tiny SD1.5 on 'larger square wins' pairs; on HELD-OUT pairs the implicit
+    reward of the trained UNet agrees with the labels clearly more often than chance (95% CI above 0.5)."""
+    import dpo
+    rng = np.random.default_rng(0)
+    train, test = shapes_pairs(tmp_path, "train", 128, rng), shapes_pairs(tmp_path, "test", 64, rng)
+    dpo.main(["--model", sd15_dir, "--data", train, "--out_dir", str(tmp_path / "run"), "--batch_size", "8",
+              "--grad_accum", "1", "--max_steps", "30", "--lr", "3e-4", "--warmup", "5", "--resolution", "32",
+              "--beta", "500", "--log_every", "30", "--seed", "0"])
+    evaluate.main(["--model", sd15_dir, "--unet", str(tmp_path / "run"), "--eval_pairs", test, "--eval_k", "4",
+                   "--height", "32", "--batch_size", "64", "--out", str(tmp_path / "eval"),
+                   "--eval_baseline", sd15_dir])
+    res = json.load(open(tmp_path / "eval" / "eval.json"))
+    print(capsys.readouterr().out)
+    assert res["pairs"] == 64 and res["ci95"][0] > 0.5, res
+    assert res["baseline_accuracy"] == 0.5  # the base UNet scored against itself (the reference)
+    # roles swapped: --eval_baseline gets the same draws, so it reproduces the trained UNet's accuracy exactly
+    evaluate.main(["--model", sd15_dir, "--unet", sd15_dir, "--eval_pairs", test, "--eval_k", "4", "--height", "32",
+                   "--batch_size", "64", "--out", str(tmp_path / "swap"), "--eval_baseline", str(tmp_path / "run")])
+    swap = json.load(open(tmp_path / "swap" / "eval.json"))
+    assert swap["accuracy"] == 0.5 and swap["baseline_accuracy"] == res["accuracy"] and swap["ci95"] != res["ci95"]
+
+
+def test_unreadable_eval_pair_is_named_on_a_fresh_line(sd15_dir, pairs_jsonl, tmp_path, capsys):
+    """An error during --eval_pairs ends the progress line first and names the pair by file:line."""
+    rows = open(pairs_jsonl).read().splitlines()
+    root = os.path.dirname(pairs_jsonl)
+    bad = tmp_path / "pairs.jsonl"
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    row = json.loads(rows[2])
+    rows = [json.dumps({**json.loads(r), "image_0": os.path.join(root, json.loads(r)["image_0"]),
+                        "image_1": os.path.join(root, json.loads(r)["image_1"])}) for r in rows]
+    rows[2] = json.dumps({**row, "image_0": "broken.png", "image_1": os.path.join(root, row["image_1"])})
+    bad.write_text("\n".join(rows) + "\n")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", sd15_dir, "--eval_pairs", str(bad), "--eval_k", "1", "--height", "32",
+                       "--batch_size", "1", "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "eval: 2/6 pairs" in err  # the progress line came first
+    last = err.splitlines()[-1]
+    assert last.startswith(f"error: {bad}:3: cannot read an image of the pair: ") and "broken.png" in last, err

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
+import shadow  # noqa: E402
 
 from kernels import flash_attention as attn_mod  # noqa: E402  (the modules behind kernels.attention / .dpo_loss)
 from kernels import fused_dpo_loss as dpo_mod  # noqa: E402
@@ -385,3 +386,85 @@ def test_bench_script_runs_on_cpu_with_a_stub_timer(monkeypatch, triton_path, tm
     assert all(r["gbs"] is not None for r in loss)
     bench.write_csv(tmp_path / "attention.csv", attn)
     assert (tmp_path / "attention.csv").read_text().startswith("device,torch,triton,shape")
+
+
+def _no_launch(monkeypatch, module, *kernels):
+    """The launchers' own allocations only: the Triton kernels (which allocate nothing on a GPU) are not run."""
+    class Grid:
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+    for k in kernels:
+        monkeypatch.setattr(module, k, Grid())
+    if hasattr(module, "_launch"):
+        monkeypatch.setattr(module, "_launch", lambda *a, **k: None)
+
+
+def _allocations(fn, *inputs, grad=None):
+    """The sizes of what fn allocates, forward then backward, and the peak (on inputs without gradients yet)."""
+    for x in inputs:
+        x.grad = None
+    c = shadow.Counter(shadow=False)
+    with c:
+        first = c.mark("forward")
+        out = fn(*inputs)
+        c.mark("backward")
+        out.backward(grad if grad is not None else torch.ones_like(out))
+        last = c.mark("end")
+    return [c.size[e] for e in c.events if e >= 0], c.replay(first, last)[0]
+
+
+def test_attention_allocation_model_is_what_the_kernel_allocates(monkeypatch):
+    _no_launch(monkeypatch, attn_mod, "_attn_bwd_preprocess_kernel")
+    q, k, v = (torch.randn(2, 3, n, 40, dtype=torch.bfloat16, requires_grad=True) for n in (40, 24, 24))
+    do = torch.randn(2, 40, 3, 40, dtype=torch.bfloat16).transpose(1, 2)  # not contiguous, as in the UNet
+    kernel = _allocations(lambda *a: attn_mod.FlashAttention.apply(*a, False, 0.25), q, k, v, grad=do)
+    plan = _allocations(lambda *a: attn_mod.FlashAttentionMemory.apply(*a, False, 0.25), q, k, v, grad=do)
+    assert kernel == plan
+    assert 2 * 3 * 40 * 40 * 4 not in kernel[0]  # no L x L matrix (fp32 scores would be this size)
+
+
+def test_dpo_loss_allocation_model_is_what_the_kernel_allocates(monkeypatch):
+    _no_launch(monkeypatch, dpo_mod, "_dpo_sse_kernel", "_dpo_grad_kernel")
+    pred = torch.randn(4, 4, 16, 16, dtype=torch.bfloat16, requires_grad=True)
+    ref, noise = torch.randn(4, 4, 16, 16, dtype=torch.bfloat16), torch.randn(2, 4, 16, 16)
+    kernel = _allocations(lambda *a: dpo_mod.DPOLoss.apply(*a, 5000.0, {}), pred, ref, noise)
+    plan = _allocations(lambda *a: dpo_mod.DPOLossMemory.apply(*a, 5000.0), pred, ref, noise)
+    assert kernel == plan
+
+
+def test_allocation_models_stand_in_for_the_kernels_inside_the_switch(monkeypatch):
+    """Inside kernels.allocation_models() the public functions run each file's allocation model (no compute: the
+    outputs are the models' empty tensors), and callers are told the kernels' path; outside, nothing changes
+    (kernels.sdpa is torch's SDPA)."""
+    calls = []
+
+    def record(name, real):
+        def apply(*a):
+            calls.append(name)
+            return real(*a)
+        return apply
+    for mod, name in ((attn_mod, "FlashAttentionMemory"), (dpo_mod, "DPOLossMemory")):
+        monkeypatch.setattr(getattr(mod, name), "apply", record(name, getattr(mod, name).apply))
+    q = torch.randn(1, 2, 8, 16)
+    model, ref, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    with kernels.allocation_models():
+        assert kernels.use_triton(q)
+        assert kernels.attention(q, q, q).shape == q.shape
+        assert kernels.sdpa(q, q, q).shape == q.shape  # the VAE's attention, modelled the same way
+        loss, stats = kernels.dpo_loss(model, ref, noise, 10.0)
+        assert loss.shape == () and stats == {}
+    assert calls == ["FlashAttentionMemory", "FlashAttentionMemory", "DPOLossMemory"]
+    assert not kernels.use_triton(q)  # a CPU tensor outside the switch: the references
+    torch.testing.assert_close(kernels.attention(q, q, q), kernels.attention_ref(q, q, q))
+    torch.testing.assert_close(kernels.sdpa(q, q, q), F.scaled_dot_product_attention(q, q, q))
+
+
+@pytest.mark.parametrize("name", ["flash_attention", "fused_dpo_loss"])
+def test_each_kernel_file_checks_itself(name):
+    """`python kernels/<file>.py` compares the kernel with its reference (under the interpreter here) and says ok."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", f"{name}.py")
+    r = subprocess.run([sys.executable, path], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) >= 2 and all(line.startswith("ok ") for line in lines), r.stdout

@@ -1,7 +1,7 @@
 """reward.py against transformers' CLIPModel on tiny random weights: PickScore and CLIP score on its own folders,
 HPSv2 on the same weights converted to open_clip's layout (by the key correspondence of transformers' own
 convert_clip_original_pytorch_to_hf.py, written out below), the aesthetic head against its formula; preprocessing
-against torch and PIL; the scorer interface shared with demo.area_scorer; bad input."""
+against torch and PIL; the scorer interface shared with toy.area; --score specs; bad input."""
 import inspect
 import json
 import os
@@ -13,43 +13,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import demo
+import relabel
 import reward
-import sample
-from demo import write_tokenizer
+import tiny
+import toy
 from weights import CheckpointError
 
 PROMPTS = ["a red circle", "a photo of a cat", "a blue square", "green dog !!", "", "a cat a cat a cat a cat"]
-TEXT = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-VISION = dict(hidden_size=24, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3)
-# Two flavours: OpenAI's (quick_gelu, the pre-2023 eos_token_id=2 configs, 32 px / 8) and LAION's (gelu, 28 px / 7).
-FLAVOURS = {"quick_gelu": dict(image_size=32, patch_size=8, legacy_eos=True),
-            "gelu": dict(image_size=28, patch_size=7, legacy_eos=False)}
 
 
-def _make(root, act):
-    """A transformers CLIPModel folder with a tokenizer: (folder, model, vocab size)."""
-    from transformers import CLIPConfig, CLIPModel
-    f = FLAVOURS[act]
-    n = write_tokenizer(root)
-    eos = 2 if f["legacy_eos"] else n - 1
-    cfg = CLIPConfig(text_config=dict(TEXT, vocab_size=n, hidden_act=act, bos_token_id=n - 2, eos_token_id=eos,
-                                      pad_token_id=n - 1),
-                     vision_config=dict(VISION, hidden_act=act, image_size=f["image_size"], patch_size=f["patch_size"]),
-                     projection_dim=16)
-    torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # every weight off its init (layer norms are 1 and 0 there), logit_scale too
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    model.save_pretrained(root)
-    return root, model, n
-
-
-@pytest.fixture(scope="module", params=list(FLAVOURS))
-def tiny(request, tmp_path_factory):
-    return _make(str(tmp_path_factory.mktemp(f"clip_{request.param}")), request.param) + (request.param,)
+@pytest.fixture(scope="module", params=list(tiny.CLIP_FLAVOURS))
+def clip_model(request, tmp_path_factory):
+    return tiny.make_clip(str(tmp_path_factory.mktemp(f"clip_{request.param}")), request.param) + (request.param,)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +56,8 @@ def _close(a, b, tol=1e-5):
 # The four scorers
 
 
-def test_pickscore_and_clip_score_match_transformers(tiny, images, one_thread):
-    folder, model, _, act = tiny
+def test_pickscore_and_clip_score_match_transformers(clip_model, images, one_thread):
+    folder, model, _, act = clip_model
     img, txt = _reference(model, folder, images)
     cos = (img * txt).sum(-1)  # (B,)
     pick = reward.load("pickscore", folder)(images, PROMPTS)
@@ -122,7 +97,7 @@ def _to_open_clip(hf, layers):
 
 
 def _open_clip_config(act, n):
-    f = FLAVOURS[act]
+    f = tiny.CLIP_FLAVOURS[act]
     return {"embed_dim": 16, "quick_gelu": act == "quick_gelu",
             "vision_cfg": {"image_size": f["image_size"], "layers": 2, "width": 24, "head_width": 8,
                            "patch_size": f["patch_size"]},
@@ -130,15 +105,15 @@ def _open_clip_config(act, n):
 
 
 @pytest.fixture(scope="module")
-def hps_file(tiny, tmp_path_factory):
-    folder, model, n, act = tiny
+def hps_file(clip_model, tmp_path_factory):
+    folder, model, n, act = clip_model
     path = str(tmp_path_factory.mktemp("hps") / "HPS_v2_compressed.pt")
     torch.save({"state_dict": _to_open_clip(model.state_dict(), 2), "epoch": 1}, path)
     return path, _open_clip_config(act, n)
 
 
-def test_hps_matches_hpsv2_formula(tiny, hps_file, images, one_thread):
-    folder, model, _, _ = tiny
+def test_hps_matches_hpsv2_formula(clip_model, hps_file, images, one_thread):
+    folder, model, _, _ = clip_model
     path, config = hps_file
     img, txt = _reference(model, folder, images, pad_zero=True)
     # hpsv2's img_score.py: open_clip's features (unit length), logits_per_image = image @ text.T, its diagonal
@@ -146,8 +121,8 @@ def test_hps_matches_hpsv2_formula(tiny, hps_file, images, one_thread):
     _close(reward.load("hps", path, tokenizer=folder, config=config)(images, PROMPTS), expected)
 
 
-def test_aesthetic_matches_laion_head(tiny, images, tmp_path, one_thread):
-    folder, model, _, _ = tiny
+def test_aesthetic_matches_laion_head(clip_model, images, tmp_path, one_thread):
+    folder, model, _, _ = clip_model
     g, dims = torch.Generator().manual_seed(3), (16, 1024, 128, 64, 16, 1)
     head = {}
     for key, i in zip((0, 2, 4, 6, 7), range(5)):  # Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear
@@ -163,10 +138,10 @@ def test_aesthetic_matches_laion_head(tiny, images, tmp_path, one_thread):
     _close(scorer(images, None), x[:, 0])  # the prompt plays no part
 
 
-def test_old_folder_layout(tiny, images, tmp_path, one_thread):
+def test_old_folder_layout(clip_model, images, tmp_path, one_thread):
     """transformers 4.x folders: pytorch_model.bin with position_ids buffers, *_config_dict winning over *_config;
     PickScore_v1 holds no tokenizer (tokenizer= names one)."""
-    folder, _, _, _ = tiny
+    folder, _, _, _ = clip_model
     want = reward.load("pickscore", folder)(images, PROMPTS)
     old = tmp_path / "old"
     old.mkdir()
@@ -206,16 +181,16 @@ def test_preprocess_matches_torch_and_pil():
     assert (ours - ref).abs().max() < 0.02
 
 
-def test_area_scorer_shares_the_scorer_interface(tiny, one_thread):
-    folder = tiny[0]
+def test_area_scorer_shares_the_scorer_interface(clip_model, one_thread):
+    folder = clip_model[0]
     scorer = reward.load("clip", folder)
-    assert list(inspect.signature(demo.area_scorer).parameters) == list(inspect.signature(scorer).parameters) == \
+    assert list(inspect.signature(toy.area).parameters) == list(inspect.signature(scorer).parameters) == \
         ["images", "prompts"]
     g = torch.Generator().manual_seed(4)
     pairs = [{"caption": p, "image_0": torch.rand(3, 16, 16, generator=g),
               "image_1": torch.rand(3, 16, 16, generator=g), "label_0": 0.5} for p in PROMPTS[:3]]
-    for s in (demo.area_scorer, scorer):  # sample.relabel takes either
-        labels = [p["label_0"] for p in sample.relabel(pairs, s)]
+    for s in (toy.area, scorer):  # relabel.relabel takes either
+        labels = [p["label_0"] for p in relabel.relabel(pairs, s)]
         want = []
         for p in pairs:
             a, b = s(torch.stack([p["image_0"], p["image_1"]]), [p["caption"]] * 2)
@@ -227,8 +202,8 @@ def test_area_scorer_shares_the_scorer_interface(tiny, one_thread):
 # Bad input: one line naming the problem
 
 
-def test_bad_input(tiny, hps_file, tmp_path, images, one_thread):
-    folder, _, n, act = tiny
+def test_bad_input(clip_model, hps_file, tmp_path, images, one_thread):
+    folder, _, n, act = clip_model
     path, config = hps_file
     # Wrong kind, options, folders.
     with pytest.raises(ValueError, match="unknown reward kind 'hpsv3'"):
@@ -275,7 +250,7 @@ def test_bad_input(tiny, hps_file, tmp_path, images, one_thread):
         reward.load("hps", path, tokenizer=folder, config=dict(config, embed_dim=8))
     with pytest.raises(ValueError, match="not supported here: custom_text, text_cfg.hf_model_name"):
         reward.load("hps", path, tokenizer=folder, config=dict(config, custom_text=True,
-                                                                text_cfg={"hf_model_name": "roberta-base"}))
+                                                               text_cfg={"hf_model_name": "roberta-base"}))
     # Aesthetic: no head, a head for another CLIP (ViT-B/32's 512-d embedding), a file that is not the head.
     with pytest.raises(CheckpointError, match="aesthetic: pass head=FILE"):
         reward.load("aesthetic", folder)
@@ -294,3 +269,32 @@ def test_bad_input(tiny, hps_file, tmp_path, images, one_thread):
         scorer(images, PROMPTS[:2])
     with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\), got \(3, 41, 50\)"):
         scorer(images[0], PROMPTS[:1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Win rates
+
+
+def test_win_rate_counts_ties_half():
+    r = reward.win_rate(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([2.0, 2.0, 1.0, 5.0]))
+    assert r["win_rate"] == (1 + 0.5 + 0 + 1) / 4 and r["base"] == 2.5 and r["tuned"] == 2.5 and r["n"] == 4
+    assert r["ci95"] == pytest.approx([0.2194, 0.9081], abs=1e-4)  # Wilson, z = 1.96, 2.5 of 4 (by hand)
+
+
+def test_wilson_interval():
+    lo, hi = reward.wilson(8, 10)  # textbook value: 0.490 .. 0.943
+    assert abs(lo - 0.4902) < 1e-4 and abs(hi - 0.9433) < 1e-4
+    assert reward.wilson(0, 5)[0] == 0.0 and reward.wilson(5, 5)[1] == 1.0
+
+
+def test_score_specs():
+    """--score KIND[=PATH][,OPTION=VALUE...], as every tool parses it."""
+    assert reward.parse_spec("hps=HPS.pt,tokenizer=TOK") == ("hps", "HPS.pt", {"tokenizer": "TOK"})
+    assert reward.parse_spec("area") == ("area", None, {})
+    with pytest.raises(ValueError, match="unknown kind 'pick'"):
+        reward.parse_spec("pick=x")
+    with pytest.raises(ValueError, match="after KIND=PATH come OPTION=VALUE items"):
+        reward.parse_spec("clip=d,tok")
+    with pytest.raises(CheckpointError, match="pickscore: no such file or folder: /no/such"):
+        reward.load_all([("pickscore", "/no/such", {})])
+    assert reward.load_all([("area", None, {})])["area"] is toy.area

@@ -1,7 +1,6 @@
-"""sample.py against diffusers: schedulers step by step, whole SDXL / SD1.5 text-to-image and SDEdit runs on the
-tiny random models (same seeds -> same latents and images), the CLI's files, the implicit-reward evaluation,
-and bad input."""
-import json
+"""sample.py against diffusers: whole SDXL / SD1.5 text-to-image and SDEdit runs on the tiny random models (same
+seeds -> same latents and images, every multiple of 8 px, single files), the CLI's files and names, the prompt sets
+(PartiPrompts built in, slices naming their images as the whole set), and bad input."""
 import os
 
 import numpy as np
@@ -9,68 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-import diffusion
+import data
+import images
 import sample
+import tiny
 import unet as unetlib
 from weights import CheckpointError
 
-CFG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
-
-def toy_model(x, t):
-    """A deterministic stand-in for a UNet, so scheduler chains can be compared without one."""
-    return 0.7 * torch.tanh(x) + 0.1 * torch.cos(x * float(t) / 100)
-
-
-def run_chain(ours, ref, x):
-    """The same toy model through our scheduler and diffusers', step by step."""
-    y = x.clone()
-    for i, t in enumerate(ref.timesteps):
-        assert float(ours.timesteps[i]) == float(t)
-        x = ref.step(toy_model(ref.scale_model_input(x, t), t), t, x).prev_sample
-        y = ours.step(toy_model(ours.scale_input(y, i), ours.timesteps[i]), i, y)
-        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * x.abs().max().item())
-    return x
-
-
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("steps", [1, 4, 30])
-def test_euler_matches_diffusers(spacing, pred, steps):
-    from diffusers import EulerDiscreteScheduler
-    cfg = dict(diffusion.SD_SCHEDULE, **CFG, timestep_spacing=spacing, prediction_type=pred)
-    ref = EulerDiscreteScheduler(**CFG, timestep_spacing=spacing, prediction_type=pred)
-    ref.set_timesteps(steps)
-    ours = sample.Euler(cfg, steps)
-    torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=0)
-    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=1e-6, atol=0)
-    assert abs(float(ours.init_sigma) - float(ref.init_noise_sigma)) <= 1e-6 * float(ref.init_noise_sigma)
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * float(ref.init_noise_sigma)
-    run_chain(ours, ref, x)
-    # add_noise at a later start (SDEdit): the scheduler's sigma at that step
-    i = steps // 2
-    ref = EulerDiscreteScheduler(**CFG, timestep_spacing=spacing, prediction_type=pred)  # fresh: no step index yet
-    ref.set_timesteps(steps)
-    ref.set_begin_index(i)
-    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    torch.testing.assert_close(ours.add_noise(x0, noise, i), ref.add_noise(x0, noise, ref.timesteps[i:i + 1]))
-
-
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize("pred,alpha_one,clip", [("epsilon", False, False), ("v_prediction", False, False),
-                                                 ("epsilon", True, True)])
-@pytest.mark.parametrize("steps", [1, 4, 30])
-def test_ddim_matches_diffusers(spacing, pred, alpha_one, clip, steps):
-    from diffusers import DDIMScheduler
-    kw = dict(timestep_spacing=spacing, prediction_type=pred, set_alpha_to_one=alpha_one, clip_sample=clip)
-    ref = DDIMScheduler(**CFG, **kw)
-    ref.set_timesteps(steps)
-    ours = sample.DDIM(dict(diffusion.SD_SCHEDULE, **CFG, **kw), steps)
-    assert ours.init_sigma == ref.init_noise_sigma == 1.0
-    run_chain(ours, ref, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
-    i = steps // 2
-    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    torch.testing.assert_close(ours.add_noise(x0, noise, i), ref.add_noise(x0, noise, ref.timesteps[i:i + 1]))
+def cli_error(argv, capsys):
+    """sample.main's one error line (and a non-zero exit)."""
+    return tiny.cli_error(sample.main, argv, capsys)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,10 +27,10 @@ def test_ddim_matches_diffusers(spacing, pred, alpha_one, clip, steps):
 
 def diffusers_scheduler(kind):
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
-    kw = dict(**CFG, timestep_spacing="leading", prediction_type="epsilon")
+    kw = dict(**tiny.SD_SCHEDULER, timestep_spacing="leading", prediction_type="epsilon")
     # SD's released configs: no x0 clipping, final alpha = alpha_0 (the tiny folders' configs omit these fields)
     return EulerDiscreteScheduler(**kw) if kind == "euler" else DDIMScheduler(**kw, clip_sample=False,
-                                                                               set_alpha_to_one=False)
+                                                                              set_alpha_to_one=False)
 
 
 @pytest.fixture(scope="module")
@@ -249,42 +197,13 @@ def test_cli_generate_batches_and_names(models, sd15_dir, tmp_path, capsys):
     names = [f"{i:04d}_seed{7 + i}.png" for i in range(3)]
     assert printed == [str(out / n) for n in names]
     ref = pipe(["a dog"], steps=2, seed=9, scheduler="ddim", guidance=7.5)  # CLI default guidance for SD1.5
-    assert np.array_equal(png(out / names[2]), np.asarray(sample.to_pil(ref[0])))
+    assert np.array_equal(png(out / names[2]), np.asarray(images.to_pil(ref[0])))
 
 
 def test_cli_progress_on_stderr(sd15_dir, tmp_path, capsys):
     sample.main(["--model", sd15_dir, "--prompt", "a cat", "--steps", "3", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert "sampling: step 1/3" in err and "sampling: step 3/3" in err
-
-
-@pytest.fixture(scope="module")
-def tuned_unet(sd15_dir, tmp_path_factory):
-    """The SD1.5 UNet with perturbed weights, saved as dpo.py saves it (out_dir/unet/, diffusers layout)."""
-    u = unetlib.load(sd15_dir)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
-        for p in u.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    out = tmp_path_factory.mktemp("run")
-    unetlib.save(u, str(out / "unet"))
-    return str(out)
-
-
-def test_cli_compare_grid(models, sd15_dir, tuned_unet, tmp_path, capsys):
-    sample.main(["--model", sd15_dir, "--unet", tuned_unet, "--compare", "--prompt", "a red circle",
-                 "--prompt", "a cat", "--steps", "2", "--seed", "3", "--batch_size", "2", "--out", str(tmp_path)])
-    path = capsys.readouterr().out.split()[-1]
-    g = png(path)
-    assert g.shape == (2 * 32 + 4, 2 * 32 + 4, 3)  # rows = prompts, columns = base, tuned
-    base = models["sd15"][0](["a red circle", "a cat"], steps=2, seed=3, guidance=7.5)
-    tuned = sample.load(sd15_dir, unet=tuned_unet)
-    tuned.progress = False
-    tuned = tuned(["a red circle", "a cat"], steps=2, seed=3, guidance=7.5)
-    for r in range(2):
-        assert np.array_equal(g[r * 36:r * 36 + 32, :32], np.asarray(sample.to_pil(base[r])))
-        assert np.array_equal(g[r * 36:r * 36 + 32, 36:], np.asarray(sample.to_pil(tuned[r])))
-    assert not np.array_equal(g[:32, :32], g[:32, 36:])
 
 
 def test_cli_sdedit(models, sdxl_dir, tmp_path, capsys):
@@ -296,163 +215,15 @@ def test_cli_sdedit(models, sdxl_dir, tmp_path, capsys):
     assert out.shape == (48, 32, 3)  # keeps the input's size
     ref = models["sdxl"][0](["a cat"], steps=4, init_image=torch.from_numpy(init / 255).float().permute(2, 0, 1),
                             strength=0.5)
-    assert np.array_equal(out, np.asarray(sample.to_pil(ref[0])))
+    assert np.array_equal(out, np.asarray(images.to_pil(ref[0])))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Implicit-reward evaluation and AI feedback
 
 
-@pytest.fixture(scope="module")
-def pairs_jsonl(tmp_path_factory):
-    """Six preference pairs of random 40x36 images (a non-square size: the eval centre-crops like training)."""
-    d = tmp_path_factory.mktemp("pairs")
-    rng = np.random.default_rng(0)
-    with open(d / "pairs.jsonl", "w") as f:
-        for i in range(7):
-            for j in (0, 1):
-                Image.fromarray((rng.random((36, 40, 3)) * 255).astype(np.uint8)).save(d / f"{i}_{j}.png")
-            label = 0.5 if i == 6 else float(i % 2)  # the last one is a tie: dropped
-            f.write(json.dumps({"caption": ["a cat", "a red circle"][i % 2], "image_0": f"{i}_0.png",
-                                "image_1": f"{i}_1.png", "label_0": label}) + "\n")
-    return str(d / "pairs.jsonl")
-
-
-def test_eval_reference_against_itself_is_exactly_chance(sd15_dir, pairs_jsonl, tmp_path, capsys):
-    sample.main(["--model", sd15_dir, "--eval_pairs", pairs_jsonl, "--eval_k", "2", "--height", "32",
-                 "--batch_size", "4", "--out", str(tmp_path)])
-    res = json.load(open(tmp_path / "eval.json"))
-    assert res["pairs"] == 6 and res["accuracy"] == 0.5 and "baseline_accuracy" not in res  # no --eval_baseline
-    lo, hi = res["ci95"]
-    assert lo < 0.5 < hi
-    assert "accuracy=0.5000" in capsys.readouterr().out
-
-
-def test_eval_reads_pick_a_pic_parquet_like_jsonl(sd15_dir, tuned_unet, pairs_jsonl, tmp_path):
-    """The same pairs as Pick-a-Pic v2 parquet (JPEG bytes replaced by PNG bytes) give the same reward differences."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import data
-    rows = [json.loads(line) for line in open(pairs_jsonl)]
-    root = os.path.dirname(pairs_jsonl)
-    blob = [[open(os.path.join(root, r[k]), "rb").read() for r in rows] for k in ("image_0", "image_1")]
-    pq.write_table(pa.table({"caption": [r["caption"] for r in rows], "jpg_0": blob[0], "jpg_1": blob[1],
-                             "label_0": [r["label_0"] for r in rows], "label_1": [1 - r["label_0"] for r in rows],
-                             "model_0": ["m"] * len(rows), "model_1": ["m"] * len(rows)}), tmp_path / "p.parquet")
-    pipe = sample.load(sd15_dir, unet=tuned_unet)
-    pipe.progress = False
-    ref = unetlib.load(sd15_dir)
-    a = sample.implicit_accuracy(pipe, ref, data.read_pairs(pairs_jsonl), k=1, size=32)
-    b = sample.implicit_accuracy(pipe, ref, data.read_pairs(str(tmp_path)), k=1, size=32)
-    assert a == b and len(a[1]) == 6 and all(d != 0 for d in a[1])
-
-
-def test_eval_sign_convention(models, pairs_jsonl):
-    """A policy that denoises image_0 perfectly (and is the reference elsewhere) has the higher implicit reward
-    for image_0 on every pair: accuracy = the fraction of pairs labelled image_0."""
-    import data
-    pipe = models["sd15"][0]
-    pairs = data.read_pairs(pairs_jsonl)  # image_0 = the preferred image
-    pairs = [dict(p, image_0=p["image_1"], image_1=p["image_0"], label_0=0.0) if i % 3 == 0 else p
-             for i, p in enumerate(pairs)]  # swap a third of them back: label_0 = 0 there
-    ac = diffusion.alphas_cumprod(pipe.sched_cfg)
-    x0 = {}
-
-    def oracle(x, t, context, pooled=None, time_ids=None):  # eps = (x_t - sqrt(a) z0) / sqrt(1 - a) for image_0
-        out = ref(x, t, context, pooled, time_ids)
-        B = x.shape[0] // 2
-        a = ac[t.long()].view(-1, 1, 1, 1)[:B]
-        out[:B] = (x[:B] - a.sqrt() * x0["z"][:B]) / (1 - a).sqrt()
-        return out
-
-    ref, orig = pipe.unet, pipe.encode_images
-
-    def encode(images):
-        x0["z"] = orig(images)
-        return x0["z"]
-    pipe.encode_images, pipe.unet = encode, oracle
-    try:
-        acc, diffs = sample.implicit_accuracy(pipe, ref, pairs, k=2, size=32, batch_size=len(pairs))
-    finally:
-        pipe.encode_images, pipe.unet = orig, ref
-    base, same = sample.implicit_accuracy(pipe, ref, pairs, k=2, size=32, batch_size=len(pairs))  # ref vs itself
-    assert all(d > 0 for d in diffs) and all(d == 0 for d in same)
-    assert acc == pytest.approx(sum(p["label_0"] == 1.0 for p in pairs) / len(pairs)) and base == 0.5
-
-
-def shapes_pairs(folder, split, n, rng):
-    """Pairs of one red square of random size on white; the larger square is preferred (demo.py's rule)."""
-    y, x = np.mgrid[:32, :32] + 0.5
-
-    def square(r):
-        img = np.ones((32, 32, 3))
-        cx, cy = rng.uniform(r + 1, 31 - r, 2)
-        img[(abs(x - cx) <= r) & (abs(y - cy) <= r)] = (0.85, 0.1, 0.1)
-        return Image.fromarray((img * 255).astype(np.uint8))
-    with open(folder / f"{split}.jsonl", "w") as f:
-        for i in range(n):
-            small, big = sorted(rng.uniform(3, 11, 2))
-            big_first = bool(rng.random() < 0.5)
-            for j, r in enumerate((big, small) if big_first else (small, big)):
-                square(r).save(folder / f"{split}{i}_{j}.png")
-            f.write(json.dumps({"caption": "a red square", "image_0": f"{split}{i}_0.png",
-                                "image_1": f"{split}{i}_1.png", "label_0": float(big_first)}) + "\n")
-    return str(folder / f"{split}.jsonl")
-
-
-def test_eval_after_dpo_training_beats_chance(sd15_dir, tmp_path, capsys):
-    """End to end: dpo.py trains the tiny SD1.5 on 'larger square wins' pairs; on HELD-OUT pairs the implicit
-    reward of the trained UNet agrees with the labels clearly more often than chance (95% CI above 0.5)."""
-    import dpo
-    rng = np.random.default_rng(0)
-    train, test = shapes_pairs(tmp_path, "train", 128, rng), shapes_pairs(tmp_path, "test", 64, rng)
-    dpo.main(["--model", sd15_dir, "--data", train, "--out_dir", str(tmp_path / "run"), "--batch_size", "8",
-              "--grad_accum", "1", "--max_steps", "30", "--lr", "3e-4", "--warmup", "5", "--resolution", "32",
-              "--beta", "500", "--log_every", "30", "--seed", "0"])
-    sample.main(["--model", sd15_dir, "--unet", str(tmp_path / "run"), "--eval_pairs", test, "--eval_k", "4",
-                 "--height", "32", "--batch_size", "64", "--out", str(tmp_path / "eval"), "--eval_baseline", sd15_dir])
-    res = json.load(open(tmp_path / "eval" / "eval.json"))
-    print(capsys.readouterr().out)
-    assert res["pairs"] == 64 and res["ci95"][0] > 0.5, res
-    assert res["baseline_accuracy"] == 0.5  # the base UNet scored against itself (the reference)
-    # roles swapped: --eval_baseline gets the same draws, so it reproduces the trained UNet's accuracy exactly
-    sample.main(["--model", sd15_dir, "--unet", sd15_dir, "--eval_pairs", test, "--eval_k", "4", "--height", "32",
-                 "--batch_size", "64", "--out", str(tmp_path / "swap"), "--eval_baseline", str(tmp_path / "run")])
-    swap = json.load(open(tmp_path / "swap" / "eval.json"))
-    assert swap["accuracy"] == 0.5 and swap["baseline_accuracy"] == res["accuracy"] and swap["ci95"] != res["ci95"]
-
-
-def test_wilson_interval():
-    lo, hi = sample.wilson(8, 10)  # textbook value: 0.490 .. 0.943
-    assert abs(lo - 0.4902) < 1e-4 and abs(hi - 0.9433) < 1e-4
-    assert sample.wilson(0, 5)[0] == 0.0 and sample.wilson(5, 5)[1] == 1.0
-
-
-def test_relabel_with_a_scorer():
-    bright, dark = torch.full((3, 8, 8), 0.9), torch.full((3, 8, 8), 0.1)
-
-    def brightness(images, prompts):  # a Scorer: [B,3,H,W] in [0,1], prompts -> [B]
-        assert images.shape == (2, 3, 8, 8) and prompts == ["p", "p"]
-        return images.mean((1, 2, 3))
-    pairs = [{"caption": "p", "image_0": bright, "image_1": dark, "label_0": 0.0},
-             {"caption": "p", "image_0": dark, "image_1": bright, "label_0": 1.0},
-             {"caption": "p", "image_0": dark, "image_1": dark, "label_0": 1.0}]
-    assert [p["label_0"] for p in sample.relabel(pairs, brightness)] == [1.0, 0.0, 0.5]
-    assert pairs[0]["label_0"] == 0.0  # the input is not modified
-
-
 # ----------------------------------------------------------------------------------------------------
 # Bad input
-
-
-def cli_error(argv, capsys):
-    """sample.main's one error line (and a non-zero exit); test_evaluate.py uses it too."""
-    with pytest.raises(SystemExit) as e:
-        sample.main(argv)
-    assert e.value.code != 0
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1, err
-    return err[0]
 
 
 def test_cli_bad_input(sd15_dir, tmp_path, capsys):
@@ -464,32 +235,8 @@ def test_cli_bad_input(sd15_dir, tmp_path, capsys):
     assert "init image not found" in cli_error(["--model", sd15_dir, "--init_image", missing] + out, capsys)
     assert "--strength must be in (0, 1]" in cli_error(["--model", sd15_dir, "--strength", "1.5"] + out, capsys)
     assert "invalid choice: 'foo'" in cli_error(["--model", sd15_dir, "--scheduler", "foo"] + out, capsys)
-    assert "--compare needs --unet" in cli_error(["--model", sd15_dir, "--compare"] + out, capsys)
     assert "give --prompt" in cli_error(["--model", sd15_dir, "--out", str(tmp_path)], capsys)
-    nodata = str(tmp_path / "none.parquet")
-    assert "no data at" in cli_error(["--model", sd15_dir, "--eval_pairs", nodata] + out, capsys)
     assert "UNet path does not exist" in cli_error(["--model", sd15_dir, "--unet", "/no/unet"] + out, capsys)
-    assert "go with --eval_pairs" in cli_error(["--model", sd15_dir, "--eval_baseline", sd15_dir] + out, capsys)
-
-
-def test_unreadable_eval_pair_is_named_on_a_fresh_line(sd15_dir, pairs_jsonl, tmp_path, capsys):
-    """An error during --eval_pairs ends the progress line first and names the pair by file:line."""
-    rows = open(pairs_jsonl).read().splitlines()
-    root = os.path.dirname(pairs_jsonl)
-    bad = tmp_path / "pairs.jsonl"
-    (tmp_path / "broken.png").write_bytes(b"not a png")
-    row = json.loads(rows[2])
-    rows = [json.dumps({**json.loads(r), "image_0": os.path.join(root, json.loads(r)["image_0"]),
-                        "image_1": os.path.join(root, json.loads(r)["image_1"])}) for r in rows]
-    rows[2] = json.dumps({**row, "image_0": "broken.png", "image_1": os.path.join(root, row["image_1"])})
-    bad.write_text("\n".join(rows) + "\n")
-    with pytest.raises(SystemExit) as e:
-        sample.main(["--model", sd15_dir, "--eval_pairs", str(bad), "--eval_k", "1", "--height", "32",
-                     "--batch_size", "1", "--out", str(tmp_path / "eval")])
-    err = capsys.readouterr().err
-    assert e.value.code == 1 and "eval: 2/6 pairs" in err  # the progress line came first
-    last = err.splitlines()[-1]
-    assert last.startswith(f"error: {bad}:3: cannot read an image of the pair: ") and "broken.png" in last, err
 
 
 def test_api_bad_input(models):
@@ -509,3 +256,18 @@ def test_api_bad_input(models):
         pipe(["a cat"], init_image=torch.rand(1, 3, 4, 6))
     with pytest.raises(ValueError, match=r"latents must have shape \(1, 4, 16, 16\)"):
         pipe(["a cat"], latents=torch.randn(1, 4, 8, 8))
+
+
+def test_parti_prompts_built_in():
+    rows = data.read_prompts("parti")
+    assert len(rows) == 1632 and rows[0] == ("bond", "Abstract")
+    counts = {c: sum(1 for _, k in rows if k == c) for c in dict.fromkeys(k for _, k in rows)}
+    assert len(counts) == 12 and counts["Animals"] == 314 and counts["World Knowledge"] == 214
+    assert sum('"' in p for p, _ in rows) == 22  # quotes inside prompts are kept as they are
+    assert os.path.isfile(os.path.join(os.path.dirname(data.PARTI), "LICENSE"))
+    a = sample.parse_args(["--model", "m", "--prompts", "parti", "--per_category", "2", "--seed", "1"])
+    items = sample.prompt_items(a)
+    assert len(items) == 24 and {it["category"] for it in items} == set(counts)
+    whole = {it["name"]: it for it in sample.prompt_items(sample.parse_args(["--model", "m", "--prompts", "parti",
+                                                                             "--seed", "1"]))}
+    assert all(whole[it["name"]] == it for it in items)  # the slice's images are the whole set's

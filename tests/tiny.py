@@ -1,19 +1,29 @@
-"""Tiny random-weight SDXL / SD1.5 pipelines built with the reference implementations (diffusers,
-transformers), saved as real diffusers folders, so the from-scratch code can be checked against them
-without any download.
+"""What several test files share: tiny random-weight SDXL / SD1.5 pipelines built with the reference
+implementations (diffusers, transformers), saved as real diffusers folders, so the from-scratch code can be
+checked against them without any download; a tiny CLIPModel folder; pair data (JSONL, parquet); a tiny dpo.py
+run; a CLI's one error line.
 
-Layout written (as a hub snapshot): model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/,
-and for SDXL also text_encoder_2/, tokenizer_2/.
+Pipeline layout written (as a hub snapshot): model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+scheduler/, and for SDXL also text_encoder_2/, tokenizer_2/.
 """
 import io
 import json
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from demo import write_tokenizer  # the tiny CLIP BPE tokenizer writer lives in demo.py (the demo needs one too)
+import reward
+
+from toy import write_tokenizer  # the tiny CLIP BPE tokenizer writer (the demo's toy model needs one too)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)  # for subprocesses: one thread each
+# SD1.5 / SDXL's noise schedule as diffusers' scheduler classes take it
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    steps_offset=1)
 
 
 def _text_config(vocab_size, act, proj):
@@ -140,3 +150,91 @@ def preds(B=3, seed=0):
     model = torch.cat([noise, noise]) + 0.3 * torch.randn(2 * B, 4, 8, 8, generator=g)
     ref = torch.cat([noise, noise]) + 0.3 * torch.randn(2 * B, 4, 8, 8, generator=g)
     return model, ref, noise
+
+
+def _jpeg(rng, h, w):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_parquet(path, n=10, drop=(), rg=4):
+    """A Pick-a-Pic v2 look-alike shard of n pairs (row 3 a tie), row groups of rg rows; drop: columns left out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(1)
+    lab = [0.5 if i == 3 else float(i % 2) for i in range(n)]  # row 3 is a tie
+    cols = dict(caption=[CAPTIONS[i % 4] for i in range(n)],
+                jpg_0=pa.array([_jpeg(rng, 40, 36) for _ in range(n)], pa.binary()),
+                jpg_1=pa.array([_jpeg(rng, 36, 44) for _ in range(n)], pa.binary()),
+                label_0=lab, label_1=[1 - x for x in lab],
+                model_0=["dreamlike-photoreal-2.0" if i < 6 else "sdxl" for i in range(n)],
+                model_1=["dreamlike-art" if i % 3 else "sd-2.1" for i in range(n)])
+    pq.write_table(pa.table({k: v for k, v in cols.items() if k not in drop}), path, row_group_size=rg)
+    return str(path)
+
+
+def run(out, model, data, *flags, steps=2):
+    """dpo.main in-process on a tiny model at 32 px (latents 16x16: the tiny VAE downsamples by 2)."""
+    import dpo
+    dpo.main(["--model", model, "--data", data, "--out_dir", str(out), "--resolution", "32", "--batch_size", "2",
+              "--grad_accum", "2", "--max_steps", str(steps), "--log_every", "1", "--lr", "1e-4", "--warmup", "0",
+              *flags])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def cli_error(main, argv, capsys):
+    """A tool's main(argv) exits non-zero with one error line on stderr; returns that line."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code != 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+# A tiny CLIPModel in two flavours: OpenAI's (quick_gelu, the pre-2023 eos_token_id=2 configs, 32 px / 8) and
+# LAION's (gelu, 28 px / 7).
+CLIP_TEXT = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+CLIP_VISION = dict(hidden_size=24, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3)
+CLIP_FLAVOURS = {"quick_gelu": dict(image_size=32, patch_size=8, legacy_eos=True),
+                 "gelu": dict(image_size=28, patch_size=7, legacy_eos=False)}
+
+
+def make_clip(root, act):
+    """A transformers CLIPModel folder with a tokenizer: (folder, model, vocab size)."""
+    from transformers import CLIPConfig, CLIPModel
+    f = CLIP_FLAVOURS[act]
+    n = write_tokenizer(root)
+    eos = 2 if f["legacy_eos"] else n - 1
+    cfg = CLIPConfig(text_config=dict(CLIP_TEXT, vocab_size=n, hidden_act=act, bos_token_id=n - 2, eos_token_id=eos,
+                                      pad_token_id=n - 1),
+                     vision_config=dict(CLIP_VISION, hidden_act=act, image_size=f["image_size"],
+                                        patch_size=f["patch_size"]),
+                     projection_dim=16)
+    torch.manual_seed(0)
+    model = CLIPModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every weight off its init (layer norms are 1 and 0 there), logit_scale too
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.save_pretrained(root)
+    return root, model, n
+
+
+def transformers_pickscore(model, folder, images, prompts):
+    """PickScore by transformers' CLIPModel: logit_scale.exp() * cos(image, prompt); pixels as reward.preprocess
+    makes them (tests/test_reward.py checks that against transformers' image processor)."""
+    from transformers import CLIPTokenizer
+    ids = torch.tensor(CLIPTokenizer.from_pretrained(folder)(prompts, padding="max_length", max_length=77,
+                                                             truncation=True).input_ids)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=reward.preprocess(images, 32))
+    cos = (out.image_embeds * out.text_embeds).sum(-1) / (out.image_embeds.norm(dim=-1) * out.text_embeds.norm(dim=-1))
+    return model.logit_scale.exp().detach() * cos
+
+
+def read_png(path):
+    """A PNG file as a (3, H, W) tensor in [0, 1]."""
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)

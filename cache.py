@@ -1,0 +1,248 @@
+"""The UNets' inputs made from a batch of images: VAE latents and text embeddings, computed on the fly (the encoders
+on the GPU beside the UNet) or once ahead into a latent cache, so that training needs neither VAE nor text encoders.
+
+The cache holds scaled VAE latents (and with --latents sample their posterior std), text embeddings, SDXL's time ids
+and, for Diffusion-RPO with --rpo_clip, CLIP's prompt and image embeddings, in safetensors shards of 1024 items per
+rank, with meta.json saying what was cached. One crop/flip per item is frozen into it (drawn as in epoch 0).
+"""
+import json
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+import clip
+import reward
+import vae as vaelib
+from data import EpochOrder, PreferenceDataset, Unreadable, collate
+from weights import save_json, save_safetensors
+
+# ----------------------------------------------------------------------------------------------------
+# A batch -> the UNets' inputs
+
+
+def model_inputs(batch, drop, dev, args, encoders=None, empty=None, latent_noise=None):
+    """What the UNets take for B items of k images each (pairs: k = 2): clean latents z (kB, C, h, w), all first
+    images first (the winners), and cond = (context, pooled, time_ids) with kB rows. A dropped prompt is the
+    encoders' embedding of "" (as the official code, for SDXL too; not zeros). --latents sample draws z from the
+    VAE posterior with latent_noise (B, k, C, h, w) (the official code); the default is the posterior mean.
+    --time_ids official gives every image the constants the official code used."""
+    with torch.no_grad():
+        if "latents" in batch:  # --cache: latents and text embeddings were computed once
+            z = batch["latents"].to(dev).float()  # (B, k, C, h, w)
+            std = batch["latents_std"].to(dev).float() if latent_noise is not None else None
+            ctx = torch.where(drop[:, None, None], empty["context"], batch["context"].to(dev))
+            pooled = batch.get("pooled")
+            if pooled is not None:
+                pooled = torch.where(drop[:, None], empty["pooled"], pooled.to(dev))
+        else:  # the VAE and the text encoders run here, on the GPU
+            te, v = encoders
+            px = batch["pixels"].to(dev)  # (B, k, 3, H, W)
+            with torch.autocast(dev.type, torch.bfloat16, enabled=args.amp_dtype == torch.bfloat16):
+                one = [v.encode(x[None], std=True) for x in px.flatten(0, 1)]  # an image at a time: 1/Bk the peak
+            z, std = torch.cat([m for m, _ in one]), torch.cat([s for _, s in one])  # (Bk, C, h, w) each, unscaled
+            z = z.float().unflatten(0, px.shape[:2]) * v.scaling_factor  # (B, k, C, h, w) scaled latent means
+            std = std.float().unflatten(0, px.shape[:2]) * v.scaling_factor
+            ctx, pooled = te.encode(["" if d else c for c, d in zip(batch["caption"], drop.tolist())])
+        if latent_noise is not None:
+            z = z + std * latent_noise.to(dev)  # a sample of the posterior instead of its mean
+        k = z.shape[1]
+        z = z.transpose(0, 1).flatten(0, 1)  # (kB, C, h, w): all first images, then all second ones
+        time_ids = None  # SDXL (the family with a pooled embedding) is also told each image's size and crop
+        if pooled is not None:
+            time_ids = batch["time_ids"].to(dev).float().transpose(0, 1).flatten(0, 1)  # (B, k, 6) -> (kB, 6)
+            if args.time_ids == "official":
+                r = float(args.resolution)
+                time_ids = torch.tensor([r, r, 0.0, 0.0, r, r], device=dev).expand(len(time_ids), 6)
+            pooled = pooled.repeat(k, 1)
+    return z, (ctx.repeat(k, 1, 1), pooled, time_ids)
+
+
+def rpo_embeddings(batch, dev, scorer):
+    """Diffusion-RPO's CLIP embeddings of B pairs (B, 3, P): prompt, winner, loser (unit length, fp32), from the
+    cache (--cache) or from the images with scorer (a reward.Scorer: its CLIP towers)."""
+    if "rpo_clip" in batch:
+        return batch["rpo_clip"].to(dev).float()
+    return clip_triples(scorer, batch["pixels"].to(dev), batch["caption"])
+
+
+def clip_triples(scorer, pixels, captions):
+    """pixels (B, 2, 3, H, W) in [-1, 1] and B captions -> (B, 3, P): each pair's prompt, winner, loser embedding."""
+    with torch.no_grad():
+        img = scorer.image_embeds((pixels.flatten(0, 1) + 1) / 2).unflatten(0, pixels.shape[:2])  # (B, 2, P)
+        txt = scorer.text_embeds(list(captions))  # (B, P)
+    return torch.cat([txt[:, None], img], 1)  # (B, 3, P)
+
+
+def training_set(args, pairs, dev, rank, world, log):
+    """(dataset, (text encoders, VAE) or None, embeddings of "" or None, VAE downsampling): the latent cache with
+    --cache or without --data (built first if missing), else the images themselves."""
+    meta = cache_meta(args.cache_dir)
+    singles = pairs.singles if pairs is not None else bool(meta and meta.get("singles"))
+    if singles and args.loss != "kto":  # one image has no second to compare with; refused before anything is written
+        raise ValueError(f"{args.data or args.cache_dir} holds single labelled images: train them with --loss kto")
+    if not args.cache and pairs is not None:
+        te = clip.load(args.model, dev, args.amp_dtype, tokenizer=args.tokenizer)
+        v = vaelib.load(args.model, dev, torch.float32)
+        dataset = PreferenceDataset(pairs, args.resolution, args.seed, args.random_crop, not args.no_flip)
+        return dataset, (te, v), None, v.downsample
+    if meta is None and pairs is None:
+        raise FileNotFoundError(f"no --data and no cache in {args.cache_dir}")
+    if meta is None:
+        log(f"building the latent cache in {args.cache_dir}")
+        build_cache(args, pairs, dev, rank, world)
+    elif meta["resolution"] != args.resolution or (pairs is not None and meta["pairs"] != len(pairs)):
+        raise ValueError(f"the cache in {args.cache_dir} was built for other data or resolution; "
+                         "use another --cache_dir")
+    elif args.rpo_clip and meta.get("rpo_clip") != os.path.abspath(args.rpo_clip):
+        raise ValueError(f"the cache in {args.cache_dir} holds no CLIP embeddings of --rpo_clip {args.rpo_clip} "
+                         f"(built {'with ' + meta['rpo_clip'] if meta.get('rpo_clip') else 'without it'}): "
+                         "use another --cache_dir")
+    elif args.latents == "sample" and not meta.get("latents_std"):
+        raise ValueError(f"the cache in {args.cache_dir} holds latent means only, --latents sample needs their "
+                         "standard deviations too: use another --cache_dir")
+    dataset = Cache(args.cache_dir, args.seed)
+    empty = {k: None if v is None else v.to(dev) for k, v in dataset.empty.items()}
+    return dataset, None, empty, dataset.meta["downsample"]
+
+
+class Feed:
+    """Where a run's batches come from and how they become the UNets' inputs: the latent cache (--cache, or no
+    --data: built first if missing) or the images themselves with the VAE and the text encoders on the device, and
+    Diffusion-RPO's CLIP embeddings beside them."""
+
+    def __init__(self, args, pairs, channels, dev, rank, world, log):
+        self.args, self.dev = args, dev
+        self.dataset, self.encoders, self.empty, down = training_set(args, pairs, dev, rank, world, log)
+        self.per_item = self.dataset.per_item  # images per item: a pair's two, or one labelled image
+        self.n_latent = self.per_item if args.latents == "sample" else 0  # posterior draws per item
+        self.latent_shape = (channels, args.resolution // down, args.resolution // down)  # (C, h, w)
+        self.fingerprint = pairs.fingerprint() if pairs is not None else self.dataset.meta.get("fingerprint")
+        self.rpo_clip = None  # Diffusion-RPO's CLIP model, run on each batch's images unless the cache holds them
+        if args.loss == "rpo":
+            if args.rpo_clip and self.encoders is not None:
+                self.rpo_clip = reward.load("clip", args.rpo_clip, dev, args.amp_dtype)
+            weights = f"CLIP prompt + image similarity ({args.rpo_clip})" if args.rpo_clip else \
+                "the UNet's text embeddings of the prompts (no --rpo_clip; Diffusion-RPO uses CLIP prompts and images)"
+            log(f"RPO weights: {weights}, tau {args.rpo_tau}, each weight scales its {args.rpo_form}")
+            if args.batch_size * world == 1:
+                log("RPO over one pair per micro-step (all ranks together) is DPO: its matrix is 1x1 with weight 1; "
+                    "raise --batch_size (or the ranks) to compare across pairs")
+
+    def loader(self, position, step, world, rank, device):
+        """The batches of this rank from optimizer step `step` on: step s, micro-step m, rank r reads the global
+        positions p0 + s*G + m*world*B + r*B + [0, B) (p0 = position, the data position at `step`)."""
+        a = self.args
+        B, G, A = a.batch_size, a.pairs_per_step, a.grad_accum
+        order = [position + (s - step) * G + m * world * B + rank * B + k
+                 for s in range(step, a.max_steps) for m in range(A) for k in range(B)]
+        workers = (4 if device == "cuda" else 0) if a.num_workers is None else a.num_workers
+        return iter(torch.utils.data.DataLoader(self.dataset, batch_size=B, sampler=order, num_workers=workers,
+                                                collate_fn=collate, pin_memory=device == "cuda"))
+
+    def __call__(self, batch, drop, latent_noise=None):
+        """(z, cond) of a batch: model_inputs with this run's encoders or cache."""
+        return model_inputs(batch, drop, self.dev, self.args, self.encoders, self.empty, latent_noise)
+
+    def rpo_embeddings(self, batch):
+        """(B, 3, P) CLIP embeddings of the batch's prompts, winners and losers with --rpo_clip, else None."""
+        return rpo_embeddings(batch, self.dev, self.rpo_clip) if self.args.rpo_clip else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The latent cache
+
+CACHE_KEYS = ("latents", "latents_std", "context", "pooled", "time_ids", "label", "rpo_clip")
+
+
+def cache_meta(cache_dir: str):
+    p = os.path.join(cache_dir, "meta.json")
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
+class Cache(torch.utils.data.Dataset):
+    """A cache written by build_cache: global position -> latents (k, C, h, w) preferred first, context, pooled,
+    time_ids (and label, for single images); memory-mapped, one row at a time. The order is a plain shuffle of all
+    cached items per epoch."""
+
+    def __init__(self, cache_dir: str, seed: int):
+        self.meta = cache_meta(cache_dir)
+        if self.meta is None:
+            raise FileNotFoundError(f"no cache at {cache_dir} (meta.json missing): run with --cache and --data first")
+        self.shards = [safe_open(os.path.join(cache_dir, s), "pt") for s in self.meta["shards"]]
+        self.where = {}  # pair index -> (shard, row)
+        for k, h in enumerate(self.shards):
+            for r, i in enumerate(h.get_tensor("index").tolist()):
+                self.where[i] = (k, r)
+        self.index = EpochOrder(np.zeros(self.meta["pairs"], dtype=np.int64), seed)
+        self.per_item = 1 if self.meta.get("singles") else 2  # images per item
+        self.empty = torch.load(os.path.join(cache_dir, "empty.pt"), weights_only=True)  # embeddings of ""
+
+    def __len__(self):
+        return self.meta["pairs"]
+
+    def __getitem__(self, pos: int) -> dict:
+        k, r = self.where[self.index(pos)]
+        h = self.shards[k]
+        item = dict(pos=pos, bad=[], **{n: h.get_slice(n)[r:r + 1][0] for n in CACHE_KEYS if n in h.keys()})
+        if "label" in item:
+            item["label"] = int(item["label"])
+        return item
+
+
+def build_cache(args, pairs, dev, rank, world):
+    """Each rank encodes items rank, rank+world, ...; crop/flip are frozen per item (drawn as for key = its index).
+    Latents (and with --latents sample their posterior std) are stored in fp16 (fp32 for fp32 runs), text
+    embeddings in the compute dtype."""
+    te = clip.load(args.model, dev, args.amp_dtype, tokenizer=args.tokenizer)
+    v = vaelib.load(args.model, dev, torch.float32)
+    scorer = None
+    if args.rpo_clip:  # Diffusion-RPO's CLIP embeddings of each pair, stored beside its latents
+        scorer = reward.load("clip", args.rpo_clip, dev, args.amp_dtype)
+    ds, n = PreferenceDataset(pairs, args.resolution, args.seed, args.random_crop, not args.no_flip), len(pairs)
+    store = torch.float32 if args.amp_dtype == torch.float32 else torch.float16
+    mine = list(range(rank, n, world))
+    bad = Unreadable(args.max_bad_frac, f"pairs in {args.data}")
+    os.makedirs(args.cache_dir, exist_ok=True)
+    for s in range(0, len(mine), 1024):  # one shard file per 1024 pairs
+        out = {k: [] for k in ("index", *CACHE_KEYS)}
+        for b in range(s, min(s + 1024, len(mine)), 8):
+            items = [ds.read(lambda k, i=i: (i + k) % n, i) for i in mine[b:b + 8]]
+            bad.add(i for d in items for i in d["bad"])
+            px = torch.stack([d["pixels"] for d in items]).to(dev)  # (b, k, 3, H, W)
+            with torch.no_grad():
+                z, std = v.encode(px.flatten(0, 1), std=True)  # (bk, C, h, w) each
+                ctx, pooled = te.encode([d["caption"] for d in items])
+            out["index"].append(torch.tensor(mine[b:b + 8]))
+            out["latents"].append((z.float() * v.scaling_factor).unflatten(0, px.shape[:2]).to(store).cpu())
+            if args.latents == "sample":
+                out["latents_std"].append((std.float() * v.scaling_factor).unflatten(0, px.shape[:2]).to(store).cpu())
+            out["context"].append(ctx.cpu())
+            if scorer is not None:
+                out["rpo_clip"].append(clip_triples(scorer, px, [d["caption"] for d in items]).cpu())
+            out["time_ids"].append(torch.stack([d["time_ids"] for d in items]))
+            out["pooled"].append(None if pooled is None else pooled.cpu())
+            if pairs.singles:
+                out["label"].append(torch.tensor([d["label"] for d in items]))
+        save_safetensors({k: torch.cat(v) for k, v in out.items() if v and v[0] is not None},
+                         os.path.join(args.cache_dir, f"r{rank:03d}_{s // 1024:05d}.safetensors"))
+        if rank == 0:
+            print(f"cache: rank 0 encoded {min(s + 1024, len(mine))}/{len(mine)} pairs", flush=True)
+    bad.check(n)
+    if rank == 0:
+        with torch.no_grad():
+            ctx, pooled = te.encode([""])
+        empty = {"context": ctx[0].cpu(), "pooled": None if pooled is None else pooled[0].cpu()}
+        torch.save(empty, os.path.join(args.cache_dir, "empty.pt"))
+        shards = sorted(f for f in os.listdir(args.cache_dir) if f.endswith(".safetensors"))
+        meta = dict(pairs=n, shards=shards, resolution=args.resolution, model=os.path.abspath(args.model),
+                    data=os.path.abspath(args.data), downsample=v.downsample, fingerprint=pairs.fingerprint(),
+                    singles=pairs.singles, latents_std=args.latents == "sample",
+                    rpo_clip=os.path.abspath(args.rpo_clip) if args.rpo_clip else None)
+        save_json(meta, os.path.join(args.cache_dir, "meta.json"))
+    dist.barrier()

@@ -1,0 +1,141 @@
+"""AI feedback (paper Sec. 5.4): a reward model labels a set of preference pairs, written as a JSONL dpo.py trains on.
+
+    python relabel.py pickapic_v2/ --score pickscore=DIR --out aif/pairs.jsonl
+    python relabel.py demo_out/data/dpo.jsonl --score area --out demo_out/aif/pairs.jsonl
+
+Every pair of the input (Pick-a-Pic parquet shards or a JSONL of pairs, ties included) is scored by one --score
+(reward.py: images (B, 3, H, W) in [0, 1] and their prompts -> (B,) scores, higher is better) and labelled by the
+sign of the difference. Images are referenced, not copied: paths relative to the JSONL, or data.parquet_ref strings
+pointing into the parquet shards.
+"""
+import json
+import os
+from collections import Counter
+
+import torch
+
+import cli
+import data
+import images
+import reward
+from weights import CheckpointError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def relabel(pairs, scorer, ties="drop", batch_size=1):
+    """Yields a copy of each pair {caption, image_0, image_1, label_0, ...} labelled by the scorer: label_0 1.0 if
+    image_0 scores higher, 0.0 if lower, with score_0, score_1 beside it and the former label as label_0_before.
+
+    A tie is 0.5 with ties="drop" (dpo.py drops ties); with ties="official" it is 1.0, as in the official code, which
+    swaps a pair only when score_1 > score_0 (a tie keeps image_0 as the winner) and had already dropped the pairs
+    whose own label is a tie (label_0 0.5: skipped here too). batch_size pairs are scored together; images of one
+    size share a scorer call, so every image is scored at its own size, as it would be alone."""
+    if ties not in ("drop", "official"):
+        raise ValueError(f"ties must be 'drop' or 'official', got {ties!r}")
+    batch = []
+    for p in pairs:
+        if ties == "official" and p.get("label_0") == 0.5:
+            continue
+        batch.append(p)
+        if len(batch) == batch_size:
+            yield from _label(batch, scorer, ties)
+            batch = []
+    if batch:
+        yield from _label(batch, scorer, ties)
+
+
+def _label(batch, scorer, ties) -> list:
+    """relabel's work on one batch of B pairs."""
+    pixels = []  # 2B tensors (1, 3, H, W): all image_0, then all image_1
+    for k in (0, 1):
+        for p in batch:
+            try:
+                pixels.append(images.load_image(p[f"image_{k}"]))
+            except ValueError as e:
+                raise ValueError(f"{p.get('source', 'a pair')}: {e}") from None
+    prompts = [p["caption"] for p in batch] * 2
+    by_size = {}  # (H, W) -> positions of the images of that size
+    for i, x in enumerate(pixels):
+        by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
+    scores = torch.zeros(len(pixels))
+    with torch.no_grad():
+        for idx in by_size.values():
+            scores[idx] = scorer(torch.cat([pixels[i] for i in idx]), [prompts[i] for i in idx]).float().cpu()
+    out, B = [], len(batch)
+    for p, s0, s1 in zip(batch, scores[:B].tolist(), scores[B:].tolist()):
+        label = 1.0 if s0 > s1 else 0.0 if s0 < s1 else 0.5 if ties == "drop" else 1.0
+        out.append({**p, "label_0": label, "score_0": s0, "score_1": s1, "label_0_before": p.get("label_0")})
+    return out
+
+
+def relabel_file(args):
+    """AI feedback for a pair set, written as a JSONL that dpo.py trains on. Images are referenced, not
+    copied: paths relative to the JSONL, or parquet_ref strings pointing into the Pick-a-Pic shards."""
+    rows = data.PairRows(args.pairs, split=args.split or "train")
+    (kind, scorer), = reward.load_all(args.score, args.device, DTYPES[args.dtype]).items()
+    root = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(root, exist_ok=True)
+    tmp, labels, agree, k, tied = f"{args.out}.tmp{os.getpid()}", Counter(), [], 0, 0
+    with open(tmp, "w") as f:
+        for k, p in enumerate(relabel(rows, scorer, args.ties, args.score_batch), 1):
+            line = dict(caption=p["caption"], image_0=os.path.relpath(p["ref_0"], root),
+                        image_1=os.path.relpath(p["ref_1"], root), label_0=p["label_0"], score_0=p["score_0"],
+                        score_1=p["score_1"], scorer=kind, label_0_before=p["label_0_before"])
+            f.write(json.dumps(line) + "\n")
+            labels[p["label_0"]] += 1
+            tied += p["score_0"] == p["score_1"]
+            if p["label_0"] != 0.5 and p["label_0_before"] in (0.0, 1.0):
+                agree.append(p["label_0"] == p["label_0_before"])
+            if k % args.score_batch == 0:
+                cli.progress(f"relabel: {k}/{len(rows)} pairs")
+    cli.end_progress()
+    os.replace(tmp, args.out)
+    if args.ties == "drop":
+        ties = f"ties={tied} (label 0.5: dpo.py drops them)"
+    else:
+        ties = f"ties={tied} (image_0 wins, as the official code; skipped {len(rows) - k} pairs labelled a tie)"
+    before = f" agreement_with_former_labels={sum(agree) / len(agree):.3f}" if agree else ""
+    print(f"relabel pairs={k} image_0_preferred={labels[1.0]} image_1_preferred={labels[0.0]} {ties}{before} "
+          f"-> {args.out}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = cli.Parser(description="AI feedback: label the pairs of PAIRS with one reward model and write a JSONL that "
+                   "dpo.py trains on (images referenced, not copied).")
+    add = p.add_argument
+    add("pairs", metavar="PAIRS", help="the pairs to label: Pick-a-Pic parquet (file, folder or glob) or JSONL")
+    add("--score", action="append", default=[], metavar="KIND[=PATH][,OPTION=VALUE...]",
+      help="the one reward model that labels: pickscore=DIR, clip=DIR, hps=FILE.pt,tokenizer=DIR, aesthetic=DIR,"
+      "head=FILE.pth, or area (the demo's rule)")
+    add("--out", required=True, help="the JSONL file to write")
+    add("--ties", choices=["drop", "official"], default="drop", help="a score tie is label 0.5, which dpo.py drops; "
+      "official: image_0 wins a tie and pairs labelled a tie are skipped")
+    add("--score_batch", type=int, default=16, help="pairs per reward-model call (2N images)")
+    add("--split", default="train", help="which split of a Pick-a-Pic folder")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--dtype", choices=list(DTYPES), default="fp32")
+    args = p.parse_args(argv)
+    if args.score_batch < 1:
+        p.error("--score_batch must be >= 1")
+    try:
+        args.score = [reward.parse_spec(s) for s in args.score]
+    except ValueError as e:
+        p.error(str(e))
+    if len(args.score) != 1:
+        p.error(f"relabel needs one --score KIND[=PATH] (the model that labels), got {len(args.score)}")
+    if not args.out.endswith(".jsonl"):
+        p.error(f"relabel writes a JSONL file: give --out FILE.jsonl, got {args.out}")
+    return args
+
+
+def main(argv=None):
+    cli.guard(relabel_file, parse_args(argv), (CheckpointError, ValueError, OSError))
+
+
+if __name__ == "__main__":
+    main()

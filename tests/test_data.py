@@ -1,0 +1,132 @@
+"""data.py: Pick-a-Pic parquet and JSONL readers (winner first, ties dropped, the dreamlike filter, splits of a
+folder, shards named or in split folders), the windowed shuffle (mixing row groups, each decoded once per window)
+and the block order, the one JSONL parser, bad-row accounting over ranks."""
+import os
+
+import pytest
+
+import data
+import images
+from tiny import run, write_parquet
+
+
+def test_read_pairs_parquet_and_jsonl(tmp_path, jsonl):
+    pq = write_parquet(tmp_path / "a.parquet")
+    rows = data.read_pairs(pq)
+    assert len(rows) == 9 and all(isinstance(r["image_0"], bytes) for r in rows)  # the tie is dropped
+    raw = data.Preferences(pq)
+    import pyarrow.parquet as pqm
+    t = pqm.read_table(pq).to_pydict()
+    keep = [i for i in range(10) if i != 3]
+    for k, i in enumerate(keep):  # winner first, chosen from label_0
+        win = t["jpg_0"][i] if t["label_0"][i] == 1.0 else t["jpg_1"][i]
+        assert raw.raw(k)[1][0] == win and raw.raw(k)[0] == t["caption"][i]
+    dream = data.Preferences(pq, dreamlike_only=True)  # both model names contain "dream": rows 1, 2, 4, 5 (3: tie)
+    assert sorted(dream.row + 4 * dream.rg) == [1, 2, 4, 5]
+    assert len(data.read_pairs(jsonl)) == 8 and data.read_pairs(jsonl)[0]["image_0"].endswith("img/0_1.png")  # label 0
+    assert len(data.read_pairs(str(tmp_path / "*.parquet"))) == 9 and len(data.read_pairs(str(tmp_path))) == 9
+
+
+def test_epoch_order_blocks_row_groups(tmp_path):
+    p = data.Preferences(write_parquet(tmp_path / "a.parquet", n=20, rg=5))
+    o = data.EpochOrder(p.group, seed=0)
+    first = [o(k) for k in range(len(p))]
+    assert sorted(first) == list(range(len(p)))
+    groups = [p.group[i] for i in first]
+    assert sum(a != b for a, b in zip(groups, groups[1:])) == len(set(groups)) - 1  # each row group read once
+    assert [o(len(p) + k) for k in range(len(p))] != first  # a new shuffle next epoch
+
+
+def _pick_a_pic(folder, shards):
+    """A Pick-a-Pic-like folder: name -> rows of a small shard (hub names: <split>-00000-of-0000N.parquet)."""
+    os.makedirs(folder, exist_ok=True)
+    for name, n in shards.items():
+        write_parquet(os.path.join(folder, name), n=n)
+    return str(folder)
+
+
+def test_splits_of_a_pick_a_pic_folder(tmp_path, capsys):
+    root = _pick_a_pic(tmp_path / "pap" / "data", {"train-00000-of-00002-a1.parquet": 10,
+                                                   "train-00001-of-00002-b2.parquet": 10,
+                                                   "validation-00000-of-00001-c3.parquet": 6})
+    train = data.Preferences(root)  # train only: 2 x 9 usable pairs (a tie per shard)
+    assert len(train) == 18 and all("train-" in f for f in train.files)
+    assert "2 train shard(s)" in train.read and "not read: validation (1)" in train.read and "18 usable" in train.read
+    val = data.Preferences(str(tmp_path / "pap"), split="validation")  # the folder above works too
+    assert len(val) == 5 and all("validation-" in f for f in val.files)
+    with pytest.raises(ValueError, match=r"--split test matches no shard in .* \(its splits: train, validation\)"):
+        data.Preferences(root, split="test")
+    plain = _pick_a_pic(tmp_path / "plain", {"a.parquet": 10, "b.parquet": 10})  # no split names: read whole
+    assert len(data.Preferences(plain)) == 18 and "no split in their names: all read" in data.Preferences(plain).read
+    folders = tmp_path / "folders"  # splits as folders
+    _pick_a_pic(folders / "train", {"x.parquet": 10})
+    _pick_a_pic(folders / "test", {"y.parquet": 10})
+    assert [os.path.basename(f) for f in data.Preferences(str(folders)).files] == ["x.parquet"]
+    assert data.Preferences(str(tmp_path / "pap" / "data" / "*.parquet"), split="validation").files == val.files
+
+
+def test_dpo_reads_the_train_split_and_says_so(tmp_path, sdxl_dir, capsys):
+    root = _pick_a_pic(tmp_path / "pap", {"train-00000-of-00001-a.parquet": 10, "test-00000-of-00001-b.parquet": 10})
+    run(tmp_path / "run", sdxl_dir, root, steps=1)
+    out = capsys.readouterr().out
+    assert f"data: 1 train shard(s) of {root}; not read: test (1): 9 usable pairs" in out
+    with pytest.raises(SystemExit):
+        run(tmp_path / "bad", sdxl_dir, root, "--split", "validation", steps=1)
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --split validation matches no shard in {root} (its splits: test, train)"
+    assert not (tmp_path / "bad").exists()
+
+
+def test_windowed_shuffle_mixes_row_groups_and_reads_each_once(tmp_path, monkeypatch):
+    root = _pick_a_pic(tmp_path, {f"train-0000{k}-of-00004-x.parquet": 40 for k in range(4)})  # 4 x 10 groups of 4
+    monkeypatch.setattr(data, "SHUFFLE_PAIRS", 24)  # windows of ~24 pairs: 6 row groups of the 40
+    pairs = data.Preferences(root)
+    assert pairs.window_groups == 6
+    order = data.EpochOrder(pairs.group, seed=3, window=pairs.window_groups)
+    first = [order(k) for k in range(len(pairs))]
+    assert sorted(first) == list(range(len(pairs)))
+    groups = [int(pairs.group[i]) for i in first]
+    runs = sum(a != b for a, b in zip(groups, groups[1:]))
+    assert runs > len(pairs) // 2  # consecutive pairs come from different row groups (the block shuffle: 39)
+    block = data.EpochOrder(pairs.group, seed=3)  # window 1: the old block shuffle
+    block_groups = [int(pairs.group[block(k)]) for k in range(len(pairs))]
+    assert sum(a != b for a, b in zip(block_groups, block_groups[1:])) == len(set(block_groups)) - 1
+    reads = []
+    real = images.pyarrow_parquet().ParquetFile.read_row_group
+
+    def read_row_group(self, i, **kw):
+        reads.append(i)
+        return real(self, i, **kw)
+    monkeypatch.setattr(images.pyarrow_parquet().ParquetFile, "read_row_group", read_row_group)
+    for i in first:  # a whole epoch in the order training reads it: each row group decoded once
+        pairs.raw(i)
+    assert len(reads) == len(set(groups))
+
+
+def test_one_jsonl_parser_for_pairs_and_single_images(tmp_path):
+    """read_jsonl: pairs and single images, paths joined to the file's folder, a missing label_0 allowed only
+    where asked (AI feedback labels pairs that have none), a bad line named by file:line."""
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"caption": "a", "image_0": "x.png", "image_1": "y.png", "label_0": 0}\n\n'
+                 '{"caption": "b", "image": "z.png", "label": 1}\n{"caption": "c", "image_0": "u", "image_1": "v"}\n')
+    rows = list(data.read_jsonl(str(f), labelled=False))
+    assert rows == [(1, "a", (str(tmp_path / "x.png"), str(tmp_path / "y.png")), 0.0, False),
+                    (3, "b", (str(tmp_path / "z.png"),), 1.0, True),
+                    (4, "c", (str(tmp_path / "u"), str(tmp_path / "v")), None, False)]
+    with pytest.raises(ValueError, match=rf"{f}:4: not a JSON object with caption, image_0, image_1, label_0"):
+        list(data.read_jsonl(str(f)))
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        list(data.read_jsonl(str(tmp_path / "none.jsonl")))
+
+
+def test_unreadable_items_are_counted_once_and_stop_past_the_limit():
+    import parallel
+    parallel.setup("cpu")  # a one-process group: the same collectives as N ranks
+    bad = data.Unreadable(0.02, "pairs of d.jsonl")
+    bad.add([3, 5])
+    bad.add([5])
+    assert bad.check(100) == 2  # 2 of 100 is the limit, not past it
+    bad.add([7])
+    with pytest.raises(ValueError, match=r"^3 of 120 pairs of d.jsonl were unreadable \(more than --max_bad_frac "
+                                         r"0.02\)$"):
+        bad.check(120)

@@ -1,0 +1,139 @@
+"""relabel.py (AI feedback) on tiny inputs: labels are the sign of transformers' CLIPModel score difference, ties as
+dpo.py or as the official code, the JSONL (also pointing into parquet shards) is what dpo.py reads, the demo's rule
+gives the rule's labels, and bad input as one line."""
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import demo
+import images
+import relabel
+import toy
+from tiny import cli_error, read_png, transformers_pickscore
+
+
+def test_relabel_with_a_scorer():
+    bright, dark = torch.full((3, 8, 8), 0.9), torch.full((3, 8, 8), 0.1)
+
+    def brightness(pixels, prompts):  # a Scorer: [B,3,H,W] in [0,1], prompts -> [B]
+        assert pixels.shape == (2, 3, 8, 8) and prompts == ["p", "p"]
+        return pixels.mean((1, 2, 3))
+    pairs = [{"caption": "p", "image_0": bright, "image_1": dark, "label_0": 0.0},
+             {"caption": "p", "image_0": dark, "image_1": bright, "label_0": 1.0},
+             {"caption": "p", "image_0": dark, "image_1": dark, "label_0": 1.0}]
+    assert [p["label_0"] for p in relabel.relabel(pairs, brightness)] == [1.0, 0.0, 0.5]
+    assert pairs[0]["label_0"] == 0.0  # the input is not modified
+
+
+def relabel_pairs(root, sizes=((40, 36), (32, 32), (36, 48), (32, 40), (44, 32))):
+    """Pairs of random images (sizes vary, also within a pair) and a last pair of one image twice (a score tie);
+    the third pair's own label is a tie."""
+    rng = np.random.default_rng(0)
+    os.makedirs(root / "img", exist_ok=True)
+    with open(root / "pairs.jsonl", "w") as f:
+        for i, (h, w) in enumerate(sizes):
+            for j in (0, 1):
+                Image.fromarray(rng.integers(0, 255, (h, w + 4 * j, 3), dtype=np.uint8)).save(root / f"img/{i}_{j}.png")
+            label = 0.5 if i == 2 else float(i % 2)
+            f.write(json.dumps(dict(caption=toy.WORDS[i] + " cat", image_0=f"img/{i}_0.png", image_1=f"img/{i}_1.png",
+                                    label_0=label)) + "\n")
+        f.write(json.dumps(dict(caption="a cat", image_0="img/0_0.png", image_1="img/0_0.png", label_0=1.0)) + "\n")
+    return str(root / "pairs.jsonl")
+
+
+def test_relabel_labels_are_the_sign_of_the_transformers_score_difference(clip_dir, tmp_path, capsys, one_thread):
+    folder, model = clip_dir
+    src = relabel_pairs(tmp_path / "src")
+    out = tmp_path / "aif" / "pairs.jsonl"
+    relabel.main([src, "--score", f"pickscore={folder}", "--score_batch", "2", "--device", "cpu",
+                 "--out", str(out)])
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    lines = [json.loads(line) for line in open(out)]
+    assert len(lines) == 6 and summary.startswith("relabel pairs=6 ") and "ties=1 (label 0.5" in summary
+    for line, row in zip(lines, map(json.loads, open(src))):
+        pixels = [read_png(os.path.join(out.parent, line[f"image_{k}"])) for k in (0, 1)]  # paths relative to the JSONL
+        s0, s1 = (transformers_pickscore(model, folder, x[None], [row["caption"]])[0] for x in pixels)
+        assert line["score_0"] == pytest.approx(float(s0), rel=1e-4) and line["score_1"] == pytest.approx(float(s1),
+                                                                                                          rel=1e-4)
+        assert line["label_0"] == (1.0 if s0 > s1 else 0.0 if s0 < s1 else 0.5), (line, s0, s1)
+        assert line["label_0_before"] == row["label_0"] and line["scorer"] == "pickscore"
+    assert lines[-1]["label_0"] == 0.5 and lines[-1]["score_0"] == lines[-1]["score_1"]  # one image twice: a tie
+    # dpo.py's reader: ties dropped, the preferred image first
+    pairs = data.Preferences(str(out))
+    assert len(pairs) == 5
+    for i, line in enumerate(lines[:5]):
+        winner = line["image_0"] if line["label_0"] == 1.0 else line["image_1"]
+        assert pairs.raw(i)[1][0] == os.path.join(out.parent, winner)
+    # the official rule: a score tie keeps image_0 as the winner, pairs labelled a tie are not used
+    relabel.main([src, "--score", f"pickscore={folder}", "--ties", "official", "--device", "cpu",
+                 "--out", str(out)])
+    assert "skipped 1 pairs labelled a tie" in capsys.readouterr().out
+    official = [json.loads(line) for line in open(out)]
+    assert [x["label_0"] for x in official] == [x["label_0"] for i, x in enumerate(lines[:-1]) if i != 2] + [1.0]
+    assert len(data.Preferences(str(out))) == 5
+
+
+def test_relabel_pick_a_pic_parquet_references_its_images(tmp_path, capsys):
+    """Parquet in, JSONL out: each image is a reference "shard.parquet#row=R&col=jpg_k" into the shard, which
+    dpo.py's reader resolves (a window of row groups decoded at a time)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(6):  # the demo's world: larger shape wins; label_0 the opposite of the rule on purpose
+        imgs = [toy.random_image("a red circle", rng, radius=r) for r in ((3.0, 5.0) if i % 2 else (5.0, 3.0))]
+        blobs = []
+        for x in imgs:
+            buf = io.BytesIO()
+            Image.fromarray((x * 255).round().astype(np.uint8)).save(buf, format="PNG")
+            blobs.append(buf.getvalue())
+        rows.append(dict(caption="a red circle", jpg_0=blobs[0], jpg_1=blobs[1], label_0=float(i % 2),
+                         label_1=1.0 - i % 2, model_0="m", model_1="m"))
+    (tmp_path / "pap").mkdir()
+    shard = tmp_path / "pap" / "train-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), shard, row_group_size=4)  # two row groups: rows 0-3 and 4-5
+    out = tmp_path / "aif.jsonl"
+    relabel.main([str(tmp_path / "pap"), "--score", "area", "--out", str(out)])
+    assert "agreement_with_former_labels=0.000" in capsys.readouterr().out
+    lines = [json.loads(line) for line in open(out)]
+    assert [x["image_1"] for x in lines] == [f"pap/train-00000-of-00001.parquet#row={i}&col=jpg_1" for i in range(6)]
+    assert [x["label_0"] for x in lines] == [1.0 - i % 2 for i in range(6)]  # the larger circle wins
+    pairs = data.Preferences(str(out))
+    assert len(pairs) == 6 and len(set(pairs.group.tolist())) == 2  # shuffled in windows of row groups
+    for i in range(6):
+        caption, (win, lose), _ = pairs.raw(i)
+        w = "jpg_0" if i % 2 == 0 else "jpg_1"
+        assert win == rows[i][w] and lose == rows[i]["jpg_1" if w == "jpg_0" else "jpg_0"]
+    item = data.PreferenceDataset(pairs, 16, seed=0, random_crop=False, flip=False)[0]
+    assert item["pixels"].shape == (2, 3, 16, 16) and item["bad"] == []
+    assert images.open_image(str(shard) + "#row=5&col=jpg_0").size == (16, 16)
+    # a reference to a row the shard does not have is named by file:line when the JSONL is read
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(out).read() + json.dumps(dict(lines[0], image_0=lines[0]["image_0"].replace("row=0", "row=9")))
+                   + "\n")
+    with pytest.raises(ValueError, match=rf"{bad}:7: .*train-00000-of-00001.parquet has 6 rows, no row 9"):
+        data.Preferences(str(bad))
+
+
+def test_relabel_with_the_demo_rule_gives_the_rule_labels(tmp_path, capsys):
+    """The demo's coin-flip pairs relabelled by its rule (--score area) carry the labels the rule gives."""
+    src = demo.write_pairs(str(tmp_path), "sft", 48, seed=3, biased=False)
+    relabel.main([src, "--score", "area", "--out", str(tmp_path / "aif.jsonl")])
+    for line in open(tmp_path / "aif.jsonl"):
+        x = json.loads(line)
+        a = toy.area(torch.stack([images.load_image(str(tmp_path / x[f"image_{k}"]))[0] for k in (0, 1)]))
+        assert x["label_0"] == (1.0 if a[0] > a[1] else 0.0 if a[0] < a[1] else 0.5)
+
+
+def test_bad_input(tmp_path, capsys):
+    rel = [str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "r.jsonl")]
+    assert "needs one --score" in cli_error(relabel.main, rel, capsys)
+    assert "give --out FILE.jsonl" in cli_error(relabel.main, rel[:1] + ["--score", "area", "--out", str(tmp_path)],
+                                                capsys)
+    assert "data file not found" in cli_error(relabel.main, rel + ["--score", "area"], capsys)

@@ -1,0 +1,128 @@
+"""The toy world of the CPU demo, low enough for the tests, the `area` scorer (reward.py) and the demo to share it.
+
+World: prompts "a <colour> <shape>" (red/green/blue x circle/square); 16x16 images of one shape at a random size
+and place on white. The rule (the demo's "human" preference): the larger shape wins, area = the fraction of
+pixels far from the background (`area`, a scorer like the real ones). Fidelity: the shape's dominant colour is
+the prompt's colour. Also here: a small CLIP-style BPE tokenizer folder that HF CLIPTokenizer loads, for the toy
+model and the tests' tiny reference models.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------------------------
+# The tokenizer
+
+# A small CLIP-style BPE vocabulary: the 256 byte symbols (with and without the end-of-word mark), merges
+# that spell out the words below, and the two special tokens last (so <|endoftext|> has the largest id, as
+# in the real 49408-token vocabulary, where pooling takes the argmax id).
+WORDS = ["a", "photo", "of", "the", "cat", "dog", "red", "green", "blue", "big", "small", "circle",
+         "square", "on", "with", "and", "painting", "astronaut", "horse", "riding", "in", "space"]
+
+
+def _bytes_to_unicode():
+    """CLIP/GPT-2's reversible byte -> printable unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(folder, pad_token="<|endoftext|>"):
+    """A tokenizer folder (vocab.json, merges.txt, configs) that HF CLIPTokenizer loads; returns the vocab size."""
+    os.makedirs(folder, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    for w in WORDS:
+        syms = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(syms) > 1:
+            pair = (syms[0], syms[1])
+            if f"{pair[0]} {pair[1]}" not in merges:
+                merges.append(f"{pair[0]} {pair[1]}")
+                vocab.append(pair[0] + pair[1])
+            syms = [pair[0] + pair[1]] + syms[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(vocab))}
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+           "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+           "pad_token": pad_token, "errors": "replace", "add_prefix_space": False}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f)
+    return len(vocab)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The world: prompts, rendering, the rule, fidelity
+
+COLOURS = {"red": (0.85, 0.10, 0.10), "green": (0.10, 0.70, 0.15), "blue": (0.10, 0.20, 0.90)}
+SHAPES = ("circle", "square")
+PROMPTS = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+SIZE = 16  # image side in pixels
+RADIUS = (2.0, 6.5)  # shape "radius" range (circle radius, half the square's side), pixels
+BACKGROUND = (1.0, 1.0, 1.0)
+FG_THRESHOLD = 0.35  # a pixel is foreground when its RGB distance from the background exceeds this
+
+
+def render(colour: str, shape: str, radius: float, cx: float, cy: float, size: int = SIZE) -> np.ndarray:
+    """One anti-aliased shape on the background: float32 (size, size, 3) in [0, 1]."""
+    ss = 4  # supersampling per axis
+    c = (np.arange(size * ss) + 0.5) / ss  # sub-pixel centres
+    y, x = np.meshgrid(c, c, indexing="ij")
+    if shape == "circle":
+        inside = (x - cx) ** 2 + (y - cy) ** 2 <= radius ** 2
+    else:
+        inside = (np.abs(x - cx) <= radius) & (np.abs(y - cy) <= radius)
+    cover = inside.reshape(size, ss, size, ss).mean(axis=(1, 3))[..., None]  # (size, size, 1)
+    return (cover * np.array(COLOURS[colour]) + (1 - cover) * np.array(BACKGROUND)).astype(np.float32)
+
+
+def random_image(prompt: str, rng: np.random.Generator, radius: float = None) -> np.ndarray:
+    """A random instance of a prompt: size uniform in RADIUS (unless given), position anywhere it fits."""
+    _, colour, shape = prompt.split()
+    r = rng.uniform(*RADIUS) if radius is None else radius
+    cx, cy = rng.uniform(r + 1, SIZE - r - 1, size=2)
+    return render(colour, shape, r, cx, cy)
+
+
+def foreground(images: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (B, H, W) of pixels far from the background colour; images (B, 3, H, W) in [0, 1]."""
+    bg = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - bg).norm(dim=1) > FG_THRESHOLD
+
+
+def area(images: torch.Tensor, prompts=None) -> torch.Tensor:
+    """The rule as a scorer (reward.py's interface: images, prompts -> (B,)): each image's foreground fraction."""
+    return foreground(images).float().mean(dim=(1, 2))
+
+
+def dominant_colour(images: torch.Tensor) -> list:
+    """Per image, the palette colour that most foreground pixels are nearest to (None if there is no foreground)."""
+    mask = foreground(images)  # (B, H, W)
+    palette = torch.tensor(list(COLOURS.values()), dtype=images.dtype)  # (K, 3)
+    nearest = (images.permute(0, 2, 3, 1)[..., None, :] - palette).norm(dim=-1).argmin(-1)  # (B, H, W) palette index
+    names = []
+    for near, m in zip(nearest, mask):
+        votes = torch.bincount(near[m], minlength=len(COLOURS))
+        names.append(list(COLOURS)[int(votes.argmax())] if m.any() else None)
+    return names
+
+
+def fidelity(images: torch.Tensor, prompts) -> torch.Tensor:
+    """1 where the image shows a shape (>= 1% of pixels) whose colour is the prompt's colour, else 0."""
+    found = dominant_colour(images)
+    big_enough = area(images) >= 0.01
+    return torch.tensor([float(f == p.split()[1] and bool(b)) for f, p, b in zip(found, prompts, big_enough)])
