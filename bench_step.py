@@ -50,7 +50,7 @@ import optim
 import unet as unetlib
 import vae as vaelib
 from dpo import dpo_loss, pair_loss, reference, resolve
-from weights import Checkpoint, CheckpointError, component, family, read_config
+from weights import Checkpoint, CheckpointError, component, family, read_config, save_json
 
 
 def parse_args(argv):
@@ -75,6 +75,7 @@ def parse_args(argv):
     a("--plan", action="store_true", help="no timing: the predicted peak GPU memory of every training "
       "configuration (memplan.py; full / LoRA / FSDP-8, checkpointing, 1/2/4 pairs, encoders on the GPU or cached)")
     a("--plan_out", help="with --plan: write the plan as a JSON list to this file")
+    a("--overwrite", action="store_true", help="replace an existing --plan_out")
     a("--plan_batches", default="1,2,4", help="with --plan: the batch sizes (pairs per rank) to plan")
     opts = p.parse_args(argv)
     opts.impl = opts.impl.split(",")
@@ -270,6 +271,8 @@ def model_spec(model, resolution=None):
 def plan(opts, argv):
     """--plan: memplan's predicted peak memory of every training configuration, as a table (and JSON)."""
     try:
+        if opts.plan_out:  # before the work, not after it
+            cli.check_output(opts.plan_out, replace=opts.overwrite)
         models = [model_spec(opts.model, opts.resolution)] if opts.model else [memplan.MODELS["sdxl"],
                                                                                memplan.MODELS["sd15"]]
     except (CheckpointError, ValueError) as e:
@@ -286,8 +289,7 @@ def plan(opts, argv):
     print(f"# {len(rows)} configurations in {time.time() - tic:.0f} s; GiB = 2^30 bytes; a GPU of G GiB fits a peak P "
           f"when 1.05 P + 0.75 GiB <= G")
     if opts.plan_out:
-        with open(opts.plan_out, "w") as f:
-            json.dump(rows, f, indent=1)
+        save_json(rows, opts.plan_out)
     return rows
 
 
@@ -296,6 +298,11 @@ def main(argv=None):
     opts = parse_args(argv)
     if opts.plan:
         return plan(opts, argv)
+    if opts.csv:  # rows are appended; the folder is checked before the steps run
+        try:
+            cli.check_output(opts.csv, replace=True)
+        except ValueError as e:
+            cli.fail(str(e))
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         cli.fail("--device cuda but no CUDA device is available")

@@ -16,8 +16,9 @@ from safetensors import safe_open
 import clip
 import reward
 import vae as vaelib
+import weights
 from data import EpochOrder, PreferenceDataset, Unreadable, collate
-from weights import save_json, save_safetensors
+from weights import atomic, save_json, save_safetensors
 
 # ----------------------------------------------------------------------------------------------------
 # A batch -> the UNets' inputs
@@ -93,9 +94,13 @@ def training_set(args, pairs, dev, rank, world, log):
     if meta is None:
         log(f"building the latent cache in {args.cache_dir}")
         build_cache(args, pairs, dev, rank, world)
-    elif meta["resolution"] != args.resolution or (pairs is not None and meta["pairs"] != len(pairs)):
-        raise ValueError(f"the cache in {args.cache_dir} was built for other data or resolution; "
-                         "use another --cache_dir")
+    elif "depends" not in meta:
+        raise ValueError(f"the cache in {args.cache_dir} does not record what it was built from (an older version of "
+                         "this code): use another --cache_dir, or delete it to build it again")
+    elif differing(meta["depends"], depends(args, pairs)):
+        raise ValueError(f"the cache in {args.cache_dir} was built from other inputs: "
+                         f"{differing(meta['depends'], depends(args, pairs))}; use another --cache_dir, or delete it "
+                         "to build it again")
     elif args.rpo_clip and meta.get("rpo_clip") != os.path.abspath(args.rpo_clip):
         raise ValueError(f"the cache in {args.cache_dir} holds no CLIP embeddings of --rpo_clip {args.rpo_clip} "
                          f"(built {'with ' + meta['rpo_clip'] if meta.get('rpo_clip') else 'without it'}): "
@@ -124,9 +129,9 @@ class Feed:
         if args.loss == "rpo":
             if args.rpo_clip and self.encoders is not None:
                 self.rpo_clip = reward.load("clip", args.rpo_clip, dev, args.amp_dtype)
-            weights = f"CLIP prompt + image similarity ({args.rpo_clip})" if args.rpo_clip else \
+            how = f"CLIP prompt + image similarity ({args.rpo_clip})" if args.rpo_clip else \
                 "the UNet's text embeddings of the prompts (no --rpo_clip; Diffusion-RPO uses CLIP prompts and images)"
-            log(f"RPO weights: {weights}, tau {args.rpo_tau}, each weight scales its {args.rpo_form}")
+            log(f"RPO weights: {how}, tau {args.rpo_tau}, each weight scales its {args.rpo_form}")
             if args.batch_size * world == 1:
                 log("RPO over one pair per micro-step (all ranks together) is DPO: its matrix is 1x1 with weight 1; "
                     "raise --batch_size (or the ranks) to compare across pairs")
@@ -153,6 +158,36 @@ class Feed:
 
 # ----------------------------------------------------------------------------------------------------
 # The latent cache
+
+COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # what a cache is encoded with
+
+
+def depends(args, pairs) -> dict:
+    """What the cached latents and embeddings are made from: the VAE's and the text side's files (their
+    fingerprints: moving or copying them is fine), the data, and every setting that changes them (image size,
+    crop and flip, drawn from the seed, the dtypes they are stored in). Not --time_ids or prompt dropout, which
+    apply to the cache's contents as they are read."""
+    model = args.model
+    if os.path.isfile(model):  # a single file holds every component
+        out = {"the model file": weights.fingerprint(model)["digest"]}
+    else:
+        root = model if os.path.isdir(os.path.join(model, "vae")) else os.path.dirname(os.path.abspath(model))
+        out = {f"{sub}/ weights": weights.fingerprint(os.path.join(root, sub))["digest"] for sub in COMPONENTS
+               if os.path.isdir(os.path.join(root, sub))}
+    if args.tokenizer:
+        out["--tokenizer"] = weights.fingerprint(args.tokenizer)["digest"]
+    out.update({"--resolution": args.resolution, "--random_crop": args.random_crop, "--no_flip": args.no_flip,
+                "--seed": args.seed, "--dtype": str(args.amp_dtype).replace("torch.", "")})
+    if pairs is not None:  # a run on the cache alone has no data to compare with
+        out["--data"] = pairs.fingerprint()["digest"]
+    return out
+
+
+def differing(built: dict, now: dict) -> str:
+    """The inputs that differ between a cache and this run, in words ("" if none); keys a run lacks are skipped."""
+    said = [f"{k} {built.get(k)} (now {v})" for k, v in now.items() if built.get(k) != v]
+    return ", ".join(said)
+
 
 CACHE_KEYS = ("latents", "latents_std", "context", "pooled", "time_ids", "label", "rpo_clip")
 
@@ -238,11 +273,11 @@ def build_cache(args, pairs, dev, rank, world):
         with torch.no_grad():
             ctx, pooled = te.encode([""])
         empty = {"context": ctx[0].cpu(), "pooled": None if pooled is None else pooled[0].cpu()}
-        torch.save(empty, os.path.join(args.cache_dir, "empty.pt"))
+        atomic(os.path.join(args.cache_dir, "empty.pt"), lambda tmp: torch.save(empty, tmp))
         shards = sorted(f for f in os.listdir(args.cache_dir) if f.endswith(".safetensors"))
         meta = dict(pairs=n, shards=shards, resolution=args.resolution, model=os.path.abspath(args.model),
                     data=os.path.abspath(args.data), downsample=v.downsample, fingerprint=pairs.fingerprint(),
                     singles=pairs.singles, latents_std=args.latents == "sample",
-                    rpo_clip=os.path.abspath(args.rpo_clip) if args.rpo_clip else None)
+                    rpo_clip=os.path.abspath(args.rpo_clip) if args.rpo_clip else None, depends=depends(args, pairs))
         save_json(meta, os.path.join(args.cache_dir, "meta.json"))
     dist.barrier()

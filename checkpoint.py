@@ -44,6 +44,8 @@ def clean(out_dir, log):
 def prepare(args, rank, log) -> str:
     """out_dir/checkpoint.pt, the path this run resumes from and saves to. A new run (no --resume) refuses to
     overwrite one; rank 0 removes the temporary files a killed run left."""
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise ValueError(f"--out_dir {args.out_dir} is a file, not a folder: give a folder for the run's outputs")
     path = os.path.join(args.out_dir, "checkpoint.pt")
     if os.path.exists(path) and not args.resume:
         raise ValueError(f"{path} exists: pass --resume to continue that run or choose another --out_dir")
@@ -64,6 +66,13 @@ def _flags(args) -> dict:
     return json.loads(json.dumps(vars(args), default=str))
 
 
+def _resolved(flags: dict) -> dict:
+    """Stored flags as the run used them: --lora_alpha unset is alpha = rank (so typing the default is no change)."""
+    if flags.get("lora") and flags.get("lora_alpha") is None:
+        flags = dict(flags, lora_alpha=float(flags["lora"]))
+    return flags
+
+
 def _describe(fp) -> str:
     what = f"{fp['pairs']} pairs" if "pairs" in fp else f"{fp['bytes'] / 2 ** 30:.2f} GiB"
     return f"{fp['path']} ({fp['files']} file(s), {what}, fingerprint {fp['digest']})"
@@ -80,8 +89,9 @@ def load(path, args, fingerprints, policy, opt, rank, world, log):
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # ranks share the page cache
     except Exception as e:
         raise ValueError(f"cannot read the checkpoint {path}: {str(e).splitlines()[0]}") from None
-    now = _flags(args)
-    changed = [f"--{k} {ck['args'][k]} -> {now[k]}" for k in RESUME_SAME if k in ck["args"] and ck["args"][k] != now[k]]
+    now, then = _resolved(_flags(args)), _resolved(ck["args"])
+    same = [k for k in RESUME_SAME if not (k == "lora_alpha" and then.get("lora") != now.get("lora"))]  # said once
+    changed = [f"--{k} {then[k]} -> {now[k]}" for k in same if k in then and then[k] != now[k]]
     if changed:  # data position, draws and schedule would silently mean something else
         raise ValueError(f"--resume with flags that change the run: {', '.join(changed)}; use a new --out_dir")
     for flag, old in ck.get("fingerprints", {}).items():
@@ -141,8 +151,12 @@ def log_step(args, step, rec, lr, grad_norm, bad_all, clock, flops, log):
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
     log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items() if v is not None))
     if dist.get_rank() == 0:
-        with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(last) + "\n")
+        path = os.path.join(args.out_dir, "metrics.jsonl")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+        except OSError as e:  # a cut last line is dropped on resume (read_metrics)
+            raise weights.WriteError(f"cannot write {path}: {weights._cause(e, path)}") from None
     return last
 
 
@@ -150,9 +164,11 @@ def start_log(out_dir, step, log):
     """metrics.jsonl as it was at the checkpoint's step: later lines are logged again (rank 0)."""
     path = os.path.join(out_dir, "metrics.jsonl")
     records = [r for r in read_metrics(path, log) if r["step"] <= step] if step > 0 else []
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(path + ".tmp", path)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    weights.atomic(path, write)
 
 
 def trainable(policy) -> dict:
@@ -171,9 +187,7 @@ def save(path, policy, opt, step, position, args, fingerprints, rank, log):
     if rank == 0:
         state = dict(policy=model_state, optimizer=opt_state, step=step, position=position, rng=rngs,
                      schedule=dict(lr=args.lr, warmup=args.warmup), args=_flags(args), fingerprints=fingerprints)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        weights.atomic(path, lambda tmp: torch.save(state, tmp))  # a full disk: one line, the old file kept
         for old in [os.path.join(args.out_dir, n) for n in ("unet", "lora", "unet.safetensors")]:
             if os.path.isdir(old):
                 shutil.rmtree(old)

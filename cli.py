@@ -1,10 +1,12 @@
 """How the command-line tools talk to the user: one error line, and progress lines that errors never run into.
 
-Every tool (dpo.py, sample.py, evaluate.py, relabel.py, bench_step.py) reports a problem the user can act on as one line on stderr,
-`error: <what, and the file it is about>`, and exits non-zero (2 for a bad flag, 1 for bad input); progress is
-one line on stderr rewritten in place, which an error first ends.
+Every tool (dpo.py, sample.py, evaluate.py, relabel.py, bench_step.py) reports a problem the user can act on as one
+line on stderr, `error: <what, and the file it is about>`, and exits non-zero (2 for a bad flag, 1 for bad input,
+130 for Ctrl-C); progress is one line on stderr rewritten in place, which an error first ends. Outputs are checked
+before the work (check_output): never over a file the command reads, never over an earlier output unasked.
 """
 import argparse
+import os
 import sys
 
 _progress_open = False  # a progress line is on stderr without its newline
@@ -39,9 +41,43 @@ def fail(message, status=1):
     sys.exit(status)
 
 
+class Interrupted(Exception):
+    """Ctrl-C, worded as the one line that says where the work stopped and what it left (exit status 130)."""
+
+
 def guard(fn, args, errors=(ValueError, OSError)):
-    """fn(args), with a problem the user can act on (one of errors) reported as the one error line."""
+    """fn(args), with a problem the user can act on (one of errors) reported as the one error line, and Ctrl-C as
+    one line too (exit 130; the files being written are removed by weights.atomic on the way out)."""
     try:
         fn(args)
+    except Interrupted as e:
+        fail(str(e), status=130)
+    except KeyboardInterrupt:
+        fail("interrupted", status=130)
     except errors as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def check_output(path, reads=(), replace=False, flag="--overwrite", make_folder=False):
+    """Refuse, before any work, an output that cannot be written or must not be: a missing (unless make_folder:
+    then it is made) or read-only folder, a folder in a file's place, a file this command reads (real paths
+    compared, links resolved), or an existing file unless `flag` (replace=True) says to replace it. Raises
+    ValueError, one line."""
+    real = os.path.realpath(path)
+    for r in reads:
+        if r is not None and os.path.exists(r) and os.path.realpath(r) == real:
+            raise ValueError(f"{path} is also an input of this command ({r}): write the output elsewhere")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder: give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if make_folder and not os.path.exists(folder):
+        try:
+            os.makedirs(folder)
+        except OSError as e:
+            raise ValueError(f"cannot make the folder {folder} for {path}: {e.strerror}") from None
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {path}: no folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {path}: the folder {folder} is not writable")
+    if os.path.exists(path) and not replace:
+        raise ValueError(f"{path} exists: pass {flag} to replace it")

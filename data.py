@@ -97,7 +97,7 @@ def read_jsonl(path: str, labelled: bool = True):
                 else:
                     images = (r["image_0"], r["image_1"])
                     label = None if not labelled and r.get("label_0") is None else float(r["label_0"])
-                caption = str(r["caption"])
+                caption = r["caption"]  # text; anything else is a bad row, met (and counted) when it is read
                 images = tuple(os.path.join(root, im) for im in images)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
                 raise ValueError(f"{path}:{n}: not a JSON object with caption, image_0, image_1, label_0 (a pair) or "
@@ -112,18 +112,30 @@ class Preferences:
 
     def __init__(self, path: str, dreamlike_only: bool = False, split: str = "train"):
         self.path, self.jsonl, self.singles = path, path.endswith(".jsonl"), False
+        self.dropped, self.first_invalid = Counter(), None  # rows left out, by why; where the first bad label is
         if self.jsonl:
             self._index_jsonl(path)
             self.read = f"{path}"
         else:
             files, self.read = parquet_files(path, split)
             self._index_parquet(files, dreamlike_only)
+        what = "images" if self.singles else "pairs"
         if len(self) == 0:
-            raise ValueError(f"{path}: no usable pairs (all ties, or filtered out by --dreamlike_only)")
-        self.read += f": {len(self)} usable {'images' if self.singles else 'pairs'}"
+            raise ValueError(f"{path}: no usable {what}: " + (self.said() if self.dropped else "it has no rows"))
+        self.read += f": {len(self)} usable {what}" + (f"; left out {self.said()}" if self.dropped else "")
         groups = len(np.unique(self.group))  # row groups per shuffle window: about SHUFFLE_PAIRS pairs
         self.window_groups = max(1, min(groups, round(SHUFFLE_PAIRS * groups / len(self))))
         self._groups = OrderedDict()  # (file, group) -> pyarrow table, an LRU of one shuffle window
+
+    def said(self) -> str:
+        """The rows left out, in words: ties, labels that are none of 0, 0.5, 1 (where the first is), the filter."""
+        parts = [f"{self.dropped['tie']} ties"] if self.dropped["tie"] else []
+        if self.dropped["invalid"]:
+            valid = "0 or 1" if self.singles else "0, 0.5 or 1"
+            parts.append(f"{self.dropped['invalid']} with a label not {valid} (first: {self.first_invalid})")
+        if self.dropped["dreamlike"]:
+            parts.append(f"{self.dropped['dreamlike']} not both from a dreamlike model (--dreamlike_only)")
+        return ", ".join(parts)
 
     def _index_jsonl(self, path):
         rows, kinds = [], set()
@@ -131,8 +143,13 @@ class Preferences:
             kinds.add(single)
             if len(kinds) > 1:
                 raise ValueError(f"{path}:{n}: pairs and single images mixed in one file")
-            if label in (0.0, 1.0):  # a pair's label_0 == 0.5 is a tie: no preference to learn from
+            if label in (0.0, 1.0):
                 rows.append((caption, images, label, n))
+            elif label == 0.5 and not single:  # a tie: no preference to learn from
+                self.dropped["tie"] += 1
+            else:
+                self.dropped["invalid"] += 1
+                self.first_invalid = self.first_invalid or f"{path}:{n}"
         self.singles = kinds == {True}
         self.rows, self.line, group = [], [], []
         self.layouts, groups = {}, {}  # parquet file -> layout; (file, row group) -> shuffle group (from 1)
@@ -174,10 +191,16 @@ class Preferences:
             if missing:
                 raise ValueError(f"{f}: missing columns {', '.join(missing)} (Pick-a-Pic v2 has {', '.join(COLUMNS)})")
             meta = pf.read(columns=["label_0", "model_0", "model_1"]).to_pydict()  # small columns only, no images
-            lab = np.asarray(meta["label_0"], dtype=np.float64)
+            lab = np.asarray([np.nan if x is None else x for x in meta["label_0"]], dtype=np.float64)
             keep = (lab == 0.0) | (lab == 1.0)
+            invalid = ~keep & (lab != 0.5)
+            self.dropped["tie"] += int((lab == 0.5).sum())
+            self.dropped["invalid"] += int(invalid.sum())
+            if invalid.any() and self.first_invalid is None:
+                self.first_invalid = f"{f}, row {int(np.argmax(invalid))}"
             if dreamlike_only:  # as the official code: both generations from a model whose name contains "dream"
                 both = [("dream" in str(a)) and ("dream" in str(b)) for a, b in zip(meta["model_0"], meta["model_1"])]
+                self.dropped["dreamlike"] += int((keep & ~np.array(both, dtype=bool)).sum())
                 keep &= np.array(both, dtype=bool)
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
             self.group_start.append(np.cumsum([0] + sizes))
@@ -216,10 +239,10 @@ class Preferences:
 
     def raw(self, i: int):
         """(caption, images preferred first (bytes for parquet and JSONL references into it, paths for other JSONL
-        images), label or None)."""
+        images), label or None). A caption that is not text (null, a number) is a bad row: ValueError."""
         if self.jsonl:
             caption, images, label = self.rows[i]
-            return caption, tuple(self._image(im) for im in images), label
+            return _text(caption), tuple(self._image(im) for im in images), label
         key = (int(self.file[i]), int(self.rg[i]))
         if key not in self._groups:
             f = pyarrow_parquet().ParquetFile(self.files[key[0]])
@@ -230,7 +253,7 @@ class Preferences:
         t, r = self._groups[key], int(self.row[i])
         imgs = (t.column("jpg_0")[r].as_py(), t.column("jpg_1")[r].as_py())
         w = int(self.winner[i])
-        return str(t.column("caption")[r].as_py()), (imgs[w], imgs[1 - w]), None
+        return _text(t.column("caption")[r].as_py()), (imgs[w], imgs[1 - w]), None
 
     def _image(self, src):
         """A JSONL image: its path, or the bytes a parquet reference points at (a window's row groups kept)."""
@@ -243,6 +266,13 @@ class Preferences:
         return value
 
 
+def _text(caption) -> str:
+    """A row's caption, which must be text: trained as "None" or "123" it would teach the model nonsense."""
+    if not isinstance(caption, str):
+        raise ValueError(f"its caption is {caption!r}, not text")
+    return caption
+
+
 def read_pairs(path: str, dreamlike_only: bool = False, split: str = "train") -> list:
     """All usable pairs as dicts {caption, image_0 (preferred), image_1 (bytes or path), label_0, source (where it
     is)}; for evaluation-sized sets."""
@@ -251,7 +281,10 @@ def read_pairs(path: str, dreamlike_only: bool = False, split: str = "train") ->
         raise ValueError(f"{path} holds single labelled images, not preference pairs")
     out = []
     for i in range(len(p)):
-        caption, (preferred, other), _ = p.raw(i)
+        try:
+            caption, (preferred, other), _ = p.raw(i)
+        except ValueError as e:
+            raise ValueError(f"{p.where(i)}: {e}") from None
         out.append(dict(caption=caption, image_0=preferred, image_1=other, label_0=1.0, source=p.where(i)))
     return out
 
@@ -307,7 +340,7 @@ class PairRows:
                 labels = t.get("label_0", [None] * len(t["caption"]))
                 for r in range(len(t["caption"])):
                     row = int(starts[g]) + r
-                    yield dict(caption=str(t["caption"][r]), image_0=t["jpg_0"][r], image_1=t["jpg_1"][r],
+                    yield dict(caption=t["caption"][r], image_0=t["jpg_0"][r], image_1=t["jpg_1"][r],
                                ref_0=parquet_ref(f, row, "jpg_0"), ref_1=parquet_ref(f, row, "jpg_1"),
                                label_0=None if labels[r] is None else float(labels[r]), source=f"{f}, row {row}")
 

@@ -47,7 +47,7 @@ import unet as unetlib
 import vae as vaelib
 from reward import win_rate
 from toy import PROMPTS, RADIUS, SIZE, area, fidelity, random_image, write_tokenizer
-from weights import save_json, save_safetensors
+from weights import atomic, save_json, save_safetensors
 
 # ----------------------------------------------------------------------------------------------------
 # The data set: JSONL + PNG files in dpo.py's --data format
@@ -75,9 +75,11 @@ def write_pairs(folder: str, name: str, n: int, seed: int, biased: bool) -> str:
             Image.fromarray((img * 255).round().astype(np.uint8)).save(os.path.join(folder, paths[-1]))
         rows.append(dict(caption=prompt, image_0=paths[0], image_1=paths[1], label_0=label))
     path = os.path.join(folder, f"{name}.jsonl")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    atomic(path, write)
     return path
 
 
@@ -272,6 +274,8 @@ def run(args, train):
     log = (lambda m: print(f"[demo {time.time() - t0:5.0f}s] {m}", flush=True)) if rank == 0 else (lambda m: None)
     root = args.out_dir if "out_dir" in args.given else "demo_out"
     mark = os.path.join(root, ".dpo_demo")  # the demo rewrites data/, init/, sft/, base/, dpo/ in folders it made
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"--out_dir {root} is a file, not a folder: give the demo a new or empty folder")
     if os.path.isdir(root) and os.listdir(root) and not os.path.isfile(mark):  # every rank, before anyone writes
         raise ValueError(f"--out_dir {root} exists and is not a demo folder: the demo rewrites subfolders of its "
                          "out_dir, so give it a new or empty folder")

@@ -4,12 +4,11 @@
     torchrun --nproc_per_node 8 dpo.py --model SDXL_DIR --data pickapic_v2/ --beta 5000 --out_dir runs/sdxl
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_id run1 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 dpo.py ...
 
-A pair (x_w, x_l) of images for prompt c, x_w preferred. Both are noised with ONE timestep t ~ U{0..999} and ONE
-noise eps (the forward process q(x_t | x_0), diffusion.py); the trainable policy eps_theta and the frozen
-reference eps_ref (the base model) predict the noise of both; eq. 14 asks the policy to denoise the winner better
-than the reference does, relative to how it denoises the loser. Reading order: the loss (eq. 14) and the table of
-objectives (the others are objectives.py's), one micro-batch (pair_loss), the models and the optimizer step, the
-loop (train), then the flags and their defaults.
+A pair (x_w, x_l) of images for prompt c, x_w preferred. Both are noised with ONE timestep t ~ U{0..999} and ONE noise
+eps (the forward process q(x_t | x_0), diffusion.py); the trainable policy eps_theta and the frozen reference eps_ref
+(the base model) predict the noise of both; eq. 14 asks the policy to denoise the winner better than the reference
+does, relative to how it denoises the loser. Reading order: eq. 14 and the table of objectives (objectives.py has the
+others), one micro-batch (pair_loss), the models and the optimizer step, the loop (train), the flags and defaults.
 """
 import argparse
 import contextlib
@@ -66,8 +65,7 @@ def dpo(pred, ref_pred, eps, args, inputs):
 OBJECTIVES = {"dpo": dpo, "sft": objectives.sft, "rpo": objectives.rpo, "ipo": objectives.ipo,
               "hinge": objectives.hinge, "mapo": objectives.mapo, "kto": objectives.kto}
 REFERENCE_FREE = ("sft", "mapo")  # no reference model at all
-# --beta by loss, as each method's authors ran it (the DPO family on eq. 14's scale)
-BETA = {"dpo": 5000.0, "rpo": 5000.0, "ipo": 5000.0, "hinge": 5000.0, "kto": 1000.0, "mapo": 0.1}
+BETA = {"dpo": 5000.0, "rpo": 5000.0, "ipo": 5000.0, "hinge": 5000.0, "kto": 1000.0, "mapo": 0.1}  # as their authors
 
 # ----------------------------------------------------------------------------------------------------
 # One micro-batch
@@ -202,7 +200,6 @@ def train(args) -> dict:
     torch.manual_seed(seed_for(args.seed, rank, 0x5EED))
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
-
     policy, ref, trained = build_models(args, dev)
     feed = cache.Feed(args, pairs, policy.config["in_channels"], dev, rank, world, log)  # data -> the UNets' inputs
     schedule = diffusion.scheduler_config(args.model, policy.prediction_type)  # single files: from their metadata
@@ -231,36 +228,40 @@ def train(args) -> dict:
     seen, last, last_ckpt, flops = 0, {}, step, None
     clock = dict(first=step, logged=step, tic=time.time())
     policy.train()
-    while step < args.max_steps:
-        acc = {}
-        for m in range(A):
-            batch = next(loader)
-            inputs = micro_batch(batch, feed, args, len(alphas_cumprod), dev)
-            if flops is None and device == "cuda":
-                flops = checkpoint.step_flops(policy, ref, inputs, args.loss)
-            # DDP all-reduces gradients once per optimizer step, on its last micro-step; FSDP reduce-scatters
-            # every micro-step into the sharded gradients (holding whole ones between would cost their memory)
-            with contextlib.nullcontext() if m == A - 1 or args.fsdp else model.no_sync():
-                loss, numbers = pair_loss(model, ref, inputs, args, alphas_cumprod, schedule["prediction_type"])
-                scale = world if args.loss == "rpo" else 1  # RPO's loss covers every rank's pairs
-                scaler.scale(loss * scale / A).backward()
-            for k, val in {"loss": loss, **numbers}.items():
-                acc[k] = acc.get(k, 0.0) + torch.as_tensor(val, dtype=torch.float64, device=dev).detach() / A
-            bad.add(batch["bad"])
-            seen += len(batch["pos"])
-        rec, seen_all = parallel.mean_over_ranks(acc, seen, dev)
-        if not math.isfinite(rec["loss"]):
-            raise ValueError(f"loss is {rec['loss']} at step {step + 1}: stopped; the last good checkpoint "
-                             f"(step {last_ckpt}) is kept in {ck_path if last_ckpt else 'none written yet'}")
-        bad_all = bad.check(seen_all)  # every rank's unreadable pairs so far, each counted once
-        lr, grad_norm = optimizer_step(opt, scaler, trained, args, step)
-        step += 1
-        if step % args.log_every == 0 or step == args.max_steps:
-            last = checkpoint.log_step(args, step, rec, lr, grad_norm.item(), bad_all, clock, flops, log)
-        if step % args.ckpt_every == 0 or step == args.max_steps:
-            checkpoint.save(ck_path, policy, opt, step, position + (step - clock["first"]) * G, args, fingerprints,
-                            rank, log)
-            last_ckpt = step
+    try:
+        while step < args.max_steps:
+            acc = {}
+            for m in range(A):
+                batch = next(loader)
+                inputs = micro_batch(batch, feed, args, len(alphas_cumprod), dev)
+                if flops is None and device == "cuda":
+                    flops = checkpoint.step_flops(policy, ref, inputs, args.loss)
+                # DDP all-reduces gradients once per optimizer step, on its last micro-step; FSDP reduce-scatters
+                # every micro-step into the sharded gradients (holding whole ones between would cost their memory)
+                with contextlib.nullcontext() if m == A - 1 or args.fsdp else model.no_sync():
+                    loss, numbers = pair_loss(model, ref, inputs, args, alphas_cumprod, schedule["prediction_type"])
+                    scale = world if args.loss == "rpo" else 1  # RPO's loss covers every rank's pairs
+                    scaler.scale(loss * scale / A).backward()
+                for k, val in {"loss": loss, **numbers}.items():
+                    acc[k] = acc.get(k, 0.0) + torch.as_tensor(val, dtype=torch.float64, device=dev).detach() / A
+                bad.add(batch["bad"])
+                seen += len(batch["pos"])
+            rec, seen_all = parallel.mean_over_ranks(acc, seen, dev)
+            if not math.isfinite(rec["loss"]):
+                raise ValueError(f"loss is {rec['loss']} at step {step + 1}: stopped; the last good checkpoint "
+                                 f"(step {last_ckpt}) is kept in {ck_path if last_ckpt else 'none written yet'}")
+            bad_all = bad.check(seen_all)  # every rank's unreadable pairs so far, each counted once
+            lr, grad_norm = optimizer_step(opt, scaler, trained, args, step)
+            step += 1
+            if step % args.log_every == 0 or step == args.max_steps:
+                last = checkpoint.log_step(args, step, rec, lr, grad_norm.item(), bad_all, clock, flops, log)
+            if step % args.ckpt_every == 0 or step == args.max_steps:
+                checkpoint.save(ck_path, policy, opt, step, position + (step - clock["first"]) * G, args, fingerprints,
+                                rank, log)
+                last_ckpt = step
+    except KeyboardInterrupt:  # Ctrl-C: one line; files being written removed on the way (weights.atomic)
+        kept = f"step {last_ckpt} in {ck_path}" if last_ckpt else "none written yet"
+        raise cli.Interrupted(f"interrupted at step {step} of {args.max_steps}; last checkpoint: {kept}") from None
     checkpoint.save_outputs(policy, args, step, log)
     return dict(step=step, metrics=last, out_dir=args.out_dir)
 
@@ -276,9 +277,7 @@ DEFAULTS = dict(
     log_every=10, device=None, dtype=None, gradient_checkpointing=None, lora=None, lora_alpha=None, fsdp=False,
     compile=False, channels_last=False, cache=False, cache_dir=None, max_bad_frac=0.01, save_single=False,
     tokenizer=None, num_workers=None)
-# Autocast's cache would keep a bf16 copy of every fp32 policy weight for the whole forward (4.8 GiB for SDXL; see
-# bench_step.py --plan). Each weight is used once per forward, so not caching costs no extra casts.
-AUTOCAST_CACHE = False
+AUTOCAST_CACHE = False  # a cache keeps a bf16 copy of each fp32 weight all forward long; each is used once anyway
 
 
 def resolve(args, sdxl, world, device="cpu", native=None):
@@ -376,8 +375,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--save_single", action="store_true", help="also write out_dir/unet.safetensors (original single-file layout)")
     a("--tokenizer", help="tokenizer folder override for clip.load")
     a("--num_workers", type=int, help="data loader processes [4 on cuda, 0 on cpu]")
-    # Every flag starts out unset (argparse leaves attributes the namespace has), so the typed ones can be told
-    # apart (the demo keeps them).
+    # Every flag starts out unset (argparse keeps what the namespace has): the typed ones are told apart (the demo)
     unset = object()
     args = argparse.Namespace(**{k: unset for k in DEFAULTS})
     p.parse_args(argv, args)
@@ -395,6 +393,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, ok in valid.items():
         if not ok(getattr(args, k)):
             p.error(f"--{k} has an invalid value: {getattr(args, k)}")
+    if "split" in args.given and args.data and args.data.endswith(".jsonl"):
+        p.error(f"--split picks the shards of a Pick-a-Pic folder; {args.data} is a JSONL file: drop --split")
     if args.rpo_clip is not None and args.loss != "rpo":
         p.error(f"--rpo_clip weights RPO's matrix: it needs --loss rpo (got --loss {args.loss})")
     return args
@@ -409,10 +409,11 @@ def main(argv=None):
             demo.run(args, train)
         else:
             train(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, OSError, cli.Interrupted, KeyboardInterrupt) as e:
+        status = 130 if isinstance(e, (cli.Interrupted, KeyboardInterrupt)) else 1  # 130: Ctrl-C, as shells say
         if dist.is_initialized() and dist.get_rank() > 0:
-            sys.exit(1)  # rank 0 says it
-        cli.fail(str(e))
+            sys.exit(status)  # rank 0 says it
+        cli.fail(str(e) if str(e) else "interrupted", status)
 
 
 if __name__ == "__main__":

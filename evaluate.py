@@ -28,10 +28,20 @@ import unet as unetlib
 from images import grid, save_png, to_pil
 from reward import wilson, win_rate
 from sample import image_size, initial_noise, load, load_unet, prompt_items, sampling_options
-from weights import CheckpointError, read_json, save_json
+from weights import CheckpointError, atomic, read_json, save_json
 
 # ----------------------------------------------------------------------------------------------------
 # The paper's evaluation: base and tuned images from the same noise, scored by reward models
+
+
+def _readable(path) -> bool:
+    """Whether a PNG file is there whole (a run killed while writing one, or a copy cut short, is not)."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except Exception:  # missing, truncated, not an image
+        return False
 
 
 def _stamp(path):
@@ -44,45 +54,57 @@ def _stamp(path):
 
 def compare(args, items, dtype, scorers):
     """--compare: every item's base and tuned image from the same initial noise, kept in --out/base and --out/tuned
-    (a rerun with the same settings makes only the missing ones), a grid, and with --score the evaluation."""
-    settings = dict(model=_stamp(args.model), unet=_stamp(args.unet), lora=_stamp(args.lora), tokenizer=args.tokenizer,
-                    negative=args.negative, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height,
-                    width=args.width, dtype=args.dtype, init_image=_stamp(args.init_image),
-                    strength=args.strength if args.init_image else None)
+    (a rerun with the same settings makes only the missing ones, and again any that no longer reads), a grid, and
+    with --score the evaluation."""
+    settings = dict(model=_stamp(args.model), unet=_stamp(args.unet), lora=_stamp(args.lora),
+                    tokenizer=args.tokenizer, negative=args.negative, steps=args.steps, guidance=args.guidance,
+                    scheduler=args.scheduler, height=args.height, width=args.width, dtype=args.dtype,
+                    init_image=_stamp(args.init_image), strength=args.strength if args.init_image else None)
     index_path = os.path.join(args.out, "images.json")  # settings, and name -> prompt of every pair made so far
     index = read_json(index_path, {"settings": settings, "images": {}})
     changed = [k for k in settings if index["settings"].get(k) != settings[k]]
-    if changed:
+    made = index["images"]
+    other = [it for it in items if made.get(it["name"], it["prompt"]) != it["prompt"]]
+    if changed or other:
         said = [f"--{k} {index['settings'].get(k)} (now {settings[k]})" if k in ("steps", "guidance", "scheduler",
                 "height", "width", "dtype", "negative", "strength") else f"--{k} (another path or newer files)"
                 for k in changed]
-        raise ValueError(f"{args.out} holds images made with other settings: {', '.join(said)}; give another --out, or "
-                         f"delete {index_path} to make them all again")
+        if other:
+            said.append(f"--prompts ({other[0]['name']} was made for {made[other[0]['name']]!r}, now "
+                        f"{other[0]['prompt']!r})")
+        raise ValueError(f"{args.out} holds images made with other settings: {', '.join(said)}; give another --out, "
+                         f"or delete {index_path} to make them all again")
     for sub in ("base", "tuned"):
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
 
     def path(sub, it):
         return os.path.join(args.out, sub, it["name"] + ".png")
-    made = index["images"]
-    todo = [it for it in items if made.get(it["name"]) != it["prompt"]
-            or not (os.path.isfile(path("base", it)) and os.path.isfile(path("tuned", it)))]
+    todo = [it for it in items if it["name"] not in made or not all(_readable(path(s, it)) for s in ("base", "tuned"))]
+    broken = sum(it["name"] in made for it in todo)  # made before, but a file is missing or cut short now
     print(f"images: {len(items) - len(todo)} of {len(items)} pairs reused, {len(todo)} to make "
-          f"({args.out}/base, {args.out}/tuned)", flush=True)
+          f"({args.out}/base, {args.out}/tuned" + (f"; {broken} made again: a file missing or unreadable)" if broken
+                                                   else ")"), flush=True)
     if todo:
         pipe = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
         pipe.progress = False
         base, tuned = pipe.unet, load_unet(args.model, args.unet, args.lora, args.device, dtype)
         kw, (h, w) = sampling_options(args, pipe), image_size(pipe, args)
-        for s in range(0, len(todo), args.batch_size):
-            batch = todo[s:s + args.batch_size]
-            latents = initial_noise(pipe, batch, h, w)  # the same noise through both UNets
-            for sub, u in (("base", base), ("tuned", tuned)):
-                pipe.unet = u
-                for it, x in zip(batch, pipe([it["prompt"] for it in batch], latents=latents, **kw)):
-                    save_png(to_pil(x), path(sub, it))
-            made.update({it["name"]: it["prompt"] for it in batch})
-            save_json(index, index_path)
-            cli.progress(f"compare: {s + len(batch)}/{len(todo)} pairs made")
+        done = 0
+        try:
+            for s in range(0, len(todo), args.batch_size):
+                batch = todo[s:s + args.batch_size]
+                latents = initial_noise(pipe, batch, h, w)  # the same noise through both UNets
+                for sub, u in (("base", base), ("tuned", tuned)):
+                    pipe.unet = u
+                    for it, x in zip(batch, pipe([it["prompt"] for it in batch], latents=latents, **kw)):
+                        save_png(to_pil(x), path(sub, it))
+                made.update({it["name"]: it["prompt"] for it in batch})
+                save_json(index, index_path)
+                done += len(batch)
+                cli.progress(f"compare: {done}/{len(todo)} pairs made")
+        except KeyboardInterrupt:
+            raise cli.Interrupted(f"interrupted: {done} of {len(todo)} pairs made, kept in {args.out} (a rerun "
+                                  "makes the rest)") from None
         cli.end_progress()
         del pipe, base, tuned
     if scorers:
@@ -125,15 +147,17 @@ def report(args, items, scores):
             mask = {c: torch.tensor([it["category"] == c for it in items]) for c in categories}
             res[kind]["categories"] = {c: win_rate(b[m], t[m]) for c, m in mask.items()}
     save_json(res, os.path.join(args.out, "scores.json"))
-    tmp = os.path.join(args.out, f"scores.csv.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "copy", "seed", "category", "prompt", "base_image", "tuned_image"]
-                   + [f"{k}_{side}" for k in scores for side in ("base", "tuned")])
-        for i, it in enumerate(items):
-            w.writerow([it["index"], it["copy"], it["seed"], it["category"], it["prompt"], f"base/{it['name']}.png",
-                        f"tuned/{it['name']}.png"] + [f"{scores[k][side][i]:.6g}" for k in scores for side in (0, 1)])
-    os.replace(tmp, os.path.join(args.out, "scores.csv"))
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["index", "copy", "seed", "category", "prompt", "base_image", "tuned_image"]
+                       + [f"{k}_{side}" for k in scores for side in ("base", "tuned")])
+            for i, it in enumerate(items):
+                w.writerow([it["index"], it["copy"], it["seed"], it["category"], it["prompt"],
+                            f"base/{it['name']}.png", f"tuned/{it['name']}.png"]
+                           + [f"{scores[k][side][i]:.6g}" for k in scores for side in (0, 1)])
+    atomic(os.path.join(args.out, "scores.csv"), write_csv)
     save_png(chart(res), os.path.join(args.out, "scores.png"))
     print(f"{'scorer':<10} {'category':<22} {'n':>5} {'base':>9} {'tuned':>9} {'win_rate':>8}  ci95")
     for kind, r in res.items():
@@ -261,10 +285,10 @@ def parse_args(argv=None):
     sample.add_flags(p, "evaluate")
     add = p.add_argument
     add("--compare", action="store_true", help="base and --unet/--lora images from the same noise, in out/base and "
-      "out/tuned (a rerun reuses them), and a grid: rows = prompts, columns = base, tuned")
+        "out/tuned (a rerun reuses them), and a grid: rows = prompts, columns = base, tuned")
     add("--score", action="append", default=[], metavar="KIND[=PATH][,OPTION=VALUE...]",
-      help="a reward model (repeatable): pickscore=DIR, clip=DIR, hps=FILE.pt,tokenizer=DIR, aesthetic=DIR,"
-      "head=FILE.pth, or area (the demo's rule); win rates in out/scores.json, .csv, .png")
+        help="a reward model (repeatable): pickscore=DIR, clip=DIR, hps=FILE.pt,tokenizer=DIR, aesthetic=DIR,"
+        "head=FILE.pth, or area (the demo's rule); win rates in out/scores.json, .csv, .png")
     add("--score_batch", type=int, default=16, help="pairs per reward-model call (2N images)")
     add("--eval_pairs", help="preference pairs (parquet or JSONL): report implicit-reward accuracy")
     add("--eval_k", type=int, default=4, help="(t, eps) draws per pair")
@@ -282,6 +306,8 @@ def parse_args(argv=None):
     kinds = [kind for kind, _, _ in args.score]
     if len(set(kinds)) < len(kinds):
         p.error(f"--score: each kind once (scores.json is keyed by kind), got {', '.join(kinds)}")
+    if args.split and args.eval_pairs and args.eval_pairs.endswith(".jsonl"):
+        p.error(f"--split picks the shards of a Pick-a-Pic folder; {args.eval_pairs} is a JSONL file: drop --split")
     if args.score and not args.compare:
         p.error("--score goes with --compare")
     if (args.eval_ref or args.eval_baseline) and not args.eval_pairs:
@@ -299,9 +325,19 @@ def run(args):
     dtype = sample.DTYPES[args.dtype]
     if args.init_image and not os.path.isfile(args.init_image):
         raise ValueError(f"init image not found: {args.init_image}")
-    if args.compare:
+    reads = [args.prompts, args.init_image, args.eval_pairs]
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file, not a folder")
+    if args.compare:  # a folder of an earlier --compare is reused (its images); another non-empty one is refused
+        mine = os.path.isfile(os.path.join(args.out, "images.json"))
+        if os.path.isdir(args.out) and os.listdir(args.out) and not mine and not args.overwrite:
+            raise ValueError(f"--out {args.out} holds files evaluate.py did not make: give a new --out, or "
+                             "--overwrite to write into it")
+        for name in ("images.json", "scores.json", "scores.csv", "scores.png", f"compare_seed{args.seed}.png"):
+            cli.check_output(os.path.join(args.out, name), reads, replace=True, make_folder=True)
         compare(args, prompt_items(args), dtype, reward.load_all(args.score, args.device, dtype))
     else:
+        cli.check_output(os.path.join(args.out, "eval.json"), reads, replace=args.overwrite, make_folder=True)
         eval_pairs(args, dtype)
 
 

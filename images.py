@@ -3,13 +3,14 @@ that turns any of them into a tensor (for training data, sampling, evaluation an
 PNG files out (atomically) and side-by-side grids.
 """
 import io
-import os
 import re
 from typing import List
 
 import numpy as np
 import torch
 from PIL import Image
+
+import weights
 
 # ----------------------------------------------------------------------------------------------------
 # Where an image lives: a file, bytes, or a cell of a parquet shard (Pick-a-Pic keeps its JPEGs in parquet columns)
@@ -145,10 +146,8 @@ def to_pil(x: torch.Tensor) -> Image.Image:
 
 
 def save_png(img: Image.Image, path):
-    """Write atomically: a crash never leaves a truncated PNG under the final name."""
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    """Write atomically (weights.atomic): a crash never leaves a truncated PNG under the final name."""
+    weights.atomic(path, img.save, suffix=".png")
 
 
 def grid(rows: List[List[torch.Tensor]]) -> Image.Image:

@@ -163,8 +163,8 @@ def initial_noise(pipe: Pipeline, items, height, width) -> torch.Tensor:
 def sampling_options(args, pipe: Pipeline) -> dict:
     """The pipeline's keyword arguments from the flags (guidance by family: 5.0 SDXL, 7.5 SD1.5, as diffusers)."""
     guidance = args.guidance if args.guidance is not None else (5.0 if pipe.sdxl else 7.5)
-    return dict(negative=args.negative, steps=args.steps, guidance=guidance, scheduler=args.scheduler, height=args.height,
-                width=args.width, init_image=args.init_image, strength=args.strength)
+    return dict(negative=args.negative, steps=args.steps, guidance=guidance, scheduler=args.scheduler,
+                height=args.height, width=args.width, init_image=args.init_image, strength=args.strength)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,11 +177,11 @@ def add_flags(p, what="generate"):
     add("--model", help="diffusers folder or single .safetensors (SDXL / SD1.5)")
     add("--unet", help="fine-tuned UNet: dpo.py's --out_dir, a diffusers unet/ folder or one file")
     add("--lora", help="a LoRA on top of the UNet: dpo.py --lora's out_dir, its lora/ folder, or a diffusers "
-      "pytorch_lora_weights.safetensors")
+        "pytorch_lora_weights.safetensors")
     add("--tokenizer", help="tokenizer folder(s) for a single-file checkpoint")
     add("--prompt", action="append", default=[], help="a prompt (repeatable)")
     add("--prompts", help="a text file (one prompt per line), a TSV file with Prompt and Category columns, or parti: "
-      "the built-in PartiPrompts (1,632 prompts, 12 categories)")
+        "the built-in PartiPrompts (1,632 prompts, 12 categories)")
     add("--categories", help="only these categories of --prompts, comma-separated (e.g. Animals,Vehicles)")
     add("--per_category", type=int, help="only the first N prompts of each category")
     add("--per_prompt", type=int, default=1, help="images per prompt (each with its own seed)")
@@ -198,6 +198,8 @@ def add_flags(p, what="generate"):
     add("--dtype", choices=list(DTYPES), default="fp32")
     add("--init_image", help="SDEdit: start from this image")
     add("--strength", type=float, default=0.6, help="SDEdit noise level in (0, 1]")
+    add("--overwrite", action="store_true", help="replace files of an earlier run in --out (sample.py: its images; "
+        "evaluate.py: an eval.json, or write into a folder it did not make)")
 
 
 def check_flags(p, args):
@@ -224,9 +226,14 @@ def parse_args(argv=None):
 def run(args):
     if args.init_image and not os.path.isfile(args.init_image):
         raise ValueError(f"init image not found: {args.init_image}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file, not a folder")
     items = prompt_items(args)
-    pipe = load(args.model, unet=args.unet, device=args.device, dtype=DTYPES[args.dtype], tokenizer=args.tokenizer, lora=args.lora)
-    os.makedirs(args.out, exist_ok=True)
+    paths = [os.path.join(args.out, it["name"] + ".png") for it in items]
+    for p in paths:  # before the model is loaded: the input image, and an earlier run's images unless --overwrite
+        cli.check_output(p, reads=[args.init_image, args.prompts], replace=args.overwrite, make_folder=True)
+    pipe = load(args.model, unet=args.unet, device=args.device, dtype=DTYPES[args.dtype], tokenizer=args.tokenizer,
+                lora=args.lora)
     kw = sampling_options(args, pipe)
     h, w = image_size(pipe, args)
     for s in range(0, len(items), args.batch_size):

@@ -5,6 +5,7 @@ they share: where the weights live in a diffusers folder (plain, fp16 variant, s
 safetensors files (memory-mapped, one tensor at a time), a strict key-for-key load into a model built on
 the meta device, and writing safetensors atomically so a crash never leaves a half-written file.
 """
+import errno
 import glob
 import hashlib
 import json
@@ -258,18 +259,66 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file here; safetensors' writer makes its files 0600
 
 
+class WriteError(OSError):
+    """A file that could not be written (disk full, no permission), worded as one line that names it."""
+
+
+def _cause(e: BaseException, path: str) -> str:
+    """Why a write failed, in a few words: a full disk says so, whatever library raised it."""
+    try:
+        free = os.statvfs(os.path.dirname(os.path.abspath(path)) or ".")
+        full = free.f_bavail * free.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    said = str(e).lower()
+    if getattr(e, "errno", None) == errno.ENOSPC or full or "no space left" in said or "os error 28" in said:
+        return "no space left on device"
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def atomic(path: str, write: Callable[[str], None], suffix: str = ""):
+    """write(tmp) to a temporary name beside path, then rename it over path: path holds its old bytes or the new
+    ones, never a part. On any failure, Ctrl-C included, the temporary file is removed; a failure to write is one
+    WriteError line naming path and the cause (a full disk, a missing folder, ...)."""
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        cause = _cause(e, path) if isinstance(e, Exception) else None  # while the disk is still as full as it was
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if cause is not None and not isinstance(e, WriteError):
+            raise WriteError(f"cannot write {path}: {cause}") from None
+        raise
+
+
+def _canonical_header(path: str):
+    """Rewrite a safetensors file's JSON header in sorted key order (same length): the library writes its
+    metadata from a hash map, so identical tensors could otherwise give different bytes run to run."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        text = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
+
+
 def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: dict = None):
-    """Write a safetensors file atomically: to a temporary name first, then rename over the target."""
+    """Write a safetensors file atomically (weights.atomic), the same bytes for the same tensors and metadata."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.chmod(tmp, FILE_MODE)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        _canonical_header(tmp)
+        os.chmod(tmp, FILE_MODE)
+    atomic(path, write)
 
 
 def save_json(obj, path: str):
     """Write JSON atomically (same reason as save_safetensors)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+    atomic(path, write)

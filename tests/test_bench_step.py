@@ -109,3 +109,16 @@ def test_bench_step_refuses_what_cannot_fit(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1
     assert err[0].startswith("error: this step needs at least 28.7 GiB on the cpu") and "8.0 GiB are free" in err[0]
+
+
+def test_plan_outputs_are_checked_before_the_plan_runs(tmp_path, capsys, monkeypatch):
+    """A --plan_out that cannot be written (no such folder), or that exists without --overwrite, is refused in one
+    line before a single configuration is planned."""
+    import memplan
+    monkeypatch.setattr(memplan, "plan", lambda *a, **k: pytest.fail("planned before checking the output"))
+    for path, msg in ((str(tmp_path / "no" / "dir" / "x.json"), f"cannot write {tmp_path / 'no' / 'dir' / 'x.json'}: "
+                       f"no folder {tmp_path / 'no' / 'dir'}"), (__file__, f"{__file__} exists: pass --overwrite")):
+        with pytest.raises(SystemExit) as e:
+            bench_step.main(["--plan", "--plan_out", path])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and err[0].startswith(f"error: {msg}"), err

@@ -157,3 +157,31 @@ def test_sd15_dpo_cache_then_cache_only(tmp_path, sd15_dir, jsonl, monkeypatch):
     assert abs(m[0]["loss"] - math.log(2)) < 1e-6
     assert m[0]["ref_mse"] != first[0]["ref_mse"]  # the same inputs, a trained reference
     assert os.path.isfile(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_a_cache_of_other_inputs_is_refused_by_name(tmp_path, sdxl_dir, jsonl, capsys):
+    """A cache records what it was built from: the same --cache_dir with a model whose VAE weights differ, or at
+    another resolution, is refused naming what differs (nothing is trained on the old latents); a copy of the same
+    model elsewhere is the same cache."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    folder = str(tmp_path / "cache")
+    run(tmp_path / "a", sdxl_dir, jsonl, "--cache", "--cache_dir", folder, steps=1)
+    capsys.readouterr()
+    copy = shutil.copytree(sdxl_dir, tmp_path / "copy")
+    m = run(tmp_path / "b", str(copy), jsonl, "--cache", "--cache_dir", folder, steps=1)  # moved files: reused
+    assert "building the latent cache" not in capsys.readouterr().out and len(m) == 1
+    vae_file = str(copy / "vae" / "diffusion_pytorch_model.safetensors")
+    with safe_open(vae_file, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) * 1.01 for k in f.keys()}, f.metadata()
+    save_file(tensors, vae_file, metadata=meta)
+    for model, flags, what in ((str(copy), (), "vae/ weights "),
+                               (sdxl_dir, ("--no_flip",), "--no_flip False (now True)")):
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path / "c", model, jsonl, "--cache", "--cache_dir", folder, *flags, steps=1)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and err[0].startswith(
+            f"error: the cache in {folder} was built from other inputs: {what}"), err
+        assert not (tmp_path / "c" / "metrics.jsonl").exists()

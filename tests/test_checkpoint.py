@@ -1,6 +1,7 @@
-"""checkpoint.py, runs you can trust: --resume refuses another run, nothing to do is said and not done, what a crash
-leaves is cleaned up, outputs never go stale, file modes follow the umask, unreadable pairs are counted once, and
-training killed with SIGKILL anywhere resumes to the uninterrupted result."""
+"""checkpoint.py, runs you can trust: --resume refuses another run (but not a typed default), nothing to do is said
+and not done, what a crash leaves is cleaned up, outputs never go stale, file modes follow the umask, unreadable
+pairs are counted once, training killed with SIGKILL anywhere resumes to the uninterrupted result, and a full disk
+or Ctrl-C is one line that loses nothing."""
 import json
 import os
 import random
@@ -17,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import checkpoint
+import tiny
 import unet as unetlib
 import weights
 from tiny import ENV, ROOT, run
@@ -201,3 +203,80 @@ def test_sigkill_anywhere_then_resume_is_the_uninterrupted_run(tmp_path, sdxl_di
     assert [r["step"] for r in logged] == list(range(1, steps + 1))
     keys = ("loss", "implicit_acc", "model_mse", "ref_mse", "grad_norm")
     assert [[r[k] for k in keys] for r in logged] == [[r[k] for k in keys] for r in want]
+
+
+# ----------------------------------------------------------------------------------------------------
+# A full disk, Ctrl-C, odd flags: one line, nothing lost
+
+
+def _size(path):
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(path) for n in ns) \
+        if os.path.isdir(path) else os.path.getsize(path)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "final UNet"])
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_is_kept(tmp_path, sdxl_dir, jsonl, capsys, monkeypatch,
+                                                                 where):
+    """A disk that fills while a checkpoint (or the final UNet) is written: one line naming the file and the cause,
+    no temporary file left behind, the last good checkpoint as it was. On a real small tmpfs where one can be
+    mounted, else with the write failing as a full disk does (ENOSPC)."""
+    probe = tmp_path / "probe"
+    run(probe, sdxl_dir, jsonl, "--ckpt_every", "1", steps=1)
+    ck_bytes, unet_bytes = _size(probe / "checkpoint.pt"), _size(probe / "unet")
+    capsys.readouterr()
+    # checkpoint: room for one checkpoint and a half (the second's temporary file cannot fit beside the first);
+    # final UNet: room for the checkpoint and half the UNet
+    room = ck_bytes + (ck_bytes if where == "checkpoint" else unet_bytes) // 2 + 64 * 1024
+    steps = 2 if where == "checkpoint" else 1
+    with tiny.small_disk(tmp_path / "disk", room) as disk:
+        out = os.path.join(disk, "run") if disk else str(tmp_path / "run")
+        if disk is None and where == "checkpoint":
+            tiny.fill_disk_after(monkeypatch, checkpoint.torch, "save", calls=2)
+        elif disk is None:
+            tiny.fill_disk_after(monkeypatch, weights, "save_file", calls=1)
+        with pytest.raises(SystemExit) as e:
+            run(out, sdxl_dir, jsonl, "--ckpt_every", "1", steps=steps)
+        monkeypatch.undo()
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        name = "checkpoint.pt" if where == "checkpoint" else os.path.join("unet", "diffusion_pytorch_model.safetensors")
+        assert e.value.code == 1 and len(err) == 1, err
+        assert err[0] == f"error: cannot write {os.path.join(out, name)}: no space left on device", err
+        assert not _temp_files(out)
+        assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 1  # the good one
+
+
+def test_ctrl_c_says_where_it_stopped_and_leaves_no_temporary_file(tmp_path, sdxl_dir, jsonl):
+    """SIGINT during training: exit 130, one line naming the step and the last checkpoint; --resume goes on."""
+    out = tmp_path / "run"
+    argv = [sys.executable, os.path.join(ROOT, "dpo.py"), "--model", sdxl_dir, "--data", jsonl, "--out_dir", str(out),
+            "--resolution", "32", "--batch_size", "2", "--grad_accum", "1", "--max_steps", "500", "--log_every", "1",
+            "--ckpt_every", "2", "--lr", "1e-4", "--warmup", "0"]
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while _logged(out) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted at step "), lines
+    assert " of 500; last checkpoint: step " in lines[0] and str(out / "checkpoint.pt") in lines[0], lines
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert f"last checkpoint: step {step} in" in lines[0] and not _temp_files(out)
+
+
+def test_out_dir_that_is_a_file_and_a_typed_default_on_resume(tmp_path, sdxl_dir, jsonl, capsys):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "file", sdxl_dir, jsonl, steps=1)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err == [f"error: --out_dir {tmp_path / 'file'} is a file, not a folder: give a "
+                                         "folder for the run's outputs"]
+    assert (tmp_path / "file").read_text() == "mine"
+    # --lora_alpha typed as the default it resolves to (alpha = rank) is no change of the run
+    run(tmp_path / "lora", sdxl_dir, jsonl, "--lora", "4", "--ckpt_every", "1", steps=1)
+    m = run(tmp_path / "lora", sdxl_dir, jsonl, "--lora", "4", "--lora_alpha", "4", "--resume", steps=2)
+    assert [r["step"] for r in m] == [1, 2]
+    with pytest.raises(SystemExit):  # another alpha is still refused
+        run(tmp_path / "lora", sdxl_dir, jsonl, "--lora", "4", "--lora_alpha", "8", "--resume", steps=3)
+    assert "--lora_alpha 4.0 -> 8.0" in capsys.readouterr().err

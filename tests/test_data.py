@@ -1,6 +1,7 @@
 """data.py: Pick-a-Pic parquet and JSONL readers (winner first, ties dropped, the dreamlike filter, splits of a
 folder, shards named or in split folders), the windowed shuffle (mixing row groups, each decoded once per window)
 and the block order, the one JSONL parser, bad-row accounting over ranks."""
+import json
 import os
 
 import pytest
@@ -130,3 +131,41 @@ def test_unreadable_items_are_counted_once_and_stop_past_the_limit():
     with pytest.raises(ValueError, match=r"^3 of 120 pairs of d.jsonl were unreadable \(more than --max_bad_frac "
                                          r"0.02\)$"):
         bad.check(120)
+
+
+def test_labels_that_are_none_of_0_half_1_are_counted_and_said(tmp_path):
+    """Ties and invalid labels are left out, and the summary says how many of each (and where the first bad label
+    is); a file with nothing usable says what it found instead of blaming ties."""
+    rows = [dict(caption="a", image_0="x.png", image_1="y.png", label_0=v) for v in (1, 0, 0.5, 2, 0.25, 1)]
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = data.Preferences(str(f))
+    assert len(p) == 3 and p.read == f"{f}: 3 usable pairs; left out 1 ties, 2 with a label not 0, 0.5 or 1 (first: " \
+        f"{f}:4)"
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'empty.jsonl'}: no usable pairs: it has no rows$"):
+        data.Preferences(str(tmp_path / "empty.jsonl"))
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows[2:5]))
+    with pytest.raises(ValueError, match=r"no usable pairs: 1 ties, 2 with a label not 0, 0.5 or 1 \(first: "):
+        data.Preferences(str(f))
+    pq = write_parquet(tmp_path / "a.parquet")  # row 3 a tie; dreamlike_only leaves out the rest but rows 1, 2, 4, 5
+    assert data.Preferences(pq, dreamlike_only=True).read.endswith("4 usable pairs; left out 1 ties, 5 not both from "
+                                                                   "a dreamlike model (--dreamlike_only)")
+
+
+def test_a_caption_that_is_not_text_is_a_bad_row(tmp_path, sdxl_dir, jsonl, capsys):
+    """A null or numeric caption is not trained as "None" or "123": the row is skipped, named by file:line and
+    counted like an unreadable image."""
+    rows = [json.loads(line) for line in open(jsonl)]
+    root = os.path.dirname(jsonl)
+    rows = [dict(r, image_0=os.path.join(root, r["image_0"]), image_1=os.path.join(root, r["image_1"])) for r in rows]
+    rows[0]["caption"], rows[2]["caption"] = None, 123
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=rf"{f}:1: its caption is None, not text"):
+        data.read_pairs(str(f))
+    m = run(tmp_path / "run", sdxl_dir, str(f), "--max_bad_frac", "0.5", steps=2)
+    printed = capsys.readouterr().out
+    assert f"skipping unreadable pair {f}:1 (ValueError: its caption is None, not text)" in printed
+    assert f"skipping unreadable pair {f}:3 (ValueError: its caption is 123, not text)" in printed
+    assert m[-1]["bad_pairs"] == 2

@@ -272,7 +272,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, sdxl_dir, jsonl,
 
 
 @pytest.mark.parametrize("flags, msg", [(["--loss", "foo"], "--loss"), (["--dtype", "fp8"], "--dtype"),
-                                        (["--batch_size", "0"], "--batch_size"), (["--beta", "nan"], "--beta")])
+                                        (["--batch_size", "0"], "--batch_size"), (["--beta", "nan"], "--beta"),
+                                        (["--data", "d.jsonl", "--split", "test"], "a JSONL file: drop --split")])
 def test_bad_flags_in_process(capsys, flags, msg):
     with pytest.raises(SystemExit) as e:
         dpo.main(["--model", "m", "--data", "d", *flags])

@@ -131,7 +131,6 @@ def test_the_base_against_itself_ties_every_pair(sd15_dir, tmp_path, capsys, one
     assert ["area", "all", "4"] in [t[:3] for t in table]
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Bad input: one line, non-zero exit
 
@@ -170,6 +169,8 @@ def test_bad_input(sd15_dir, tuned, clip_dir, tmp_path, capsys):
     assert "no data at" in cli_error(["--model", sd15_dir, "--eval_pairs", nodata] + out, capsys)
     assert "go with --eval_pairs" in cli_error(["--model", sd15_dir, "--eval_baseline", sd15_dir] + out, capsys)
     assert "one of them" in cli_error(["--model", sd15_dir] + out, capsys)
+    split = ["--model", sd15_dir, "--eval_pairs", str(tmp_path / "p.jsonl"), "--split", "test"]
+    assert "is a JSONL file: drop --split" in cli_error(split, capsys)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,3 +353,55 @@ def test_unreadable_eval_pair_is_named_on_a_fresh_line(sd15_dir, pairs_jsonl, tm
     assert e.value.code == 1 and "eval: 2/6 pairs" in err  # the progress line came first
     last = err.splitlines()[-1]
     assert last.startswith(f"error: {bad}:3: cannot read an image of the pair: ") and "broken.png" in last, err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Nothing given is lost: Ctrl-C, cut files, other prompts, earlier outputs
+
+
+def test_compare_keeps_what_it_made_and_refuses_what_would_mix(sd15_dir, tuned, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while making images: exit 130, one line, no temporary file, and a rerun makes only the rest; an image
+    cut short is made again, not counted as reused; other prompts for the same --out are refused like other
+    settings; a folder evaluate.py did not make is refused; an eval.json is only replaced with --overwrite."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\na red circle\n")
+    out = tmp_path / "cmp"
+    argv = ["--model", sd15_dir, "--unet", tuned, "--compare", "--prompts", str(prompts), "--steps", "2",
+            "--out", str(out)]
+    real, calls = sample.Pipeline.__call__, [0]
+
+    def ctrl_c(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 3:  # the second pair's base image
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+    monkeypatch.setattr(sample.Pipeline, "__call__", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    monkeypatch.undo()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 130 and err[-1] == f"error: interrupted: 1 of 3 pairs made, kept in {out} (a rerun " \
+        "makes the rest)"
+    assert not [n for d, _, ns in os.walk(out) for n in ns if ".tmp" in n]
+    evaluate.main(argv)
+    assert "images: 1 of 3 pairs reused, 2 to make" in capsys.readouterr().out
+    cut = out / "base" / "0001_seed1.png"
+    cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])  # a copy cut short
+    evaluate.main(argv)
+    assert "images: 2 of 3 pairs reused, 1 to make" in capsys.readouterr().out
+    assert images.load_image(str(cut)).shape == (1, 3, 32, 32)  # whole again
+    prompts.write_text("a cat\na blue dog\na red circle\n")
+    assert cli_error(argv, capsys) == f"error: {out} holds images made with other settings: --prompts (0001_seed1 " \
+        f"was made for 'a dog', now 'a blue dog'); give another --out, or delete {out / 'images.json'} to make them " \
+        "all again"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert "holds files evaluate.py did not make" in cli_error(argv[:-1] + [str(tmp_path / "mine")], capsys)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(dict(caption="a cat", image_0=str(cut), image_1=str(out / "tuned" / cut.name),
+                                     label_0=1)) + "\n")
+    ev = ["--model", sd15_dir, "--eval_pairs", str(pairs), "--eval_k", "1", "--out", str(tmp_path / "ev")]
+    evaluate.main(ev)
+    capsys.readouterr()
+    assert cli_error(ev, capsys) == f"error: {tmp_path / 'ev' / 'eval.json'} exists: pass --overwrite to replace it"
+    evaluate.main(ev + ["--overwrite"])

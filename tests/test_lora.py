@@ -125,3 +125,12 @@ def test_lora_flags_refuse_bad_input(tmp_path, sdxl_dir, jsonl, capsys):
     shutil.rmtree(tmp_path / "full")
     with pytest.raises(weights.CheckpointError, match="no LoRA file"):
         lora.read(str(tmp_path))  # a folder without a LoRA file
+
+
+def test_identical_runs_write_identical_files(tmp_path, sdxl_dir, jsonl):
+    """The same LoRA run twice gives the same bytes, metadata included (safetensors writes its metadata from a
+    hash map: weights.save_safetensors puts the header in a fixed order)."""
+    for name in ("a", "b"):
+        run(tmp_path / name, sdxl_dir, jsonl, "--lora", "4", steps=1)
+    for f in (os.path.join("lora", lora.FILE), os.path.join("unet", "diffusion_pytorch_model.safetensors")):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f

@@ -22,8 +22,8 @@ CONFIGS = [(True, 2), (False, 2)]  # (gradient checkpointing, pairs)
 @pytest.fixture(scope="module")
 def timelines():
     """The tiny model's full and LoRA steps, counted on shadow tensors and on real CPU tensors."""
-    return {(mode, shadow): memplan.family_timelines(MODEL, mode, CONFIGS, shadow=shadow, lora_rank=4)
-            for mode in ("full", "lora") for shadow in (True, False)}
+    return {(mode, shadows): memplan.family_timelines(MODEL, mode, CONFIGS, shadow=shadows, lora_rank=4)
+            for mode in ("full", "lora") for shadows in (True, False)}
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

@@ -1,6 +1,7 @@
 """relabel.py (AI feedback) on tiny inputs: labels are the sign of transformers' CLIPModel score difference, ties as
 dpo.py or as the official code, the JSONL (also pointing into parquet shards) is what dpo.py reads, the demo's rule
 gives the rule's labels, and bad input as one line."""
+import errno
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import data
 import demo
 import images
 import relabel
+import tiny
 import toy
 from tiny import cli_error, read_png, transformers_pickscore
 
@@ -72,7 +74,7 @@ def test_relabel_labels_are_the_sign_of_the_transformers_score_difference(clip_d
         assert pairs.raw(i)[1][0] == os.path.join(out.parent, winner)
     # the official rule: a score tie keeps image_0 as the winner, pairs labelled a tie are not used
     relabel.main([src, "--score", f"pickscore={folder}", "--ties", "official", "--device", "cpu",
-                 "--out", str(out)])
+                  "--out", str(out), "--overwrite"])
     assert "skipped 1 pairs labelled a tie" in capsys.readouterr().out
     official = [json.loads(line) for line in open(out)]
     assert [x["label_0"] for x in official] == [x["label_0"] for i, x in enumerate(lines[:-1]) if i != 2] + [1.0]
@@ -137,3 +139,68 @@ def test_bad_input(tmp_path, capsys):
     assert "give --out FILE.jsonl" in cli_error(relabel.main, rel[:1] + ["--score", "area", "--out", str(tmp_path)],
                                                 capsys)
     assert "data file not found" in cli_error(relabel.main, rel + ["--score", "area"], capsys)
+    assert "is a JSONL file: drop --split" in cli_error(relabel.main, rel + ["--score", "area", "--split", "test"],
+                                                        capsys)
+
+
+def test_relabel_never_writes_over_what_it_reads_or_an_earlier_file(tmp_path, capsys):
+    """The output may not be the input (real paths: through a link too), and an existing one only with --overwrite;
+    nothing is written when refused."""
+    src = demo.write_pairs(str(tmp_path), "sft", 8, seed=3, biased=False)
+    before = open(src).read()
+    os.symlink(src, tmp_path / "link.jsonl")
+    for out, flags in ((src, ["--overwrite"]), (str(tmp_path / "link.jsonl"), ["--overwrite"])):
+        err = cli_error(relabel.main, [src, "--score", "area", "--out", out, *flags], capsys)
+        assert err == f"error: {out} is also an input of this command ({src}): write the output elsewhere"
+    assert open(src).read() == before
+    out = tmp_path / "aif.jsonl"
+    relabel.main([src, "--score", "area", "--out", str(out)])
+    first = out.read_text()
+    out.write_text("my edits")
+    err = cli_error(relabel.main, [src, "--score", "area", "--out", str(out)], capsys)
+    assert err == f"error: {out} exists: pass --overwrite to replace it" and out.read_text() == "my edits"
+    relabel.main([src, "--score", "area", "--out", str(out), "--overwrite"])
+    assert out.read_text() == first
+
+
+def test_unreadable_pairs_are_skipped_and_counted_and_bad_captions_too(tmp_path, capsys):
+    """As training does: a pair with an image that does not read, or a caption that is not text, is skipped, counted
+    and named in the summary, never written (not as "None")."""
+    src = demo.write_pairs(str(tmp_path), "sft", 6, seed=3, biased=False)
+    rows = [json.loads(line) for line in open(src)]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows[1]["image_0"] = "broken.png"
+    rows[3]["caption"] = None
+    rows[4]["caption"] = 123
+    with open(src, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    out = tmp_path / "aif.jsonl"
+    relabel.main([src, "--score", "area", "--out", str(out)])
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("relabel pairs=3 ") and f"unreadable=3 (skipped; first: {src}:2: cannot read image" \
+        in summary, summary
+    written = [json.loads(line)["caption"] for line in open(out)]
+    assert written == [rows[i]["caption"] for i in (0, 2, 5)]
+
+
+def test_a_failed_relabel_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    """The disk fills while the JSONL is written: one line naming it, no OUT.tmpPID left, no OUT."""
+    src = demo.write_pairs(str(tmp_path), "sft", 48, seed=3, biased=False)
+    with tiny.small_disk(tmp_path / "disk", 4096) as disk:
+        out = os.path.join(disk, "aif.jsonl") if disk else str(tmp_path / "aif.jsonl")
+        if disk is None:
+            real, seen = json.dumps, [0]
+
+            def dumps(obj, *a, **k):
+                seen[0] += 1
+                if seen[0] > 20:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real(obj, *a, **k)
+            monkeypatch.setattr(relabel.json, "dumps", dumps)
+        with pytest.raises(SystemExit) as e:
+            relabel.main([src, "--score", "area", "--out", out])
+        monkeypatch.undo()
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert e.value.code == 1 and err == [f"error: cannot write {out}: no space left on device"]
+        assert not any(".tmp" in n for n in os.listdir(os.path.dirname(out)))
+        assert not os.path.exists(out)

@@ -6,9 +6,12 @@ run; a CLI's one error line.
 Pipeline layout written (as a hub snapshot): model_index.json, unet/, vae/, text_encoder/, tokenizer/,
 scheduler/, and for SDXL also text_encoder_2/, tokenizer_2/.
 """
+import contextlib
+import errno
 import io
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -238,3 +241,36 @@ def transformers_pickscore(model, folder, images, prompts):
 def read_png(path):
     """A PNG file as a (3, H, W) tensor in [0, 1]."""
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+@contextlib.contextmanager
+def small_disk(folder, size):
+    """folder on a filesystem of `size` bytes (a tmpfs, where this user may mount one), or None where it may not:
+    the tests then make the disk full by injecting ENOSPC instead."""
+    os.makedirs(folder, exist_ok=True)
+    size = -(-size // 4096) * 4096
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if r.returncode != 0:
+        yield None
+        return
+    try:
+        yield str(folder)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill_disk_after(monkeypatch, module, name, calls):
+    """module.name(obj, path) writes part of its file then fails as a full disk does, from its calls-th call on a
+    file path."""
+    real, seen = getattr(module, name), [0]
+
+    def write(obj, path, *a, **k):
+        if not isinstance(path, (str, os.PathLike)):  # into memory (torch pickles tensors through torch.save)
+            return real(obj, path, *a, **k)
+        seen[0] += 1
+        if seen[0] < calls:
+            return real(obj, path, *a, **k)
+        with open(path, "wb") as f:
+            f.write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(module, name, write)
