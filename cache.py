@@ -44,7 +44,7 @@ def model_inputs(batch, drop, dev, args, encoders=None, empty=None, latent_noise
             with torch.autocast(dev.type, torch.bfloat16, enabled=args.amp_dtype == torch.bfloat16):
                 one = [v.encode(x[None], std=True) for x in px.flatten(0, 1)]  # an image at a time: 1/Bk the peak
             z, std = torch.cat([m for m, _ in one]), torch.cat([s for _, s in one])  # (Bk, C, h, w) each, unscaled
-            z = z.float().unflatten(0, px.shape[:2]) * v.scaling_factor  # (B, k, C, h, w) scaled latent means
+            z = v.scale(z.float().unflatten(0, px.shape[:2]))  # (B, k, C, h, w) scaled latent means
             std = std.float().unflatten(0, px.shape[:2]) * v.scaling_factor
             ctx, pooled = te.encode(["" if d else c for c, d in zip(batch["caption"], drop.tolist())])
         if latent_noise is not None:
@@ -254,7 +254,7 @@ def build_cache(args, pairs, dev, rank, world):
                 z, std = v.encode(px.flatten(0, 1), std=True)  # (bk, C, h, w) each
                 ctx, pooled = te.encode([d["caption"] for d in items])
             out["index"].append(torch.tensor(mine[b:b + 8]))
-            out["latents"].append((z.float() * v.scaling_factor).unflatten(0, px.shape[:2]).to(store).cpu())
+            out["latents"].append(v.scale(z.float()).unflatten(0, px.shape[:2]).to(store).cpu())
             if args.latents == "sample":
                 out["latents_std"].append((std.float() * v.scaling_factor).unflatten(0, px.shape[:2]).to(store).cpu())
             out["context"].append(ctx.cpu())

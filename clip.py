@@ -1,8 +1,10 @@
-"""The text side of SD1.5 and SDXL, from scratch: CLIP's BPE tokenizer and its causal text transformer.
+"""The text side of every family, from scratch: CLIP's BPE tokenizer and its causal text transformer (T5 in t5.py).
 
 SD1.5 conditions on CLIP ViT-L/14's final (layer-normed) hidden states [B,77,768]. SDXL concatenates the
 penultimate hidden states of CLIP-L and of OpenCLIP ViT-bigG/14 into [B,77,2048], and also feeds bigG's
-projected pooled output [B,1280] (its end-of-text token, through text_projection) to the UNet.
+projected pooled output [B,1280] (its end-of-text token, through text_projection) to the UNet. SD3 takes the same
+2048 channels zero-padded to T5's 4096 and followed by T5's 256 tokens, and both projected pooled outputs [B,2048];
+FLUX takes T5's states alone and CLIP-L's (unprojected) pooled output [B,768].
 
 Modules are named after transformers' CLIPTextModelWithProjection (text_model.encoder.layers.0.self_attn.q_proj,
 ..., text_projection), so a diffusers text_encoder/ folder loads key for key. Single files keep CLIP-L in that
@@ -16,10 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+import t5
 from weights import (Checkpoint, CheckpointError, component, find_weights, load_module, read_config, rename, renamed,
                      save_safetensors)
 
 MAX_LENGTH = 77
+VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_bpe")  # CLIP's BPE (see its README.md)
+CLIP_VOCAB_SIZE = 49408
 # transformers' CLIPTextConfig defaults, then the real full-size encoders (what single files hold).
 DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                 num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
@@ -48,10 +53,11 @@ class Tokenizer:
     Text is NFC-normalized, whitespace-collapsed and lower-cased, split by CLIP's regex, byte-mapped, BPE'd
     with "</w>" marking word ends, wrapped in <|startoftext|> ... <|endoftext|>, cut to 77 (keeping the end
     token) and padded with the folder's own pad token (SDXL's tokenizer_2 pads with "!", the others with
-    <|endoftext|>).
+    <|endoftext|>), or pad_token when given (a special token then, as in transformers), or pad_id (open_clip pads
+    with id 0 and keeps "!" an ordinary character). The default folder is the vocabulary shipped in clip_bpe/.
     """
 
-    def __init__(self, folder, max_length=MAX_LENGTH):
+    def __init__(self, folder=VOCAB, max_length=MAX_LENGTH, pad_token=None, pad_id=None):
         from tokenizers import Regex
         from tokenizers import Tokenizer as Tok
         from tokenizers import models, normalizers, pre_tokenizers, processors
@@ -68,6 +74,7 @@ class Tokenizer:
                 for k in special:
                     v = cfg.get(k)
                     special[k] = (v.get("content") if isinstance(v, dict) else v) or special[k]
+        special["pad_token"] = pad_token or special["pad_token"]
         bos, eos, unk, pad = (special[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token"))
         tok = Tok(models.BPE(*models.BPE.read_file(vocab, merges), continuing_subword_prefix="",
                              end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk))
@@ -81,6 +88,9 @@ class Tokenizer:
         tok.post_processor = processors.RobertaProcessing((eos, ids[eos]), (bos, ids[bos]), trim_offsets=False,
                                                           add_prefix_space=False)
         tok.enable_truncation(max_length)  # counts the two added tokens: 75 text tokens at most
+        if pad_id is not None:
+            pad = tok.id_to_token(pad_id)
+            ids[pad] = pad_id
         tok.enable_padding(length=max_length, pad_id=ids[pad], pad_token=pad)
         self.tok, self.folder, self.max_length = tok, folder, max_length
         self.pad_token, self.pad_id, self.eos_id = pad, ids[pad], ids[eos]
@@ -164,39 +174,55 @@ class TextTransformer(nn.Module):
 
 
 class TextEncoders(nn.Module):
-    """Tokenizers and text encoders of one family: [CLIP-L] for SD1.5, [CLIP-L, OpenCLIP-bigG] for SDXL."""
+    """Tokenizers and text encoders of one family: [CLIP-L] for SD1.5, [CLIP-L, OpenCLIP-bigG] for SDXL,
+    [CLIP-L, bigG, T5] for SD3 (T5 may be absent, as diffusers allows: zeros then), [CLIP-L, T5] for FLUX."""
 
-    def __init__(self, encoders, tokenizers):
+    def __init__(self, encoders, tokenizers, family):
         super().__init__()
         self.encoders = nn.ModuleList(encoders)
         self.tokenizers = list(tokenizers)
+        self.family = family
 
     @property
     def is_sdxl(self):
-        return len(self.encoders) == 2
+        return self.family == "sdxl"
 
     def tokenize(self, prompts):
-        """list of str -> one LongTensor (B, 77) per encoder (cache these and pass them as encode(ids=...))."""
+        """list of str -> one LongTensor (B, L) per encoder (cache these and pass them as encode(ids=...))."""
         return [t(prompts) for t in self.tokenizers]
 
     def encode(self, prompts=None, ids=None):
-        """-> (context, pooled): SDXL (B, 77, 2048), (B, 1280); SD1.5 (B, 77, 768), None. Runs under the
-        caller's grad mode (wrap in torch.no_grad() for a frozen encoder)."""
+        """-> (context, pooled), what the family's denoiser takes: SDXL (B, 77, 2048), (B, 1280); SD1.5 (B, 77, 768),
+        None; SD3 (B, 77 + 256, 4096), (B, 2048); FLUX (B, 512 or 256, 4096), (B, 768). Runs under the caller's
+        grad mode (wrap in torch.no_grad() for a frozen encoder)."""
         ids = self.tokenize(prompts) if ids is None else ids
         dev = self.encoders[0].text_model.final_layer_norm.weight.device
         outs = [enc(i.to(dev)) for enc, i in zip(self.encoders, ids)]
-        if self.is_sdxl:
-            return torch.cat([outs[0]["penultimate"], outs[1]["penultimate"]], dim=-1), outs[1]["projected"]
-        return outs[0]["last"], None
+        if self.family == "sd15":
+            return outs[0]["last"], None
+        if self.family == "flux":
+            return outs[1], outs[0]["pooled"]  # T5's states, CLIP-L's pooled output
+        clip = torch.cat([outs[0]["penultimate"], outs[1]["penultimate"]], dim=-1)  # (B, 77, 768 + 1280)
+        pooled = torch.cat([outs[0]["projected"], outs[1]["projected"]], dim=-1) if self.family == "sd3" else None
+        if self.family == "sdxl":
+            return clip, outs[1]["projected"]
+        B = clip.shape[0]
+        t5 = outs[2] if len(outs) == 3 else clip.new_zeros(B, T5_LENGTH["sd3"], T5_WIDTH)  # (B, 256, 4096)
+        return torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=1), pooled  # (B, 333, 4096)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
 
-# Single files: (prefix, layout, full-size config, metadata key of a stored config) per encoder.
-SINGLE = {"sdxl": [("conditioner.embedders.0.transformer.", "hf", CLIP_L, "text_encoder_config"),
-                   ("conditioner.embedders.1.model.", "open_clip", BIG_G, "text_encoder_2_config")],
-          "sd15": [("cond_stage_model.transformer.", "hf", CLIP_L, "text_encoder_config")]}
+T5_LENGTH = {"sd3": 256, "flux": 512, "flux-schnell": 256}  # the pipelines' default max_sequence_length
+T5_WIDTH = 4096
+# Single files: (prefix, layout, full-size config, metadata key of a stored config, pad token) per CLIP encoder.
+SINGLE = {"sdxl": [("conditioner.embedders.0.transformer.", "hf", CLIP_L, "text_encoder_config", None),
+                   ("conditioner.embedders.1.model.", "open_clip", BIG_G, "text_encoder_2_config", "!")],
+          "sd15": [("cond_stage_model.transformer.", "hf", CLIP_L, "text_encoder_config", None)],
+          "sd3": [("text_encoders.clip_l.transformer.", "hf", CLIP_L, "text_encoder_config", None),
+                  ("text_encoders.clip_g.transformer.", "hf", BIG_G, "text_encoder_2_config", "!")],
+          "flux": [("", "hf", CLIP_L, "text_encoder_config", None)]}  # FLUX's split clip_l.safetensors
 LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
          "self_attn.out_proj": "attn.out_proj"}
 QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}  # which third of OpenCLIP's fused in_proj
@@ -238,12 +264,14 @@ def _load_folder(folder, device, dtype):
                        f"text encoder ({folder})")
 
 
-def _load_single(ckpt, prefix, layout, cfg, device, dtype):
-    keys = [k for k in ckpt.keys() if k.startswith(prefix)]
+def _load_single(ckpt, prefix, layout, cfg, device, dtype, projection):
+    keys = [k for k in ckpt.keys() if k.startswith(prefix) and not k.startswith("text_encoders.t5xxl")]
     with torch.device("meta"):
-        model = TextTransformer(cfg, projection=layout == "open_clip")
+        model = TextTransformer(cfg, projection=projection)
     if layout == "hf":
         sources = {_hf_name(k[len(prefix):]): (lambda k=k: ckpt[k]) for k in keys if not k.endswith("position_ids")}
+        if projection and "text_projection.weight" not in sources:  # SD3's CLIP-L: an identity, as diffusers has it
+            sources["text_projection.weight"] = lambda: torch.eye(cfg["hidden_size"])
     else:  # open_clip: other keys there (logit_scale, attn_mask, ...) are not ours, as for diffusers' converter
         state = model.state_dict()
         names = renamed(ckpt, state, prefix, open_clip_table(model.config), f"{ckpt.files[0]}: text encoder")
@@ -259,51 +287,113 @@ def _load_single(ckpt, prefix, layout, cfg, device, dtype):
     return load_module(model, sources, dtype, device, f"text encoder ({ckpt.files[0]}, {prefix}*)")
 
 
-def _tokenizers(folder, n, what):
-    """Tokenizer folders under a diffusers model folder (tokenizer/ [and tokenizer_2/]), or one tokenizer folder."""
+def _file_family(ckpt, path, t5_file):
+    keys = ckpt.keys()
+    for fam in ("sd3", "sdxl", "sd15"):
+        if any(k.startswith(SINGLE[fam][-1][0]) for k in keys):
+            return fam
+    if any(k in keys for k in ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight")):
+        if t5_file is None:
+            raise CheckpointError(f"{path}: a CLIP-L file alone (FLUX's clip_l.safetensors?): pass t5_file=FILE too")
+        return "flux"
+    raise CheckpointError(f"{path}: holds no SDXL, SD1.5 or SD3 text encoder (no conditioner.embedders.1.model., "
+                          "cond_stage_model.transformer. or text_encoders.clip_l. keys)")
+
+
+def _clip_tokenizers(folder, encoders, pads, what):
+    """CLIP tokenizers: tokenizer/ [and tokenizer_2/] of a diffusers model folder, one tokenizer folder, or (folder
+    None) the vocabulary shipped in clip_bpe/, which every full-size CLIP encoder here uses."""
+    n = len(encoders)
+    if folder is None:
+        for enc in encoders:
+            if enc.config["vocab_size"] != CLIP_VOCAB_SIZE:
+                raise CheckpointError(f"{what} holds no tokenizer and its vocabulary ({enc.config['vocab_size']} "
+                                      f"tokens) is not CLIP's: pass tokenizer=FOLDER (a diffusers model folder with "
+                                      f"tokenizer/{' and tokenizer_2/' if n == 2 else ''})")
+        return [Tokenizer(VOCAB, pad_token=p) for p in pads]
     subs = [os.path.join(folder, s) for s in ("tokenizer", "tokenizer_2")[:n]]
     if all(os.path.isdir(s) for s in subs):
         return [Tokenizer(s) for s in subs]
     if n == 1 and os.path.isfile(os.path.join(folder, "vocab.json")):
         return [Tokenizer(folder)]
+    t5_only = os.path.isfile(os.path.join(folder, "tokenizer.json"))
+    if t5_only and not os.path.isfile(os.path.join(folder, "vocab.json")):
+        return [Tokenizer(VOCAB, pad_token=p) for p in pads]  # a T5 tokenizer folder: CLIP's from clip_bpe/
     raise CheckpointError(f"{what}: no tokenizer in {folder}: pass tokenizer=FOLDER (a diffusers model folder with "
                           f"tokenizer/{' and tokenizer_2/' if n == 2 else ''})")
 
 
-def load(path, device="cpu", dtype=torch.float32, tokenizer=None):
-    """Tokenizers + text encoders of the model in path: a diffusers root (or its text_encoder/ folder), or a
-    single SDXL / SD1.5 .safetensors file, which holds no tokenizer: then tokenizer= names a diffusers model
-    folder with tokenizer/ (and tokenizer_2/ for SDXL), or for SD1.5 a tokenizer folder itself."""
+def _t5_tokenizer(folder, fam, length, what):
+    """T5's tokenizer (tokenizer.json): tokenizer_3/ (SD3) or tokenizer_2/ (FLUX) of a model folder, or the folder."""
+    sub = os.path.join(folder or "", "tokenizer_3" if fam == "sd3" else "tokenizer_2")
+    if folder is None:
+        raise CheckpointError(f"{what} holds no T5 tokenizer: pass tokenizer=FOLDER (a diffusers model folder with "
+                              f"{os.path.basename(sub)}/, or a folder with T5's tokenizer.json)")
+    return t5.Tokenizer(sub if os.path.isdir(sub) else folder, max_length=length)
+
+
+def _folder_family(root):
+    if os.path.isdir(os.path.join(root, "text_encoder_3")):
+        return "sd3"
+    if os.path.isdir(os.path.join(root, "text_encoder_2")):
+        cfg = read_config(os.path.join(root, "text_encoder_2"))
+        return "flux" if cfg.get("model_type") == "t5" else "sdxl"
+    return "sd15"
+
+
+def _flux_length(root):
+    """512 tokens for FLUX-dev, 256 for schnell (no guidance embedding), as their pipelines are run."""
+    cfg = os.path.join(root or "", "transformer", "config.json")
+    if root is not None and os.path.isfile(cfg) and not read_config(os.path.dirname(cfg)).get("guidance_embeds"):
+        return T5_LENGTH["flux-schnell"]
+    return T5_LENGTH["flux"]
+
+
+def load(path, device="cpu", dtype=torch.float32, tokenizer=None, t5_file=None, max_length=None):
+    """Tokenizers + text encoders of the model in path: a diffusers root (or its text_encoder/ folder), a single
+    SDXL / SD1.5 / SD3.5 .safetensors file, or FLUX's split clip_l.safetensors with t5_file=t5xxl_fp16.safetensors.
+    Single files hold no tokenizer: CLIP's comes from clip_bpe/ unless tokenizer= names a diffusers model folder
+    (tokenizer/, tokenizer_2/) or a tokenizer folder; T5's from tokenizer= (tokenizer_3/ or tokenizer_2/ in it, or
+    a folder with tokenizer.json). max_length: T5's token count (default: the family pipeline's)."""
     kind, where = component(path, "text_encoder")
     if kind == "file":
         ckpt = Checkpoint(path)
-        fam = next((f for f, parts in SINGLE.items() if any(k.startswith(parts[-1][0]) for k in ckpt.keys())), None)
-        if fam is None:
-            raise CheckpointError(f"{path}: holds no SDXL or SD1.5 text encoder (no conditioner.embedders.1.model. "
-                                  "or cond_stage_model.transformer. keys)")
-        if tokenizer is None:
-            raise CheckpointError(f"{path} holds no tokenizer: pass tokenizer=FOLDER (a diffusers model folder with "
-                                  f"tokenizer/{' and tokenizer_2/' if fam == 'sdxl' else ''})")
+        fam = _file_family(ckpt, path, t5_file)
         encoders = []
-        for prefix, layout, cfg, meta in SINGLE[fam]:  # a config stored in the file (save() does) wins
+        for prefix, layout, cfg, meta, _ in SINGLE[fam]:  # a config stored in the file (save() does) wins
             cfg = json.loads(ckpt.metadata[meta]) if meta in ckpt.metadata else cfg
-            encoders.append(_load_single(ckpt, prefix, layout, cfg, device, dtype))
-        return TextEncoders(encoders, _tokenizers(tokenizer, len(encoders), path)).eval()
+            proj = layout == "open_clip" or fam == "sd3"
+            encoders.append(_load_single(ckpt, prefix, layout, cfg, device, dtype, proj))
+        toks = _clip_tokenizers(tokenizer, encoders, [p[-1] for p in SINGLE[fam]], path)
+        if fam == "flux" or (fam == "sd3" and any(k.endswith(t5.REL) for k in ckpt.keys())):  # else SD3 without T5
+            encoders.append(t5.load(t5_file or path, device, dtype))  # finds its prefix in a whole SD3.5 file
+            toks.append(_t5_tokenizer(tokenizer, fam, max_length or T5_LENGTH[fam], path))
+        return TextEncoders(encoders, toks, fam).eval()
     if os.path.basename(os.path.normpath(where)) != "text_encoder":  # another component's folder (unet/, ...)
         raise CheckpointError(f"{path} is neither a diffusers model folder (no text_encoder/) nor a text_encoder "
                               "folder")
     root = path if where == os.path.join(path, "text_encoder") else os.path.dirname(os.path.abspath(where))
-    subs = ["text_encoder"] + (["text_encoder_2"] if os.path.isdir(os.path.join(root, "text_encoder_2")) else [])
+    fam = _folder_family(root)
+    subs = {"sd15": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"], "flux": ["text_encoder"],
+            "sd3": ["text_encoder", "text_encoder_2"]}[fam]
     encoders = [_load_folder(os.path.join(root, s), device, dtype) for s in subs]
-    return TextEncoders(encoders, _tokenizers(tokenizer or root, len(encoders), path)).eval()
+    toks = _clip_tokenizers(tokenizer or root, encoders, [None, "!"][:len(encoders)], path)
+    if fam in ("sd3", "flux"):
+        folder = os.path.join(root, "text_encoder_3" if fam == "sd3" else "text_encoder_2")
+        encoders.append(t5.load(folder, device, dtype))
+        length = max_length or (T5_LENGTH["sd3"] if fam == "sd3" else _flux_length(root))
+        toks.append(_t5_tokenizer(tokenizer or root, fam, length, path))
+    return TextEncoders(encoders, toks, fam).eval()
 
 
 def save(te, path, layout="single"):
-    """Write the text encoders as their part of an original-layout single file, configs in its metadata."""
+    """Write the CLIP text encoders as their part of an original-layout single file, configs in its metadata."""
     if layout != "single":
         raise ValueError(f"layout must be 'single', got {layout!r}")
+    if te.family not in ("sdxl", "sd15"):
+        raise ValueError(f"clip.save writes SDXL / SD1.5 text encoders, not {te.family}'s")
     out, meta = {}, {}
-    for enc, (prefix, kind, _, meta_key) in zip(te.encoders, SINGLE["sdxl" if te.is_sdxl else "sd15"]):
+    for enc, (prefix, kind, _, meta_key, _) in zip(te.encoders, SINGLE[te.family]):
         meta[meta_key] = json.dumps(enc.config)
         fused, table = {}, open_clip_table(enc.config)
         for name, t in enc.state_dict().items():

@@ -203,5 +203,5 @@ def denoise(unet, sched, x, cond, guidance, dtype, start=0, progress=False):
 def decode(vae, latents):
     """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1] on the CPU."""
     dev = next(vae.parameters()).device
-    img = vae.decode((latents / vae.scaling_factor).to(dev, vae.dtype)).float()
+    img = vae.decode(vae.unscale(latents).to(dev, vae.dtype)).float()
     return (img / 2 + 0.5).clamp(0, 1).cpu()

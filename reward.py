@@ -275,9 +275,10 @@ OPTIONS = {"pickscore": ("tokenizer",), "clip": ("tokenizer",), "hps": ("tokeniz
 def load(kind, path, device="cpu", dtype=torch.float32, **options):
     """A Scorer of one kind (see the module docstring) from the files people have:
       pickscore, clip  path: a transformers CLIPModel folder; tokenizer=FOLDER when it holds no vocab.json/merges.txt
-      hps              path: HPS_v2(.1)_compressed.pt; tokenizer=FOLDER (any CLIP tokenizer folder: open_clip uses
-                       CLIP's BPE vocabulary; it also runs ftfy and html.unescape on prompts, which leave ordinary
-                       prompts as they are); config=an open_clip model-config dict (default ViT-H-14)
+      hps              path: HPS_v2(.1)_compressed.pt; tokenizer=FOLDER optional (default: CLIP's BPE vocabulary in
+                       clip_bpe/, which open_clip uses, padded with "!" as open_clip pads; open_clip also runs ftfy
+                       and html.unescape on prompts, which leave ordinary prompts as they are); config=an open_clip
+                       model-config dict (default ViT-H-14)
       aesthetic        path: a transformers CLIP ViT-L/14 folder; head=sac+logos+ava1-l14-linearMSE.pth (its MLP)
       area             no path: the CPU demo's rule "the larger shape wins" (toy.area), to try the tools on"""
     if kind not in OPTIONS:
@@ -292,9 +293,6 @@ def load(kind, path, device="cpu", dtype=torch.float32, **options):
         return toy.area
     if path is None:
         raise ValueError(f"{kind}: needs the path of its weights")
-    if kind == "hps" and options.get("tokenizer") is None:
-        raise CheckpointError("hps: pass tokenizer=FOLDER (a CLIP tokenizer folder with vocab.json and merges.txt; "
-                              "the checkpoint holds none)")
     if kind == "aesthetic" and options.get("head") is None:
         raise CheckpointError("aesthetic: pass head=FILE (the LAION predictor's MLP, sac+logos+ava1-l14-linearMSE.pth)")
     if kind == "hps":
@@ -310,6 +308,12 @@ def load(kind, path, device="cpu", dtype=torch.float32, **options):
             raise CheckpointError(f"aesthetic: {options['head']} is not a state dict (the LAION predictor's MLP)")
         head = load_module(head, sd, torch.float32, device, f"aesthetic head ({options['head']})")
         head.eval().requires_grad_(False)
+    elif kind == "hps" and options.get("tokenizer") is None:  # the .pt holds none: CLIP's own, shipped in clip_bpe/
+        if model.config["vocab_size"] != clip.CLIP_VOCAB_SIZE:
+            raise CheckpointError(f"hps: pass tokenizer=FOLDER (a CLIP tokenizer folder with vocab.json and merges.txt;"
+                                  f" the checkpoint holds none and its {model.config['vocab_size']} tokens are not "
+                                  "CLIP's vocabulary)")
+        tok = clip.Tokenizer(clip.VOCAB, max_length=model.config["max_position_embeddings"], pad_id=0)
     else:
         tok = _tokenizer(options.get("tokenizer") or path, model, kind)
     return Scorer(kind, model.eval().requires_grad_(False), tok, head)

@@ -51,7 +51,7 @@ class Pipeline:
 
     def encode_images(self, pixels):
         """[B,3,H,W] in [0,1] -> scaled latent means (SDEdit and evaluation start from the posterior mean)."""
-        return self.vae.encode(pixels.to(self.device, self.vae.dtype) * 2 - 1).float() * self.vae.scaling_factor
+        return self.vae.scale(self.vae.encode(pixels.to(self.device, self.vae.dtype) * 2 - 1).float())
 
     def conditions(self, prompts, negative=None, guided=True, size=None):
         """(context, pooled, time_ids) for these prompts, as diffusion.conditions makes them for this model."""

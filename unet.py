@@ -364,7 +364,10 @@ def _open(path):
     if "config" in ckpt.metadata:  # written by save(layout="single"), so any size round-trips
         config = json.loads(ckpt.metadata["config"])
     else:
-        config = SDXL if weights.family(ckpt) == "sdxl" else SD15
+        kind = weights.family(ckpt)
+        if kind in ("sd3", "flux"):
+            raise CheckpointError(f"{where}: an {kind.upper()} file, not an SDXL / SD1.5 UNet")
+        config = SDXL if kind == "sdxl" else SD15
     if not any(k.startswith(PREFIX) for k in ckpt.keys()):
         raise CheckpointError(f"{where}: no UNet weights in this file (no {PREFIX}* keys)")
     return config, ckpt, layout_map(config), ckpt.metadata.get("prediction_type", "epsilon")

@@ -1,6 +1,8 @@
-"""AutoencoderKL, the VAE of Stable Diffusion 1.5 and SDXL, from scratch.
+"""AutoencoderKL, the VAE of Stable Diffusion 1.5, SDXL, SD3 / SD3.5 and FLUX.1, from scratch.
 
-Images live in pixel space [B,3,H,W]; the UNet works on latents [B,4,H/f,W/f] with f = 8 for the real models.
+Images live in pixel space [B,3,H,W]; the denoiser works on latents [B,C,H/f,W/f] with f = 8 for the real models,
+C = 4 for SD1.5 / SDXL and 16 for SD3 and FLUX (whose VAEs have no quant convs and centre their latents with a
+shift_factor: latents = (z - shift_factor) * scaling_factor; `scale` and `unscale` below are that one formula).
 The encoder is a stack of ResNet blocks with stride-2 downsampling, one single-head self-attention at the
 lowest resolution, and a 1x1 conv to the mean and log-variance of a diagonal Gaussian; we return its mean
 (DPO and sampling never need a sample of it). The decoder mirrors the encoder with nearest-neighbour upsampling.
@@ -25,7 +27,8 @@ from weights import (Checkpoint, CheckpointError, component, family, find_weight
 FULL_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
                    layers_per_block=2, norm_num_groups=32, force_upcast=True, use_quant_conv=True,
                    use_post_quant_conv=True, mid_block_add_attention=True)
-SCALING_FACTOR = {"sdxl": 0.13025, "sd15": 0.18215}
+SCALING_FACTOR = {"sdxl": 0.13025, "sd15": 0.18215, "sd3": 1.5305, "flux": 0.3611}
+SHIFT_FACTOR = {"sd3": 0.0609, "flux": 0.1159}  # 0 for the others
 
 
 class ResnetBlock(nn.Module):
@@ -146,10 +149,11 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    def __init__(self, cfg, scaling_factor=0.18215, dtype=torch.float32):
+    def __init__(self, cfg, scaling_factor=0.18215, dtype=torch.float32, shift_factor=0.0):
         super().__init__()
         self.config = {**FULL_CONFIG, **cfg}
         self.config["scaling_factor"] = self.scaling_factor = float(scaling_factor)
+        self.config["shift_factor"] = self.shift_factor = float(shift_factor or 0.0)
         self.downsample = 2 ** (len(self.config["block_out_channels"]) - 1)  # latent = image / downsample
         self.dtype = dtype  # dtype of encode/decode outputs; the weights may be fp32 (see load)
         self.encoder = Encoder(self.config)
@@ -163,18 +167,26 @@ class AutoencoderKL(nn.Module):
         return self.encoder.conv_in.weight.dtype
 
     def encode(self, images, std=False):
-        """images (B, 3, H, W) in [-1, 1] -> latent mean (B, 4, H/f, W/f), unscaled (x scaling_factor for the UNet);
+        """images (B, 3, H, W) in [-1, 1] -> latent mean (B, C, H/f, W/f), unscaled (see scale);
         std=True: (mean, standard deviation) of the diagonal Gaussian posterior, to draw a sample of it."""
-        moments = self.encoder(images.to(self.weight_dtype))  # (B, 2*4, H/f, W/f): mean, log-variance
+        moments = self.encoder(images.to(self.weight_dtype))  # (B, 2*C, H/f, W/f): mean, log-variance
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        mean, logvar = moments.chunk(2, dim=1)  # (B, 4, H/f, W/f) each
+        mean, logvar = moments.chunk(2, dim=1)  # (B, C, H/f, W/f) each
         if not std:
             return mean.to(self.dtype)
         return mean.to(self.dtype), (0.5 * logvar.clamp(-30.0, 20.0)).exp().to(self.dtype)  # clamped as diffusers
 
+    def scale(self, z):
+        """Unscaled latents (encode's output) -> the denoiser's latents (unit variance, centred for SD3 / FLUX)."""
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def unscale(self, latents):
+        """The denoiser's latents -> what decode takes."""
+        return latents / self.scaling_factor + self.shift_factor
+
     def decode(self, z):
-        """Unscaled latents (B, 4, h, w) -> images (B, 3, h*f, w*f), nominally [-1, 1] (not clamped, as diffusers)."""
+        """Unscaled latents (B, C, h, w) -> images (B, 3, h*f, w*f), nominally [-1, 1] (not clamped, as diffusers)."""
         z = z.to(self.weight_dtype)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
@@ -211,8 +223,26 @@ def _is_attn_linear(name):
     return ".attentions.0.to_" in name and name.endswith(".weight")
 
 
+def _single_file_config(ckpt, prefix):
+    """The VAE config of a single file without one in its metadata: SD's VAE with the file's latent channels
+    and quant convs (16 channels without them: SD3's and FLUX's)."""
+    if "vae_config" in ckpt.metadata:
+        return json.loads(ckpt.metadata["vae_config"])
+    latent = ckpt.shape(prefix + "decoder.conv_in.weight")[1]
+    quant = prefix + "quant_conv.weight" in ckpt
+    return dict(FULL_CONFIG, latent_channels=latent, use_quant_conv=quant, use_post_quant_conv=quant)
+
+
+def _family(ckpt, prefix, cfg):
+    """Whose VAE a single file holds: a whole model's family; a VAE-only 16-channel file is FLUX's ae.safetensors
+    (SD3's VAE ships inside its model files), a 4-channel one SD1.5's (diffusers' default factor)."""
+    if prefix:
+        return family(ckpt)
+    return "flux" if cfg["latent_channels"] == 16 else "sd15"
+
+
 def _single_file_layout(ckpt, path):
-    """(prefix, is_ldm) of the VAE keys in a single file: a whole SD/SDXL checkpoint, or a VAE-only file."""
+    """(prefix, is_ldm) of the VAE keys in a single file: a whole SD/SDXL/SD3 checkpoint, or a VAE-only file."""
     keys = ckpt.keys()
     if any(k.startswith("first_stage_model.") for k in keys):
         return "first_stage_model.", True
@@ -223,33 +253,35 @@ def _single_file_layout(ckpt, path):
     raise CheckpointError(f"{path}: holds no VAE (no first_stage_model. keys and no encoder./decoder. keys)")
 
 
-def load(path, device="cpu", dtype=torch.float32, scaling_factor=None):
+def load(path, device="cpu", dtype=torch.float32, scaling_factor=None, shift_factor=None):
     """Load a VAE from a diffusers root, its vae/ folder, or a single .safetensors file.
 
     With dtype=float16 and force_upcast in the config (true for the SDXL VAE, and for every single file
     without a config), the weights stay fp32 and encode/decode compute in fp32, casting their outputs to
     fp16: the SDXL VAE overflows in fp16. A fixed VAE (force_upcast: false) runs in fp16; bf16 always runs
-    in bf16. scaling_factor overrides the one from the config / the checkpoint's family (a VAE-only single
-    file has no family: 0.18215, diffusers' default, unless given).
+    in bf16. scaling_factor and shift_factor override the config's / the checkpoint family's (see _family).
     """
     kind, where = component(path, "vae")
     if kind == "folder":
         cfg = read_config(where)
         ckpt = Checkpoint(find_weights(where))
         sources = {k: (lambda k=k: ckpt[k]) for k in ckpt.keys()}
-        sf = cfg.get("scaling_factor", 0.18215)
+        sf, shift = cfg.get("scaling_factor", 0.18215), cfg.get("shift_factor")
     else:
         ckpt = Checkpoint(where)
         prefix, is_ldm = _single_file_layout(ckpt, where)
-        cfg = json.loads(ckpt.metadata["vae_config"]) if "vae_config" in ckpt.metadata else dict(FULL_CONFIG)
-        sf = cfg.get("scaling_factor") or (SCALING_FACTOR[family(ckpt)] if prefix else 0.18215)
+        cfg = _single_file_config(ckpt, prefix)
+        kind = _family(ckpt, prefix, cfg)
+        sf = cfg.get("scaling_factor") or SCALING_FACTOR[kind]
+        shift = cfg.get("shift_factor", SHIFT_FACTOR.get(kind, 0.0))
         sources = None
     for t in cfg.get("down_block_types", []) + cfg.get("up_block_types", []):
         if t not in ("DownEncoderBlock2D", "UpDecoderBlock2D"):
             raise CheckpointError(f"{path}: unsupported VAE block type {t} (only AutoencoderKL is supported)")
     upcast = dtype == torch.float16 and cfg.get("force_upcast", True)
     with torch.device("meta"):
-        model = AutoencoderKL(cfg, scaling_factor if scaling_factor is not None else sf, dtype)
+        model = AutoencoderKL(cfg, scaling_factor if scaling_factor is not None else sf, dtype,
+                              shift_factor if shift_factor is not None else shift)
     if sources is None:  # single file: each of our names maps to one name there
         table = ldm_table(model.config) if is_ldm else {}
         names = renamed(ckpt, model.state_dict(), prefix, table, f"{where}: VAE")
@@ -267,8 +299,8 @@ def downsample(path) -> int:
     if kind == "folder":
         cfg = read_config(where)
     else:
-        meta = Checkpoint(where).metadata
-        cfg = json.loads(meta["vae_config"]) if "vae_config" in meta else FULL_CONFIG
+        ckpt = Checkpoint(where)
+        cfg = _single_file_config(ckpt, _single_file_layout(ckpt, where)[0])
     return 2 ** (len(cfg.get("block_out_channels", FULL_CONFIG["block_out_channels"])) - 1)
 
 

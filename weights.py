@@ -135,13 +135,18 @@ class Checkpoint:
 
 
 def family(ckpt: "Checkpoint") -> str:
-    """'sdxl' or 'sd15' from the keys of an original-layout single file (whole model or UNet only)."""
+    """'sdxl', 'sd15', 'sd3' or 'flux' from the keys of an original-layout single file (whole model or denoiser)."""
     keys = ckpt.keys()
+    for prefix in ("model.diffusion_model.", ""):
+        if prefix + "joint_blocks.0.x_block.attn.qkv.weight" in keys:
+            return "sd3"
+        if prefix + "double_blocks.0.img_attn.qkv.weight" in keys:
+            return "flux"
     if any(k.startswith(("conditioner.", "model.diffusion_model.label_emb.")) for k in keys):
         return "sdxl"
     if any(k.startswith(("cond_stage_model.", "model.diffusion_model.", "first_stage_model.")) for k in keys):
         return "sd15"
-    raise CheckpointError(f"{ckpt.files[0]}: not an SDXL or SD1.5 checkpoint (no model.diffusion_model., "
+    raise CheckpointError(f"{ckpt.files[0]}: not an SDXL, SD1.5, SD3 or FLUX checkpoint (no model.diffusion_model., "
                           "first_stage_model., conditioner. or cond_stage_model. keys)")
 
 

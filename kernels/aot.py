@@ -49,8 +49,10 @@ SHAPES = [
     ("sd15 self 32x32", 1, 8, 1024, 1024, 80, False),
     ("sd15 self 16x16", 1, 8, 256, 256, 160, False),
     ("clip-g causal", 1, 20, 77, 77, 64, True),
+    ("sd3 joint 1024^2", 1, 24, 4096 + 333, 4096 + 333, 64, False),  # image + CLIP/T5 tokens: not a multiple of 16
+    ("flux joint 1024^2", 1, 24, 4096 + 512, 4096 + 512, 128, False),
 ]
-QUICK = {"sdxl self 64x64", "sd15 self 16x16"}
+QUICK = {"sdxl self 64x64", "sd15 self 16x16", "sd3 joint 1024^2", "flux joint 1024^2"}
 
 
 def compile_for(fn, args, kwargs, arch):
@@ -152,7 +154,7 @@ def report(arch=90, quick=False, dtype=torch.bfloat16, ieee=False, log=print):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10: 80 A100, 90 H100, 100 B200")
-    p.add_argument("--quick", action="store_true", help="two shapes: SDXL self-attention and SD1.5 D=160")
+    p.add_argument("--quick", action="store_true", help="four shapes: SDXL self-attention, SD1.5 D=160, SD3 and FLUX joint")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--ieee", action="store_true", help="fp32: exact fp32 dots, as with torch's TF32 off")
     p.add_argument("--csv", help="also write the rows to this CSV file")

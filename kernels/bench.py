@@ -33,8 +33,11 @@ ATTN_SHAPES = [
     ("sd15 cross 64x64", 8, 4096, 77, 40),
     ("sd15 cross 32x32", 8, 1024, 77, 80),
     ("sd15 cross 16x16", 8, 256, 77, 160),
+    ("sd3 joint 64x64", 24, 4096 + 333, 4096 + 333, 64),  # SD3 / SD3.5-medium: 77 CLIP + 256 T5 tokens
+    ("sd3.5-large joint 64x64", 38, 4096 + 333, 4096 + 333, 64),
+    ("flux joint 64x64", 24, 4096 + 512, 4096 + 512, 128),  # FLUX-dev: 512 T5 tokens, after RoPE
 ]
-QUICK_SHAPES = {"sdxl self 64x64", "sdxl cross 64x64", "sd15 self 16x16"}
+QUICK_SHAPES = {"sdxl self 64x64", "sdxl cross 64x64", "sd15 self 16x16", "flux joint 64x64"}
 LOSS_LATENT = (4, 128, 128)  # SDXL latents at 1024^2: (C, H, W) of one image
 COPY_NUMEL = 256 * 2**20  # fp32 elements (1 GiB) copied to measure the bandwidth ceiling
 COMPILE = torch.compile  # the compiled baseline of the loss

@@ -28,6 +28,18 @@ def sd15_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory):
+    """A tiny random SD3.5 pipeline folder in the diffusers layout (CLIP-L, bigG, T5, MMDiT, 16-channel VAE)."""
+    return tiny.make_sd3(str(tmp_path_factory.mktemp("sd3")))
+
+
+@pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory):
+    """A tiny random FLUX.1-dev pipeline folder in the diffusers layout (CLIP-L, T5, FLUX, 16-channel VAE)."""
+    return tiny.make_flux(str(tmp_path_factory.mktemp("flux")))
+
+
+@pytest.fixture(scope="session")
 def jsonl(tmp_path_factory):
     """8 pairs (labels alternate 1/0) + one tie, PNG files of varied sizes, paths relative to the JSONL."""
     return tiny.write_pairs_jsonl(str(tmp_path_factory.mktemp("jsonl")))

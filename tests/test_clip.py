@@ -216,7 +216,9 @@ def test_bad_input(sdxl_dir, tmp_path):
     te = clip.load(sdxl_dir)
     good = str(tmp_path / "good.safetensors")
     clip.save(te, good)
-    with pytest.raises(CheckpointError, match="holds no tokenizer: pass tokenizer=FOLDER .*tokenizer/ and tokenizer_2"):
+    # without a tokenizer folder, clip_bpe/'s vocabulary serves full-size CLIPs only: the tiny one is refused
+    with pytest.raises(CheckpointError, match="holds no tokenizer and its vocabulary .585 tokens. is not CLIP's: pass "
+                                              "tokenizer=FOLDER .*tokenizer/ and tokenizer_2"):
         clip.load(good)
     with pytest.raises(CheckpointError, match="no tokenizer in .*pass tokenizer=FOLDER"):
         clip.load(good, tokenizer=os.path.join(sdxl_dir, "tokenizer"))  # SDXL needs both tokenizers
@@ -245,7 +247,7 @@ def test_bad_input(sdxl_dir, tmp_path):
         clip.load(str(tmp_path / "no_meta.safetensors"), tokenizer=sdxl_dir)
 
     vae_file = os.path.join(sdxl_dir, "vae", "diffusion_pytorch_model.safetensors")  # wrong kind of file
-    with pytest.raises(CheckpointError, match="holds no SDXL or SD1.5 text encoder"):
+    with pytest.raises(CheckpointError, match="holds no SDXL, SD1.5 or SD3 text encoder"):
         clip.load(vae_file, tokenizer=sdxl_dir)
     with pytest.raises(CheckpointError, match="does not exist"):
         clip.load(str(tmp_path / "nope"))
@@ -255,3 +257,112 @@ def test_bad_input(sdxl_dir, tmp_path):
         clip.Tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match="layout"):
         clip.save(te, str(tmp_path / "x.safetensors"), layout="diffusers")
+
+
+# ----------------------------------------------------------------------------------------------------
+# SD3 and FLUX: CLIP + T5, as their pipelines' encode_prompt
+
+
+def test_sd3_text_side_is_the_pipelines(sd3_dir):
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
+    want, _, want_pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False)
+    te = clip.load(sd3_dir)
+    assert te.family == "sd3" and [t.max_length for t in te.tokenizers] == [77, 77, 256]
+    with torch.no_grad():
+        context, pooled = te.encode(PROMPTS)
+    assert context.shape == (len(PROMPTS), 77 + 256, 80) and pooled.shape == (len(PROMPTS), 64)
+    _close(context, want)
+    _close(pooled, want_pooled)
+    assert (context[:, :77, 64:] == 0).all() and context[:, 77:].abs().sum() > 0  # CLIP zero-padded to T5's width
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_flux_text_side_is_the_pipelines(guidance, flux_dir, tmp_path):
+    from diffusers import FluxPipeline
+    root = flux_dir
+    if not guidance:  # schnell: no guidance embedding, and 256 T5 tokens
+        root = str(tmp_path / "schnell")
+        shutil.copytree(flux_dir, root)
+        cfg = json.load(open(os.path.join(root, "transformer", "config.json")))
+        json.dump(dict(cfg, guidance_embeds=False), open(os.path.join(root, "transformer", "config.json"), "w"))
+    length = 512 if guidance else 256
+    pipe = FluxPipeline.from_pretrained(flux_dir)
+    want, want_pooled, _ = pipe.encode_prompt(PROMPTS, None, device="cpu", max_sequence_length=length)
+    te = clip.load(root)
+    assert te.family == "flux" and [t.max_length for t in te.tokenizers] == [77, length]
+    with torch.no_grad():
+        context, pooled = te.encode(PROMPTS)
+    assert context.shape == (len(PROMPTS), length, 80) and pooled.shape == (len(PROMPTS), 32)
+    _close(context, want)
+    _close(pooled, want_pooled)
+
+
+def _state(folder):
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _config(root, sub):
+    with open(os.path.join(root, sub, "config.json")) as f:
+        return f.read()
+
+
+def test_sd35_single_file_and_flux_split_files(sd3_dir, flux_dir, tmp_path):
+    """SD3.5's single file holds text_encoders.clip_l / clip_g / t5xxl.transformer.* (transformers' names);
+    FLUX's are split: clip_l.safetensors and t5xxl_fp16.safetensors. Tokenizers from the model folders."""
+    parts = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
+    whole = {}
+    for name, sub in parts.items():
+        state = _state(os.path.join(sd3_dir, sub))
+        whole.update({f"text_encoders.{name}.transformer.{k}": t for k, t in state.items()})
+    whole["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"] = torch.zeros(3, 1)
+    path = str(tmp_path / "sd3.5_medium.safetensors")
+    meta = {"text_encoder_config": _config(sd3_dir, "text_encoder"),  # tiny sizes (real files: full size)
+            "text_encoder_2_config": _config(sd3_dir, "text_encoder_2")}
+    save_file(whole, path, metadata=meta)
+    with torch.no_grad():
+        want = clip.load(sd3_dir).encode(PROMPTS[:3])
+        got = clip.load(path, tokenizer=sd3_dir).encode(PROMPTS[:3])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(CheckpointError, match="holds no tokenizer and its vocabulary .* is not CLIP's"):
+        clip.load(path)  # the tiny CLIPs' vocabulary is not the shipped one
+    # Without T5 (as diffusers allows): zeros in its place; without CLIP-L's projection: an identity.
+    dropped = ("text_encoders.t5xxl", "text_encoders.clip_l.transformer.text_projection")
+    no_t5 = {k: t for k, t in whole.items() if not k.startswith(dropped)}
+    save_file(no_t5, path, metadata=meta)
+    with torch.no_grad():
+        context, pooled = clip.load(path, tokenizer=sd3_dir).encode(PROMPTS[:3])
+        clip_l = clip.load(sd3_dir).encoders[0](clip.load(sd3_dir).tokenizers[0](PROMPTS[:3]))["pooled"]
+    assert context.shape == (3, 77 + 256, clip.T5_WIDTH) and (context[:, 77:] == 0).all()
+    _close(context[:, :77, :64], want[0][:, :77, :64])
+    _close(pooled[:, :32], clip_l)
+
+    clip_file, t5_file = str(tmp_path / "clip_l.safetensors"), str(tmp_path / "t5xxl_fp16.safetensors")
+    save_file(_state(os.path.join(flux_dir, "text_encoder")), clip_file,
+              metadata={"text_encoder_config": _config(flux_dir, "text_encoder")})
+    save_file(_state(os.path.join(flux_dir, "text_encoder_2")), t5_file)
+    with torch.no_grad():
+        want = clip.load(flux_dir).encode(PROMPTS[:3])
+        got = clip.load(clip_file, t5_file=t5_file, tokenizer=flux_dir).encode(PROMPTS[:3])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(CheckpointError, match="a CLIP-L file alone .*pass t5_file=FILE"):
+        clip.load(clip_file, tokenizer=flux_dir)
+    with pytest.raises(CheckpointError, match="is not a T5 tokenizer .a BPE model") as e:  # CLIP's tokenizer folder
+        clip.load(clip_file, t5_file=t5_file, tokenizer=os.path.join(flux_dir, "tokenizer"))
+    assert "\n" not in str(e.value)
+
+
+def test_shipped_vocabulary():
+    """clip_bpe/ is CLIP's vocabulary: known ids of OpenAI's tokenizer, and transformers' CLIPTokenizer on it."""
+    from transformers import CLIPTokenizer
+    tok = clip.Tokenizer()
+    ids = tok(["a photo of a cat", "a photo of a dog"])
+    assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407] and ids[1, 5].item() == 1929
+    assert (ids[0, 7:] == 49407).all() and (clip.Tokenizer(pad_token="!")(["a cat"])[0, 4:] == 0).all()
+    bang = [clip.Tokenizer(pad_token="!")(["wow!!"])[0, :4], clip.Tokenizer(pad_id=0)(["wow!!"])[0, :4]]
+    assert bang[0][2:].tolist() == [0, 0] and bang[1].tolist() != bang[0].tolist()  # "!" special (id 0) or BPE'd
+    ref = CLIPTokenizer(os.path.join(clip.VOCAB, "vocab.json"), os.path.join(clip.VOCAB, "merges.txt"))
+    assert len(ref) == clip.CLIP_VOCAB_SIZE
+    want = ref(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
+    assert tok(PROMPTS).tolist() == want

@@ -64,6 +64,8 @@ ATTN_CASES = [
     (2, 1, 37, 37, 40, True, (32, 16)),  # causal, BLOCK_M > BLOCK_N
     (2, 1, 37, 50, 64, False, None),  # both lengths < BLOCK = 64
     (1, 1, 1, 5, 64, False, None),  # single query, L << BLOCK
+    (1, 2, 256 + 77, 256 + 77, 64, False, None),  # MMDiT's joint attention: image + text tokens, ragged last tile
+    (1, 1, 144 + 23, 144 + 23, 128, False, (32, 64)),  # FLUX's: head dim 128, ragged, BLOCK_M < BLOCK_N
 ]
 
 

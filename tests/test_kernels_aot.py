@@ -33,7 +33,8 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     groups = {}
     for r in rows:
         groups.setdefault((r["shape"], r["kernel"]), []).append(r)
-    expected = {(s, k) for s in ("sdxl self 64x64", "sd15 self 16x16") for k in ("fwd", "bwd_dkdv", "bwd_dq")}
+    quick = ("sdxl self 64x64", "sd15 self 16x16", "sd3 joint 1024^2", "flux joint 1024^2")  # the flow models' too
+    expected = {(s, k) for s in quick for k in ("fwd", "bwd_dkdv", "bwd_dq")}
     expected |= {("fixed", k) for k in ("bwd_preprocess", "dpo_sse", "dpo_grad")}
     assert set(groups) == expected
     for key, rs in groups.items():  # the autotuner always has a config that fits and keeps tiles in registers

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import clip
 import relabel
 import reward
 import tiny
@@ -298,3 +299,22 @@ def test_score_specs():
     with pytest.raises(CheckpointError, match="pickscore: no such file or folder: /no/such"):
         reward.load_all([("pickscore", "/no/such", {})])
     assert reward.load_all([("area", None, {})])["area"] is toy.area
+
+
+def test_hps_without_a_tokenizer_folder(hps_file, images, tmp_path, one_thread):
+    """An HPSv2 .pt alone scores: CLIP's vocabulary comes from clip_bpe/ (padded with "!" as open_clip pads, which
+    the causal text tower and its end-token pooling never see: the same scores as <|endoftext|> padding)."""
+    path, config = hps_file
+    sd = torch.load(path, weights_only=True)["state_dict"]
+    emb = sd["token_embedding.weight"]  # (n, 32): grown to CLIP's 49408 rows
+    sd["token_embedding.weight"] = torch.cat([emb, torch.randn(clip.CLIP_VOCAB_SIZE - emb.shape[0], emb.shape[1])])
+    full = str(tmp_path / "HPS_v2.1_compressed.pt")
+    torch.save({"state_dict": sd}, full)
+    cfg = dict(config, text_cfg=dict(config["text_cfg"], vocab_size=clip.CLIP_VOCAB_SIZE))
+    scorer = reward.load("hps", full, config=cfg)
+    assert scorer.tokenizer.folder == clip.VOCAB and scorer.tokenizer.pad_id == 0
+    explicit = reward.load("hps", full, tokenizer=clip.VOCAB, config=cfg)
+    assert explicit.tokenizer.pad_id == 49407
+    scores = scorer(images, PROMPTS)
+    _close(scores, explicit(images, PROMPTS))
+    assert scores.std() > 0

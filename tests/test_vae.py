@@ -173,3 +173,45 @@ def test_bad_input(sdxl_dir, tmp_path):
         vae.load(str(tmp_path))
     with pytest.raises(ValueError, match="layout"):
         vae.save(v, str(tmp_path / "x"), layout="ldm")
+
+
+@pytest.mark.parametrize("family,scale,shift", [("sd3", 1.5305, 0.0609), ("flux", 0.3611, 0.1159)])
+def test_sixteen_channels(family, scale, shift, tmp_path):
+    """SD3's and FLUX's VAE: 16 latent channels, no quant convs, a shift; diffusers folder and both single files."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    torch.manual_seed(0)
+    ref = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
+                        scaling_factor=scale, shift_factor=shift).eval()
+    ref.save_pretrained(tmp_path / "vae")
+    v = vae.load(str(tmp_path))
+    assert (v.scaling_factor, v.shift_factor) == (scale, shift) and v.quant_conv is None
+    _check_same_outputs(v, ref)
+    x = _images()
+    with torch.no_grad():  # the pipelines' formulas: (z - shift) * scale on the way in, z / scale + shift out
+        z = ref.encode(x).latent_dist.mean
+        _close(v.scale(v.encode(x)), (z - ref.config.shift_factor) * ref.config.scaling_factor)
+        _close(v.unscale(v.scale(z)), z)
+    single = str(tmp_path / "single.safetensors")
+    vae.save(v, single, layout="single")
+    with safe_open(single, "pt") as f:
+        ckpt = {k[len("first_stage_model."):]: f.get_tensor(k) for k in f.keys()}
+    converted = convert_ldm_vae_checkpoint(dict(ckpt), dict(ref.config))
+    assert converted.keys() == ref.state_dict().keys()
+    assert all(torch.equal(converted[k], t) for k, t in ref.state_dict().items())
+    # FLUX ships its VAE alone (ae.safetensors, no prefix); SD3.5's files hold it under first_stage_model.
+    # (the tiny VAE's structure in the metadata, without its factors: those come from the file's family)
+    structure = {k: x for k, x in v.config.items() if k not in ("scaling_factor", "shift_factor")}
+    meta = {"vae_config": json.dumps(structure)}
+    bare = str(tmp_path / "ae.safetensors")
+    save_file(ckpt, bare, metadata=meta)
+    whole = str(tmp_path / "sd3.5_medium.safetensors")
+    save_file({**{"first_stage_model." + k: t for k, t in ckpt.items()},
+               "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(3, 1)}, whole, metadata=meta)
+    loaded = vae.load(bare if family == "flux" else whole)
+    assert (loaded.scaling_factor, loaded.shift_factor) == (scale, shift)
+    assert loaded.config["latent_channels"] == 16 and loaded.quant_conv is None
+    assert vae.downsample(bare) == 2
+    _check_same_outputs(loaded, ref)

@@ -22,6 +22,8 @@ import reward
 
 from toy import write_tokenizer  # the tiny CLIP BPE tokenizer writer (the demo's toy model needs one too)
 
+T5_WIDTH = 80  # the tiny T5's d_model: wider than the two tiny CLIPs together (64), so SD3's zero padding shows
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)  # for subprocesses: one thread each
 # SD1.5 / SDXL's noise schedule as diffusers' scheduler classes take it
@@ -274,3 +276,94 @@ def fill_disk_after(monkeypatch, module, name, calls):
             f.write(b"\0" * 4096)
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(module, name, write)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flow models: SD3 / FLUX pipelines (T5 tokenizer, 16-channel VAE)
+
+T5_WORDS = ["a", "photo", "of", "the", "cat", "dog", "on", "mat", "red", "astronaut", "riding", "horse", "in", "space"]
+
+
+def write_t5_tokenizer(folder):
+    """A T5-style tokenizer.json made with the tokenizers library: SentencePiece Unigram pieces (<pad> 0, </s> 1,
+    <unk> 2, then "▁"-marked words and single characters), a Metaspace pre-tokenizer, </s> appended."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    chars = "abcdefghijklmnopqrstuvwxyzA!:123"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -3.0 - i / 10) for i, w in enumerate(T5_WORDS)]
+    vocab += [(w, -6.0 - i / 10) for i, w in enumerate(T5_WORDS)]
+    vocab += [(c, -9.0 - i / 10) for i, c in enumerate(chars)] + [("▁" + c, -12.0) for c in chars[:10]]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=512), f)
+    return len(vocab)
+
+
+def _t5(vocab_size, seed):
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=T5_WIDTH, d_kv=8, d_ff=40, num_layers=2, num_heads=4,
+                                   feed_forward_proj="gated-gelu", dropout_rate=0.0))
+
+
+def _vae16(scaling_factor, shift_factor):
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor)
+
+
+def make_sd3(root, seed=0, qk_norm="rms_norm", dual=(0,)):
+    """Write a tiny random SD3.5 pipeline folder (SD3 with qk_norm=None, dual=()) at root; returns root."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
+    torch.manual_seed(seed)
+    n = write_tokenizer(os.path.join(root, "tokenizer"))
+    write_tokenizer(os.path.join(root, "tokenizer_2"), pad_token="!")
+    n5 = write_t5_tokenizer(os.path.join(root, "tokenizer_3"))
+    te1 = CLIPTextModelWithProjection(_text_config(n, "quick_gelu", 32))
+    te2 = CLIPTextModelWithProjection(_text_config(n, "gelu", 32))
+    te3 = _t5(n5, seed)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=2,
+                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
+                                        caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+                                        pos_embed_max_size=32, qk_norm=qk_norm, dual_attention_layers=dual)
+    vae = _vae16(1.5305, 0.0609)
+    _randomize(te1, te2, te3, transformer, vae, seed=seed)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=te1, tokenizer=CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer")),
+        text_encoder_2=te2, tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer_2")),
+        text_encoder_3=te3, tokenizer_3=T5TokenizerFast.from_pretrained(os.path.join(root, "tokenizer_3")))
+    pipe.save_pretrained(root)
+    return root
+
+
+def make_flux(root, seed=0, guidance=True):
+    """Write a tiny random FLUX.1 pipeline folder (dev; schnell with guidance=False) at root; returns root."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast
+    torch.manual_seed(seed)
+    n = write_tokenizer(os.path.join(root, "tokenizer"))
+    n5 = write_t5_tokenizer(os.path.join(root, "tokenizer_2"))
+    te1 = CLIPTextModel(_text_config(n, "quick_gelu", 32))
+    te2 = _t5(n5, seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
+                                         pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
+    vae = _vae16(0.3611, 0.1159)
+    _randomize(te1, te2, transformer, vae, seed=seed)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=te1,
+                        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer")), text_encoder_2=te2,
+                        tokenizer_2=T5TokenizerFast.from_pretrained(os.path.join(root, "tokenizer_2")))
+    pipe.save_pretrained(root)
+    return root
