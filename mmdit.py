@@ -357,7 +357,7 @@ def converted(ckpt, prefix, names, last, what):
     def read(key, third, swap):
         t = ckpt[key]
         if third is not None:
-            t = t.chunk(3, dim=0)[third]
+            t = t.chunk(3, dim=0)[third].clone()  # not a view: it would keep the whole fused tensor alive
         if swap:
             shift, scale = t.chunk(2, dim=0)
             t = torch.cat([scale, shift], dim=0)

@@ -3,6 +3,8 @@ full-size structures on the meta device, both checkpoint layouts (checked with d
 checkpoints."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from safetensors.torch import save_file
 import mmdit
 from tiny import _randomize
 from weights import CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # head dim 64, as every real SD3 (a single file's shapes show the width, not the head count)
 TINY = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=64, num_attention_heads=2,
@@ -117,6 +121,8 @@ def test_single_file_is_the_original_layout(pair, tmp_path):
     path = tmp_path / "sd3.5_tiny.safetensors"
     save_file({**orig, "first_stage_model.decoder.conv_in.weight": torch.zeros(1)}, str(path))
     m = mmdit.load(str(path))
+    for name, p in m.named_parameters():  # a third of a fused qkv is a copy, not a view keeping all of it alive
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
     assert m.config["qk_norm"] == ref.config.qk_norm
     assert m.config["dual_attention_layers"] == tuple(ref.config.dual_attention_layers)
     x, t, ctx, pooled = inputs()
@@ -173,3 +179,48 @@ def test_bad_checkpoints(tmp_path):
         mmdit.load(str(folder))
     with pytest.raises(CheckpointError, match="does not exist"):
         mmdit.load(os.path.join(str(tmp_path), "nowhere"))
+
+
+MEASURE = """
+import sys, torch, mmdit
+def rss(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field))
+base = rss("VmRSS")
+m = mmdit.load(sys.argv[1], dtype=torch.bfloat16)
+assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+touched = sum(float(p.detach()[:1].float().abs().sum()) for p in m.parameters())  # every tensor really read
+size = sum(p.numel() * p.element_size() for p in m.parameters())
+print(sum(p.numel() for p in m.parameters()), size, rss("VmHWM") - base, touched >= 0, m.config["qk_norm"],
+      len(m.config["dual_attention_layers"]))
+"""
+
+
+def test_full_size_single_file_loads_within_its_size(tmp_path):
+    """SD3.5-medium's original single file (bf16, ~5 GB; fused qkv split, final norms swapped on the way):
+    mmdit.load's peak RSS growth stays <= 1.2x the model's own size. The file is sparse (zeros): no disk time."""
+    with torch.device("meta"):
+        m = mmdit.MMDiT(mmdit.SD35_MEDIUM)
+    last = m.config["num_layers"] - 1
+    shapes = {}
+    for name, t in m.state_dict().items():
+        key, third, _ = mmdit.original_name(name, last)
+        rows = t.shape[0] * (3 if third is not None else 1)
+        shapes[mmdit.PREFIX + key] = (rows,) + tuple(t.shape[1:])
+    header, off = {}, 0
+    for k, s in shapes.items():
+        n = 2 * int(torch.tensor(s).prod())
+        header[k] = {"dtype": "BF16", "shape": list(s), "data_offsets": [off, off + n]}
+        off += n
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    path = str(tmp_path / "sd3.5_medium.safetensors")
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h)
+        f.truncate(8 + len(h) + off)
+    out = subprocess.run([sys.executable, "-c", MEASURE, path], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stderr[-2000:]
+    params, size, growth, touched, qk, dual = out.stdout.split()
+    assert int(params) == sum(p.numel() for p in m.parameters()) and touched == "True"
+    assert (qk, dual) == ("rms_norm", "13")  # the config read off the file's shapes is SD3.5-medium's
+    assert int(growth) <= 1.2 * int(size), f"peak RSS grew {int(growth) / 1e6:.0f} MB for a {int(size) / 1e6:.0f} MB"
