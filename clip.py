@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import kernels
 import t5
 from weights import (Checkpoint, CheckpointError, component, find_weights, load_module, read_config, rename, renamed,
-                     save_safetensors)
+                     save_safetensors, special_tokens)
 
 MAX_LENGTH = 77
 VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_bpe")  # CLIP's BPE (see its README.md)
@@ -64,16 +64,8 @@ class Tokenizer:
         vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
         if not (os.path.isfile(vocab) and os.path.isfile(merges)):
             raise CheckpointError(f"{folder} is not a CLIP tokenizer folder (no vocab.json and merges.txt)")
-        special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                       pad_token="<|endoftext|>")
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
-            p = os.path.join(folder, name)
-            if os.path.isfile(p):
-                with open(p) as f:
-                    cfg = json.load(f)
-                for k in special:
-                    v = cfg.get(k)
-                    special[k] = (v.get("content") if isinstance(v, dict) else v) or special[k]
+        special = special_tokens(folder, dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                              unk_token="<|endoftext|>", pad_token="<|endoftext|>"))
         special["pad_token"] = pad_token or special["pad_token"]
         bos, eos, unk, pad = (special[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token"))
         tok = Tok(models.BPE(*models.BPE.read_file(vocab, merges), continuing_subword_prefix="",

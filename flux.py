@@ -16,7 +16,6 @@ Modules are named after the diffusers layout (a transformer/ folder loads key fo
 single files (`double_blocks.*`, fused qkv and qkv+MLP, shift-before-scale final norm) through one table.
 The shared blocks (AdaLN, RMSNorm, the feed-forward, the embedders' MLPs) come from mmdit.py.
 """
-import os
 
 import torch
 import torch.nn as nn
@@ -328,10 +327,8 @@ def _open(path):
         ckpt = weights.Checkpoint(where)
         config, prefix = single_file_config(ckpt, where)
         return config, ckpt, prefix
-    config = weights.read_config(where)
-    if config.get("_class_name", "FluxTransformer2DModel") != "FluxTransformer2DModel":
-        raise CheckpointError(f"{where} holds a {config['_class_name']}, not a FluxTransformer2DModel")
-    return config, weights.Checkpoint(weights.find_weights(where)), None
+    config, ckpt = weights.diffusers_folder(where, "FluxTransformer2DModel")
+    return config, ckpt, None
 
 
 def load(path, device="cpu", dtype=torch.float32):
@@ -354,6 +351,4 @@ def load(path, device="cpu", dtype=torch.float32):
 def save(m, path, metadata=None):
     """path/ config.json + diffusion_pytorch_model.safetensors (FluxTransformer2DModel.from_pretrained loads it)."""
     config = {"_class_name": "FluxTransformer2DModel", **m.config, "axes_dims_rope": list(m.config["axes_dims_rope"])}
-    os.makedirs(path, exist_ok=True)
-    weights.save_safetensors(m.state_dict(), os.path.join(path, "diffusion_pytorch_model.safetensors"), metadata)
-    weights.save_json(config, os.path.join(path, "config.json"))
+    weights.save_diffusers(m.state_dict(), config, path, metadata)

@@ -12,7 +12,6 @@ The blocks here (AdaLN, RMSNorm, the feed-forward, the embeddings' MLPs) are als
 Modules are named after the diffusers layout (a transformer/ folder loads key for key); the original single
 files (`model.diffusion_model.joint_blocks.*`, fused qkv, shift-before-scale final norms) through one table.
 """
-import os
 
 import torch
 import torch.nn as nn
@@ -386,10 +385,8 @@ def _open(path):
         ckpt = weights.Checkpoint(where)
         prefix = file_prefix(ckpt, where)
         return single_file_config(ckpt, prefix), ckpt, prefix
-    config = weights.read_config(where)
-    if config.get("_class_name", "SD3Transformer2DModel") != "SD3Transformer2DModel":
-        raise CheckpointError(f"{where} holds a {config['_class_name']}, not an SD3Transformer2DModel")
-    return config, weights.Checkpoint(weights.find_weights(where)), None
+    config, ckpt = weights.diffusers_folder(where, "SD3Transformer2DModel")
+    return config, ckpt, None
 
 
 def load(path, device="cpu", dtype=torch.float32):
@@ -412,6 +409,4 @@ def save(m, path, metadata=None):
     """path/ config.json + diffusion_pytorch_model.safetensors (SD3Transformer2DModel.from_pretrained loads it)."""
     config = {"_class_name": "SD3Transformer2DModel", **m.config}
     config["dual_attention_layers"] = list(config["dual_attention_layers"])
-    os.makedirs(path, exist_ok=True)
-    weights.save_safetensors(m.state_dict(), os.path.join(path, "diffusion_pytorch_model.safetensors"), metadata)
-    weights.save_json(config, os.path.join(path, "config.json"))
+    weights.save_diffusers(m.state_dict(), config, path, metadata)

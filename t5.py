@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import Checkpoint, CheckpointError, find_weights, load_module, read_config
+from weights import Checkpoint, CheckpointError, find_weights, load_module, read_config, special_tokens
 
 MAX_LENGTH = 256  # SD3's and FLUX.1-schnell's max_sequence_length (FLUX.1-dev uses 512)
 # T5-v1.1-XXL's encoder, as its transformers config.json names the fields.
@@ -56,15 +56,7 @@ class Tokenizer:
         kind = json.loads(tok.to_str())["model"]["type"]
         if kind != "Unigram":  # e.g. a CLIP tokenizer folder (transformers 5 writes tokenizer.json there too)
             raise CheckpointError(f"{path} is not a T5 tokenizer (a {kind} model, T5's is Unigram)")
-        special = dict(eos_token="</s>", pad_token="<pad>")
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
-            p = os.path.join(os.path.dirname(path), name)
-            if os.path.isfile(p):
-                with open(p) as f:
-                    cfg = json.load(f)
-                for k in special:
-                    v = cfg.get(k)
-                    special[k] = (v.get("content") if isinstance(v, dict) else v) or special[k]
+        special = special_tokens(os.path.dirname(path), dict(eos_token="</s>", pad_token="<pad>"))
         eos, pad = special["eos_token"], special["pad_token"]
         ids = {t: tok.token_to_id(t) for t in (eos, pad)}
         if None in ids.values():

@@ -80,6 +80,27 @@ def read_config(folder: str) -> dict:
     return read_json(os.path.join(folder, "config.json"))
 
 
+def diffusers_folder(folder: str, class_name: str):
+    """(config, checkpoint) of a diffusers component folder that must hold a class_name model."""
+    config = read_config(folder)
+    found = config.get("_class_name", class_name)
+    if found != class_name:
+        raise CheckpointError(f"{folder} holds {found}, not {class_name}")
+    return config, Checkpoint(find_weights(folder))
+
+
+def special_tokens(folder: str, special: dict) -> dict:
+    """A tokenizer folder's special tokens (special_tokens_map.json, then tokenizer_config.json, which wins as in
+    transformers), over the defaults in special."""
+    special = dict(special)
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        cfg = read_json(os.path.join(folder, name), {})
+        for k in special:
+            v = cfg.get(k)
+            special[k] = (v.get("content") if isinstance(v, dict) else v) or special[k]
+    return special
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reading lazily
 
@@ -319,6 +340,13 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: dict
         _canonical_header(tmp)
         os.chmod(tmp, FILE_MODE)
     atomic(path, write)
+
+
+def save_diffusers(state: Dict[str, torch.Tensor], config: dict, folder: str, metadata: dict = None):
+    """folder/ config.json + diffusion_pytorch_model.safetensors: a diffusers component folder."""
+    os.makedirs(folder, exist_ok=True)
+    save_safetensors(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata)
+    save_json(config, os.path.join(folder, "config.json"))
 
 
 def save_json(obj, path: str):

@@ -210,7 +210,7 @@ def test_bad_inputs(tmp_path):
     ref.save_pretrained(folder)
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(cfg, _class_name="SD3Transformer2DModel")))
-    with pytest.raises(CheckpointError, match="not a FluxTransformer2DModel"):
+    with pytest.raises(CheckpointError, match="holds SD3Transformer2DModel, not FluxTransformer2DModel"):
         flux.load(str(tmp_path / "sd3"))
     dev, schnell = flux.Flux(CONFIGS["dev"]), flux.Flux(CONFIGS["schnell"])
     x, t, ctx, pooled, g = inputs()

@@ -175,7 +175,7 @@ def test_bad_checkpoints(tmp_path):
     ref.save_pretrained(folder)
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(cfg, _class_name="FluxTransformer2DModel")))
-    with pytest.raises(CheckpointError, match="not an SD3Transformer2DModel"):
+    with pytest.raises(CheckpointError, match="holds FluxTransformer2DModel, not SD3Transformer2DModel"):
         mmdit.load(str(folder))
     with pytest.raises(CheckpointError, match="does not exist"):
         mmdit.load(os.path.join(str(tmp_path), "nowhere"))

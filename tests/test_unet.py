@@ -299,8 +299,14 @@ def test_missing_key(sdxl_dir, tmp_path):
 
 def test_wrong_family(sdxl_dir, sd15_dir, tmp_path):
     # a diffusers VAE weights file given as a single-file checkpoint
-    with pytest.raises(CheckpointError, match="not an SDXL or SD1.5 checkpoint"):
+    with pytest.raises(CheckpointError, match="not an SDXL, SD1.5, SD3 or FLUX checkpoint"):
         unet.load(os.path.join(sdxl_dir, "vae", "diffusion_pytorch_model.safetensors"))
+    # a flow model's single file given as a UNet
+    for key, name in (("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "SD3"),
+                      ("double_blocks.0.img_attn.qkv.weight", "FLUX")):
+        save_file({key: torch.zeros(3, 1)}, str(tmp_path / "flow.safetensors"))
+        with pytest.raises(CheckpointError, match=f"an {name} file, not an SDXL / SD1.5 UNet"):
+            unet.load(str(tmp_path / "flow.safetensors"))
     # the VAE folder given as a UNet folder
     with pytest.raises(CheckpointError, match="holds a AutoencoderKL, not a UNet2DConditionModel"):
         unet.load(os.path.join(sdxl_dir, "vae"))
