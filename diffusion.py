@@ -13,6 +13,7 @@ Sampling runs the reverse process with one of two schedulers, each written out b
 noise levels over the chosen timesteps plus a one-line update. They reproduce diffusers' EulerDiscreteScheduler /
 DDIMScheduler (eta=0) and its SDXL / SD1.5 pipelines step for step (tests/test_diffusion.py, tests/test_sample.py).
 """
+import math
 import os
 
 import numpy as np
@@ -143,6 +144,97 @@ class DDIM:
 
 
 SCHEDULERS = {"euler": Euler, "ddim": DDIM}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rectified flow (SD3, FLUX): x_sigma = (1 - sigma) x_0 + sigma eps, the network predicts the velocity eps - x_0
+
+# diffusers' FlowMatchEulerDiscreteScheduler defaults; SD3's folders say shift 3.0, FLUX's use_dynamic_shifting.
+FLOW_SCHEDULE = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
+                     max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def flow_forward(x0, eps, sigma):
+    """The straight path from data to noise at sigma (N,) in [0, 1]: x0, eps (N, C, h, w) -> x_sigma."""
+    s = sigma.to(x0.device, x0.dtype).view(-1, 1, 1, 1)  # (N, 1, 1, 1)
+    return (1 - s) * x0 + s * eps
+
+
+def flow_target(x0, eps):
+    """The velocity d x_sigma / d sigma = eps - x0 the transformer regresses on (the same for every sigma)."""
+    return eps - x0
+
+
+def shifted(sigma, shift):
+    """SD3's timestep shift (Esser et al. 2024, eq. 23): more time at high noise for larger images."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def resolution_shift(mu, sigma):
+    """FLUX's resolution-dependent shift: exp(mu) / (exp(mu) + 1/sigma - 1), mu from the image's token count."""
+    return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
+
+
+def flux_mu(tokens, cfg):
+    """FLUX's mu: linear in the packed image's token count, from base_shift at 256 tokens to max_shift at 4096."""
+    slope = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
+    return cfg["base_shift"] + slope * (tokens - cfg["base_image_seq_len"])
+
+
+def density(kind, n, generator, logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
+    """u in (0, 1) as SD3's and FLUX's training scripts draw it (compute_density_for_timestep_sampling):
+    logit_normal (the default there: sigmoid of N(mean, std), most mass at mid noise), mode, or uniform."""
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=generator) * logit_std + logit_mean)
+    u = torch.rand(n, generator=generator)
+    if kind == "mode":
+        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    if kind == "uniform":
+        return u
+    raise ValueError(f"unknown sigma density {kind!r} (logit_normal, mode or uniform)")
+
+
+def training_sigmas(u, cfg):
+    """The training sigma of each u, as the scripts take it: the scheduler's table of num_train_timesteps sigmas
+    (shifted, unless the shift is dynamic, as FLUX's is) at index floor(u * N)."""
+    n = cfg["num_train_timesteps"]
+    table = torch.arange(n, 0, -1, dtype=torch.float32) / n  # (N,) 1 ... 1/N
+    if not cfg["use_dynamic_shifting"]:
+        table = shifted(table, cfg["shift"])
+    return table[(u * n).long().clamp(0, n - 1)]
+
+
+class FlowEuler:
+    """Euler steps on the flow ODE dx/dsigma = v (diffusers' FlowMatchEulerDiscreteScheduler as the SD3 and FLUX
+    pipelines run it): sigmas evenly spaced from 1 to the table's last, shifted (static, or by mu for FLUX), then 0."""
+
+    def __init__(self, cfg, steps, mu=None):
+        n = cfg["num_train_timesteps"]
+        table = torch.arange(n, 0, -1, dtype=torch.float32) / n
+        if not cfg["use_dynamic_shifting"]:
+            table = shifted(table, cfg["shift"])
+        lo, hi = table[-1].item(), table[0].item()
+        sig = np.linspace(hi * n, lo * n, steps) / n  # float64, as diffusers
+        if cfg["use_dynamic_shifting"]:
+            if mu is None:
+                raise ValueError("a dynamically shifted schedule (FLUX) needs mu (flux_mu of the token count)")
+            sig = resolution_shift(mu, sig)
+        else:
+            sig = shifted(sig, cfg["shift"])
+        sig = torch.from_numpy(sig).float()
+        self.timesteps = sig * n  # (steps,) what the transformer is given: sigma * 1000
+        self.sigmas = torch.cat([sig, torch.zeros(1)])  # (steps + 1,)
+        self.init_sigma = 1.0
+
+    def scale_input(self, x, i):
+        return x
+
+    def add_noise(self, x0, noise, i):
+        s = self.sigmas[i]
+        return s * noise + (1 - s) * x0
+
+    def step(self, out, i, x):
+        return x + (self.sigmas[i + 1] - self.sigmas[i]) * out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -233,7 +233,9 @@ def encode(model, batch_size):
         def tokens(prompts):  # (B, 77) token ids, as clip.Tokenizer gives them
             return torch.zeros((len(prompts), clip.MAX_LENGTH), dtype=torch.long)
 
-        te = materialize(clip.TextEncoders(text, [tokens] * len(text)), args.amp_dtype)  # as clip.load(amp_dtype)
+        family = "sdxl" if len(text) == 2 else "sd15"
+        # as clip.load(amp_dtype)
+        te = materialize(clip.TextEncoders(text, [tokens] * len(text), family), args.amp_dtype)
         v = materialize(v, torch.float32)  # as cache.training_set: vae.load(..., torch.float32)
         counter.tag([*te.parameters(), *v.parameters()], "encoders")
         first = counter.mark("encode")
