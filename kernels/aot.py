@@ -154,7 +154,7 @@ def report(arch=90, quick=False, dtype=torch.bfloat16, ieee=False, log=print):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10: 80 A100, 90 H100, 100 B200")
-    p.add_argument("--quick", action="store_true", 
+    p.add_argument("--quick", action="store_true",
                    help="four shapes: SDXL self-attention, SD1.5 D=160, SD3 and FLUX joint")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--ieee", action="store_true", help="fp32: exact fp32 dots, as with torch's TF32 off")
