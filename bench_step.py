@@ -128,7 +128,7 @@ def settings(opts, sdxl, device):
     for k in ("resolution", "batch_size", "optimizer", "gradient_checkpointing", "compile", "lora"):
         setattr(args, k, getattr(opts, k))
     args.dtype = opts.dtype
-    return resolve(args, sdxl, 1, device)
+    return resolve(args, "sdxl" if sdxl else "sd15", 1, device)
 
 
 def inputs(cfg, B, h, res, dev, seed=0):

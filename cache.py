@@ -26,7 +26,8 @@ from weights import atomic, save_json, save_safetensors
 
 def model_inputs(batch, drop, dev, args, encoders=None, empty=None, latent_noise=None):
     """What the UNets take for B items of k images each (pairs: k = 2): clean latents z (kB, C, h, w), all first
-    images first (the winners), and cond = (context, pooled, time_ids) with kB rows. A dropped prompt is the
+    images first (the winners), and cond with kB rows: (context, pooled, time_ids) for a UNet, (context, pooled)
+    for SD3, (context, pooled, guidance) for FLUX. A dropped prompt is the
     encoders' embedding of "" (as the official code, for SDXL too; not zeros). --latents sample draws z from the
     VAE posterior with latent_noise (B, k, C, h, w) (the official code); the default is the posterior mean.
     --time_ids official gives every image the constants the official code used."""
@@ -51,14 +52,20 @@ def model_inputs(batch, drop, dev, args, encoders=None, empty=None, latent_noise
             z = z + std * latent_noise.to(dev)  # a sample of the posterior instead of its mean
         k = z.shape[1]
         z = z.transpose(0, 1).flatten(0, 1)  # (kB, C, h, w): all first images, then all second ones
-        time_ids = None  # SDXL (the family with a pooled embedding) is also told each image's size and crop
-        if pooled is not None:
+        ctx, pooled = ctx.repeat(k, 1, 1), (None if pooled is None else pooled.repeat(k, 1))  # kB rows
+        family = vars(args).get("family", "sdxl" if pooled is not None else "sd15")
+        if family == "sd3":  # the MMDiT takes (context, pooled)
+            return z, (ctx, pooled)
+        if family == "flux":  # and FLUX-dev its guidance input besides (schnell: None)
+            guidance = None if args.guidance is None else torch.full((len(z),), args.guidance, device=dev)
+            return z, (ctx, pooled, guidance)
+        time_ids = None  # SDXL is also told each image's size and crop
+        if family == "sdxl":
             time_ids = batch["time_ids"].to(dev).float().transpose(0, 1).flatten(0, 1)  # (B, k, 6) -> (kB, 6)
             if args.time_ids == "official":
                 r = float(args.resolution)
                 time_ids = torch.tensor([r, r, 0.0, 0.0, r, r], device=dev).expand(len(time_ids), 6)
-            pooled = pooled.repeat(k, 1)
-    return z, (ctx.repeat(k, 1, 1), pooled, time_ids)
+    return z, (ctx, pooled, time_ids)
 
 
 def rpo_embeddings(batch, dev, scorer):
@@ -159,7 +166,8 @@ class Feed:
 # ----------------------------------------------------------------------------------------------------
 # The latent cache
 
-COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # what a cache is encoded with
+COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+# (what a cache is encoded with)
 
 
 def depends(args, pairs) -> dict:

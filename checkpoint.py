@@ -22,13 +22,13 @@ import torch.distributed as dist
 import kernels
 import lora
 import parallel
-import unet as unetlib
+import denoiser
 import weights
 
 # flags that --resume must keep (max_steps, logging, paths and world size may change: draws are keyed by position)
 RESUME_SAME = ("loss", "beta", "pairs_per_step", "lr", "warmup", "optimizer", "weight_decay", "grad_clip", "seed",
                "resolution", "random_crop", "no_flip", "prompt_dropout", "dreamlike_only", "rpo_tau", "split",
-               "time_ids", "latents", "lora", "lora_alpha", "rpo_clip", "rpo_form")
+               "time_ids", "latents", "lora", "lora_alpha", "rpo_clip", "rpo_form", "sigma_density", "guidance")
 TEMP = re.compile(r"\.tmp\d*(\.png)?$")  # what weights.save_*, torch.save here and save_png write first
 
 
@@ -188,7 +188,7 @@ def save(path, policy, opt, step, position, args, fingerprints, rank, log):
         state = dict(policy=model_state, optimizer=opt_state, step=step, position=position, rng=rngs,
                      schedule=dict(lr=args.lr, warmup=args.warmup), args=_flags(args), fingerprints=fingerprints)
         weights.atomic(path, lambda tmp: torch.save(state, tmp))  # a full disk: one line, the old file kept
-        for old in [os.path.join(args.out_dir, n) for n in ("unet", "lora", "unet.safetensors")]:
+        for old in [os.path.join(args.out_dir, n) for n in ("unet", "transformer", "lora", "unet.safetensors")]:
             if os.path.isdir(old):
                 shutil.rmtree(old)
             elif os.path.exists(old):
@@ -200,22 +200,22 @@ def save(path, policy, opt, step, position, args, fingerprints, rank, log):
 
 
 def _outputs(args) -> list:
-    """The final UNet's paths: unet/, and unet.safetensors with --save_single."""
+    """The final denoiser's paths: unet/ (transformer/ for SD3 / FLUX), and unet.safetensors with --save_single."""
     single = [os.path.join(args.out_dir, "unet.safetensors")] if args.save_single else []
-    return [os.path.join(args.out_dir, "unet")] + single
+    return [os.path.join(args.out_dir, denoiser.subfolder(args.family))] + single
 
 
 def save_outputs(policy, args, step, log):
     """The run's final UNet: unet/ (diffusers layout) and with --save_single unet.safetensors (original layout),
     each recording its step in the safetensors metadata; a LoRA run also writes lora/ (diffusers' LoRA file) and
     merges its adapters into an fp32 copy of the base for unet/. Every rank calls it (FSDP shards are gathered);
-    rank 0 writes. A unet.safetensors that this run was not asked for is removed."""
+    rank 0 writes. A unet.safetensors that this run was not asked for is removed. SD3 / FLUX: transformer/."""
     rank0, meta = dist.get_rank() == 0, {"step": str(step)}
     if args.lora:
         adapters = parallel.gathered(lora.state_dict(policy))  # (file layout) every rank takes part in gathers
-        u = unetlib.load(args.unet_init or args.model, "cpu", torch.float32) if rank0 else None
+        u = denoiser.load(args.unet_init or args.model, "cpu", torch.float32) if rank0 else None
         if rank0:
-            lora.merge(u, lora.pairs(adapters, "adapters"))
+            lora.merge(u, lora.pairs(adapters, "adapters", prefix=lora.prefix_of(u)))
             lora.save(adapters, os.path.join(args.out_dir, "lora"), meta)
             log(f"saved {os.path.join(args.out_dir, 'lora')} (step {step})")
     else:
@@ -223,12 +223,12 @@ def save_outputs(policy, args, step, log):
         u = None
         if rank0:
             with torch.device("meta"):
-                u = unetlib.UNet(policy.config)
+                u = denoiser.build(policy.config, args.family)
             u.load_state_dict(state, assign=True)
             u.prediction_type = policy.prediction_type
     if rank0:
         for path in _outputs(args):
-            unetlib.save(u, path, "single" if path.endswith(".safetensors") else "diffusers", meta)
+            denoiser.save(u, path, "single" if path.endswith(".safetensors") else "diffusers", meta)
             log(f"saved {path} (step {step})")
         single = os.path.join(args.out_dir, "unet.safetensors")
         if not args.save_single and os.path.exists(single):

@@ -154,6 +154,18 @@ FLOW_SCHEDULE = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=F
                      max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
 
 
+FAMILY_FLOW = {"sd3": dict(shift=3.0), "flux": dict(shift=3.0, use_dynamic_shifting=True)}  # their released configs
+
+
+def flow_config(path, family) -> dict:
+    """The family's released flow schedule, overridden by the folder's scheduler/scheduler_config.json if any."""
+    cfg = dict(FLOW_SCHEDULE, **FAMILY_FLOW[family])
+    if os.path.isdir(path):
+        found = read_json(os.path.join(path, "scheduler", "scheduler_config.json"), {})
+        cfg.update({k: found[k] for k in FLOW_SCHEDULE if found.get(k) is not None})
+    return cfg
+
+
 def flow_forward(x0, eps, sigma):
     """The straight path from data to noise at sigma (N,) in [0, 1]: x0, eps (N, C, h, w) -> x_sigma."""
     s = sigma.to(x0.device, x0.dtype).view(-1, 1, 1, 1)  # (N, 1, 1, 1)
@@ -204,17 +216,29 @@ def training_sigmas(u, cfg):
     return table[(u * n).long().clamp(0, n - 1)]
 
 
+def noised(x0, eps, t, prediction_type, alphas_cumprod=None):
+    """One draw of the forward process, for training and the implicit reward alike: (x_t, the timestep input the
+    denoiser is given, its regression target). DDPM: t integer, q(x_t | x_0), eps or v; flow: t = sigma, the point
+    on the straight path, sigma * 1000 (as diffusers' pipelines and scripts give it), the velocity eps - x0."""
+    if prediction_type == "flow":
+        return flow_forward(x0, eps, t), t * 1000, flow_target(x0, eps)
+    return forward_process(x0, eps, t, alphas_cumprod), t, target(x0, eps, t, alphas_cumprod, prediction_type)
+
+
 class FlowEuler:
     """Euler steps on the flow ODE dx/dsigma = v (diffusers' FlowMatchEulerDiscreteScheduler as the SD3 and FLUX
-    pipelines run it): sigmas evenly spaced from 1 to the table's last, shifted (static, or by mu for FLUX), then 0."""
+    pipelines run it): sigmas evenly spaced from 1 to the table's last, shifted (static, or by mu for FLUX), then 0.
+    sigmas: the unshifted sigmas to use instead (FLUX's pipeline gives linspace(1, 1/steps, steps))."""
 
-    def __init__(self, cfg, steps, mu=None):
+    def __init__(self, cfg, steps, mu=None, sigmas=None):
         n = cfg["num_train_timesteps"]
         table = torch.arange(n, 0, -1, dtype=torch.float32) / n
         if not cfg["use_dynamic_shifting"]:
             table = shifted(table, cfg["shift"])
         lo, hi = table[-1].item(), table[0].item()
         sig = np.linspace(hi * n, lo * n, steps) / n  # float64, as diffusers
+        if sigmas is not None:
+            sig = np.asarray(sigmas, dtype=np.float32)
         if cfg["use_dynamic_shifting"]:
             if mu is None:
                 raise ValueError("a dynamically shifted schedule (FLUX) needs mu (flux_mu of the token count)")
@@ -241,11 +265,12 @@ class FlowEuler:
 # The sampling loop: text side -> guided denoising from noise (or a noised image) -> VAE
 
 
-def conditions(te, prompts, negative=None, guided=True, zeros_for_empty=False, size=None):
-    """What the UNet is conditioned on, (context, pooled, time_ids), with [negatives; prompts] stacked along the
-    batch when guided (classifier-free guidance). negative: None, one string or one per prompt; zeros_for_empty:
-    no negative prompt means all-zero negative embeddings (SDXL's force_zeros_for_empty_prompt). size (height,
-    width): SDXL's micro-conditioning (original size, crop top-left 0, target size) for a model with pooled text."""
+def conditions(te, prompts, negative=None, guided=True, zeros_for_empty=False, size=None, guidance_embed=None):
+    """What the denoiser is conditioned on, (context, pooled, time_ids) for a UNet, (context, pooled) for SD3,
+    (context, pooled, guidance) for FLUX, with [negatives; prompts] stacked along the batch when guided
+    (classifier-free guidance). negative: None, one string or one per prompt; zeros_for_empty: no negative prompt
+    means all-zero negative embeddings (SDXL's force_zeros_for_empty_prompt). size (height, width): SDXL's
+    micro-conditioning (original size, crop top-left 0, target size). guidance_embed: FLUX-dev's guidance input."""
     ctx, pooled = te.encode(prompts)
     if guided and negative is None and zeros_for_empty:
         nctx, npooled = torch.zeros_like(ctx), (None if pooled is None else torch.zeros_like(pooled))
@@ -256,19 +281,24 @@ def conditions(te, prompts, negative=None, guided=True, zeros_for_empty=False, s
         nctx, npooled = te.encode(neg)
     if guided:
         ctx, pooled = torch.cat([nctx, ctx]), (None if pooled is None else torch.cat([npooled, pooled]))
+    if te.family == "sd3":
+        return ctx, pooled
+    if te.family == "flux":
+        g = None if guidance_embed is None else torch.full((len(ctx),), float(guidance_embed), device=ctx.device)
+        return ctx, pooled, g
     time_ids = None
-    if pooled is not None and size is not None:
+    if te.family == "sdxl" and size is not None:
         h, w = size
         time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(ctx), device=ctx.device).to(ctx)  # (B or 2B, 6)
     return ctx, pooled, time_ids
 
 
 def predict(unet, x, t, cond, dtype):
-    """One UNet call in the model's dtype, on the device of the conditioning; the result in fp32 (the scheduler
-    math runs in fp32). t: one timestep for the batch, or (B,)."""
-    ctx, pooled, time_ids = cond
-    t = t.to(ctx.device, torch.float32).expand(x.shape[0])
-    return unet(x.to(ctx.device, dtype), t, ctx, pooled=pooled, time_ids=time_ids).float()
+    """One denoiser call in the model's dtype, on the device of the conditioning; the result in fp32 (the scheduler
+    math runs in fp32). t: one timestep for the batch, or (B,); cond: what conditions() gives."""
+    dev = cond[0].device
+    t = t.to(dev, torch.float32).expand(x.shape[0])
+    return unet(x.to(dev, dtype), t, *cond).float()
 
 
 @torch.no_grad()

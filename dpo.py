@@ -1,15 +1,17 @@
-"""Diffusion-DPO (Wallace et al. 2023, arXiv:2311.12908): fine-tune SDXL / SD1.5 on human preference pairs.
+"""Diffusion-DPO (Wallace et al. 2023, arXiv:2311.12908): fine-tune SDXL / SD1.5 / SD3 / FLUX on preference pairs.
 
     python dpo.py                                                   # CPU demo (demo.py), no downloads
     torchrun --nproc_per_node 8 dpo.py --model SDXL_DIR --data pickapic_v2/ --beta 5000 --out_dir runs/sdxl
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_id run1 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 dpo.py ...
 
-A pair (x_w, x_l) of images for prompt c, x_w preferred. Both are noised with ONE timestep t ~ U{0..999} and ONE noise
-eps (the forward process q(x_t | x_0), diffusion.py); the trainable policy eps_theta and the frozen reference eps_ref
-(the base model) predict the noise of both; eq. 14 asks the policy to denoise the winner better than the reference
-does, relative to how it denoises the loser. Reading order: eq. 14 and the table of objectives (objectives.py has the
-others), one micro-batch (pair_loss), the models and the optimizer step, the loop (train), the flags and defaults.
-"""
+A pair (x_w, x_l) of images for prompt c, x_w preferred. Both are noised with ONE timestep t ~ U{0..999} and ONE
+noise eps (the forward process q(x_t | x_0), diffusion.py); the trainable policy eps_theta and the frozen reference
+eps_ref (the base model) predict the noise of both; eq. 14 asks the policy to denoise the winner better than the
+reference does, relative to how it denoises the loser. Rectified-flow models (SD3, FLUX) draw ONE sigma instead of
+t, noise both images onto the straight path x_sigma = (1 - sigma) x_0 + sigma eps, and eq. 14 compares their
+velocity errors |(eps - x_0) - v_theta|^2 in place of the noise errors. Reading order: eq. 14 and the table of
+objectives (objectives.py has the others), one micro-batch (pair_loss), the models and the optimizer step, the loop
+(train), the flags and defaults."""
 import argparse
 import contextlib
 import math
@@ -27,13 +29,14 @@ import cache
 import checkpoint
 import cli
 import data
+import denoiser
 import diffusion
+import flux
 import kernels
 import lora
 import objectives
 import optim
 import parallel
-import unet as unetlib
 import vae as vaelib
 from data import seed_for
 from objectives import mse, preference_logits, stats
@@ -66,19 +69,27 @@ OBJECTIVES = {"dpo": dpo, "sft": objectives.sft, "rpo": objectives.rpo, "ipo": o
               "hinge": objectives.hinge, "mapo": objectives.mapo, "kto": objectives.kto}
 REFERENCE_FREE = ("sft", "mapo")  # no reference model at all
 BETA = {"dpo": 5000.0, "rpo": 5000.0, "ipo": 5000.0, "hinge": 5000.0, "kto": 1000.0, "mapo": 0.1}  # as their authors
+# Flow models: flow_grpo's Flow-DPO recipe for SD3.5 (Liu et al. 2025), with eq. 14's 1/2 and per-element mean MSEs
+# as here; velocity errors differ far more between images than noise errors do (kto, mapo: as above)
+FLOW_BETA = {"dpo": 100.0, "rpo": 100.0, "ipo": 100.0, "hinge": 100.0}
 
 # ----------------------------------------------------------------------------------------------------
 # One micro-batch
 
 
-def draw(pos, seed, shape, n_t, p_drop, n_latent=0):
+def draw(pos, seed, shape, n_t, p_drop, n_latent=0, flow=None):
     """t, eps and prompt dropout for the pairs at global positions pos: ONE draw per pair (shared by winner and
     loser), keyed by (seed, position) alone, so world size, data workers and resume do not change it. n_latent > 0
-    (--latents sample): also the noise that draws each of a pair's n_latent latents from the VAE posterior."""
+    (--latents sample): also the noise that draws each of a pair's n_latent latents from the VAE posterior.
+    flow = (density, scheduler config) for a flow model: t is then sigma in (0, 1], drawn as SD3's and FLUX's own
+    training scripts draw it (a density of u, then the scheduler's table of sigmas)."""
     t, eps, drop, latent = [], [], [], []
     for p in pos.tolist():
         g = torch.Generator().manual_seed(seed_for(seed, p, 0x7E5))
-        t.append(torch.randint(0, n_t, (1,), generator=g))
+        if flow is None:
+            t.append(torch.randint(0, n_t, (1,), generator=g))
+        else:
+            t.append(diffusion.training_sigmas(diffusion.density(flow[0], 1, g), flow[1]))
         eps.append(torch.randn(shape, generator=g))
         drop.append(torch.rand(1, generator=g) < p_drop)
         if n_latent:
@@ -87,10 +98,10 @@ def draw(pos, seed, shape, n_t, p_drop, n_latent=0):
     return torch.cat(t), torch.stack(eps), torch.cat(drop), latent  # (B,), (B, C, h, w), (B,) bool
 
 
-def micro_batch(batch, feed, args, T, dev):
+def micro_batch(batch, feed, args, T, dev, flow=None):
     """A batch of items -> pair_loss's inputs: one draw of (t, eps, prompt dropout) per item, then the latents and
     text embeddings (cache.Feed: encoded now or read from the cache), labels and RPO's embeddings."""
-    t, eps, drop, zn = draw(batch["pos"], args.seed, feed.latent_shape, T, args.prompt_dropout, feed.n_latent)
+    t, eps, drop, zn = draw(batch["pos"], args.seed, feed.latent_shape, T, args.prompt_dropout, feed.n_latent, flow)
     z, cond = feed(batch, drop.to(dev), zn)
     labels = batch["label"].to(dev) if "label" in batch else None
     return dict(z=z, eps=eps.to(dev), t=t.to(dev), T=T, cond=cond, labels=labels, rpo_emb=feed.rpo_embeddings(batch))
@@ -99,16 +110,18 @@ def micro_batch(batch, feed, args, T, dev):
 def pair_loss(model, ref, inputs, args, alphas_cumprod, prediction_type):
     """The loss of one micro-batch, as the paper computes it. inputs: z (kB, C, h, w) clean latents, the items'
     first images first (the winners; k = 2 images per pair, 1 for single images); eps (B, C, h, w) and t (B,), one
-    draw per item; cond = (context, pooled, time_ids) with kB rows; and what an objective needs besides (T, the
-    number of timesteps; labels of single images; rpo_emb, RPO's CLIP embeddings)."""
+    draw per item (a flow model's sigma); cond, the denoiser's conditioning with kB rows ((context, pooled,
+    time_ids) for a UNet); and what an objective needs besides (T, the number of timesteps; labels of single
+    images; rpo_emb, RPO's CLIP embeddings)."""
     z, eps, t, cond = inputs["z"], inputs["eps"], inputs["t"], inputs["cond"]
     B = eps.shape[0]
     if args.loss == "sft":  # the paper's baseline learns from the preferred images only
         z, cond = z[:B], tuple(None if c is None else c[:B] for c in cond)
     k = z.shape[0] // B  # images per item
     eps_k, t_k = eps.repeat(k, 1, 1, 1), t.repeat(k)  # (kB, C, h, w), (kB,): winner i and loser i share them
-    x_t = diffusion.forward_process(z, eps_k, t_k, alphas_cumprod)  # (kB, C, h, w) a draw of q(x_t | x_0)
-    target = diffusion.target(z, eps_k, t_k, alphas_cumprod, prediction_type)  # eps, or v for v-prediction
+    # (kB, C, h, w) a draw of q(x_t | x_0) and the target (eps, or v for v-prediction); for a flow model the point
+    # (1 - sigma) x_0 + sigma eps on the straight path and its velocity eps - x_0, the model given sigma * 1000
+    x_t, t_k, target = diffusion.noised(z, eps_k, t_k, prediction_type, alphas_cumprod)
     amp = torch.autocast(x_t.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype != torch.float32,
                          cache_enabled=args.autocast_cache)
     with amp:
@@ -117,7 +130,7 @@ def pair_loss(model, ref, inputs, args, alphas_cumprod, prediction_type):
     if args.loss not in REFERENCE_FREE:
         with torch.no_grad(), amp:
             ref_pred = ref(x_t, t_k, *cond)  # (kB, C, h, w) the frozen reference's eps_ref(x_t, t, c)
-    if prediction_type == "v_prediction":  # |pred - v|^2 = |(pred - v + eps) - eps|^2: every loss compares with eps
+    if prediction_type != "epsilon":  # |pred - v|^2 = |(pred - v + eps) - eps|^2: every loss compares with eps
         pred = pred - (target - eps_k)
         ref_pred = None if ref_pred is None else ref_pred - (target - eps_k)
     return OBJECTIVES[args.loss](pred, ref_pred, eps, args, inputs)
@@ -130,8 +143,8 @@ def pair_loss(model, ref, inputs, args, alphas_cumprod, prediction_type):
 def reference(path, dev, dtype):
     """The frozen reference: conv/linear weights in the compute dtype, norms in fp32, so that under autocast it
     computes bit for bit what the policy computes at step 0 (bf16 norm weights would shift eq. 14's argument by
-    beta x rounding noise: loss 0.34 instead of log 2 at step 0 on the tiny model). path: a UNet path or module."""
-    ref = unetlib.load(path, dev, dtype, norm_dtype=torch.float32) if isinstance(path, str) else path
+    beta x rounding noise: loss 0.34 instead of log 2 at step 0 on the tiny model). path: a model path or module."""
+    ref = denoiser.load(path, dev, dtype, norm_dtype=torch.float32) if isinstance(path, str) else path
     ref.requires_grad_(False).eval()
     for m in ref.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -143,14 +156,14 @@ def build_models(args, dev, make=None):
     """(policy, reference or None, trained parameters). Full fine-tune: fp32 master weights for the policy, a frozen
     reference in the compute dtype. LoRA: one frozen UNet in the compute dtype with fp32 adapters; the reference is
     that UNet with the adapters off. make(): a fresh fp32 UNet to start from (bench_step.py: random weights,
-    memplan.py: shadow tensors) instead of loading --unet_init or --model."""
+    memplan.py: shadow tensors) instead of loading --unet_init or --model. The same for the flow transformers."""
     start = args.unet_init or args.model
 
-    def source(dtype):  # the starting UNet, read straight into dtype (norms fp32)
-        return unetlib.load(start, dev, dtype, norm_dtype=torch.float32) if make is None else make()
+    def source(dtype):  # the starting denoiser, read straight into dtype (norms fp32)
+        return denoiser.load(start, dev, dtype, norm_dtype=torch.float32) if make is None else make()
     if args.lora:
         policy = reference(source(args.amp_dtype), dev, args.amp_dtype)
-        trained = lora.add(policy, args.lora, args.lora_alpha, seed=args.seed)
+        trained = lora.add(policy, args.lora, args.lora_alpha, lora.targets(args.family), seed=args.seed)
         ref = lora.reference(policy)
     else:
         policy = source(torch.float32)
@@ -182,7 +195,8 @@ def optimizer_step(opt, scaler, trained, args, step):
 
 
 def train(args) -> dict:
-    """One run: policy + frozen reference from args.model, the loop, checkpoints, the final UNet in out_dir/unet."""
+    """One run: policy + frozen reference from args.model, the loop, checkpoints, the final UNet in out_dir/unet
+    (a flow model's transformer in out_dir/transformer)."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = parallel.setup(device)
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
@@ -192,18 +206,27 @@ def train(args) -> dict:
     pairs = data.Preferences(args.data, args.dreamlike_only, args.split) if args.data else None  # read lazily
     if pairs is not None:
         log(f"data: {pairs.read}")
-    config = unetlib.read_config(args.unet_init or args.model)
+    family = denoiser.family(args.unet_init or args.model)
+    if args.unet_init and denoiser.family(args.model) != family:
+        raise ValueError(f"--unet_init {args.unet_init} is {denoiser.NAME[family]}, --model {args.model} is "
+                         f"{denoiser.NAME[denoiser.family(args.model)]}: they must be one family")
+    config = denoiser.read_config(args.unet_init or args.model)
     native = config["sample_size"] * vaelib.downsample(args.model) if config.get("sample_size") else None
-    args = resolve(args, config.get("addition_embed_type") == "text_time", world, device, native)
+    args = resolve(args, family, world, device, native, config.get("guidance_embeds", False))
     ck_path = checkpoint.prepare(args, rank, log)  # refuses to overwrite a run; removes a killed run's temp files
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed_for(args.seed, rank, 0x5EED))
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
     policy, ref, trained = build_models(args, dev)
-    feed = cache.Feed(args, pairs, policy.config["in_channels"], dev, rank, world, log)  # data -> the UNets' inputs
-    schedule = diffusion.scheduler_config(args.model, policy.prediction_type)  # single files: from their metadata
-    alphas_cumprod = diffusion.alphas_cumprod(schedule)
+    feed = cache.Feed(args, pairs, denoiser.latent_channels(policy), dev, rank, world, log)  # data -> model inputs
+    flow = None  # (sigma density, flow schedule) of a flow model
+    if policy.prediction_type == "flow":
+        flow = (args.sigma_density, diffusion.flow_config(args.model, family))
+        schedule, alphas_cumprod = dict(prediction_type="flow"), torch.ones(flow[1]["num_train_timesteps"])
+    else:
+        schedule = diffusion.scheduler_config(args.model, policy.prediction_type)  # single files: their metadata
+        alphas_cumprod = diffusion.alphas_cumprod(schedule)
     model = parallel.wrap(policy, args.fsdp, args.amp_dtype, dev)  # DDP, or FSDP2 shards (policy is sharded too)
     if args.fsdp and isinstance(ref, torch.nn.Module):
         parallel.shard(ref, args.amp_dtype)  # the same bf16 weights as the policy: eq. 14 starts at log 2
@@ -221,7 +244,7 @@ def train(args) -> dict:
     scaler = torch.amp.GradScaler(device, enabled=args.amp_dtype == torch.float16)  # a no-op unless fp16
     B, G, A = args.batch_size, args.pairs_per_step, args.grad_accum
     loader = feed.loader(position, step, world, rank, device)
-    log(f"{'SDXL' if policy.is_sdxl else 'SD1.5'} {args.loss} beta={args.beta} lr={args.lr:.3g} {args.optimizer} "
+    log(f"{denoiser.NAME[family]} {args.loss} beta={args.beta} lr={args.lr:.3g} {args.optimizer} "
         f"{world} rank(s) x {B} pairs x {A} accum = {G} pairs/step, {len(feed.dataset)} pairs, {args.resolution}px")
 
     bad = data.Unreadable(args.max_bad_frac, f"pairs of {args.data}")
@@ -233,7 +256,7 @@ def train(args) -> dict:
             acc = {}
             for m in range(A):
                 batch = next(loader)
-                inputs = micro_batch(batch, feed, args, len(alphas_cumprod), dev)
+                inputs = micro_batch(batch, feed, args, len(alphas_cumprod), dev, flow)
                 if flops is None and device == "cuda":
                     flops = checkpoint.step_flops(policy, ref, inputs, args.loss)
                 # DDP all-reduces gradients once per optimizer step, on its last micro-step; FSDP reduce-scatters
@@ -276,14 +299,28 @@ DEFAULTS = dict(
     rpo_clip=None, rpo_form="logit", time_ids="image", latents="mean", seed=0, resume=False, ckpt_every=200,
     log_every=10, device=None, dtype=None, gradient_checkpointing=None, lora=None, lora_alpha=None, fsdp=False,
     compile=False, channels_last=False, cache=False, cache_dir=None, max_bad_frac=0.01, save_single=False,
-    tokenizer=None, num_workers=None)
+    tokenizer=None, num_workers=None, sigma_density="logit_normal", guidance=None)
 AUTOCAST_CACHE = False  # a cache keeps a bf16 copy of each fp32 weight all forward long; each is used once anyway
 
 
-def resolve(args, sdxl, world, device="cpu", native=None):
+def resolve(args, family, world, device="cpu", native=None, guidance_embeds=False):
     """A copy of args with the defaults filled in that depend on the model (native: its own image size; its family,
-    SDXL or SD1.5, for the recipe, as the official launchers), the loss, the world size and the device; refuses
-    (ValueError) what cannot run there."""
+    'sdxl', 'sd15', 'sd3' or 'flux', for the recipe, as the official launchers and diffusers' SD3 / FLUX scripts;
+    guidance_embeds: FLUX-dev's guidance input), the loss, the world size and the device; refuses (ValueError)
+    what cannot run there."""
+    name, given = denoiser.NAME[family], vars(args).get("given", ())
+    sdxl_only = [f for f in ("time_ids",) if f in given] if family != "sdxl" else []
+    if sdxl_only:
+        raise ValueError(f"--{sdxl_only[0]} is SDXL's size conditioning; {name} has none: drop it")
+    if family in denoiser.FLOW and args.save_single:
+        raise ValueError(f"--save_single writes a UNet's original single file; {name} runs leave transformer/ "
+                         "(diffusers layout): drop it")
+    if family in denoiser.FLOW and args.channels_last:
+        raise ValueError(f"--channels_last is for a UNet's convolutions; {name} is a transformer: drop it")
+    if "guidance" in given and not guidance_embeds:
+        raise ValueError(f"--guidance feeds FLUX-dev's guidance embedding; this {name} model has none: drop it")
+    if "sigma_density" in given and family not in denoiser.FLOW:
+        raise ValueError(f"--sigma_density draws a flow model's sigma; {name} draws integer timesteps: drop it")
     if args.fsdp and world == 1:
         raise ValueError("--fsdp shards the model over ranks: start with torchrun --nproc_per_node N, N > 1 "
                          "(on one rank drop --fsdp)")
@@ -292,15 +329,21 @@ def resolve(args, sdxl, world, device="cpu", native=None):
     args = argparse.Namespace(**vars(args))
     if args.resolution is None and native:
         args.resolution = native
+    args.family = family
     if args.beta is None:
         args.beta = BETA.get(args.loss, BETA["dpo"])
-    family = {"resolution": (1024, 512), "warmup": (200, 500), "optimizer": ("adafactor", "adamw"),
-              "gradient_checkpointing": (True, False)}
+        if family in denoiser.FLOW:
+            args.beta = FLOW_BETA.get(args.loss, args.beta)
+    if guidance_embeds and args.guidance is None:
+        args.guidance = flux.GUIDANCE
+    recipe = {"resolution": (1024, 512, 1024), "warmup": (200, 500, 200), "optimizer": ("adafactor", "adamw", "adamw"),
+              "gradient_checkpointing": (True, False, True)}  # SDXL, SD1.5, the flow transformers
     if args.lora and args.optimizer is None:
         args.optimizer = "adamw"  # the adapters are small: no need for Adafactor's factored moments
-    for k, (for_sdxl, for_sd15) in family.items():
+    column = {"sdxl": 0, "sd15": 1, "sd3": 2, "flux": 2}[family]
+    for k, values in recipe.items():
         if getattr(args, k) is None:
-            setattr(args, k, for_sdxl if sdxl else for_sd15)
+            setattr(args, k, values[column])
     if args.grad_accum is None:
         args.grad_accum = max(1, 2048 // (args.batch_size * world))  # the paper's 2048 pairs per step
     args.pairs_per_step = args.batch_size * args.grad_accum * world
@@ -329,7 +372,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--split", help="which split's shards a Pick-a-Pic folder gives (others are not read)")
     a("--beta", type=float, help="beta of the loss [eq. 14: 5000 as the official launchers (paper text: 2000 for "
       "SD1.5; diffusers' SD1.5 script drops eq. 14's 1/2, so its beta is half ours), also for rpo, ipo, hinge; "
-      "kto 1000, mapo 0.1, as their authors' code]")
+      "kto 1000, mapo 0.1, as their authors' code; SD3 / FLUX: 100, flow_grpo's Flow-DPO]")
     a("--loss", choices=list(OBJECTIVES), help="sft: MSE on the winner; rpo: Diffusion-RPO; ipo, hinge: DPO "
       "variants; mapo: reference-free; kto: single labelled images (JSONL {caption,image,label}) or pairs")
     a("--out_dir", help="unet/, metrics.jsonl, checkpoint.pt")
@@ -375,6 +418,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--save_single", action="store_true", help="also write out_dir/unet.safetensors (original single-file layout)")
     a("--tokenizer", help="tokenizer folder override for clip.load")
     a("--num_workers", type=int, help="data loader processes [4 on cuda, 0 on cpu]")
+    a("--sigma_density", choices=["logit_normal", "mode", "uniform"], help="flow models: how sigma is drawn, "
+      "as SD3's and FLUX's training scripts (logit-normal u ~ sigmoid(N(0, 1)), then the scheduler's shift)")
+    a("--guidance", type=float, help=f"FLUX-dev: its guidance embedding's input in training [{flux.GUIDANCE}]")
     # Every flag starts out unset (argparse keeps what the namespace has): the typed ones are told apart (the demo)
     unset = object()
     args = argparse.Namespace(**{k: unset for k in DEFAULTS})

@@ -19,12 +19,13 @@ from PIL import Image, ImageDraw
 
 import cli
 import data
+import denoiser
 import diffusion
+import flux
 import images
 import objectives
 import reward
 import sample
-import unet as unetlib
 from images import grid, save_png, to_pil
 from reward import wilson, win_rate
 from sample import image_size, initial_noise, load, load_unet, prompt_items, sampling_options
@@ -218,7 +219,8 @@ def implicit_accuracy(pipe: sample.Pipeline, ref, pairs, k=4, seed=0, size=None,
     """
     size = size or pipe.size
     g = torch.Generator().manual_seed(seed)
-    ac, prediction_type = diffusion.alphas_cumprod(pipe.sched_cfg), pipe.sched_cfg["prediction_type"]
+    prediction_type = "flow" if pipe.flow else pipe.sched_cfg["prediction_type"]
+    ac = None if pipe.flow else diffusion.alphas_cumprod(pipe.sched_cfg)
     diffs = []
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
@@ -232,17 +234,23 @@ def implicit_accuracy(pipe: sample.Pipeline, ref, pairs, k=4, seed=0, size=None,
                     raise ValueError(f"{p.get('source', 'a pair')}: cannot read an image of the pair: {e}") from None
                 xs.append(x)
                 ids.append(i)
-        z = pipe.encode_images((torch.stack(xs) + 1) / 2).cpu()  # (2B, 4, h, w)
+        z = pipe.encode_images((torch.stack(xs) + 1) / 2).cpu()  # (2B, C, h, w)
         ctx, pooled = pipe.te.encode([p["caption"] for p in chunk] * 2)
         cond = (ctx, pooled, torch.stack(ids).to(pipe.device, ctx.dtype))  # time_ids (2B, 6)
+        if pipe.family == "sd3":
+            cond = (ctx, pooled)
+        elif pipe.family == "flux":  # dev: the guidance input it is trained with
+            cond = (ctx, pooled, torch.full((2 * B,), flux.GUIDANCE) if pipe.unet.config["guidance_embeds"] else None)
         d = torch.zeros(B)
         for _ in range(k):
-            t = torch.randint(0, len(ac), (B,), generator=g).repeat(2)  # (2B,) same t for both images of a pair
+            if pipe.flow:  # sigma as training draws it (logit-normal, the schedule's shift)
+                t = diffusion.training_sigmas(diffusion.density("logit_normal", B, g), pipe.sched_cfg).repeat(2)
+            else:
+                t = torch.randint(0, len(ac), (B,), generator=g).repeat(2)  # (2B,) same t for both images of a pair
             eps = torch.randn((B, *z.shape[1:]), generator=g).repeat(2, 1, 1, 1)  # same noise, too
-            xt = diffusion.forward_process(z, eps, t, ac)
-            target = diffusion.target(z, eps, t, ac, prediction_type)
-            m = objectives.mse(diffusion.predict(pipe.unet, xt, t, cond, pipe.dtype).cpu(), target)  # (2B,)
-            r = objectives.mse(diffusion.predict(ref, xt, t, cond, pipe.dtype).cpu(), target)  # (2B,)
+            xt, t_in, target = diffusion.noised(z, eps, t, prediction_type, ac)
+            m = objectives.mse(diffusion.predict(pipe.unet, xt, t_in, cond, pipe.dtype).cpu(), target)  # (2B,)
+            r = objectives.mse(diffusion.predict(ref, xt, t_in, cond, pipe.dtype).cpu(), target)  # (2B,)
             d += objectives.preference_logits(m[:B], m[B:], r[:B], r[B:], beta=2.0) / k  # (B,) eq. 14's margin
         diffs += d.tolist()
         if pipe.progress:
@@ -260,14 +268,14 @@ def eval_pairs(args, dtype):
         raise ValueError(f"{args.eval_pairs}: no preference pairs (after dropping ties)")
     pipe = load(args.model, unet=args.unet, device=args.device, dtype=dtype, tokenizer=args.tokenizer, lora=args.lora)
     os.makedirs(args.out, exist_ok=True)
-    ref = unetlib.load(args.eval_ref or args.model, device=args.device, dtype=dtype)
+    ref = denoiser.load(args.eval_ref or args.model, device=args.device, dtype=dtype)
     kw, n = dict(k=args.eval_k, seed=args.seed, size=args.height, batch_size=args.batch_size), len(pairs)
     acc = implicit_accuracy(pipe, ref, pairs, **kw)[0]
     res = {"pairs": n, "k": args.eval_k, "accuracy": acc, "ci95": wilson(acc * n, n)}
     print(f"eval pairs={n} k={args.eval_k} accuracy={acc:.4f} ci95=[{res['ci95'][0]:.4f}, {res['ci95'][1]:.4f}] "
           "(implicit reward of --unet against the reference; chance is 0.5)")
     if args.eval_baseline:  # another UNet, the same reference and draws: a paired comparison
-        pipe.unet = unetlib.load(args.eval_baseline, device=args.device, dtype=dtype)
+        pipe.unet = denoiser.load(args.eval_baseline, device=args.device, dtype=dtype)
         base = implicit_accuracy(pipe, ref, pairs, **kw)[0]
         res.update(baseline_accuracy=base, baseline_ci95=wilson(base * n, n))
         lo, hi = res["baseline_ci95"]

@@ -35,6 +35,7 @@ SCHNELL = dict(DEFAULTS)
 DEV = dict(DEFAULTS, guidance_embeds=True)
 PREFIX = "model.diffusion_model."  # where some single files (ComfyUI's, whole checkpoints) keep the transformer
 THETA = 10000  # RoPE's base
+GUIDANCE = 3.5  # FLUX-dev's guidance input: its pipeline's default, and what diffusers' FLUX scripts train with
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,8 +332,9 @@ def _open(path):
     return config, ckpt, None
 
 
-def load(path, device="cpu", dtype=torch.float32):
-    """A FLUX transformer from a diffusers folder (root or transformer/) or a BFL single file, straight into dtype."""
+def load(path, device="cpu", dtype=torch.float32, norm_dtype=None):
+    """A FLUX transformer from a diffusers folder (root or transformer/) or a BFL single file, straight into dtype
+    (norm scales and position tables into norm_dtype when given: weights.layer_dtypes)."""
     config, ckpt, prefix = _open(path)
     try:
         with torch.device("meta"):
@@ -345,7 +347,7 @@ def load(path, device="cpu", dtype=torch.float32):
     else:
         dim = m.config["num_attention_heads"] * m.config["attention_head_dim"]
         sources = converted(ckpt, m.state_dict(), prefix, dim, what)
-    return weights.load_module(m, sources, dtype, device, what)
+    return weights.load_module(m, sources, weights.layer_dtypes(m, dtype, norm_dtype), device, what)
 
 
 def save(m, path, metadata=None):

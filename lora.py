@@ -24,8 +24,25 @@ import weights
 # The attention and feed-forward projections of every transformer block (diffusers' DPO example adapts the
 # attention ones only: to_q, to_k, to_v, to_out.0). Matched as name suffixes, as PEFT's target_modules.
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+# SD3 / FLUX: both streams' attention and feed-forward projections, the target_modules of diffusers'
+# train_dreambooth_lora_flux.py (its SD3 script takes the attention ones only); attn.to_q/k/v also match FLUX's
+# single blocks' attention.
+FLOW_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                "ff_context.net.2")
 FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
-PREFIX = "unet."  # diffusers' pipelines keep the UNet's LoRA under this prefix
+PREFIX = "unet."  # diffusers' pipelines keep the UNet's LoRA under this prefix, the SD3 / FLUX transformer's under:
+FLOW_PREFIX = "transformer."
+
+
+def targets(family) -> tuple:
+    """The layer-name suffixes adapted in a family's denoiser."""
+    return FLOW_TARGETS if family in ("sd3", "flux") else TARGETS
+
+
+def prefix_of(model) -> str:
+    """unet. or transformer.: where diffusers' load_lora_weights looks for this denoiser's adapters."""
+    return FLOW_PREFIX if getattr(model, "prediction_type", None) == "flow" else PREFIX
 
 
 class LoRALinear(nn.Linear):
@@ -47,7 +64,8 @@ class LoRALinear(nn.Linear):
 
 def add(unet: nn.Module, rank: int, alpha: float = None, targets=TARGETS, seed: int = 0) -> list:
     """Freeze unet and adapt every Linear whose name ends in a target; returns the trainable parameters (fp32).
-    A is drawn with std 1/r with a generator keyed by seed (PEFT's init_lora_weights="gaussian"), B is zero."""
+    A is drawn with std 1/r with a generator keyed by seed (PEFT's init_lora_weights="gaussian"), B is zero.
+    targets: layer-name suffixes (targets(family) for a model of that family)."""
     if rank < 1:
         raise ValueError(f"--lora must be a rank >= 1, got {rank}")
     alpha = float(rank if alpha is None else alpha)
@@ -100,10 +118,10 @@ def reference(unet):
 def state_dict(unet) -> dict:
     """The adapters in the diffusers/PEFT file layout, the scale folded into B, fp32 (FSDP shards stay sharded:
     parallel.gathered makes them whole)."""
-    sd = {}
+    sd, prefix = {}, prefix_of(unet)
     for name, m in layers(unet).items():
-        sd[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float()
-        sd[f"{PREFIX}{name}.lora_B.weight"] = m.scale * m.lora_B.weight.detach().float()
+        sd[f"{prefix}{name}.lora_A.weight"] = m.lora_A.weight.detach().float()
+        sd[f"{prefix}{name}.lora_B.weight"] = m.scale * m.lora_B.weight.detach().float()
     return sd
 
 
@@ -113,31 +131,36 @@ def save(sd, folder, metadata=None):
     weights.save_safetensors(sd, os.path.join(folder, FILE), {"format": "pt", **(metadata or {})})
 
 
-def pairs(sd, where, meta=None) -> dict:
+def pairs(sd, where, meta=None, prefix=PREFIX) -> dict:
     """layer name -> (A (r, in), B (out, r)) of a file-layout state dict, the scale folded into B: ours have it
-    folded already; diffusers' say alpha and r in their metadata (unet.lora_alpha, unet.r), when not 1."""
-    meta = meta or {}
+    folded already; diffusers' say alpha and r in their metadata (unet.lora_alpha, unet.r), when not 1. prefix:
+    the denoiser's (prefix_of), unet. or transformer."""
+    meta, kind = meta or {}, {PREFIX: "a UNet (SD1.5 / SDXL)", FLOW_PREFIX: "a transformer (SD3 / FLUX)"}
+    other = FLOW_PREFIX if prefix == PREFIX else PREFIX
+    if sd and all(k.startswith(other) for k in sd):
+        raise weights.CheckpointError(f"{where}: a LoRA of {kind[other]}, and this model's denoiser is "
+                                      f"{kind[prefix]}: give the LoRA of a model of this family")
     found, bad = {}, []
     for key, t in sd.items():
-        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+        if not key.startswith(prefix) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             bad.append(key)
             continue
-        name, which = key[len(PREFIX):].rsplit(".", 2)[:2]
+        name, which = key[len(prefix):].rsplit(".", 2)[:2]
         found.setdefault(name, {})[which] = t
     if bad:
-        raise weights.CheckpointError(f"{where}: not a UNet LoRA in the diffusers/PEFT layout (unexpected keys "
-                                      f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+        raise weights.CheckpointError(f"{where}: not a LoRA of {kind[prefix]} in the diffusers/PEFT layout "
+                                      f"(unexpected keys {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     out = {}
     for name, p in found.items():
         if set(p) != {"lora_A", "lora_B"}:
             raise weights.CheckpointError(f"{where}: {name} has {', '.join(sorted(p))} only (need lora_A and lora_B)")
         r = p["lora_A"].shape[0]
-        scale = float(meta.get("unet.lora_alpha", r)) / float(meta.get("unet.r", r))
+        scale = float(meta.get(f"{prefix}lora_alpha", r)) / float(meta.get(f"{prefix}r", r))
         out[name] = (p["lora_A"].float(), scale * p["lora_B"].float())
     return out
 
 
-def read(path) -> dict:
+def read(path, prefix=PREFIX) -> dict:
     """pairs() of a LoRA file: the file, a folder holding pytorch_lora_weights.safetensors, or dpo.py's out_dir."""
     f = path
     for where in (os.path.join(path, FILE), os.path.join(path, "lora", FILE)):  # the lora/ folder or its out_dir
@@ -146,7 +169,7 @@ def read(path) -> dict:
         raise weights.CheckpointError(f"{path}: no LoRA file (expected {FILE} in a folder, or a .safetensors file)")
     ckpt = weights.Checkpoint(f)
     meta = json.loads(ckpt.metadata.get("lora_adapter_metadata", "{}"))
-    return pairs({k: ckpt[k] for k in ckpt.keys()}, f, meta)
+    return pairs({k: ckpt[k] for k in ckpt.keys()}, f, meta, prefix)
 
 
 @torch.no_grad()

@@ -115,7 +115,7 @@ def settings(model, batch_size, gradient_checkpointing, lora_rank=None):
     args = argparse.Namespace(**dpo.DEFAULTS)
     args.batch_size, args.gradient_checkpointing, args.lora = batch_size, gradient_checkpointing, lora_rank
     sdxl = unetlib.check_config(model["unet"])["addition_embed_type"] == "text_time"
-    return dpo.resolve(args, sdxl, 1, "cuda", model["resolution"])
+    return dpo.resolve(args, "sdxl" if sdxl else "sd15", 1, "cuda", model["resolution"])
 
 
 def build(model, args, counter):

@@ -389,8 +389,9 @@ def _open(path):
     return config, ckpt, None
 
 
-def load(path, device="cpu", dtype=torch.float32):
-    """An MMDiT from a diffusers folder (root or transformer/) or an original single file, straight into dtype."""
+def load(path, device="cpu", dtype=torch.float32, norm_dtype=None):
+    """An MMDiT from a diffusers folder (root or transformer/) or an original single file, straight into dtype
+    (norm scales and position tables into norm_dtype when given: weights.layer_dtypes)."""
     config, ckpt, prefix = _open(path)
     try:
         with torch.device("meta"):
@@ -402,7 +403,7 @@ def load(path, device="cpu", dtype=torch.float32):
         sources = converted(ckpt, prefix, m.state_dict(), m.config["num_layers"] - 1, what)
     else:
         sources = {k: (lambda k=k: ckpt[k]) for k in ckpt.keys()}
-    return weights.load_module(m, sources, dtype, device, what)
+    return weights.load_module(m, sources, weights.layer_dtypes(m, dtype, norm_dtype), device, what)
 
 
 def save(m, path, metadata=None):

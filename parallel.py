@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
-import unet as unetlib
+import denoiser
 
 
 def setup(device):
@@ -42,7 +42,7 @@ def shard(unet, dtype):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # torch >= 2.6: only --fsdp needs it
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for m in list(unet.modules()):
-        if isinstance(m, (unetlib.ResBlock, unetlib.SpatialTransformer, unetlib.Resample)):
+        if isinstance(m, denoiser.blocks(unet)):
             fully_shard(m, mp_policy=mp)
     fully_shard(unet, mp_policy=mp)
     return unet

@@ -1,26 +1,29 @@
-"""Image generation with the from-scratch models: text-to-image and SDEdit, as diffusers' SDXL / SD1.5 pipelines.
+"""Image generation with the from-scratch models: text-to-image and SDEdit, as diffusers' SDXL / SD1.5 / SD3 / FLUX
+pipelines.
 
     python sample.py --model PATH --prompt "a photo of a cat" --out samples/
     python sample.py --model PATH --unet runs/dpo --prompts parti --per_category 4 --out samples/
     python sample.py --model PATH --init_image in.png --strength 0.6 --prompt "..." --out samples/
 
 The sampling loop itself (schedulers, guidance, the denoising loop) is diffusion.py's; this file loads a pipeline
-(a fine-tuned UNet or a LoRA on top of the base), starts SDEdit from an image, names and writes the PNG files.
+(a fine-tuned UNet or transformer, or a LoRA on top of the base), starts SDEdit from an image, names and writes
+the PNG files.
 Comparisons scored by reward models and preference accuracy are evaluate.py's; AI feedback is relabel.py's.
 """
 import os
 from collections import Counter
 from typing import List
 
+import numpy as np
 import torch
 
 import cli
 import clip
 import data
 import diffusion
+import denoiser
 import images
 import lora as loralib
-import unet as unetlib
 import vae as vaelib
 from weights import CheckpointError, read_json
 
@@ -31,18 +34,36 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Pipeline:
-    """Text encoder + UNet + VAE + a scheduler config; call it like diffusers' StableDiffusion(XL)Pipeline."""
+    """Text encoder + denoiser (UNet, or SD3's / FLUX's transformer: self.unet all the same) + VAE + a scheduler
+    config; call it like diffusers' StableDiffusion(XL)Pipeline, StableDiffusion3Pipeline or FluxPipeline."""
 
     def __init__(self, unet, vae, te, sched_cfg, force_zeros=True, device="cpu", dtype=torch.float32):
         self.unet, self.vae, self.te, self.sched_cfg = unet, vae, te, sched_cfg
         self.device, self.dtype, self.f, self.sdxl = torch.device(device), dtype, vae.downsample, te.is_sdxl
-        self.size = unet.config["sample_size"] * self.f  # default output side in pixels
+        self.family, self.flow = te.family, unet.prediction_type == "flow"
+        self.size = unet.config.get("sample_size", 128) * self.f  # default output side in pixels (FLUX: 1024)
         self.force_zeros = force_zeros and self.sdxl  # SDXL: no negative prompt -> all-zero negative embeddings
+        self.multiple = 2 * self.f if self.flow else max(8, self.f)  # the transformers take 2x2 latent patches
         self.progress = True
 
     def latent_shape(self, height=None, width=None):
         """(C, h, w) of the initial noise for images of height x width pixels (default: the model's size)."""
-        return self.unet.config["in_channels"], (height or self.size) // self.f, (width or self.size) // self.f
+        c = denoiser.latent_channels(self.unet)
+        return c, (height or self.size) // self.f, (width or self.size) // self.f
+
+    def scheduler(self, name, steps, shape):
+        """The sampler: Euler or DDIM for a UNet; the flow-matching Euler for SD3 (static shift) and FLUX (its
+        pipeline's sigmas, shifted by the image's token count)."""
+        if not self.flow:
+            return diffusion.SCHEDULERS[name](self.sched_cfg, steps)
+        if name != "euler":
+            raise ValueError(f"{denoiser.NAME[self.family]} samples with the flow-matching Euler scheduler: "
+                             f"scheduler='euler', not {name!r}")
+        if self.family == "sd3":
+            return diffusion.FlowEuler(self.sched_cfg, steps)
+        tokens = (shape[1] // 2) * (shape[2] // 2)  # the packed image's length
+        mu = diffusion.flux_mu(tokens, self.sched_cfg) if self.sched_cfg["use_dynamic_shifting"] else None
+        return diffusion.FlowEuler(self.sched_cfg, steps, mu, sigmas=np.linspace(1.0, 1 / steps, steps))
 
     def noise(self, n, shape, seed):
         """Image i's initial noise comes from its own generator seeded seed+i (reproducible one image at a time)."""
@@ -53,9 +74,9 @@ class Pipeline:
         """[B,3,H,W] in [0,1] -> scaled latent means (SDEdit and evaluation start from the posterior mean)."""
         return self.vae.scale(self.vae.encode(pixels.to(self.device, self.vae.dtype) * 2 - 1).float())
 
-    def conditions(self, prompts, negative=None, guided=True, size=None):
-        """(context, pooled, time_ids) for these prompts, as diffusion.conditions makes them for this model."""
-        return diffusion.conditions(self.te, prompts, negative, guided, self.force_zeros, size)
+    def conditions(self, prompts, negative=None, guided=True, size=None, guidance_embed=None):
+        """The denoiser's conditioning for these prompts, as diffusion.conditions makes it for this model."""
+        return diffusion.conditions(self.te, prompts, negative, guided, self.force_zeros, size, guidance_embed)
 
     @torch.no_grad()
     def __call__(self, prompts, negative=None, steps=30, guidance=5.0, scheduler="euler", seed=0, latents=None,
@@ -65,11 +86,14 @@ class Pipeline:
             raise ValueError("prompts must be a string or a non-empty list of strings")
         if scheduler not in diffusion.SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r} (euler or ddim)")
+        if self.flow and scheduler != "euler":
+            raise ValueError(f"{denoiser.NAME[self.family]} samples with the flow-matching Euler scheduler: "
+                             f"scheduler='euler', not {scheduler!r}")
         if not isinstance(steps, int) or not 1 <= steps <= self.sched_cfg["num_train_timesteps"]:
             raise ValueError(f"steps must be an integer in [1, {self.sched_cfg['num_train_timesteps']}], got {steps}")
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        B, m = len(prompts), max(8, self.f)  # as diffusers: any multiple of 8 px (the UNet takes any latent size)
+        B, m = len(prompts), self.multiple  # as diffusers: multiples of 8 px for a UNet, 16 for the transformers
         if (height is not None and (height <= 0 or height % m)) or (width is not None and (width <= 0 or width % m)):
             raise ValueError(f"height and width must be positive multiples of {m}, got {height}x{width}")
         if init_image is not None:  # SDEdit's output keeps the input's size unless told otherwise
@@ -80,8 +104,11 @@ class Pipeline:
         if latents is not None and tuple(latents.shape) != (B, *shape):
             raise ValueError(f"latents must have shape {(B, *shape)}, got {tuple(latents.shape)}")
 
-        cond = self.conditions(prompts, negative, guidance > 1, (height, width))  # guidance <= 1: no negatives
-        sched = diffusion.SCHEDULERS[scheduler](self.sched_cfg, steps)
+        # classifier-free guidance when guidance > 1; FLUX has none: dev is given the scale as an input instead
+        cfg_scale = 1.0 if self.family == "flux" else guidance
+        embed = guidance if self.family == "flux" and self.unet.config["guidance_embeds"] else None
+        cond = self.conditions(prompts, negative, cfg_scale > 1, (height, width), embed)  # scale <= 1: no negatives
+        sched = self.scheduler(scheduler, steps, shape)
         noise = (self.noise(B, shape, seed) if latents is None else latents).float()
         if init_image is None:
             start, x = 0, noise * sched.init_sigma
@@ -91,18 +118,21 @@ class Pipeline:
                 raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
             z0 = self.encode_images(init_image).cpu().expand(B, -1, -1, -1)
             x = sched.add_noise(z0, noise, start)
-        x = diffusion.denoise(self.unet, sched, x, cond, guidance, self.dtype, start, self.progress)
-        self.last_latents = x  # (B, 4, h, w), scaled: what diffusers returns with output_type="latent"
+        x = diffusion.denoise(self.unet, sched, x, cond, cfg_scale, self.dtype, start, self.progress)
+        self.last_latents = x  # (B, C, h, w), scaled: what diffusers returns with output_type="latent" (unpacked)
         return diffusion.decode(self.vae, x)
 
 
 def load_unet(path, unet=None, lora=None, device="cpu", dtype=torch.float32):
-    """The UNet to sample with: path's own or a fine-tuned one (unet), with a LoRA (a dpo.py --lora run's out_dir,
-    its lora/ folder, or a diffusers LoRA file) merged in."""
+    """The denoiser to sample with: path's own or a fine-tuned one (unet), with a LoRA (a dpo.py --lora run's
+    out_dir, its lora/ folder, or a diffusers LoRA file) merged in. A fine-tuned one of another family is refused."""
     if unet is not None and not os.path.exists(unet):
         raise CheckpointError(f"UNet path does not exist: {unet}")
-    u = unetlib.load(unet or path, device=device, dtype=dtype)
-    return loralib.merge(u, loralib.read(lora)) if lora else u
+    if unet is not None and denoiser.family(unet) != denoiser.family(path):
+        raise CheckpointError(f"--unet {unet} is {denoiser.NAME[denoiser.family(unet)]}, the model {path} is "
+                              f"{denoiser.NAME[denoiser.family(path)]}: give a denoiser of the model's family")
+    u = denoiser.load(unet or path, device=device, dtype=dtype)
+    return loralib.merge(u, loralib.read(lora, loralib.prefix_of(u))) if lora else u
 
 
 def load(path, unet=None, device="cpu", dtype=torch.float32, tokenizer=None, lora=None) -> Pipeline:
@@ -113,7 +143,10 @@ def load(path, unet=None, device="cpu", dtype=torch.float32, tokenizer=None, lor
     u = load_unet(path, unet, lora, device, dtype)
     v = vaelib.load(path, device=device, dtype=dtype)  # computes in fp32 where fp16 would overflow
     te = clip.load(path, device=device, dtype=dtype, tokenizer=tokenizer)
-    sched = diffusion.scheduler_config(path, u.prediction_type)  # a single file's UNet knows its prediction type
+    if u.prediction_type == "flow":
+        sched = diffusion.flow_config(path, te.family)
+    else:
+        sched = diffusion.scheduler_config(path, u.prediction_type)  # a single file's UNet knows its prediction type
     index = read_json(os.path.join(path, "model_index.json"), {}) if os.path.isdir(path) else {}
     return Pipeline(u, v, te, sched, index.get("force_zeros_for_empty_prompt", True), device, dtype)
 
@@ -151,7 +184,7 @@ def prompt_items(args) -> List[dict]:
 def image_size(pipe: Pipeline, args):
     """(height, width) of the images made: SDEdit keeps its input's size unless --height / --width say otherwise."""
     if args.init_image:
-        return tuple(images.load_image(args.init_image, args.height, args.width, multiple=max(8, pipe.f)).shape[-2:])
+        return tuple(images.load_image(args.init_image, args.height, args.width, multiple=pipe.multiple).shape[-2:])
     return args.height or pipe.size, args.width or pipe.size
 
 
@@ -161,9 +194,13 @@ def initial_noise(pipe: Pipeline, items, height, width) -> torch.Tensor:
 
 
 def sampling_options(args, pipe: Pipeline) -> dict:
-    """The pipeline's keyword arguments from the flags (guidance by family: 5.0 SDXL, 7.5 SD1.5, as diffusers)."""
-    guidance = args.guidance if args.guidance is not None else (5.0 if pipe.sdxl else 7.5)
-    return dict(negative=args.negative, steps=args.steps, guidance=guidance, scheduler=args.scheduler,
+    """The pipeline's keyword arguments from the flags, guidance and steps by family as diffusers' pipelines: 5.0 SDXL,
+    7.5 SD1.5 (30 steps here), SD3 7.0 and FLUX-dev 3.5 (28 steps), FLUX-schnell 0 (4 steps)."""
+    schnell = pipe.family == "flux" and not pipe.unet.config["guidance_embeds"]
+    default = {"sdxl": (5.0, 30), "sd15": (7.5, 30), "sd3": (7.0, 28), "flux": (0.0, 4) if schnell else (3.5, 28)}
+    guidance = args.guidance if args.guidance is not None else default[pipe.family][0]
+    steps = args.steps if args.steps is not None else default[pipe.family][1]
+    return dict(negative=args.negative, steps=steps, guidance=guidance, scheduler=args.scheduler,
                 height=args.height, width=args.width, init_image=args.init_image, strength=args.strength)
 
 
@@ -174,8 +211,9 @@ def sampling_options(args, pipe: Pipeline) -> dict:
 def add_flags(p, what="generate"):
     """The flags of the pipeline and of what it makes, shared with evaluate.py (which adds its own)."""
     add = p.add_argument
-    add("--model", help="diffusers folder or single .safetensors (SDXL / SD1.5)")
-    add("--unet", help="fine-tuned UNet: dpo.py's --out_dir, a diffusers unet/ folder or one file")
+    add("--model", help="diffusers folder or single .safetensors (SDXL / SD1.5 / SD3 / FLUX)")
+    add("--unet", help="fine-tuned UNet (SD3 / FLUX: transformer): dpo.py's --out_dir, a diffusers unet/ or "
+        "transformer/ folder, or one file")
     add("--lora", help="a LoRA on top of the UNet: dpo.py --lora's out_dir, its lora/ folder, or a diffusers "
         "pytorch_lora_weights.safetensors")
     add("--tokenizer", help="tokenizer folder(s) for a single-file checkpoint")
@@ -187,8 +225,9 @@ def add_flags(p, what="generate"):
     add("--per_prompt", type=int, default=1, help="images per prompt (each with its own seed)")
     add("--negative", help="negative prompt (default: empty; SDXL: zero embeddings)")
     add("--out", default="samples" if what == "generate" else "eval", help="output folder")
-    add("--steps", type=int, default=30)
-    add("--guidance", type=float, help="classifier-free guidance (default 5.0 SDXL, 7.5 SD1.5)")
+    add("--steps", type=int, help="denoising steps (default 30; SD3, FLUX-dev 28; FLUX-schnell 4)")
+    add("--guidance", type=float, help="classifier-free guidance (default 5.0 SDXL, 7.5 SD1.5, 7.0 SD3); FLUX-dev: "
+        "its guidance input (3.5)")
     add("--scheduler", choices=list(diffusion.SCHEDULERS), default="euler")
     add("--seed", type=int, default=0, help="image i uses seed + i")
     add("--height", type=int)
@@ -204,7 +243,7 @@ def add_flags(p, what="generate"):
 
 def check_flags(p, args):
     """The checks of add_flags' values (p.error exits with one line)."""
-    if min(args.steps, args.batch_size, args.per_prompt, args.per_category or 1) < 1:
+    if min(args.steps or 1, args.batch_size, args.per_prompt, args.per_category or 1) < 1:
         p.error("--steps, --batch_size, --per_prompt and --per_category must be >= 1")
     if not 0 < args.strength <= 1:
         p.error(f"--strength must be in (0, 1], got {args.strength}")

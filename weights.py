@@ -217,6 +217,16 @@ def load_module(module: torch.nn.Module, sources: Mapping[str, Source], dtype, d
     return module
 
 
+def layer_dtypes(module: torch.nn.Module, dtype, other=None) -> dict:
+    """name -> dtype for load_module: the Linear and Conv2d weights and biases in dtype, every other tensor (norm
+    scales, position tables) in other (None: dtype too). Autocast runs those in fp32 anyway, so a frozen copy with
+    them in fp32 computes bit for bit what the fp32 policy computes under autocast."""
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    inside = {f"{n}.{p}" for n, m in module.named_modules() if isinstance(m, layers) for p, _ in m.named_parameters(
+        recurse=False)}
+    return {k: dtype if k in inside or other is None else other for k in module.state_dict()}
+
+
 def fingerprint(path: str) -> dict:
     """What a model path holds, wherever it lies: a digest of its configs and tokenizer files, and of each weight
     file's size, header and first and last 64 KiB of data (two fine-tunes differ there; reading is instant).

@@ -305,11 +305,11 @@ def test_cli_errors_subprocess(tmp_path):
 def test_parse_args_defaults_and_given():
     a = dpo.parse_args(["--model", "m", "--beta", "2000"])
     assert a.given == ["beta", "model"] and a.loss == "dpo" and a.prompt_dropout == 0.2 and a.resolution is None
-    r = dpo.resolve(a, sdxl=True, world=8)
+    r = dpo.resolve(a, "sdxl", world=8)
     got = (r.resolution, r.warmup, r.optimizer, r.gradient_checkpointing, r.grad_accum)
     assert got == (1024, 200, "adafactor", True, 256)
     assert r.lr == pytest.approx(1e-8 * 2048)
-    r = dpo.resolve(dpo.parse_args(["--grad_accum", "4", "--batch_size", "2"]), sdxl=False, world=1)
+    r = dpo.resolve(dpo.parse_args(["--grad_accum", "4", "--batch_size", "2"]), "sd15", world=1)
     assert (r.resolution, r.warmup, r.optimizer, r.lr) == (512, 500, "adamw", pytest.approx(8e-8))
 
 

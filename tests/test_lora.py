@@ -84,7 +84,7 @@ def test_lora_reference_is_the_frozen_base(sdxl_dir, jsonl):
     z, eps, cond = x, x[:2].flip(0).clone(), (ctx, pooled, time_ids)  # 2 pairs: winners then losers
     ref_before = ref(x, t, ctx, pooled, time_ids)
     args = dpo.parse_args(["--lora", "4"])
-    args = dpo.resolve(args, True, 1)
+    args = dpo.resolve(args, "sdxl", 1)
     acp = torch.linspace(0.99, 0.01, 1000)
     opt = torch.optim.AdamW(trained, lr=1e-2)
     losses = []
