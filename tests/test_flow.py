@@ -1,6 +1,7 @@
 """Flow-matching preference optimization (SD3 / FLUX): every objective on velocity errors against its formula written
-out by hand in fp64 (value and gradient), tiny end-to-end runs (log 2 at step 0, shared sigma and noise, transformer/
-loadable by diffusers, resume, LoRA loadable by diffusers' pipelines, cache = no cache), the samplers against
+out by hand in fp64 (value and gradient), tiny end-to-end runs (log 2 at step 0 in fp32 and bf16, shared sigma and
+noise, transformer/ loadable by diffusers, resume, 2 ranks = 1 rank, LoRA loadable by diffusers' pipelines, cache =
+no cache), the samplers against
 diffusers' StableDiffusion3Pipeline and FluxPipeline from the same initial latents, and bad input."""
 import argparse
 import math
@@ -313,3 +314,30 @@ def test_flow_implicit_accuracy_draws_sigma_and_ties_against_itself(tmp_path, sd
     acc, diffs = evaluate.implicit_accuracy(pipe, ref, pairs, k=2, size=32)
     again = evaluate.implicit_accuracy(pipe, ref, pairs, k=2, size=32)[1]
     assert all(d != 0 for d in diffs) and diffs == again and 0 <= acc <= 1
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_bf16_reference_equals_policy_at_step0(tmp_path, sd3_dir, flux_dir, jsonl, family):
+    """bf16 autocast, an fp32 master policy, a bf16 reference with fp32 norm scales and position table: log 2."""
+    m = run(tmp_path, {"sd3": sd3_dir, "flux": flux_dir}[family], jsonl, "--dtype", "bf16", steps=1)
+    assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-7) and m[0]["model_mse"] == m[0]["ref_mse"]
+
+
+def test_flow_two_ranks_match_one_rank(tmp_path, flux_dir, jsonl):
+    """2 ranks x 1 pair = 1 rank x 2 pairs: the sigma and eps of a pair follow its position, not its rank."""
+    import json
+    import subprocess
+    import sys
+    one = run(tmp_path / "one", flux_dir, jsonl, "--device", "cpu", steps=2)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(tiny.ROOT, "dpo.py"), "--model", flux_dir, "--data", jsonl, "--resolution", "32",
+                        "--grad_accum", "2", "--max_steps", "2", "--log_every", "1", "--lr", "1e-4", "--warmup", "0",
+                        "--device", "cpu", "--batch_size", "1", "--out_dir", str(tmp_path / "two")],
+                       env=tiny.ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert len(two) == 2
+    for a, b in zip(one, two):
+        for k in ("loss", "model_mse", "ref_mse", "implicit_acc"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]
