@@ -1,8 +1,8 @@
 """Flow-matching preference optimization (SD3 / FLUX): every objective on velocity errors against its formula written
 out by hand in fp64 (value and gradient), tiny end-to-end runs (log 2 at step 0 in fp32 and bf16, shared sigma and
-noise, transformer/ loadable by diffusers, resume, 2 ranks = 1 rank, LoRA loadable by diffusers' pipelines, cache =
-no cache), the samplers against
-diffusers' StableDiffusion3Pipeline and FluxPipeline from the same initial latents, and bad input."""
+noise, transformer/ loadable by diffusers, resume, 2 ranks = 1 rank, FSDP = one process, LoRA loadable by diffusers'
+pipelines, cache = no cache), the samplers against diffusers' StableDiffusion3Pipeline and FluxPipeline from the
+same initial latents, and bad input."""
 import argparse
 import math
 import os
@@ -341,3 +341,34 @@ def test_flow_two_ranks_match_one_rank(tmp_path, flux_dir, jsonl):
         for k in ("loss", "model_mse", "ref_mse", "implicit_acc"):
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]
+
+
+def test_flow_fsdp_matches_one_process(tmp_path, flux_dir, jsonl):
+    """FSDP2 over FLUX's double and single blocks (full and LoRA) = one process; the gathered transformer and the
+    LoRA file are what one process writes."""
+    import json
+    import subprocess
+    import sys
+    one = run(tmp_path / "one", flux_dir, jsonl, "--device", "cpu", steps=2)
+    one_lora = run(tmp_path / "one_lora", flux_dir, jsonl, "--device", "cpu", "--lora", "4", steps=2)
+    common = ["--model", flux_dir, "--data", jsonl, "--resolution", "32", "--grad_accum", "2", "--max_steps", "2",
+              "--log_every", "1", "--lr", "1e-4", "--warmup", "0", "--batch_size", "1", "--device", "cpu", "--fsdp"]
+    runs = [["--out_dir", tmp_path / "fsdp"], ["--out_dir", tmp_path / "fsdp_lora", "--lora", "4"]]
+    argv = [str(a) for flags_ in runs for a in ["::", *flags_]]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(tiny.ROOT, "tests", "ddp_runs.py"), *common, *argv],
+                       env=tiny.ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for ref, name in ((one, "fsdp"), (one_lora, "fsdp_lora")):
+        got = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        assert len(got) == 2
+        for a, b in zip(ref, got):
+            for k in ("loss", "model_mse", "ref_mse", "implicit_acc"):
+                assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (name, k, a, b)
+    base = denoiser.load(flux_dir).state_dict()
+    a, b = denoiser.load(str(tmp_path / "fsdp")).state_dict(), denoiser.load(str(tmp_path / "one")).state_dict()
+    da = torch.cat([(a[k] - base[k]).flatten() for k in base])
+    db = torch.cat([(b[k] - base[k]).flatten() for k in base])
+    assert db.norm() > 0 and (da - db).norm() < 1e-3 * db.norm()
+    adapters = [sorted(lora.read(str(tmp_path / n), lora.FLOW_PREFIX)) for n in ("fsdp_lora", "one_lora")]
+    assert adapters[0] == adapters[1] and adapters[0]
