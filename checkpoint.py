@@ -28,7 +28,8 @@ import weights
 # flags that --resume must keep (max_steps, logging, paths and world size may change: draws are keyed by position)
 RESUME_SAME = ("loss", "beta", "pairs_per_step", "lr", "warmup", "optimizer", "weight_decay", "grad_clip", "seed",
                "resolution", "random_crop", "no_flip", "prompt_dropout", "dreamlike_only", "rpo_tau", "split",
-               "time_ids", "latents", "lora", "lora_alpha", "rpo_clip", "rpo_form", "sigma_density", "guidance")
+               "time_ids", "latents", "lora", "lora_alpha", "rpo_clip", "rpo_form", "sigma_density", "guidance",
+               "columns")
 TEMP = re.compile(r"\.tmp\d*(\.png)?$")  # what weights.save_*, torch.save here and save_png write first
 
 

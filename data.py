@@ -29,9 +29,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from images import check_ref, open_image, parquet_layout, parquet_ref, parse_ref, pyarrow_parquet, read_cell, transform
+from images import (cell_image, check_ref, open_image, parquet_layout, parquet_ref, parse_ref, pyarrow_parquet,
+                    read_cell, transform)
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "model_0", "model_1")  # Pick-a-Pic v2 parquet
+
+
 SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")  # Pick-a-Pic v2's splits
 SHARD = re.compile(r"^([a-z][a-z_]*)-\d{5}-of-\d{5}")  # hub shard names: train-00000-of-00645-<hash>.parquet
 SHUFFLE_PAIRS = 2048  # pairs per shuffle window (one optimizer step at the paper's batch size)
@@ -110,8 +113,9 @@ class Preferences:
     filter) or single labelled images (self.singles). raw(i) = (caption, images, label): a pair's two images
     preferred first (label None), or one image with its label (1 desirable, 0 undesirable)."""
 
-    def __init__(self, path: str, dreamlike_only: bool = False, split: str = "train"):
+    def __init__(self, path: str, dreamlike_only: bool = False, split: str = "train", columns: dict = None):
         self.path, self.jsonl, self.singles = path, path.endswith(".jsonl"), False
+        self.columns = dict(columns or {})  # our column name -> the set's (parse_columns)
         self.dropped, self.first_invalid = Counter(), None  # rows left out, by why; where the first bad label is
         if self.jsonl:
             self._index_jsonl(path)
@@ -187,11 +191,26 @@ class Preferences:
             except Exception as e:
                 why = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise ValueError(f"cannot read parquet file {f}: {why}") from None
-            missing = [c for c in COLUMNS if c not in pf.schema_arrow.names]
-            if missing:
-                raise ValueError(f"{f}: missing columns {', '.join(missing)} (Pick-a-Pic v2 has {', '.join(COLUMNS)})")
-            meta = pf.read(columns=["label_0", "model_0", "model_1"]).to_pydict()  # small columns only, no images
-            lab = np.asarray([np.nan if x is None else x for x in meta["label_0"]], dtype=np.float64)
+            names, col = pf.schema_arrow.names, self.col
+            if self.columns:  # another set's names: caption and both images needed, label_0 and models optional
+                needed = ["caption", "jpg_0", "jpg_1"] + [c for c in ("label_0",) if c in self.columns]
+                needed += ["model_0", "model_1"] if dreamlike_only else []
+                missing = [c for c in needed if col(c) not in names]
+                if missing:
+                    raise ValueError(f"{f}: no column {', '.join(col(c) for c in missing)} (--columns maps "
+                                     f"{', '.join(f'{c}={col(c)}' for c in missing)}; the file has "
+                                     f"{', '.join(names[:12])})")
+            else:
+                missing = [c for c in COLUMNS if c not in names]
+                if missing:
+                    raise ValueError(f"{f}: missing columns {', '.join(missing)} (Pick-a-Pic v2 has "
+                                     f"{', '.join(COLUMNS)}; another set's names: --columns)")
+            small = [col(c) for c in ("label_0", "model_0", "model_1") if col(c) in names]
+            meta = pf.read(columns=small).to_pydict()  # small columns only, no images
+            if col("label_0") in meta:
+                lab = np.asarray([np.nan if x is None else x for x in meta[col("label_0")]], dtype=np.float64)
+            else:  # a chosen / rejected set: the first image is the preferred one
+                lab = np.ones(pf.metadata.num_rows, dtype=np.float64)
             keep = (lab == 0.0) | (lab == 1.0)
             invalid = ~keep & (lab != 0.5)
             self.dropped["tie"] += int((lab == 0.5).sum())
@@ -199,7 +218,8 @@ class Preferences:
             if invalid.any() and self.first_invalid is None:
                 self.first_invalid = f"{f}, row {int(np.argmax(invalid))}"
             if dreamlike_only:  # as the official code: both generations from a model whose name contains "dream"
-                both = [("dream" in str(a)) and ("dream" in str(b)) for a, b in zip(meta["model_0"], meta["model_1"])]
+                m0, m1 = meta[col("model_0")], meta[col("model_1")]
+                both = [("dream" in str(a)) and ("dream" in str(b)) for a, b in zip(m0, m1)]
                 self.dropped["dreamlike"] += int((keep & ~np.array(both, dtype=bool)).sum())
                 keep &= np.array(both, dtype=bool)
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
@@ -212,6 +232,10 @@ class Preferences:
             win.append((lab[keep] == 0.0).astype(np.int64))
         self.file, self.rg, self.row, self.winner = (np.concatenate(a).astype(np.int64) for a in (fi, gi, ri, win))
         self.group = self.file * (1 << 32) + self.rg  # shuffle unit = one row group
+
+    def col(self, name: str) -> str:
+        """The set's name for one of our columns (--columns; Pick-a-Pic's own by default)."""
+        return self.columns.get(name, name)
 
     def __len__(self):
         return len(self.winner)
@@ -229,6 +253,8 @@ class Preferences:
         files = [self.path] if self.jsonl else self.files
         root = os.path.commonpath([os.path.abspath(f) for f in files]) if len(files) > 1 else None
         h = hashlib.sha256(f"{len(self)} pairs\n".encode())
+        if self.columns:
+            h.update(f"columns {sorted(self.columns.items())}\n".encode())
         for f in files:
             h.update(f"{os.path.relpath(os.path.abspath(f), root) if root else ''}:{os.path.getsize(f)}\n".encode())
         if self.jsonl:
@@ -246,14 +272,14 @@ class Preferences:
         key = (int(self.file[i]), int(self.rg[i]))
         if key not in self._groups:
             f = pyarrow_parquet().ParquetFile(self.files[key[0]])
-            self._groups[key] = f.read_row_group(key[1], columns=["caption", "jpg_0", "jpg_1"])
+            self._groups[key] = f.read_row_group(key[1], columns=[self.col(c) for c in ("caption", "jpg_0", "jpg_1")])
             while len(self._groups) > self.window_groups + 1:
                 self._groups.popitem(last=False)
         self._groups.move_to_end(key)
         t, r = self._groups[key], int(self.row[i])
-        imgs = (t.column("jpg_0")[r].as_py(), t.column("jpg_1")[r].as_py())
+        imgs = tuple(cell_image(t.column(self.col(c))[r].as_py()) for c in ("jpg_0", "jpg_1"))
         w = int(self.winner[i])
-        return _text(t.column("caption")[r].as_py()), (imgs[w], imgs[1 - w]), None
+        return _text(t.column(self.col("caption"))[r].as_py()), (imgs[w], imgs[1 - w]), None
 
     def _image(self, src):
         """A JSONL image: its path, or the bytes a parquet reference points at (a window's row groups kept)."""

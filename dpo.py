@@ -203,7 +203,8 @@ def train(args) -> dict:
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     if args.model is None:
         raise ValueError("--model is required for training (run without flags for the demo)")
-    pairs = data.Preferences(args.data, args.dreamlike_only, args.split) if args.data else None  # read lazily
+    columns = parse_columns(args.columns) if args.columns else None
+    pairs = data.Preferences(args.data, args.dreamlike_only, args.split, columns) if args.data else None  # lazily
     if pairs is not None:
         log(f"data: {pairs.read}")
     family = denoiser.family(args.unet_init or args.model)
@@ -299,7 +300,7 @@ DEFAULTS = dict(
     rpo_clip=None, rpo_form="logit", time_ids="image", latents="mean", seed=0, resume=False, ckpt_every=200,
     log_every=10, device=None, dtype=None, gradient_checkpointing=None, lora=None, lora_alpha=None, fsdp=False,
     compile=False, channels_last=False, cache=False, cache_dir=None, max_bad_frac=0.01, save_single=False,
-    tokenizer=None, num_workers=None, sigma_density="logit_normal", guidance=None)
+    tokenizer=None, num_workers=None, sigma_density="logit_normal", guidance=None, columns=None)
 AUTOCAST_CACHE = False  # a cache keeps a bf16 copy of each fp32 weight all forward long; each is used once anyway
 
 
@@ -357,6 +358,19 @@ def resolve(args, family, world, device="cpu", native=None, guidance_embeds=Fals
     return args
 
 
+def parse_columns(spec: str) -> dict:
+    """--columns "caption=prompt,jpg_0=chosen,jpg_1=rejected" -> {our name: the set's column}: other parquet
+    preference sets read as Pick-a-Pic. Without a label_0 column there, jpg_0's image is the preferred one."""
+    out = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        ours, eq, theirs = part.partition("=")
+        if not eq or not theirs.strip() or ours.strip() not in data.COLUMNS[:4] + data.COLUMNS[5:]:
+            raise ValueError(f"--columns {spec!r}: {part!r} is not OURS=THEIRS with OURS one of caption, jpg_0, "
+                             "jpg_1, label_0, model_0, model_1")
+        out[ours.strip()] = theirs.strip()
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The flags, their defaults DEFAULTS; args.given lists the flags typed."""
     p = cli.Parser(description=__doc__.split("\n")[0] + " [...] = default picked by model family / world size.",
@@ -370,6 +384,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       "as the official --unet_init; VAE, text encoders and noise schedule still come from --model")
     a("--data", help="Pick-a-Pic v2 parquet (file, folder or glob) or JSONL {caption,image_0,image_1,label_0}")
     a("--split", help="which split's shards a Pick-a-Pic folder gives (others are not read)")
+    a("--columns", help="another parquet preference set's column names, OURS=THEIRS, e.g. caption=prompt,"
+      "jpg_0=chosen,jpg_1=rejected (no label_0 column: jpg_0's image is preferred); also label_0, model_0, model_1")
     a("--beta", type=float, help="beta of the loss [eq. 14: 5000 as the official launchers (paper text: 2000 for "
       "SD1.5; diffusers' SD1.5 script drops eq. 14's 1/2, so its beta is half ours), also for rpo, ipo, hinge; "
       "kto 1000, mapo 0.1, as their authors' code; SD3 / FLUX: 100, flow_grpo's Flow-DPO]")
@@ -439,6 +455,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, ok in valid.items():
         if not ok(getattr(args, k)):
             p.error(f"--{k} has an invalid value: {getattr(args, k)}")
+    if args.columns and args.data and args.data.endswith(".jsonl"):
+        p.error(f"--columns maps a parquet set's column names; {args.data} is a JSONL file: drop --columns")
+    if args.columns:
+        try:
+            parse_columns(args.columns)
+        except ValueError as e:
+            p.error(str(e))
     if "split" in args.given and args.data and args.data.endswith(".jsonl"):
         p.error(f"--split picks the shards of a Pick-a-Pic folder; {args.data} is a JSONL file: drop --split")
     if args.rpo_clip is not None and args.loss != "rpo":

@@ -81,6 +81,12 @@ def read_cell(file: str, row: int, col: str, cache=None, layout=None):
 # Reading
 
 
+def cell_image(value):
+    """An image cell of a parquet set: bytes (Pick-a-Pic), or the {bytes, path} struct of Hugging Face datasets'
+    Image feature."""
+    return value.get("bytes") if isinstance(value, dict) else value
+
+
 def open_image(src) -> Image.Image:
     """Decode JPEG/PNG bytes, a file path or a parquet_ref to RGB (raises on corrupt or missing images)."""
     ref = parse_ref(src)

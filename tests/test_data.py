@@ -2,12 +2,14 @@
 folder, shards named or in split folders), the windowed shuffle (mixing row groups, each decoded once per window)
 and the block order, the one JSONL parser, bad-row accounting over ranks."""
 import json
+import math
 import os
 
 import pytest
 
 import data
 import images
+import tiny
 from tiny import run, write_parquet
 
 
@@ -169,3 +171,50 @@ def test_a_caption_that_is_not_text_is_a_bad_row(tmp_path, sdxl_dir, jsonl, caps
     assert f"skipping unreadable pair {f}:1 (ValueError: its caption is None, not text)" in printed
     assert f"skipping unreadable pair {f}:3 (ValueError: its caption is 123, not text)" in printed
     assert m[-1]["bad_pairs"] == 2
+
+
+def test_columns_map_reads_another_preference_set(tmp_path):
+    """--columns: a chosen / rejected set (Hugging Face Image structs, no label: the first image preferred) and a
+    Pick-a-Pic shard under other names read as the original; a missing mapped column is named in one line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import dpo
+    src = tiny.write_parquet(tmp_path / "pick.parquet")
+    t = pq.read_table(src)
+    renamed = t.rename_columns([{"caption": "text", "jpg_0": "a", "jpg_1": "b", "label_0": "pref"}.get(c, c)
+                                for c in t.column_names])
+    pq.write_table(renamed, tmp_path / "renamed.parquet", row_group_size=4)
+    m = dpo.parse_columns("caption=text,jpg_0=a,jpg_1=b,label_0=pref")
+    a, b = data.Preferences(src), data.Preferences(str(tmp_path / "renamed.parquet"), columns=m)
+    assert len(a) == len(b) == 9 and [a.raw(i) for i in range(9)] == [b.raw(i) for i in range(9)]
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    chosen = [{"bytes": x, "path": None} for x in t.column("jpg_0").to_pylist()]
+    rejected = [{"bytes": x, "path": None} for x in t.column("jpg_1").to_pylist()]
+    pq.write_table(pa.table({"prompt": t.column("caption"), "chosen": pa.array(chosen, struct),
+                             "rejected": pa.array(rejected, struct)}), tmp_path / "cr.parquet", row_group_size=4)
+    c = data.Preferences(str(tmp_path / "cr.parquet"), columns=dpo.parse_columns("caption=prompt,jpg_0=chosen,"
+                                                                                 "jpg_1=rejected"))
+    assert len(c) == 10  # no labels: no ties either
+    assert c.raw(2) == (t.column("caption")[2].as_py(), (chosen[2]["bytes"], rejected[2]["bytes"]), None)
+    assert c.fingerprint()["digest"] != data.Preferences(src).fingerprint()["digest"]
+    with pytest.raises(ValueError, match="no column nope"):
+        data.Preferences(str(tmp_path / "cr.parquet"), columns=dpo.parse_columns("caption=prompt,jpg_0=chosen,"
+                                                                                 "jpg_1=nope"))
+    with pytest.raises(ValueError, match="not OURS=THEIRS"):
+        dpo.parse_columns("prompt=caption")
+
+
+def test_columns_flag_trains_and_refuses_a_missing_column(tmp_path, sd3_dir, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import dpo
+    t = pq.read_table(tiny.write_parquet(tmp_path / "pick.parquet"))
+    pq.write_table(pa.table({"prompt": t.column("caption"), "chosen": t.column("jpg_0"),
+                             "rejected": t.column("jpg_1")}), tmp_path / "cr.parquet", row_group_size=4)
+    m = tiny.run(tmp_path / "run", sd3_dir, str(tmp_path / "cr.parquet"), "--columns",
+                 "caption=prompt,jpg_0=chosen,jpg_1=rejected", steps=1)
+    assert abs(m[0]["loss"] - math.log(2)) < 1e-6
+    err = tiny.cli_error(dpo.main, ["--model", sd3_dir, "--data", str(tmp_path / "cr.parquet"), "--out_dir",
+                                    str(tmp_path / "bad"), "--columns", "caption=prompt,jpg_0=chosen,jpg_1=lost"],
+                         capsys)
+    assert "no column lost" in err and not os.path.exists(tmp_path / "bad" / "checkpoint.pt")
