@@ -14,6 +14,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 import clip
+import denoiser
 import reward
 import vae as vaelib
 import weights
@@ -54,18 +55,13 @@ def model_inputs(batch, drop, dev, args, encoders=None, empty=None, latent_noise
         z = z.transpose(0, 1).flatten(0, 1)  # (kB, C, h, w): all first images, then all second ones
         ctx, pooled = ctx.repeat(k, 1, 1), (None if pooled is None else pooled.repeat(k, 1))  # kB rows
         family = vars(args).get("family", "sdxl" if pooled is not None else "sd15")
-        if family == "sd3":  # the MMDiT takes (context, pooled)
-            return z, (ctx, pooled)
-        if family == "flux":  # and FLUX-dev its guidance input besides (schnell: None)
-            guidance = None if args.guidance is None else torch.full((len(z),), args.guidance, device=dev)
-            return z, (ctx, pooled, guidance)
         time_ids = None  # SDXL is also told each image's size and crop
         if family == "sdxl":
             time_ids = batch["time_ids"].to(dev).float().transpose(0, 1).flatten(0, 1)  # (B, k, 6) -> (kB, 6)
             if args.time_ids == "official":
                 r = float(args.resolution)
                 time_ids = torch.tensor([r, r, 0.0, 0.0, r, r], device=dev).expand(len(time_ids), 6)
-    return z, (ctx, pooled, time_ids)
+    return z, denoiser.conditioning(family, ctx, pooled, time_ids, vars(args).get("guidance"))
 
 
 def rpo_embeddings(batch, dev, scorer):

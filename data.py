@@ -33,8 +33,6 @@ from images import (cell_image, check_ref, open_image, parquet_layout, parquet_r
                     read_cell, transform)
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "model_0", "model_1")  # Pick-a-Pic v2 parquet
-
-
 SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")  # Pick-a-Pic v2's splits
 SHARD = re.compile(r"^([a-z][a-z_]*)-\d{5}-of-\d{5}")  # hub shard names: train-00000-of-00645-<hash>.parquet
 SHUFFLE_PAIRS = 2048  # pairs per shuffle window (one optimizer step at the paper's batch size)

@@ -95,6 +95,18 @@ def save(model, path, layout="diffusers", metadata=None):
         unetlib.save(model, path, layout, metadata)
 
 
+def conditioning(family, context, pooled, time_ids=None, guidance=None) -> tuple:
+    """The conditioning a family's denoiser takes after (x, t): a UNet (context, pooled, time_ids), SD3's MMDiT
+    (context, pooled), FLUX (context, pooled, guidance) with guidance, FLUX-dev's scalar input, repeated per row
+    (None for schnell)."""
+    if family == "sd3":
+        return context, pooled
+    if family == "flux":
+        g = None if guidance is None else torch.full((len(context),), float(guidance), device=context.device)
+        return context, pooled, g
+    return context, pooled, time_ids
+
+
 def latent_channels(model) -> int:
     """The VAE latent's channels the denoiser takes (FLUX's in_channels count 2x2 packed patches)."""
     c = model.config["in_channels"]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import cli
+import denoiser
 
 from weights import read_json
 
@@ -281,16 +282,11 @@ def conditions(te, prompts, negative=None, guided=True, zeros_for_empty=False, s
         nctx, npooled = te.encode(neg)
     if guided:
         ctx, pooled = torch.cat([nctx, ctx]), (None if pooled is None else torch.cat([npooled, pooled]))
-    if te.family == "sd3":
-        return ctx, pooled
-    if te.family == "flux":
-        g = None if guidance_embed is None else torch.full((len(ctx),), float(guidance_embed), device=ctx.device)
-        return ctx, pooled, g
     time_ids = None
     if te.family == "sdxl" and size is not None:
         h, w = size
         time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(ctx), device=ctx.device).to(ctx)  # (B or 2B, 6)
-    return ctx, pooled, time_ids
+    return denoiser.conditioning(te.family, ctx, pooled, time_ids, guidance_embed)
 
 
 def predict(unet, x, t, cond, dtype):

@@ -221,13 +221,14 @@ def train(args) -> dict:
     random.seed(args.seed + rank)
     policy, ref, trained = build_models(args, dev)
     feed = cache.Feed(args, pairs, denoiser.latent_channels(policy), dev, rank, world, log)  # data -> model inputs
-    flow = None  # (sigma density, flow schedule) of a flow model
+    flow, alphas_cumprod = None, None  # flow: (sigma density, flow schedule) of a flow model
     if policy.prediction_type == "flow":
         flow = (args.sigma_density, diffusion.flow_config(args.model, family))
-        schedule, alphas_cumprod = dict(prediction_type="flow"), torch.ones(flow[1]["num_train_timesteps"])
+        schedule, T = dict(prediction_type="flow"), flow[1]["num_train_timesteps"]
     else:
         schedule = diffusion.scheduler_config(args.model, policy.prediction_type)  # single files: their metadata
         alphas_cumprod = diffusion.alphas_cumprod(schedule)
+        T = len(alphas_cumprod)
     model = parallel.wrap(policy, args.fsdp, args.amp_dtype, dev)  # DDP, or FSDP2 shards (policy is sharded too)
     if args.fsdp and isinstance(ref, torch.nn.Module):
         parallel.shard(ref, args.amp_dtype)  # the same bf16 weights as the policy: eq. 14 starts at log 2
@@ -257,7 +258,7 @@ def train(args) -> dict:
             acc = {}
             for m in range(A):
                 batch = next(loader)
-                inputs = micro_batch(batch, feed, args, len(alphas_cumprod), dev, flow)
+                inputs = micro_batch(batch, feed, args, T, dev, flow)
                 if flops is None and device == "cuda":
                     flops = checkpoint.step_flops(policy, ref, inputs, args.loss)
                 # DDP all-reduces gradients once per optimizer step, on its last micro-step; FSDP reduce-scatters
@@ -310,9 +311,8 @@ def resolve(args, family, world, device="cpu", native=None, guidance_embeds=Fals
     guidance_embeds: FLUX-dev's guidance input), the loss, the world size and the device; refuses (ValueError)
     what cannot run there."""
     name, given = denoiser.NAME[family], vars(args).get("given", ())
-    sdxl_only = [f for f in ("time_ids",) if f in given] if family != "sdxl" else []
-    if sdxl_only:
-        raise ValueError(f"--{sdxl_only[0]} is SDXL's size conditioning; {name} has none: drop it")
+    if family != "sdxl" and "time_ids" in given:
+        raise ValueError(f"--time_ids is SDXL's size conditioning; {name} has none: drop it")
     if family in denoiser.FLOW and args.save_single:
         raise ValueError(f"--save_single writes a UNet's original single file; {name} runs leave transformer/ "
                          "(diffusers layout): drop it")

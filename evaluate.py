@@ -236,11 +236,10 @@ def implicit_accuracy(pipe: sample.Pipeline, ref, pairs, k=4, seed=0, size=None,
                 ids.append(i)
         z = pipe.encode_images((torch.stack(xs) + 1) / 2).cpu()  # (2B, C, h, w)
         ctx, pooled = pipe.te.encode([p["caption"] for p in chunk] * 2)
-        cond = (ctx, pooled, torch.stack(ids).to(pipe.device, ctx.dtype))  # time_ids (2B, 6)
-        if pipe.family == "sd3":
-            cond = (ctx, pooled)
-        elif pipe.family == "flux":  # dev: the guidance input it is trained with
-            cond = (ctx, pooled, torch.full((2 * B,), flux.GUIDANCE) if pipe.unet.config["guidance_embeds"] else None)
+        time_ids = torch.stack(ids).to(pipe.device, ctx.dtype)  # (2B, 6)
+        dev_guided = pipe.family == "flux" and pipe.unet.config["guidance_embeds"]
+        embed = flux.GUIDANCE if dev_guided else None  # FLUX-dev: the guidance input it is trained with
+        cond = denoiser.conditioning(pipe.family, ctx, pooled, time_ids, embed)
         d = torch.zeros(B)
         for _ in range(k):
             if pipe.flow:  # sigma as training draws it (logit-normal, the schedule's shift)

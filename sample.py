@@ -56,10 +56,7 @@ class Pipeline:
         pipeline's sigmas, shifted by the image's token count)."""
         if not self.flow:
             return diffusion.SCHEDULERS[name](self.sched_cfg, steps)
-        if name != "euler":
-            raise ValueError(f"{denoiser.NAME[self.family]} samples with the flow-matching Euler scheduler: "
-                             f"scheduler='euler', not {name!r}")
-        if self.family == "sd3":
+        if self.family == "sd3":  # (__call__ has refused any other scheduler name for a flow model)
             return diffusion.FlowEuler(self.sched_cfg, steps)
         tokens = (shape[1] // 2) * (shape[2] // 2)  # the packed image's length
         mu = diffusion.flux_mu(tokens, self.sched_cfg) if self.sched_cfg["use_dynamic_shifting"] else None
