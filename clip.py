@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import kernels
 import t5
-from weights import (Checkpoint, CheckpointError, component, find_weights, load_module, read_config, rename, renamed,
-                     save_safetensors, special_tokens)
+from weights import (Checkpoint, CheckpointError, component, find_weights, load_module, read_config, read_json, rename,
+                     renamed, save_safetensors, special_tokens)
 
 MAX_LENGTH = 77
 VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_bpe")  # CLIP's BPE (see its README.md)
@@ -315,13 +315,19 @@ def _clip_tokenizers(folder, encoders, pads, what):
                           f"tokenizer/{' and tokenizer_2/' if n == 2 else ''})")
 
 
-def _t5_tokenizer(folder, fam, length, what):
-    """T5's tokenizer (tokenizer.json): tokenizer_3/ (SD3) or tokenizer_2/ (FLUX) of a model folder, or the folder."""
+def _t5_tokenizer(folder, fam, length, what, capped=True):
+    """T5's tokenizer (tokenizer.json): tokenizer_3/ (SD3) or tokenizer_2/ (FLUX) of a model folder, or the folder.
+    capped: the pipeline's token count, cut to the tokenizer's own model_max_length where that is smaller (T5's
+    tokenizers say 512; a model made for short prompts, as the flow demo's, says fewer)."""
     sub = os.path.join(folder or "", "tokenizer_3" if fam == "sd3" else "tokenizer_2")
     if folder is None:
         raise CheckpointError(f"{what} holds no T5 tokenizer: pass tokenizer=FOLDER (a diffusers model folder with "
                               f"{os.path.basename(sub)}/, or a folder with T5's tokenizer.json)")
-    return t5.Tokenizer(sub if os.path.isdir(sub) else folder, max_length=length)
+    where = sub if os.path.isdir(sub) else folder
+    cap = read_json(os.path.join(where, "tokenizer_config.json"), {}).get("model_max_length") if capped else None
+    if isinstance(cap, int) and 1 < cap < length:
+        length = cap
+    return t5.Tokenizer(where, max_length=length)
 
 
 def _folder_family(root):
@@ -346,7 +352,8 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None, t5_file=None, 
     SDXL / SD1.5 / SD3.5 .safetensors file, or FLUX's split clip_l.safetensors with t5_file=t5xxl_fp16.safetensors.
     Single files hold no tokenizer: CLIP's comes from clip_bpe/ unless tokenizer= names a diffusers model folder
     (tokenizer/, tokenizer_2/) or a tokenizer folder; T5's from tokenizer= (tokenizer_3/ or tokenizer_2/ in it, or
-    a folder with tokenizer.json). max_length: T5's token count (default: the family pipeline's)."""
+    a folder with tokenizer.json). max_length: T5's token count (default: the family pipeline's, or the
+    tokenizer's model_max_length where smaller)."""
     kind, where = component(path, "text_encoder")
     if kind == "file":
         ckpt = Checkpoint(path)
@@ -359,7 +366,7 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None, t5_file=None, 
         toks = _clip_tokenizers(tokenizer, encoders, [p[-1] for p in SINGLE[fam]], path)
         if fam == "flux" or (fam == "sd3" and any(k.endswith(t5.REL) for k in ckpt.keys())):  # else SD3 without T5
             encoders.append(t5.load(t5_file or path, device, dtype))  # finds its prefix in a whole SD3.5 file
-            toks.append(_t5_tokenizer(tokenizer, fam, max_length or T5_LENGTH[fam], path))
+            toks.append(_t5_tokenizer(tokenizer, fam, max_length or T5_LENGTH[fam], path, max_length is None))
         return TextEncoders(encoders, toks, fam).eval()
     if os.path.basename(os.path.normpath(where)) != "text_encoder":  # another component's folder (unet/, ...)
         raise CheckpointError(f"{path} is neither a diffusers model folder (no text_encoder/) nor a text_encoder "
@@ -374,7 +381,7 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None, t5_file=None, 
         folder = os.path.join(root, "text_encoder_3" if fam == "sd3" else "text_encoder_2")
         encoders.append(t5.load(folder, device, dtype))
         length = max_length or (T5_LENGTH["sd3"] if fam == "sd3" else _flux_length(root))
-        toks.append(_t5_tokenizer(tokenizer or root, fam, length, path))
+        toks.append(_t5_tokenizer(tokenizer or root, fam, length, path, max_length is None))
     return TextEncoders(encoders, toks, fam).eval()
 
 

@@ -1,32 +1,34 @@
-"""The CPU demo behind `python dpo.py`: Diffusion-DPO in a toy world where the preference is visible by eye.
+"""The CPU demos behind `python dpo.py` (SDXL's architecture) and `python dpo.py --demo flow` (FLUX.1-dev's):
+Diffusion-DPO in a toy world where the preference is visible by eye.
 
 World (toy.py): prompts "a <colour> <shape>" (red/green/blue x circle/square); 16x16 images of one shape at a
 random size and place on white. Rule (the "human" preference): the larger shape wins, area = pixels far from the
 background (toy.area, a scorer like reward.py's real ones: `--score area`). Fidelity: the shape's dominant colour
 is the prompt's colour.
 
-Steps (all with the repo's own code, results in demo_out/):
+Steps (all with the repo's own code, results in demo_out/, or demo_out_flow/ for --demo flow):
   1. data/: JSONL + PNG pairs in dpo.py's --data format: 1536 unbiased pairs (random labels) for the reference,
      1536 rule-labelled pairs for DPO, 96 held-out rule-labelled pairs (for `evaluate.py --eval_pairs`).
-  2. init/: a diffusers-layout SDXL-architecture model (3-level UNet with text_time embedding, two CLIP text
-     encoders, pooled embedding, time ids; random frozen text encoders; a vae.py VAE trained 300 steps to
-     reconstruct the world, scaling_factor = 1/latent std).
-  3. base/: the reference = init with its UNet pretrained by dpo.train(loss="sft") on the unbiased pairs.
-  4. dpo/: dpo.train(loss="dpo") from base/ on the rule-labelled pairs (latent cache, CPU, fp32).
-  5. Reference and DPO model sample the same prompts from the same initial noise (16 per prompt, Euler 20
-     steps, guidance 3); win rate = how often the DPO sample's shape is larger (ties 0.5); grid.png shows the
-     pairs side by side (rows = prompts, columns = reference | DPO for 4 noises). prompts.txt lists the prompts
+  2. init/: a diffusers-layout model with random frozen text encoders and a vae.py VAE trained 300 steps to
+     reconstruct the world (scaling_factor = 1/latent std; the flow model's also shift_factor = latent mean).
+     sdxl: a 3-level UNet with text_time embedding, two CLIP text encoders, pooled embedding, time ids.
+     flow: FLUX.1-dev's transformer (double and single blocks, RoPE, the guidance input) with CLIP-L's pooled
+     embedding and a T5 encoder whose tokenizer caps prompts at 8 tokens; FLUX's flow-matching scheduler.
+  3. base/: the reference = init with its denoiser pretrained by dpo.train(loss="sft") on the unbiased pairs
+     (noise prediction for the UNet, flow matching for the transformer).
+  4. dpo/: dpo.train(loss="dpo") from base/ on the rule-labelled pairs (latent cache, CPU, fp32; the flow model
+     with dpo.FLOW_BETA's beta, eq. 14 on the velocity errors).
+  5. Reference and DPO model sample the same prompts from the same initial noise with sample.py's pipeline
+     (16 per prompt, Euler 20 steps; the UNet with guidance 3, FLUX-dev with its guidance input 3.5, no CFG, as
+     its pipeline); win rate = how often the DPO sample's shape is larger (ties 0.5); grid.png shows the pairs
+     side by side (rows = prompts, columns = reference | DPO for 4 noises). prompts.txt lists the prompts
      for evaluate.py (`--compare --prompts demo_out/prompts.txt --score area` is the same evaluation, other noise).
 
-Tuning (beta, lr; 100 steps x 16 pairs, AdamW, grad clip 1; 48 eval samples, reference fidelity 0.938):
-  lr 1e-4, beta 5000: win 1.000, fidelity 0.542 (collapse: big mixed-colour blobs; DPO loss ~0, model mse 0.04 -> 0.3)
-  lr 2e-5, beta 1000: win 1.000, fidelity 0.688
-  lr 1e-5, beta 5000: win 1.000, fidelity 0.958 (some colour bleeding visible)
-  lr 5e-6, beta 5000: win 1.000, fidelity 0.938, mean area 0.315 -> 0.456   <- the default
-With 96 eval samples the default gives win_rate=1.000 fidelity_ref=0.917 fidelity_dpo=0.948, mean area
-0.320 -> 0.459, held-out implicit-reward accuracy 0.97 (`evaluate.py --eval_pairs`). About 2 minutes on 2 CPU
-cores (the same numbers under `torchrun --nproc_per_node 2`); a second run reuses demo_out/base and demo_out/data
-(the stamp base/demo_world.json must match WORLD).
+Tuning of the SDXL demo (beta, lr; 100 steps x 16 pairs, AdamW, grad clip 1; 48 eval samples, reference fidelity
+0.938): lr 1e-4 beta 5000 collapses (win 1.000, fidelity 0.542: big mixed-colour blobs, DPO loss ~0); lr 2e-5
+beta 1000: fidelity 0.688; lr 1e-5 beta 5000: fidelity 0.958 with some colour bleeding; lr 5e-6 beta 5000 (the
+default) keeps the colours. The README has the measured numbers of both demos, their beta sweeps and times. A
+second run reuses base/ and data/ (the stamp base/demo_world.json must match the demo's world).
 """
 import argparse
 import json
@@ -41,12 +43,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip
-import diffusion
+import denoiser
+import flux
 import images
+import sample
+import t5
 import unet as unetlib
 import vae as vaelib
 from reward import win_rate
-from toy import PROMPTS, RADIUS, SIZE, area, fidelity, random_image, write_tokenizer
+from toy import PROMPTS, RADIUS, SIZE, area, fidelity, random_image, write_t5_tokenizer, write_tokenizer
 from weights import atomic, save_json, save_safetensors
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,9 +116,10 @@ def text_config(vocab: int, projection: bool) -> dict:
                 architectures=["CLIPTextModelWithProjection" if projection else "CLIPTextModel"])
 
 
-def train_vae(steps: int, seed: int, log=print):
+def train_vae(steps: int, seed: int, log=print, shift=False):
     """A from-scratch vae.AutoencoderKL trained to reconstruct the world's images (latent noise makes the decoder
-    forgiving of imperfect diffusion samples); scaling_factor = 1 / std of the latents, as SD's was chosen."""
+    forgiving of imperfect diffusion samples); scaling_factor = 1 / std of the latents, as SD's was chosen, and
+    with shift the latents' mean as shift_factor, as FLUX's and SD3's were."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     x = torch.from_numpy(np.stack([random_image(PROMPTS[i % len(PROMPTS)], rng) for i in range(1536)]))
@@ -134,7 +140,9 @@ def train_vae(steps: int, seed: int, log=print):
     v.eval()
     with torch.no_grad():
         z = v.encode(x[:512])
-    v.scaling_factor = v.config["scaling_factor"] = round(1.0 / float(z.std()), 5)
+    if shift:
+        v.shift_factor = v.config["shift_factor"] = round(float(z.mean()), 5)
+    v.scaling_factor = v.config["scaling_factor"] = round(1.0 / float((z - v.shift_factor).std()), 5)
     return v
 
 
@@ -163,17 +171,72 @@ def build_model(root: str, vae_steps: int, seed: int, log=print) -> str:
     return root
 
 
+# The flow toy: FLUX.1-dev's architecture (CLIP-L's pooled embedding, T5's token embeddings, double and single
+# blocks with RoPE, the guidance input; 2x2-packed 4-channel latents), its pipeline's flow-matching scheduler
+
+FLUX_CONFIG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                   num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                   axes_dims_rope=[4, 6, 6])  # 16 channels = 4 latent channels x one 2x2 patch
+T5_TOKENS = 8  # the toy T5 tokenizer's model_max_length: "a red circle" and </s> fit, and 8 text tokens keep the
+# transformer's sequence short (FLUX-dev's pipeline pads to 512; diffusers: pass max_sequence_length=8)
+FLOW_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0,
+                      use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)  # FLUX.1-dev's
+
+
+def t5_config(vocab: int) -> dict:
+    """A 2-layer, 32-wide T5 v1.1 encoder (gated-gelu, relative position buckets), transformers' config.json."""
+    return dict(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+                feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True, model_type="t5",
+                architectures=["T5EncoderModel"])
+
+
+def build_flux(root: str, vae_steps: int, seed: int, log=print) -> str:
+    """A complete diffusers-layout FLUX.1-dev-architecture folder (random transformer, trained VAE with FLUX's
+    shift, random frozen CLIP-L and T5, tokenizers, scheduler, model_index.json), written with the repo's code."""
+    torch.manual_seed(seed)
+    vocab = write_tokenizer(os.path.join(root, "tokenizer"))
+    n5 = write_t5_tokenizer(os.path.join(root, "tokenizer_2"), model_max_length=T5_TOKENS)
+    cfg = text_config(vocab, False)
+    save_safetensors(clip.TextTransformer(cfg, projection=False).state_dict(),
+                     os.path.join(root, "text_encoder", "model.safetensors"))
+    save_json(cfg, os.path.join(root, "text_encoder", "config.json"))
+    cfg = t5_config(n5)
+    save_safetensors(t5.T5Encoder(cfg).state_dict(), os.path.join(root, "text_encoder_2", "model.safetensors"))
+    save_json(cfg, os.path.join(root, "text_encoder_2", "config.json"))
+    flux.save(flux.Flux(dict(FLUX_CONFIG)), os.path.join(root, "transformer"))
+    vaelib.save(train_vae(vae_steps, seed, log, shift=True), os.path.join(root, "vae"), layout="diffusers")
+    os.makedirs(os.path.join(root, "scheduler"), exist_ok=True)
+    save_json(FLOW_SCHEDULER, os.path.join(root, "scheduler", "scheduler_config.json"))
+    index = dict(_class_name="FluxPipeline", _diffusers_version="0.42.1",
+                 scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                 transformer=["diffusers", "FluxTransformer2DModel"], vae=["diffusers", "AutoencoderKL"],
+                 text_encoder=["transformers", "CLIPTextModel"], text_encoder_2=["transformers", "T5EncoderModel"],
+                 tokenizer=["transformers", "CLIPTokenizer"], tokenizer_2=["transformers", "T5TokenizerFast"])
+    save_json(index, os.path.join(root, "model_index.json"))
+    return root
+
+
 # ----------------------------------------------------------------------------------------------------
 # The run: world -> reference (SFT) -> DPO -> side-by-side evaluation
 
 # Everything the base model depends on; a stamp of it lets a second run reuse demo_out/base.
 WORLD = dict(size=SIZE, radius=RADIUS, prompts=PROMPTS, unet=UNET_CONFIG, vae=VAE_CONFIG, vae_steps=300,
              sft_pairs=1536, sft=dict(max_steps=400, batch_size=32, lr=1e-3, warmup=20), seed=0, version=1)
+FLOW_WORLD = dict(size=SIZE, radius=RADIUS, prompts=PROMPTS, transformer=FLUX_CONFIG, t5_tokens=T5_TOKENS,
+                  vae=VAE_CONFIG, vae_steps=300, sft_pairs=1536,
+                  sft=dict(max_steps=1500, batch_size=32, lr=1e-3, warmup=20), seed=0, version=1)
 # DPO defaults (each one overridden by the same dpo.py flag when given); batch_size counts pairs over all ranks;
-# beta is the loss's own default (dpo.BETA: 5000 for eq. 14)
+# beta is the loss's own default (dpo.BETA: 5000 for eq. 14; dpo.FLOW_BETA for the flow model)
 DPO_DEFAULTS = dict(lr=5e-6, max_steps=100, batch_size=16, grad_accum=1, warmup=10)
+FLOW_DPO_DEFAULTS = dict(lr=2e-5, max_steps=100, batch_size=16, grad_accum=1, warmup=10)
 DPO_PAIRS, HELDOUT_PAIRS = 1536, 96
-EVAL = dict(noises=16, steps=20, guidance=3.0, scheduler="euler", seed=1234)
+EVAL = dict(noises=16, steps=20, guidance=3.0, seed=1234)  # guidance: the UNet's CFG scale
+FLOW_EVAL = dict(noises=16, steps=20, guidance=flux.GUIDANCE, seed=1234)  # FLUX-dev's guidance input, no CFG
+# The two demos: (world, model builder, DPO defaults, evaluation, default out_dir, what the model is)
+DEMOS = {"sdxl": (WORLD, build_model, DPO_DEFAULTS, EVAL, "demo_out", "SDXL-architecture"),
+         "flow": (FLOW_WORLD, build_flux, FLOW_DPO_DEFAULTS, FLOW_EVAL, "demo_out_flow", "FLUX.1-dev-architecture")}
 
 
 def _train_args(args, user=(), **kw):
@@ -192,67 +255,71 @@ def _train_args(args, user=(), **kw):
     return a
 
 
-def _copy_model(src: str, dst: str, unet_dir: str):
-    """dst = the model folder src with its UNet replaced by unet_dir (written to a temporary name, then renamed)."""
+def _copy_model(src: str, dst: str, tuned: str):
+    """dst = the model folder src with its denoiser (unet/ or transformer/) replaced by the folder tuned (written
+    to a temporary name, then renamed)."""
+    sub = os.path.basename(os.path.normpath(tuned))
     tmp = dst + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("unet"))
-    shutil.copytree(unet_dir, os.path.join(tmp, "unet"))
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(sub))
+    shutil.copytree(tuned, os.path.join(tmp, sub))
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
 
 
-def build_world(root: str, args, train, log):
+def build_world(root: str, args, train, log, demo="sdxl"):
     """data/ (SFT, DPO and held-out pairs) and base/ (the SFT-pretrained reference model), reused when the stamp
-    in base/ matches WORLD. Rank 0 writes the files; every rank takes part in the SFT run."""
+    in base/ matches the demo's world. Rank 0 writes the files; every rank takes part in the SFT run."""
+    world, build, *_, what = DEMOS[demo]
     stamp = os.path.join(root, "base", "demo_world.json")
-    if os.path.isfile(stamp) and json.load(open(stamp)) == json.loads(json.dumps(WORLD)):
+    if os.path.isfile(stamp) and json.load(open(stamp)) == json.loads(json.dumps(world)):
         log(f"reusing {root}/base and {root}/data (delete them to rebuild)")
         return
-    seed, data, init = WORLD["seed"], os.path.join(root, "data"), os.path.join(root, "init")
+    seed, data, init = world["seed"], os.path.join(root, "data"), os.path.join(root, "init")
     sft_dir = os.path.join(root, "sft")
     if dist.get_rank() == 0:
         t = time.time()
         shutil.rmtree(data, ignore_errors=True)  # with its latent cache of the old world
-        write_pairs(data, "sft", WORLD["sft_pairs"], seed + 1, biased=False)
+        write_pairs(data, "sft", world["sft_pairs"], seed + 1, biased=False)
         write_pairs(data, "dpo", DPO_PAIRS, seed + 2, biased=True)
         write_pairs(data, "heldout", HELDOUT_PAIRS, seed + 3, biased=True)
-        log(f"data: {WORLD['sft_pairs']} unbiased pairs (SFT), {DPO_PAIRS} + {HELDOUT_PAIRS} held-out rule-labelled "
+        log(f"data: {world['sft_pairs']} unbiased pairs (SFT), {DPO_PAIRS} + {HELDOUT_PAIRS} held-out rule-labelled "
             f"pairs in {data} ({time.time() - t:.0f}s)")
         t = time.time()
         shutil.rmtree(init, ignore_errors=True)
-        build_model(init, WORLD["vae_steps"], seed, log)
-        log(f"model: tiny SDXL-architecture folder {init} ({time.time() - t:.0f}s)")
+        build(init, world["vae_steps"], seed, log)
+        log(f"model: tiny {what} folder {init} ({time.time() - t:.0f}s)")
         shutil.rmtree(sft_dir, ignore_errors=True)
     dist.barrier()
     t = time.time()
     log("reference: SFT on the unbiased pairs' (random) winners")
     train(_train_args(args, model=init, data=os.path.join(data, "sft.jsonl"), out_dir=sft_dir, loss="sft",
-                      seed=seed, grad_accum=1, **WORLD["sft"]))
+                      seed=seed, grad_accum=1, **world["sft"]))
     if dist.get_rank() == 0:
-        _copy_model(init, os.path.join(root, "base"), os.path.join(sft_dir, "unet"))
-        save_json(WORLD, stamp)
+        tuned = os.path.join(sft_dir, denoiser.subfolder(denoiser.family(init)))  # sft/unet or sft/transformer
+        _copy_model(init, os.path.join(root, "base"), tuned)
+        save_json(world, stamp)
         log(f"reference: {root}/base ({time.time() - t:.0f}s)")
     dist.barrier()
 
 
 @torch.no_grad()
-def side_by_side(root: str, dpo_unet: str):
-    """Sample reference and DPO model from the same prompts and initial noise (diffusion.py's sampling loop, as
-    sample.py's pipeline runs it); score with the rule and fidelity."""
-    base = os.path.join(root, "base")
-    te, v, cfg = clip.load(base), vaelib.load(base), diffusion.scheduler_config(base)
-    n = EVAL["noises"]
+def side_by_side(root: str, tuned: str, demo="sdxl"):
+    """Sample reference and DPO model from the same prompts and initial noise (sample.py's pipeline: the
+    sampler of the family, as diffusers' pipelines run it); score with the rule and fidelity."""
+    ev = DEMOS[demo][3]
+    pipe = sample.load(os.path.join(root, "base"))
+    pipe.progress = False
+    n = ev["noises"]
     prompts = [p for p in PROMPTS for _ in range(n)]
-    g = torch.Generator().manual_seed(EVAL["seed"])
-    latents = torch.randn((len(prompts), 4, LATENT, LATENT), generator=g)  # (B, 4, h, w) the same for both
-    cond = diffusion.conditions(te, prompts, guided=EVAL["guidance"] > 1, size=(SIZE, SIZE))  # negatives: ""
+    g = torch.Generator().manual_seed(ev["seed"])
+    latents = torch.randn((len(prompts), *pipe.latent_shape(SIZE, SIZE)), generator=g)  # (B, C, h, w) for both
 
-    def samples(unet):  # (B, 3, H, W) in [0, 1]
-        sched = diffusion.SCHEDULERS[EVAL["scheduler"]](cfg, EVAL["steps"])
-        x = diffusion.denoise(unet, sched, latents * sched.init_sigma, cond, EVAL["guidance"], torch.float32)
-        return diffusion.decode(v, x)
-    ref_img, dpo_img = samples(unetlib.load(base)), samples(unetlib.load(dpo_unet))
+    def samples():  # (B, 3, H, W) in [0, 1]
+        return pipe(prompts, steps=ev["steps"], guidance=ev["guidance"], latents=latents, height=SIZE, width=SIZE)
+    ref_img = samples()
+    pipe.unet = denoiser.load(tuned)
+    dpo_img = samples()
     res = dict(win_rate=win_rate(area(ref_img), area(dpo_img))["win_rate"],
                fidelity_ref=float(fidelity(ref_img, prompts).mean()),
                fidelity_dpo=float(fidelity(dpo_img, prompts).mean()),
@@ -266,13 +333,15 @@ def side_by_side(root: str, dpo_unet: str):
 
 
 def run(args, train):
-    """`python dpo.py` with no --model: build the toy world (cached in demo_out/), DPO-tune, evaluate, print.
-    args: dpo.parse_args(); train: dpo.train, which runs both training stages in the process group dpo.py set up."""
+    """`python dpo.py [--demo flow]` with no --model: build the toy world (cached in its out_dir), DPO-tune,
+    evaluate, print. args: dpo.parse_args(); train: dpo.train, which runs both training stages in the process
+    group dpo.py set up."""
     t0 = time.time()
+    demo = args.demo or "sdxl"
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // world)))  # 2 cores: more threads only contend
     log = (lambda m: print(f"[demo {time.time() - t0:5.0f}s] {m}", flush=True)) if rank == 0 else (lambda m: None)
-    root = args.out_dir if "out_dir" in args.given else "demo_out"
+    root = args.out_dir if "out_dir" in args.given else DEMOS[demo][4]
     mark = os.path.join(root, ".dpo_demo")  # the demo rewrites data/, init/, sft/, base/, dpo/ in folders it made
     if os.path.exists(root) and not os.path.isdir(root):
         raise ValueError(f"--out_dir {root} is a file, not a folder: give the demo a new or empty folder")
@@ -286,19 +355,19 @@ def run(args, train):
         with open(os.path.join(root, "prompts.txt"), "w") as f:  # for sample.py / evaluate.py --prompts
             f.write("\n".join(PROMPTS) + "\n")
     dist.barrier()
-    build_world(root, args, train, log)
+    build_world(root, args, train, log, demo)
     out = os.path.join(root, "dpo")
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)  # the demo's own previous result
     dist.barrier()
     log("dpo: fine-tuning the reference on the rule-labelled pairs")
-    train(_train_args(args, user=args.given, model=os.path.join(root, "base"),
-                      data=os.path.join(root, "data", "dpo.jsonl"), out_dir=out,
-                      cache_dir=os.path.join(root, "data", "dpo_cache"), **DPO_DEFAULTS))
+    base = os.path.join(root, "base")
+    train(_train_args(args, user=args.given, model=base, data=os.path.join(root, "data", "dpo.jsonl"), out_dir=out,
+                      cache_dir=os.path.join(root, "data", "dpo_cache"), **DEMOS[demo][2]))
     if rank != 0:
         return
     log("eval: sampling reference and DPO model from the same prompts and noise")
-    r = side_by_side(root, os.path.join(out, "unet"))
+    r = side_by_side(root, os.path.join(out, denoiser.subfolder(denoiser.family(base))), demo)
     log(f"mean shape area: reference {r['area_ref']:.3f}, DPO {r['area_dpo']:.3f}; grid: {root}/grid.png "
         f"(rows = prompts, columns = reference | DPO pairs); held-out pairs: {root}/data/heldout.jsonl")
     print(f"demo win_rate={r['win_rate']:.3f} fidelity_ref={r['fidelity_ref']:.3f} "

@@ -301,7 +301,7 @@ DEFAULTS = dict(
     rpo_clip=None, rpo_form="logit", time_ids="image", latents="mean", seed=0, resume=False, ckpt_every=200,
     log_every=10, device=None, dtype=None, gradient_checkpointing=None, lora=None, lora_alpha=None, fsdp=False,
     compile=False, channels_last=False, cache=False, cache_dir=None, max_bad_frac=0.01, save_single=False,
-    tokenizer=None, num_workers=None, sigma_density="logit_normal", guidance=None, columns=None)
+    tokenizer=None, num_workers=None, sigma_density="logit_normal", guidance=None, columns=None, demo=None)
 AUTOCAST_CACHE = False  # a cache keeps a bf16 copy of each fp32 weight all forward long; each is used once anyway
 
 
@@ -437,6 +437,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--sigma_density", choices=["logit_normal", "mode", "uniform"], help="flow models: how sigma is drawn, "
       "as SD3's and FLUX's training scripts (logit-normal u ~ sigmoid(N(0, 1)), then the scheduler's shift)")
     a("--guidance", type=float, help=f"FLUX-dev: its guidance embedding's input in training [{flux.GUIDANCE}]")
+    a("--demo", choices=["sdxl", "flow"], help="without --model: the CPU demo with a toy model of SDXL's or "
+      "FLUX.1-dev's architecture [sdxl]")
     # Every flag starts out unset (argparse keeps what the namespace has): the typed ones are told apart (the demo)
     unset = object()
     args = argparse.Namespace(**{k: unset for k in DEFAULTS})
@@ -464,6 +466,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(str(e))
     if "split" in args.given and args.data and args.data.endswith(".jsonl"):
         p.error(f"--split picks the shards of a Pick-a-Pic folder; {args.data} is a JSONL file: drop --split")
+    if args.demo and args.model:
+        p.error(f"--demo {args.demo} builds its own toy model: drop --model (or --demo to train {args.model})")
     if args.rpo_clip is not None and args.loss != "rpo":
         p.error(f"--rpo_clip weights RPO's matrix: it needs --loss rpo (got --loss {args.loss})")
     return args

@@ -3,8 +3,8 @@
 World: prompts "a <colour> <shape>" (red/green/blue x circle/square); 16x16 images of one shape at a random size
 and place on white. The rule (the demo's "human" preference): the larger shape wins, area = the fraction of
 pixels far from the background (`area`, a scorer like the real ones). Fidelity: the shape's dominant colour is
-the prompt's colour. Also here: a small CLIP-style BPE tokenizer folder that HF CLIPTokenizer loads, for the toy
-model and the tests' tiny reference models.
+the prompt's colour. Also here: small CLIP-style BPE and T5-style Unigram tokenizer folders that HF CLIPTokenizer /
+T5TokenizerFast load, for the toy models and the tests' tiny reference models.
 """
 import json
 import os
@@ -62,6 +62,28 @@ def write_tokenizer(folder, pad_token="<|endoftext|>"):
         json.dump(cfg, f)
     with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
         json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f)
+    return len(vocab)
+
+
+def write_t5_tokenizer(folder, words=WORDS, model_max_length=512):
+    """A T5-style tokenizer.json made with the tokenizers library: SentencePiece Unigram pieces (<pad> 0, </s> 1,
+    <unk> 2, then "▁"-marked words and single characters), a Metaspace pre-tokenizer, </s> appended; returns the
+    vocab size. model_max_length caps the T5 token count clip.load pads prompts to (the toy FLUX's short prompts)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    chars = "abcdefghijklmnopqrstuvwxyzA!:123"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -3.0 - i / 10) for i, w in enumerate(words)]
+    vocab += [(w, -6.0 - i / 10) for i, w in enumerate(words)]
+    vocab += [(c, -9.0 - i / 10) for i, c in enumerate(chars)] + [("▁" + c, -12.0) for c in chars[:10]]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=model_max_length), f)
     return len(vocab)
 
 

@@ -10,6 +10,7 @@ import torch
 
 import data
 import demo
+import denoiser
 import images
 import toy
 from tiny import ROOT
@@ -126,3 +127,83 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert r.stderr.strip().splitlines() == [f"error: --out_dir {tmp_path} exists and is not a demo folder: the demo "
                                              "rewrites subfolders of its out_dir, so give it a new or empty folder"]
     assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The flow demo (`python dpo.py --demo flow`): a toy FLUX.1-dev
+
+
+@pytest.fixture(scope="module")
+def toy_flux(tmp_path_factory):
+    return demo.build_flux(str(tmp_path_factory.mktemp("toy") / "flux"), 50, seed=0, log=lambda m: None)
+
+
+def test_toy_flux_loads_everywhere_with_short_prompts(toy_flux):
+    """Every tool reads the toy FLUX folder; its T5 tokenizer caps prompts at 8 tokens (model_max_length), and a
+    pipeline samples images of the world's size from it."""
+    import clip
+    import sample
+    import vae
+    u = denoiser.load(toy_flux)
+    assert u.prediction_type == "flow" and u.config["guidance_embeds"] and u.config["in_channels"] == 16
+    te = clip.load(toy_flux)
+    ctx, pooled = te.encode(toy.PROMPTS)
+    assert te.family == "flux" and ctx.shape == (6, demo.T5_TOKENS, 32) and pooled.shape == (6, 32)
+    assert min(torch.dist(ctx[i], ctx[j]) for i in range(6) for j in range(i)) > 1e-2  # distinct prompts
+    assert clip.load(toy_flux, max_length=16).encode(toy.PROMPTS[:1])[0].shape == (1, 16, 32)  # asked for: no cap
+    v = vae.load(toy_flux)
+    assert v.shift_factor != 0 and 0.1 < v.scaling_factor < 10
+    pipe = sample.load(toy_flux)
+    pipe.progress = False
+    out = pipe(toy.PROMPTS[:2], steps=2, guidance=3.5, height=toy.SIZE, width=toy.SIZE)
+    assert out.shape == (2, 3, toy.SIZE, toy.SIZE)
+
+
+def test_toy_flux_is_a_diffusers_flux_pipeline(toy_flux):
+    """diffusers' FluxPipeline loads the folder with its own classes and, given max_sequence_length=8, makes the
+    images our pipeline makes from the same initial latents."""
+    from diffusers import FluxPipeline
+    import sample
+    pipe = FluxPipeline.from_pretrained(toy_flux)
+    assert pipe.transformer.config.guidance_embeds and pipe.vae.config.shift_factor != 0
+    ours = sample.load(toy_flux)
+    ours.progress = False
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn((1, *ours.latent_shape(toy.SIZE, toy.SIZE)), generator=g)  # (1, 4, 8, 8)
+    mine = ours(["a red circle"], steps=4, guidance=3.5, latents=latents, height=toy.SIZE, width=toy.SIZE)
+    packed = latents.view(1, 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 16, 16)  # FLUX's 2x2 packing
+    theirs = pipe("a red circle", num_inference_steps=4, guidance_scale=3.5, latents=packed, height=toy.SIZE,
+                  width=toy.SIZE, max_sequence_length=demo.T5_TOKENS, output_type="pt").images
+    assert (mine - theirs).abs().max().item() < 2e-3
+
+
+def test_demo_flag_refuses_a_model(tmp_path, capsys):
+    """--demo builds its own toy model: with --model it is one clear line, nothing written."""
+    import dpo
+    with pytest.raises(SystemExit) as e:
+        dpo.parse_args(["--demo", "flow", "--model", str(tmp_path / "m"), "--out_dir", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --demo flow builds its own toy model")
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_flow_demo_end_to_end_prints_the_readme_numbers(tmp_path):
+    """`python dpo.py --demo flow`: FLUX's architecture trained by flow matching, then flow-DPO; its last line is
+    the README's, with the issue's bounds (win rate >= 0.9, fidelity not below the reference's)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    out = subprocess.run([sys.executable, "dpo.py", "--demo", "flow", "--out_dir", str(tmp_path / "flow")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    vals = dict(kv.split("=") for kv in last.split()[1:])
+    w, f_ref, f_dpo = (float(vals[k]) for k in ("win_rate", "fidelity_ref", "fidelity_dpo"))
+    assert w >= 0.9 and f_dpo >= f_ref, last
+    assert os.path.isfile(tmp_path / "flow" / "dpo" / "transformer" / "config.json")
+    assert f"`python dpo.py --demo flow` prints `{last}`" in readme, last
+    lines = readme.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("python evaluate.py --model demo_out_flow"))
+    argv = lines[i].replace("demo_out_flow", str(tmp_path / "flow")).split()[1:]
+    ev = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert ev.stdout.strip().splitlines()[-1] == lines[i + 1][len("#   "):]

@@ -20,6 +20,7 @@ from PIL import Image
 
 import reward
 
+from toy import write_t5_tokenizer as toy_t5_tokenizer
 from toy import write_tokenizer  # the tiny CLIP BPE tokenizer writer (the demo's toy model needs one too)
 
 T5_WIDTH = 80  # the tiny T5's d_model: wider than the two tiny CLIPs together (64), so SD3's zero padding shows
@@ -285,24 +286,8 @@ T5_WORDS = ["a", "photo", "of", "the", "cat", "dog", "on", "mat", "red", "astron
 
 
 def write_t5_tokenizer(folder):
-    """A T5-style tokenizer.json made with the tokenizers library: SentencePiece Unigram pieces (<pad> 0, </s> 1,
-    <unk> 2, then "▁"-marked words and single characters), a Metaspace pre-tokenizer, </s> appended."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    chars = "abcdefghijklmnopqrstuvwxyzA!:123"
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [("▁" + w, -3.0 - i / 10) for i, w in enumerate(T5_WORDS)]
-    vocab += [(w, -6.0 - i / 10) for i, w in enumerate(T5_WORDS)]
-    vocab += [(c, -9.0 - i / 10) for i, c in enumerate(chars)] + [("▁" + c, -12.0) for c in chars[:10]]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
-    os.makedirs(folder, exist_ok=True)
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump(dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=512), f)
-    return len(vocab)
+    """The tiny T5 tokenizer of the flow pipelines (toy.py's writer, these words, the pipelines' 512 cap)."""
+    return toy_t5_tokenizer(folder, T5_WORDS)
 
 
 def _t5(vocab_size, seed):
