@@ -1,4 +1,4 @@
-"""Time one Diffusion-DPO optimizer step: ours (dpo.py) beside a diffusers-UNet trainer doing the same work.
+"""Time one Diffusion-DPO optimizer step: ours (dpo.py) beside a diffusers-model trainer doing the same work.
 
     python bench_step.py                           # SDXL at 1024px, 1 pair/step, Adafactor, checkpointing, bf16
                                                    # (needs a GPU: it refuses what cannot fit, saying how much)
@@ -6,6 +6,8 @@
     python bench_step.py --model sd15              # the real SD1.5 config at 512^2 (sdxl: the default)
     python bench_step.py --model tiny_sdxl/ --resolution 32 --steps 2 --warmup 1 --dtype fp32 --device cpu
     python bench_step.py --lora 64                 # a LoRA step (rank 64, dpo.py --lora): ours only
+    python bench_step.py --model flux-dev --lora 64  # FLUX.1-dev's LoRA step, ours vs diffusers' (bench_flow.py;
+                                                   # also sd35-medium, or an SD3 / FLUX diffusers folder)
     python bench_step.py --plan [--plan_out F]     # no GPU needed: the predicted peak memory of every training
                                                    # configuration (memplan.py), SDXL and SD1.5 (or --model's)
 
@@ -30,6 +32,7 @@ memplan.py predicts for the same step without a GPU (ours only; --no-predict ski
 import argparse
 import csv
 import gc
+import importlib
 import json
 import math
 import os
@@ -41,7 +44,9 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
+import bench_flow
 import cli
+import denoiser
 import diffusion
 import dpo
 import kernels
@@ -56,8 +61,8 @@ from weights import Checkpoint, CheckpointError, component, family, read_config,
 def parse_args(argv):
     p = cli.Parser(description=__doc__.split("\n")[0] + " [...] = default by model family.")
     a = p.add_argument
-    a("--model", help="take the UNet config of this model (diffusers folder or single file, or sdxl / sd15: the "
-      "real configs) [sdxl]; no weights read")
+    a("--model", help="take the UNet (or SD3 / FLUX transformer) config of this model (diffusers folder or single "
+      f"file, or {' / '.join(['sdxl', 'sd15', *bench_flow.MODELS])}: the real configs) [sdxl]; no weights read")
     a("--resolution", type=int, help="square image size in pixels [1024 SDXL, 512 SD1.5]")
     a("--batch_size", type=int, default=1, help="pairs per step")
     a("--steps", type=int, default=10, help="timed steps")
@@ -69,7 +74,8 @@ def parse_args(argv):
     a("--impl", default="ours,diffusers", help="comma-separated: ours, diffusers")
     a("--device", choices=["cuda", "cpu"], help="[cuda if available]")
     a("--csv", help="append one row per impl to this CSV file")
-    a("--lora", type=int, help="a LoRA step of this rank (dpo.py --lora): frozen base, fp32 adapters; ours only")
+    a("--lora", type=int, help="a LoRA step of this rank (dpo.py --lora): frozen base, fp32 adapters; ours only for "
+      "a UNet, both impls for a flow transformer (diffusers' through peft)")
     a("--predict", action=argparse.BooleanOptionalAction, default=True,
       help="print memplan.py's predicted peak memory beside the measured one")
     a("--plan", action="store_true", help="no timing: the predicted peak GPU memory of every training "
@@ -117,18 +123,29 @@ def unet_config(model):
 def latent_factor(model):
     """The VAE downsampling of --model (SD's 8 without --model, or for a folder without a VAE)."""
     try:
-        return vaelib.downsample(model) if model and not builtin(model) else 8
+        return vaelib.downsample(model) if model and not builtin(model) and not bench_flow.builtin(model) else 8
     except CheckpointError:
         return 8
 
 
-def settings(opts, sdxl, device):
-    """dpo.py's own defaults for this family (beta, lr, weight decay, clip, optimizer, ...), the bench flags on top."""
+def denoiser_config(model):
+    """(family, denoiser config) of --model, no weights read: a UNet's, or an SD3 / FLUX transformer's."""
+    if bench_flow.is_flow(model):
+        return bench_flow.config(model)
+    cfg = unet_config(model)
+    return denoiser.unet_family(unetlib.check_config(cfg)), cfg
+
+
+def settings(opts, fam, device, cfg=None):
+    """dpo.py's own defaults for this family (beta, lr, weight decay, clip, optimizer, ...), the bench flags on top;
+    a flow transformer's config (cfg) gives its native resolution and FLUX-dev's guidance input, as dpo.train."""
     args = argparse.Namespace(**dpo.DEFAULTS)
     for k in ("resolution", "batch_size", "optimizer", "gradient_checkpointing", "compile", "lora"):
         setattr(args, k, getattr(opts, k))
     args.dtype = opts.dtype
-    return resolve(args, "sdxl" if sdxl else "sd15", 1, device)
+    cfg = cfg or {}
+    native = cfg["sample_size"] * latent_factor(opts.model) if cfg.get("sample_size") else None
+    return resolve(args, fam, 1, device, native, cfg.get("guidance_embeds", False))
 
 
 def inputs(cfg, B, h, res, dev, seed=0):
@@ -201,9 +218,14 @@ def build(impl, cfg, dev, args):
 def measure(impl, cfg, dev, args, opts, h):
     """One impl's row: build, count FLOPs once, warm up, time, peak memory of the steps."""
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    policy, ref, step = build(impl, cfg, dev, args)
-    z, eps, t, cond = inputs(cfg, args.batch_size, h, args.resolution, dev)
-    net = policy if impl == "ours" else as_ours(policy)
+    if args.family in denoiser.FLOW:  # an SD3 / FLUX transformer: bench_flow.py's step
+        policy, ref, step = bench_flow.build(impl, args.family, cfg, dev, args)
+        z, eps, t, cond = bench_flow.inputs(args.family, cfg, args, h, dev, opts.model)
+        net = policy if impl == "ours" else bench_flow.as_ours(policy, args.family)
+    else:
+        policy, ref, step = build(impl, cfg, dev, args)
+        z, eps, t, cond = inputs(cfg, args.batch_size, h, args.resolution, dev)
+        net = policy if impl == "ours" else as_ours(policy)
     one = kernels.flops(net, z[:1], t[:1], *(None if c is None else c[:1] for c in cond))
     if dev.type == "cuda":  # the steps' peak, as memplan plans it (not the building of the models)
         torch.cuda.reset_peak_memory_stats()
@@ -237,13 +259,13 @@ def available_bytes(dev):
 
 def state_bytes(cfg, args):
     """A lower bound on one step's memory: fp32 policy and gradients, the reference (conv/linear in the compute
-    dtype), AdamW's two fp32 moments (Adafactor's factored ones are ~0); LoRA: the frozen base alone. Activations
-    come on top."""
+    dtype), AdamW's two fp32 moments (Adafactor's factored ones are ~0); LoRA: the frozen base, built in fp32 from
+    random weights before its layers are cast. Activations come on top."""
     with torch.device("meta"):
-        n = sum(p.numel() for p in unetlib.UNet(cfg).parameters())
+        n = sum(p.numel() for p in denoiser.build(cfg, args.family).parameters())
     ref = 4 if args.amp_dtype == torch.float32 else 2
     if args.lora:
-        return n, n * ref
+        return n, n * 4
     return n, n * (4 + 4 + ref + (8 if args.optimizer == "adamw" else 0))
 
 
@@ -309,30 +331,33 @@ def main(argv=None):
     dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as dpo.train
     try:
-        cfg = unet_config(opts.model)
-        c = unetlib.check_config(cfg)
+        fam, cfg = denoiser_config(opts.model)
+        flow = fam in denoiser.FLOW
+        args = settings(opts, fam, device, cfg if flow else None)
     except (CheckpointError, ValueError) as e:
         cli.fail(str(e))
-    sdxl = c["addition_embed_type"] == "text_time"
-    args = settings(opts, sdxl, device)
-    h, down = args.resolution // latent_factor(opts.model), 2 ** (len(c["block_out_channels"]) - 1)
+    what = "transformer" if flow else "UNet"
+    h = args.resolution // latent_factor(opts.model)
+    down = bench_flow.patch(fam, cfg) if flow else 2 ** (len(unetlib.check_config(cfg)["block_out_channels"]) - 1)
     if h % down:
-        cli.fail(f"--resolution {args.resolution} gives {h}x{h} latents, not divisible by the UNet's {down}")
+        cli.fail(f"--resolution {args.resolution} gives {h}x{h} latents, not divisible by the {what}'s {down}")
     params, need = state_bytes(cfg, args)
     free = available_bytes(dev)
     if free is not None and need > free:  # refuse up front, not by an out-of-memory kill minutes later
         cli.fail(f"this step needs at least {need / 2 ** 30:.1f} GiB on the {device} (fp32 weights and gradients, "
-                 f"reference, optimizer state of a {params / 1e9:.2f} B-parameter UNet; activations on top) and "
-                 f"{free / 2 ** 30:.1f} GiB are free: use a GPU, or --model with a smaller UNet")
-    if "diffusers" in opts.impl and opts.lora:
-        print("diffusers baseline skipped: --lora (the baseline is a full fine-tune)")
+                 f"reference, optimizer state of a {params / 1e9:.2f} B-parameter {what}; activations on top) and "
+                 f"{free / 2 ** 30:.1f} GiB are free: use a GPU, or --model with a smaller {what}")
+    if "diffusers" in opts.impl and opts.lora and not flow:
+        print("diffusers baseline skipped: --lora (the UNet baseline is a full fine-tune)")
         opts.impl = [i for i in opts.impl if i != "diffusers"]
     if "diffusers" in opts.impl:
-        try:
-            import diffusers  # noqa: F401
-        except ImportError as e:
-            print(f"diffusers baseline skipped: cannot import diffusers ({e}); pip install -r requirements-dev.txt")
-            opts.impl = [i for i in opts.impl if i != "diffusers"]
+        for module in ("diffusers", "peft") if flow and opts.lora else ("diffusers",):  # peft: its LoRA
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                print(f"diffusers baseline skipped: cannot import {module} ({e}); pip install -r requirements-dev.txt")
+                opts.impl = [i for i in opts.impl if i != "diffusers"]
+                break
     try:
         import triton
         tv = triton.__version__
@@ -343,7 +368,8 @@ def main(argv=None):
     print(f"# {date} | {name} | torch {torch.__version__} | triton {tv}")
     env = "".join(f"{k}={os.environ[k]} " for k in ("DPO_KERNELS",) if os.environ.get(k))  # what changes the step
     print(f"# {env}python bench_step.py {shlex.join(argv)}")
-    print(f"# {'SDXL' if sdxl else 'SD1.5'}-shaped UNet, {args.resolution}px ({h}x{h} latents), "
+    tokens = f", {bench_flow.describe(fam, cfg, h)}" if flow else ""
+    print(f"# {denoiser.NAME[fam]}-shaped {what}, {args.resolution}px ({h}x{h} latents{tokens}), "
           f"{args.batch_size} pair(s)/step, {f'LoRA rank {args.lora}, ' if args.lora else ''}{args.optimizer}, "
           f"checkpointing "
           f"{'on' if args.gradient_checkpointing else 'off'}, {str(args.amp_dtype)[6:]}, compile "

@@ -1,13 +1,20 @@
 """Every GPU number this project reports, in one command and one run (GPU time comes in short slices):
 
-    python gpu_check.py                      # on one H100/H200: about 8 minutes; writes gpu_check/summary.md
+    python gpu_check.py                      # on one H100/H200: at most 9 minutes; writes gpu_check/summary.md
     python gpu_check.py --dry_run            # the same steps on the CPU: tiny shapes, stub timers (CI runs this)
 
-Steps, in order of what matters most if time runs out (each in its own process, with its own time limit, so one
-failure or hang costs only its step): the GPU kernel tests (bf16 forward and every gradient against the fp32
-references), bench_step.py (an SDXL DPO step at 1024^2, ours vs a diffusers-UNet trainer, same run), the kernel
-benchmarks (attention vs every SDPA backend, the loss kernel vs eager / torch.compile and copy bandwidth), then
-the memory tiers: measured torch.cuda.max_memory_allocated beside `bench_step.py --plan`'s prediction.
+Steps, in order of what matters most if time runs out, each in its own process with its own time limit (seconds,
+so one failure or hang costs only its step; together 535, within --budget's 540):
+  kernel_tests 100          the GPU kernel tests (bf16 forward and every gradient against the fp32 references)
+  step_sdxl 60              bench_step.py: an SDXL DPO step at 1024^2, ours vs a diffusers-UNet trainer, same run
+  kernel_bench 110          kernels/bench.py --quick: attention vs every SDPA backend (the SDXL, SD1.5, SD3.5-medium
+                            and FLUX-dev shapes), the loss kernel vs eager / torch.compile and copy bandwidth
+  step_flux_dev_lora64 80   FLUX.1-dev's LoRA-64 DPO step at 1024^2, ours vs diffusers' transformer with peft's LoRA
+  step_sd35m_lora64 55      the same for SD3.5-medium
+  step_sdxl_lora64 30, step_sdxl_nockpt_b2 30, step_sdxl_sdpa 30, step_sd15_b4 40: the memory tiers and the
+                            attention backends, measured torch.cuda.max_memory_allocated beside `bench_step.py
+                            --plan`'s prediction
+Every bench_step.py step runs fewer timed steps than its default (its flags in STEPS) to fit the 9 minutes.
 
 Out: gpu_check/summary.md (tables that go straight into BENCHMARKS.md, with the date, GPU, torch and Triton
 versions and each command), the CSV files behind them, and one .log per step.
@@ -23,13 +30,21 @@ from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# bench_step.py configurations: (name, model family, flags, environment). The first is the headline: dpo.py's
-# SDXL defaults, ours against the diffusers UNet; "sdpa" is our UNet with torch's attention instead of the kernel.
-STEPS = [("sdxl", "sdxl", [], {}),
-         ("sdxl_lora64", "sdxl", ["--impl", "ours", "--lora", "64"], {}),
-         ("sdxl_nockpt_b2", "sdxl", ["--impl", "ours", "--no-gradient_checkpointing", "--batch_size", "2"], {}),
-         ("sdxl_sdpa", "sdxl", ["--impl", "ours"], {"DPO_KERNELS": "torch"}),
-         ("sd15_b4", "sd15", ["--batch_size", "4"], {})]
+# bench_step.py configurations: (name, model family, flags, environment, seconds). The first is the headline: dpo.py's
+# SDXL defaults, ours against the diffusers UNet; then the flow transformers' LoRA steps (dpo.py's flow defaults: 1
+# pair, 1024^2, checkpointing, AdamW, bf16), ours against diffusers' transformer; "sdpa" is our UNet with torch's
+# attention instead of the kernel. Fewer timed steps than bench_step.py's 10 after 3, so that all fit.
+SHORT = ["--steps", "4", "--warmup", "1"]
+STEPS = [("sdxl", "sdxl", ["--steps", "6", "--warmup", "2"], {}, 60),
+         ("flux_dev_lora64", "flux", ["--lora", "64", "--steps", "3", "--warmup", "1"], {}, 80),
+         ("sd35m_lora64", "sd3", ["--lora", "64", "--steps", "3", "--warmup", "1"], {}, 55),
+         ("sdxl_lora64", "sdxl", ["--impl", "ours", "--lora", "64", *SHORT], {}, 30),
+         ("sdxl_nockpt_b2", "sdxl", ["--impl", "ours", "--no-gradient_checkpointing", "--batch_size", "2", *SHORT], {},
+          30),
+         ("sdxl_sdpa", "sdxl", ["--impl", "ours", *SHORT], {"DPO_KERNELS": "torch"}, 30),
+         ("sd15_b4", "sd15", ["--batch_size", "4", *SHORT], {}, 40)]
+BUDGET = {"tests": 100, "bench": 110}  # seconds of the kernel tests and kernels/bench.py --quick
+TINY = {"sdxl": "make_sdxl", "sd15": "make_sd15", "flux": "make_flux", "sd3": "make_sd3"}  # --dry_run's, tests/tiny.py
 
 
 def plan(args, out):
@@ -37,19 +52,21 @@ def plan(args, out):
     py, env = sys.executable, {}
     kernel_tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests",
                                                                                      "test_kernels_gpu.py")]
-    model = {"sdxl": "sdxl", "sd15": "sd15"}  # bench_step.py's built-in configs of the real models (no weights)
+    # bench_step.py's built-in configs of the real models (no weights)
+    model = {"sdxl": "sdxl", "sd15": "sd15", "flux": "flux-dev", "sd3": "sd35-medium"}
     bench = [py, os.path.join(ROOT, "kernels", "bench.py"), "--quick", "--out", out]
     step = [py, os.path.join(ROOT, "bench_step.py"), "--csv", os.path.join(out, "step.csv")]
-    budget = {"tests": 120, "bench": 120, "step": 90}
+    budget, cpu = dict(BUDGET), []
     if args.dry_run:  # tiny models, one step each, the Triton kernels in the interpreter
         env = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
         bench.append("--dry_run")
         model = {family: tiny_model(out, family) for family in model}
-        step += ["--device", "cpu", "--resolution", "32", "--steps", "1", "--warmup", "0", "--dtype", "fp32"]
-        budget = {"tests": 300, "bench": 300, "step": 300}
+        cpu = ["--device", "cpu", "--resolution", "32", "--steps", "1", "--warmup", "0", "--dtype", "fp32"]
+        budget = {"tests": 300, "bench": 300}
     steps = [("kernel_tests", kernel_tests, budget["tests"], env)]
-    for i, (name, family, flags, step_env) in enumerate(STEPS):
-        steps.append((f"step_{name}", step + ["--model", model[family], *flags], budget["step"], {**env, **step_env}))
+    for i, (name, family, flags, step_env, seconds) in enumerate(STEPS):
+        argv = step + ["--model", model[family], *flags, *cpu]  # the dry run's flags last: they win
+        steps.append((f"step_{name}", argv, 300 if args.dry_run else seconds, {**env, **step_env}))
         if i == 0:
             steps.append(("kernel_bench", bench, budget["bench"], env))
     return steps
@@ -60,8 +77,8 @@ def tiny_model(out, family):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import tiny
     root = os.path.join(out, f"tiny_{family}")
-    if not os.path.isdir(os.path.join(root, "unet")):
-        (tiny.make_sdxl if family == "sdxl" else tiny.make_sd15)(root)
+    if not os.path.isfile(os.path.join(root, "model_index.json")):
+        getattr(tiny, TINY[family])(root)
     return root
 
 
@@ -147,10 +164,10 @@ def main(argv=None):
     p.add_argument("--out", default="gpu_check", help="folder for summary.md, the CSV files and the logs")
     p.add_argument("--dry_run", action="store_true", help="on the CPU with tiny models: checks the script, no numbers")
     p.add_argument("--budget", type=float, help="seconds for all steps: a step gets what is left of it, up to its "
-                   "own limit; steps past it are skipped (summary.md is rewritten after each step) [510; dry run 1800]")
+                   "own limit; steps past it are skipped (summary.md is rewritten after each step) [540; dry run 1800]")
     args = p.parse_args(argv)
     if args.budget is None:
-        args.budget = 1800 if args.dry_run else 510
+        args.budget = 1800 if args.dry_run else 540
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     for f in ("attention.csv", "dpo_loss.csv", "step.csv"):  # this run's numbers only

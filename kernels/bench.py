@@ -1,7 +1,8 @@
 """Benchmark the Triton kernels against PyTorch on a CUDA GPU: `python kernels/bench.py [--quick]`.
 
-Attention: forward, backward and forward+backward TFLOP/s at the SDXL (1024^2) and SD1.5 (512^2)
-UNet shapes in bf16, vs torch SDPA with each backend it offers ('n/a' where a backend refuses).
+Attention: forward, backward and forward+backward TFLOP/s at the SDXL (1024^2) and SD1.5 (512^2) UNet shapes and
+the SD3 / SD3.5 and FLUX.1-dev transformers' at 1024^2 (--quick: five, SD3.5-medium's and FLUX-dev's joint attention
+among them) in bf16, vs torch SDPA with each backend it offers ('n/a' where a backend refuses).
   FLOPs: forward = 4 * B * H * Lq * Lk * D (two matmuls, 2 FLOPs per multiply-add),
          backward = 2.5x forward (five matmuls, one of them the recomputed QK^T), fwd+bwd = 3.5x.
 DPO loss: time and GB/s of forward+backward vs eager dpo_loss_ref and torch.compile(dpo_loss_ref);
@@ -33,11 +34,14 @@ ATTN_SHAPES = [
     ("sd15 cross 64x64", 8, 4096, 77, 40),
     ("sd15 cross 32x32", 8, 1024, 77, 80),
     ("sd15 cross 16x16", 8, 256, 77, 160),
-    ("sd3 joint 64x64", 24, 4096 + 333, 4096 + 333, 64),  # SD3 / SD3.5-medium: 77 CLIP + 256 T5 tokens
-    ("sd3.5-large joint 64x64", 38, 4096 + 333, 4096 + 333, 64),
-    ("flux joint 64x64", 24, 4096 + 512, 4096 + 512, 128),  # FLUX-dev: 512 T5 tokens, after RoPE
+    # The flow transformers at 1024^2: 64x64 = 4096 image tokens (2x2 patches of the 128x128 latent) joined by the
+    # text tokens in one attention (mmdit.JointAttention, flux.Attention: every block of FLUX, single ones too)
+    ("sd3 joint 1024^2", 24, 4096 + 333, 4096 + 333, 64),  # SD3 / SD3.5-medium: 77 CLIP + 256 T5 tokens
+    ("sd3.5-medium attn2 1024^2", 24, 4096, 4096, 64),  # its first 13 blocks' image-only second attention
+    ("sd3.5-large joint 1024^2", 38, 4096 + 333, 4096 + 333, 64),
+    ("flux joint 1024^2", 24, 4096 + 512, 4096 + 512, 128),  # FLUX-dev: 512 T5 tokens, after RoPE
 ]
-QUICK_SHAPES = {"sdxl self 64x64", "sdxl cross 64x64", "sd15 self 16x16", "flux joint 64x64"}
+QUICK_SHAPES = {"sdxl self 64x64", "sdxl cross 64x64", "sd15 self 16x16", "sd3 joint 1024^2", "flux joint 1024^2"}
 LOSS_LATENT = (4, 128, 128)  # SDXL latents at 1024^2: (C, H, W) of one image
 COPY_NUMEL = 256 * 2**20  # fp32 elements (1 GiB) copied to measure the bandwidth ceiling
 COMPILE = torch.compile  # the compiled baseline of the loss
@@ -175,15 +179,16 @@ def dry_run():
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--dry_run runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1")
     DEVICE, LOSS_LATENT, COPY_NUMEL = "cpu", (4, 8, 8), 4096
-    ATTN_SHAPES = [("tiny cross", 2, 37, 77, 40)]
-    QUICK_SHAPES = {"tiny cross"}
+    ATTN_SHAPES = [("tiny cross", 2, 37, 77, 40), ("tiny joint", 2, 24 + 9, 24 + 9, 128)]  # FLUX's head dim too
+    QUICK_SHAPES = {"tiny cross", "tiny joint"}
     COMPILE = lambda fn: fn  # noqa: E731  inductor on CPU takes minutes; not what a dry run checks
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_out", help="output folder for CSV / PNG")
-    p.add_argument("--quick", action="store_true", help="three attention shapes, one loss shape")
+    p.add_argument("--quick", action="store_true", help="five attention shapes (the flow models' joint ones among "
+                   "them), one loss shape")
     p.add_argument("--batch", type=int, default=2, help="attention batch; the loss uses 2x and 8x as many pairs")
     p.add_argument("--verbose", action="store_true", help="print why a backend is n/a")
     p.add_argument("--dry_run", action="store_true", help="every code path once on tiny CPU shapes with a stub timer "
@@ -195,9 +200,8 @@ def main(argv=None):
     elif not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU (or --dry_run)")
     import triton
-    from triton.testing import do_bench
-    if args.dry_run:
-        do_bench = stub_timer
+    import triton.testing
+    do_bench = stub_timer if args.dry_run else triton.testing.do_bench
 
     device = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
     header = {"device": device, "torch": torch.__version__, "triton": triton.__version__}

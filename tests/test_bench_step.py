@@ -1,5 +1,6 @@
-"""bench_step.py: runs both impls at toy size on CPU, the two impls time the same work (same loss, same update), and
-it refuses what cannot fit."""
+"""bench_step.py: runs both impls at toy size on CPU (UNets and the flow transformers, LoRA through peft), the two impls
+time the same work (same loss, same update), the built-in flow configs are the released models, and it refuses what
+cannot fit."""
 import math
 import sys
 
@@ -72,7 +73,7 @@ def test_ours_and_diffusers_do_the_same_step(family, request):
     """Same weights in both (strict state_dict load), policy != reference: the same loss, gradient norm and update."""
     model = request.getfixturevalue(f"{family}_dir")
     cfg, dev, sdxl = bench_step.unet_config(model), torch.device("cpu"), family == "sdxl"
-    targs = bench_step.settings(bench_step.parse_args(["--model", model, *TINY]), sdxl, "cpu")
+    targs = bench_step.settings(bench_step.parse_args(["--model", model, *TINY]), family, "cpu")
     # dpo.py's recipes: SDXL Adafactor + checkpointing, SD1.5 AdamW
     recipe = ("adafactor", True) if sdxl else ("adamw", False)
     assert (targs.optimizer, targs.gradient_checkpointing, targs.beta) == recipe + (5000.0,)
@@ -102,6 +103,101 @@ def test_ours_and_diffusers_do_the_same_step(family, request):
     assert (d_o - d_d).norm() / d_o.norm() < 1e-3
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_bench_runs_both_impls_on_the_tiny_flow_models(family, request, capsys, tmp_path, one_thread):
+    """A flow transformer's LoRA step, ours and diffusers' (peft), on the real pipelines' text lengths: one row each
+    in the table and the CSV, log 2 at step 0, the same FLOP count."""
+    model, csv = request.getfixturevalue(f"{family}_dir"), tmp_path / "b.csv"
+    rows = bench_step.main(["--model", model, *TINY, "--lora", "4", "--csv", str(csv)])
+    out = capsys.readouterr().out
+    name, text = {"sd3": ("SD3", 333), "flux": ("FLUX", 512)}[family]  # SD3: 77 CLIP + 256 T5; FLUX-dev: 512 T5
+    head = f"{name}-shaped transformer, 32px (16x16 latents, 64 image + {text} text"
+    assert head in out.splitlines()[2] and "LoRA rank 4, adamw, checkpointing on" in out.splitlines()[2]
+    assert "baseline skipped" not in out and "speedup ours/diffusers:" in out
+    table = _rows(out)
+    assert set(table) == {"ours", "diffusers"} and table["ours"][3] == table["diffusers"][3]  # GFLOP/fwd
+    assert [r["impl"] for r in rows] == ["ours", "diffusers"]
+    assert all(r["loss0"] == pytest.approx(math.log(2), abs=1e-6) and r["gflop_fwd"] > 0 for r in rows)
+    lines = csv.read_text().splitlines()
+    assert len(lines) == 3 and ",ours," in lines[1] and ",diffusers," in lines[2] and "--lora 4" in lines[1]
+
+
+def _peft_names(sd, adapted):
+    """Our LoRA policy's state dict in peft's names: base_layer.weight, lora_A.default.weight, ..."""
+    out = {}
+    for k, v in sd.items():
+        layer, _, param = k.rpartition(".")
+        if layer.endswith((".lora_A", ".lora_B")) and layer.rpartition(".")[0] in adapted:
+            out[f"{layer}.default.{param}"] = v
+        else:
+            out[f"{layer}.base_layer.{param}" if layer in adapted else k] = v
+    return out
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("rank", [None, 4])
+def test_ours_and_diffusers_do_the_same_flow_step(family, rank, request, one_thread):
+    """Our transformer (dpo.pair_loss) and diffusers' (eq. 14 written out; LoRA through peft on the same layers), the
+    same weights, policy != reference: the same loss, gradient norm and update (full fine-tune and LoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    import bench_flow
+    import lora
+    model, dev = request.getfixturevalue(f"{family}_dir"), torch.device("cpu")
+    opts = bench_step.parse_args(["--model", model, *TINY, *(["--lora", str(rank)] if rank else [])])
+    fam, cfg = bench_step.denoiser_config(model)
+    targs = bench_step.settings(opts, fam, "cpu", cfg)
+    assert fam == family and (targs.optimizer, targs.gradient_checkpointing, targs.beta) == ("adamw", True, 100.0)
+    assert targs.guidance == (3.5 if family == "flux" else None)  # FLUX-dev's guidance input, as dpo.py trains it
+    targs.lr = 1e-3
+    pol_o, ref_o, step_o = bench_flow.build("ours", fam, cfg, dev, targs)
+    pol_d, ref_d, step_d = bench_flow.build("diffusers", fam, cfg, dev, targs)
+    assert type(pol_d).__module__.startswith("diffusers.") and pol_d.is_gradient_checkpointing
+    adapted = set(lora.layers(pol_o))
+    assert adapted == {n for n, m in pol_d.named_modules() if isinstance(m, LoraLayer)} and bool(adapted) == bool(rank)
+    with torch.no_grad():
+        for n, p in pol_o.named_parameters():  # the policy moves away from the reference (LoRA: B off zero)
+            if not rank or "lora_B" in n:
+                p.add_(torch.randn_like(p) * (1e-2 if rank else 3e-3))
+    pol_d.load_state_dict(_peft_names(pol_o.state_dict(), adapted), strict=True)
+    if not rank:
+        ref_d.load_state_dict(ref_o.state_dict(), strict=True)
+    before = {k: v.clone() for k, v in pol_o.state_dict().items() if not rank or "lora_" in k}
+    theirs = {k: next(iter(_peft_names({k: 0}, adapted))) for k in before}
+    targs.batch_size = 2  # 2 pairs, a short text (the layers see the same shapes, faster)
+    z, eps, sigma, cond = bench_flow.inputs(fam, cfg, targs, 16, dev, model, text=24)
+    loss_o, norm_o = step_o(z, eps, sigma, cond)
+    loss_d, norm_d = step_d(z, eps, sigma, cond)
+    assert abs(loss_o.item() - math.log(2)) > 3e-3  # not the trivial step-0 value
+    assert loss_o.item() == pytest.approx(loss_d.item(), rel=1e-4, abs=1e-5)
+    assert norm_o.item() == pytest.approx(norm_d.item(), rel=1e-3)
+    after_o, after_d = pol_o.state_dict(), pol_d.state_dict()
+    d_o = torch.cat([(after_o[k] - before[k]).flatten() for k in before])  # one step's update, every trained tensor
+    d_d = torch.cat([(after_d[theirs[k]] - before[k]).flatten() for k in before])
+    assert d_o.abs().max() > 1e-4 and (d_o - d_d).norm() / d_o.norm() < 1e-3
+
+
+def test_builtin_flow_configs_are_the_released_models_and_the_bench_shapes():
+    """--model flux-dev / sd35-medium: ours and diffusers' transformer of the same size, and kernels/bench.py's
+    attention shapes are theirs at 1024^2 (heads, image + text tokens, head dim)."""
+    import bench_flow
+    import denoiser
+    from kernels import bench
+    shapes = {name: rest for name, *rest in bench.ATTN_SHAPES}
+    for model, size, shape in (("flux-dev", 11_901_408_320, "flux joint 1024^2"),
+                               ("sd35-medium", 2_243_171_520, "sd3 joint 1024^2")):
+        fam, cfg = bench_flow.config(model)
+        with torch.device("meta"):
+            ours = sum(p.numel() for p in denoiser.build(cfg, fam).parameters())
+            theirs = sum(p.numel() for p in bench_flow.diffusers_class(fam).from_config(cfg).parameters())
+        assert ours == theirs == size
+        h = 1024 // 8 // bench_flow.patch(fam, cfg)  # 64x64 tokens
+        L = h * h + bench_flow.text_length(fam, cfg)
+        assert shapes[shape] == [cfg["num_attention_heads"], L, L, cfg["attention_head_dim"]]
+        assert shape in bench.QUICK_SHAPES
+    assert bench_flow.config("flux-dev")[1]["guidance_embeds"] and bench_flow.config("sd35-medium")[1]["qk_norm"]
+
+
 def test_bench_step_refuses_what_cannot_fit(monkeypatch, capsys):
     monkeypatch.setattr(bench_step, "available_bytes", lambda dev: 8 * 2 ** 30)
     with pytest.raises(SystemExit) as e:
@@ -109,6 +205,11 @@ def test_bench_step_refuses_what_cannot_fit(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1
     assert err[0].startswith("error: this step needs at least 28.7 GiB on the cpu") and "8.0 GiB are free" in err[0]
+    with pytest.raises(SystemExit) as e:
+        bench_step.main(["--device", "cpu", "--model", "flux-dev", "--lora", "64"])  # the base, built in fp32
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: this step needs at least 44.3 GiB")
+    assert "11.90 B-parameter transformer" in err[0]
 
 
 def test_plan_outputs_are_checked_before_the_plan_runs(tmp_path, capsys, monkeypatch):
