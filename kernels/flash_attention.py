@@ -397,6 +397,9 @@ def attention(q, k, v, causal=False, scale=None):
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal attention needs Lq == Lk, got {q.shape[2]} and {k.shape[2]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if torch.is_autocast_enabled(q.device.type):  # as autocast casts SDPA's inputs (fp32 q, k after an fp32 qk-norm)
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if planning():  # memplan.py: what the kernels would allocate, no compute
         return FlashAttentionMemory.apply(q, k, v, causal, scale)
     if use_triton(q):

@@ -123,6 +123,25 @@ def test_attention_non_contiguous_inputs_and_custom_scale(monkeypatch, triton_pa
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("path", ["triton", "torch", "plan"])
+def test_attention_under_autocast_computes_in_its_dtype(monkeypatch, path):
+    """SD3.5's / FLUX's fp32 qk-norm output meets a half v: every path casts to autocast's dtype, as SDPA's does."""
+    monkeypatch.setenv("DPO_KERNELS", "torch" if path == "torch" else "triton")
+    q, k, v, g = _inputs(1, 2, 37, 37, 64)
+    q, k, v = q.float().requires_grad_(), k.float().requires_grad_(), v.half().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16), (kernels.allocation_models() if path == "plan" else
+                                                      torch.autograd.set_grad_enabled(True)):
+        o = kernels.attention(q, k, v)
+        assert o.dtype == torch.float16
+        if path == "plan":
+            return
+    o.backward(g.half())
+    assert q.grad.dtype == k.grad.dtype == torch.float32 and v.grad.dtype == torch.float16
+    want = kernels.attention_ref(q.double(), k.double(), v.double())
+    torch.testing.assert_close(o.double(), want, rtol=0, atol=5e-3)
+
+
 def test_attention_ref_matches_sdpa():
     """The oracle itself agrees with PyTorch's SDPA, causal and not, Lq != Lk."""
     q, k, v, _ = _inputs(2, 2, 13, 21, 40)
