@@ -46,6 +46,7 @@ import torch
 
 import bench_flow
 import cli
+import clip
 import denoiser
 import diffusion
 import dpo
@@ -83,6 +84,7 @@ def parse_args(argv):
     a("--plan_out", help="with --plan: write the plan as a JSON list to this file")
     a("--overwrite", action="store_true", help="replace an existing --plan_out")
     a("--plan_batches", default="1,2,4", help="with --plan: the batch sizes (pairs per rank) to plan")
+    a("--plan_models", default=",".join(memplan.MODELS), help="with --plan and no --model: the real models to plan")
     opts = p.parse_args(argv)
     opts.impl = opts.impl.split(",")
     if not opts.impl or set(opts.impl) - {"ours", "diffusers"}:
@@ -99,6 +101,9 @@ def parse_args(argv):
         opts.plan_batches = []
     if not opts.plan_batches or min(opts.plan_batches) < 1:
         p.error(f"--plan_batches takes batch sizes >= 1 separated by commas, got {given}")
+    opts.plan_models = opts.plan_models.split(",")
+    if not set(opts.plan_models) <= set(memplan.MODELS):
+        p.error(f"--plan_models takes some of {','.join(memplan.MODELS)}, got {','.join(opts.plan_models)}")
     return opts
 
 
@@ -269,9 +274,33 @@ def state_bytes(cfg, args):
     return n, n * (4 + 4 + ref + (8 if args.optimizer == "adamw" else 0))
 
 
+def flow_spec(model, resolution=None):
+    """memplan's description of an SD3 / FLUX --model: its transformer config, a folder's encoder and VAE configs."""
+    fam, cfg = bench_flow.config(model)
+    name = bench_flow.builtin(model)
+    spec = dict(memplan.MODELS["flux-dev" if fam == "flux" else "sd35-medium"], transformer=cfg,
+                name=name or os.path.basename(os.path.normpath(model)))
+    spec["t5_length"] = clip.T5_LENGTH["flux" if cfg.get("guidance_embeds") else "flux-schnell"] if fam == "flux" \
+        else clip.T5_LENGTH["sd3"]
+    root = model if name is None and os.path.isdir(os.path.join(model, "transformer")) else None
+    if root is not None:  # a diffusers folder: its own text encoders (CLIPs, then T5) and VAE
+        subs = ["text_encoder", "text_encoder_2", "text_encoder_3"][:3 if fam == "sd3" else 2]
+        text = [read_config(os.path.join(root, s)) for s in subs if os.path.isdir(os.path.join(root, s))]
+        if len(text) == len(subs):
+            spec["text"], spec["t5"] = text[:-1], text[-1]
+        if os.path.isdir(os.path.join(root, "vae")):
+            spec["vae"] = read_config(os.path.join(root, "vae"))
+    if cfg.get("sample_size"):  # SD3's native size; FLUX's is 1024
+        spec["resolution"] = cfg["sample_size"] * 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+    spec["resolution"] = resolution or spec["resolution"]
+    return spec
+
+
 def model_spec(model, resolution=None):
     """memplan's description of --model (no weights read): its UNet, text encoder and VAE configs, its resolution;
     the real SDXL without --model. A single file takes the encoders of its family."""
+    if bench_flow.is_flow(model):
+        return flow_spec(model, resolution)
     cfg = unet_config(model)
     sdxl = unetlib.check_config(cfg)["addition_embed_type"] == "text_time"
     spec = dict(memplan.MODELS["sdxl" if sdxl else "sd15"], unet=cfg)
@@ -295,8 +324,8 @@ def plan(opts, argv):
     try:
         if opts.plan_out:  # before the work, not after it
             cli.check_output(opts.plan_out, replace=opts.overwrite)
-        models = [model_spec(opts.model, opts.resolution)] if opts.model else [memplan.MODELS["sdxl"],
-                                                                               memplan.MODELS["sd15"]]
+        models = [model_spec(opts.model, opts.resolution)] if opts.model else [memplan.MODELS[m]
+                                                                               for m in opts.plan_models]
     except (CheckpointError, ValueError) as e:
         cli.fail(str(e))
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -308,6 +337,9 @@ def plan(opts, argv):
     print(f"\nThe same step if dpo.py's autocast {'did not cache' if dpo.AUTOCAST_CACHE else 'cached'} its bf16 copies "
           f"of the fp32 weights (torch.autocast(..., cache_enabled={not dpo.AUTOCAST_CACHE})):")
     print(memplan.table([r for r in rows if r["autocast_cache"] != dpo.AUTOCAST_CACHE]))
+    print("\nThe table of docs/memory.md, and the memory tiers' goals (memplan.GOALS) for the models planned:")
+    print(memplan.summary([r for r in rows if r["autocast_cache"] == dpo.AUTOCAST_CACHE]))
+    print(memplan.goals(rows))
     print(f"# {len(rows)} configurations in {time.time() - tic:.0f} s; GiB = 2^30 bytes; a GPU of G GiB fits a peak P "
           f"when 1.05 P + 0.75 GiB <= G")
     if opts.plan_out:

@@ -1,17 +1,19 @@
 """The peak GPU memory of one Diffusion-DPO training step, predicted on a machine without a GPU.
 
-    python bench_step.py --plan [--plan_out plan.json]     # the README's table, SDXL and SD1.5, about a minute
+    python bench_step.py --plan [--plan_out plan.json]     # the README's table: SDXL, SD1.5, SD3.5, FLUX.1-dev
     import memplan; rows = memplan.plan([memplan.MODELS["sdxl"]], batches=(1,))
 
 How. The real step runs on shadow tensors (shadow.py): dpo.pair_loss (the policy on both images of each pair, the frozen
-reference, eq. 14) on unet.UNet built from the real SDXL / SD1.5 configs by dpo.build_models, backward, and
-dpo.optimizer_step (gradient clipping, optim.build's optimizer), and for the encoders on the GPU
-cache.model_inputs with the VAE and the text encoders; shadow.Counter counts the bytes of each storage while it
-lives, rounded as CUDA's caching allocator rounds them. A step of the real SDXL takes a few seconds. The optimizer's
-state is made first, by a step on zero gradients, so the step that is counted is a steady one.
+reference, eq. 14; for SD3.5 and FLUX.1 the flow step: one sigma per pair, the velocity target, the family's
+conditioning) on the denoiser built from the real configs (unet.UNet, mmdit.MMDiT, flux.Flux) by dpo.build_models,
+backward, and dpo.optimizer_step (gradient clipping, optim.build's optimizer), and for the encoders on the GPU
+cache.model_inputs with the VAE and the text encoders (CLIP-L, bigG, and T5-XXL for SD3.5 and FLUX.1);
+shadow.Counter counts the bytes of each storage while it lives, rounded as CUDA's caching allocator rounds them. A step
+of the real SDXL takes a few seconds. The optimizer's state is made first, by a step on zero gradients, so the step
+that is counted is a steady one.
 Checked (tests/test_memplan.py, tests/test_shadow.py): the same step on real CPU tensors counts the same bytes, event
-for event; torch's own MemTracker agrees with the Counter on real tensors; torch's FakeTensorMode gives
-the same peak on every row of the plan (4x slower).
+for event (tiny UNets, MMDiT and FLUX); torch's own MemTracker agrees with the Counter on real tensors; torch's
+FakeTensorMode gives the same peak on every SDXL / SD1.5 row of the plan (4x slower).
 
 Where a CPU build of torch differs from CUDA, and how the plan makes it the same:
   - autocast: torch.autocast("cuda") turns itself off without CUDA, and CUDA tensors (fake or not) cannot pass
@@ -34,8 +36,9 @@ training plan's rows compose it with what dpo.py's wrapper (parallel.wrap) holds
   ddp   timeline(t) - gradients(t) + buckets + (backward) the largest trained parameter: DDP keeps one fp32 copy of
         the trained parameters' gradients in its buckets from the moment it wraps the model (gradient_as_bucket_view
         makes each .grad a view of them), and each fresh gradient lives until it is copied in.
-  fsdp  (parallel.shard: units = every ResBlock, SpatialTransformer and Resample, plus the root; parameters gathered
-        in bf16 from fp32 shards, gradients reduce-scattered in fp32; the reference sharded the same way)
+  fsdp  (parallel.shard: units = denoiser.blocks, a UNet's ResBlocks, SpatialTransformers and Resamples, MMDiT's joint
+        blocks, FLUX's double and single blocks, plus the root; parameters gathered in bf16 from fp32 shards,
+        gradients reduce-scattered in fp32; the reference sharded the same way)
         (weights + reference + optimizer + gradients(t)) / N + activations(t) + gathered units(phase), without the
         timeline's autocast weight copies (the gathered parameters are bf16 already). Gathered units: the root
         throughout (FSDP2 keeps the root's parameters between forward and backward); forward and reference forward:
@@ -53,22 +56,51 @@ import torch
 
 import cache
 import clip
+import denoiser
 import diffusion
 import dpo
+import flux
 import kernels
+import mmdit
 import optim
+import t5
 import unet as unetlib
 import vae as vaelib
 from shadow import CPU, Counter, allocated, materialize
 
 GiB = 2 ** 30
 GPUS = (12, 16, 24, 32, 40, 48, 80)  # GiB of the GPUs each row is checked against
-MODELS = {  # the real models: UNet config, native resolution, text encoder configs, VAE config
+VAE16 = dict(vaelib.FULL_CONFIG, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)  # SD3's, FLUX's
+MODELS = {  # the real models: denoiser config (unet, or a flow family's transformer), native resolution, text
+    # encoder configs (CLIP; T5 and its token count for the flow families), VAE config
     "sdxl": dict(name="sdxl", unet=unetlib.SDXL, resolution=1024, text=[clip.CLIP_L, clip.BIG_G],
                  vae=vaelib.FULL_CONFIG),
     "sd15": dict(name="sd15", unet=unetlib.SD15, resolution=512, text=[clip.CLIP_L], vae=vaelib.FULL_CONFIG),
+    "sd35-medium": dict(name="sd35-medium", family="sd3", transformer=mmdit.SD35_MEDIUM, resolution=1024,
+                        text=[clip.CLIP_L, clip.BIG_G], t5=t5.XXL, t5_length=clip.T5_LENGTH["sd3"], vae=VAE16),
+    "sd35-large": dict(name="sd35-large", family="sd3", transformer=mmdit.SD35_LARGE, resolution=1024,
+                       text=[clip.CLIP_L, clip.BIG_G], t5=t5.XXL, t5_length=clip.T5_LENGTH["sd3"], vae=VAE16),
+    "flux-dev": dict(name="flux-dev", family="flux", transformer=flux.DEV, resolution=1024, text=[clip.CLIP_L],
+                     t5=t5.XXL, t5_length=clip.T5_LENGTH["flux"], vae=VAE16),
 }
 LORA_RANK = 64
+TITLE = {"sdxl": "SDXL", "sd15": "SD1.5", "sd35-medium": "SD3.5-medium", "sd35-large": "SD3.5-large",
+         "flux-dev": "FLUX.1-dev"}  # the tables' names of the models
+# What the tiers are for: (model, mode, FSDP ranks (1: DDP), encoders ("gpu", "cache"; None: either), GPU GiB)
+GOALS = (("flux-dev", "lora", 1, "gpu", 40), ("flux-dev", "lora", 1, "cache", 24), ("sd35-large", "lora", 1, None, 24),
+         ("sd35-medium", "lora", 1, None, 16), ("flux-dev", "full", 8, None, 80), ("flux-dev", "full", 8, None, 40))
+
+
+def family(model):
+    """The model's family ('sdxl', 'sd15', 'sd3', 'flux'): dpo.resolve's recipe and the step's inputs follow it."""
+    if "family" in model:
+        return model["family"]
+    return "sdxl" if unetlib.check_config(model["unet"])["addition_embed_type"] == "text_time" else "sd15"
+
+
+def config(model):
+    """The denoiser's config: a UNet's, or a flow family's transformer's."""
+    return model["transformer"] if family(model) in denoiser.FLOW else model["unet"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -114,17 +146,16 @@ def settings(model, batch_size, gradient_checkpointing, lora_rank=None):
     """dpo.py's resolved arguments on CUDA for this model (optimizer, lr, beta, bf16, ...) and these choices."""
     args = argparse.Namespace(**dpo.DEFAULTS)
     args.batch_size, args.gradient_checkpointing, args.lora = batch_size, gradient_checkpointing, lora_rank
-    sdxl = unetlib.check_config(model["unet"])["addition_embed_type"] == "text_time"
-    return dpo.resolve(args, "sdxl" if sdxl else "sd15", 1, "cuda", model["resolution"])
+    return dpo.resolve(args, family(model), 1, "cuda", model["resolution"], config(model).get("guidance_embeds", False))
 
 
 def build(model, args, counter):
     """(policy, reference, trained parameters) as dpo.train builds them (dpo.build_models), tagged for the counter."""
 
-    def make():  # a fresh fp32 UNet of the model, its tensors made under the counter
+    def make():  # a fresh fp32 denoiser of the model, its tensors made under the counter
         with torch.device("meta"):
-            u = unetlib.UNet(model["unet"])
-        return materialize(u, torch.float32)  # unet.load(..., torch.float32)
+            u = denoiser.build(config(model), family(model))
+        return materialize(u, torch.float32)  # denoiser.load(..., torch.float32)
     policy, ref, trained = dpo.build_models(args, CPU, make)
     if not args.lora:
         counter.tag(ref.parameters(), "reference")
@@ -135,12 +166,32 @@ def build(model, args, counter):
 
 
 def unit_order(policy):
-    """Forward pre-hooks that list parallel.shard's units (ResBlock, SpatialTransformer, Resample) as they run."""
+    """Forward pre-hooks that list parallel.shard's units (denoiser.blocks) as they run: FSDP gathers in that order."""
     order, hooks = [], []
     for name, m in policy.named_modules():
-        if isinstance(m, (unetlib.ResBlock, unetlib.SpatialTransformer, unetlib.Resample)):
+        if isinstance(m, denoiser.blocks(policy)):
             hooks.append(m.register_forward_pre_hook(lambda m, a, name=name: order.append(name)))
     return order, hooks
+
+
+def step_inputs(model, policy, args, B):
+    """(z, eps, t, cond) for B pairs, shaped as dpo.micro_batch hands them to pair_loss: what the step starts from."""
+    h = model["resolution"] // 2 ** (len(model["vae"]["block_out_channels"]) - 1)  # latent side
+    C = denoiser.latent_channels(policy)  # FLUX packs 2x2 latent patches into its tokens itself
+    z, eps = torch.empty(2 * B, C, h, h), torch.empty(B, C, h, h)
+    fam = family(model)
+    if fam in denoiser.FLOW:  # T5's states (after CLIP's 77 for SD3) and the pooled CLIP vector
+        c, t = policy.config, torch.empty(B)
+        L = model["t5_length"] + (clip.MAX_LENGTH if fam == "sd3" else 0)
+        context = torch.empty(2 * B, L, c["joint_attention_dim"])
+        pooled = torch.empty(2 * B, c["pooled_projection_dim"])
+        return z, eps, t, denoiser.conditioning(fam, context, pooled, None, args.guidance)
+    c, t = unetlib.check_config(model["unet"]), torch.zeros(B, dtype=torch.long)
+    cond = [torch.empty(2 * B, 77, c["cross_attention_dim"]), None, None]  # context, pooled, time ids
+    if c["addition_embed_type"] == "text_time":  # SDXL: pooled text embedding (B, 1280), size conditioning
+        pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
+        cond[1], cond[2] = torch.empty(2 * B, pooled), torch.empty(2 * B, 6)
+    return z, eps, t, tuple(cond)
 
 
 def family_timelines(model, mode, configs, args=None, shadow=True, lora_rank=LORA_RANK, autocast_cache=None):
@@ -155,8 +206,6 @@ def family_timelines(model, mode, configs, args=None, shadow=True, lora_rank=LOR
     args = argparse.Namespace(**vars(args))
     if autocast_cache is not None:
         args.autocast_cache = autocast_cache
-    c = unetlib.check_config(model["unet"])
-    h = model["resolution"] // 2 ** (len(model["vae"]["block_out_channels"]) - 1)  # latent side
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # dpo.py's, unless fp16
     with cuda_like(), counter:
         counter.mark("build")
@@ -172,17 +221,14 @@ def family_timelines(model, mode, configs, args=None, shadow=True, lora_rank=LOR
         counter.tag([p.grad for p in trained], "grads")
         dpo.optimizer_step(opt, scaler, trained, args, 1)
         out["optimizer"] = (first, counter.mark("idle"))
-        acp = diffusion.alphas_cumprod(diffusion.SD_SCHEDULE)
+        flow = policy.prediction_type == "flow"  # a flow model: sigma in place of t, no alphas_cumprod
+        acp = None if flow else diffusion.alphas_cumprod(diffusion.SD_SCHEDULE)
+        T = diffusion.flow_config("", family(model))["num_train_timesteps"] if flow else len(acp)
         order, hooks = unit_order(policy)
         for ckpt, B in configs:
             policy.gradient_checkpointing = args.gradient_checkpointing = ckpt
             first = counter.mark("inputs")  # what the cache (or the encoders) hands the step
-            z = torch.empty(2 * B, c["in_channels"], h, h)  # clean latents, winners first
-            eps, t = torch.empty(B, c["in_channels"], h, h), torch.zeros(B, dtype=torch.long)
-            cond = [torch.empty(2 * B, 77, c["cross_attention_dim"]), None, None]  # context, pooled, time ids
-            if c["addition_embed_type"] == "text_time":  # SDXL: pooled text embedding (B, 1280), size conditioning
-                pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
-                cond[1], cond[2] = torch.empty(2 * B, pooled), torch.empty(2 * B, 6)
+            z, eps, t, cond = step_inputs(model, policy, args, B)
 
             def policy_fn(*x):
                 counter.mark("forward")
@@ -193,8 +239,8 @@ def family_timelines(model, mode, configs, args=None, shadow=True, lora_rank=LOR
                 for hk in hooks:  # the units' order is the first policy forward's (a LoRA reference is the policy)
                     hk.remove()
                 return ref(*x)
-            inputs = dict(z=z, eps=eps, t=t, T=len(acp), cond=tuple(cond))
-            loss = dpo.pair_loss(policy_fn, ref_fn, inputs, args, acp, "epsilon")[0]
+            inputs = dict(z=z, eps=eps, t=t, T=T, cond=cond)
+            loss = dpo.pair_loss(policy_fn, ref_fn, inputs, args, acp, policy.prediction_type)[0]
             counter.mark("backward")
             loss.backward()
             counter.tag([p.grad for p in trained], "grads")
@@ -202,7 +248,8 @@ def family_timelines(model, mode, configs, args=None, shadow=True, lora_rank=LOR
             del loss, z, eps, t, cond, inputs
             out["windows"][(ckpt, B)] = (first, counter.mark("idle"))
         in_units = {id(p) for name in order for p in policy.get_submodule(name).parameters()}
-        out.update(units=[sum(p.numel() for p in policy.get_submodule(n).parameters()) for n in order],
+        out.update(unit_names=list(order), units=[sum(p.numel() for p in policy.get_submodule(n).parameters())
+                                                  for n in order],
                    root=sum(p.numel() for p in policy.parameters() if id(p) not in in_units),
                    largest=max(allocated(p.numel() * p.element_size()) for p in trained),
                    trained=sum(allocated(p.numel() * p.element_size()) for p in trained),
@@ -221,21 +268,25 @@ class Kept:
 
 
 def encode(model, batch_size):
-    """The encoders on the GPU: (their weights, the peak of cache.model_inputs above them), in bytes."""
+    """(encoder weights, cache.model_inputs's peak above them) in bytes, built as clip.load and vae.load build them."""
     args = settings(model, batch_size, True)
-    res = model["resolution"]
+    res, fam = model["resolution"], family(model)
     counter = Counter()
     with cuda_like(), counter:
         with torch.device("meta"):
-            text = [clip.TextTransformer(cfg, projection=i == 1) for i, cfg in enumerate(model["text"])]
-            v = vaelib.AutoencoderKL(model["vae"])
+            text = [clip.TextTransformer(cfg, projection=i == 1 or fam == "sd3") for i, cfg in enumerate(model["text"])]
+            lengths = [clip.MAX_LENGTH] * len(text)
+            if "t5" in model:
+                text.append(t5.T5Encoder(model["t5"]))
+                lengths.append(model["t5_length"])
+            v = vaelib.AutoencoderKL(model["vae"], vaelib.SCALING_FACTOR.get(fam, 0.18215),
+                                     shift_factor=vaelib.SHIFT_FACTOR.get(fam, 0.0))
 
-        def tokens(prompts):  # (B, 77) token ids, as clip.Tokenizer gives them
-            return torch.zeros((len(prompts), clip.MAX_LENGTH), dtype=torch.long)
+        def tokenizer(n):  # (B, n) token ids, as clip.Tokenizer (n = 77) and t5.Tokenizer give them
+            return lambda prompts: torch.zeros((len(prompts), n), dtype=torch.long)
 
-        family = "sdxl" if len(text) == 2 else "sd15"
         # as clip.load(amp_dtype)
-        te = materialize(clip.TextEncoders(text, [tokens] * len(text), family), args.amp_dtype)
+        te = materialize(clip.TextEncoders(text, [tokenizer(n) for n in lengths], fam), args.amp_dtype)
         v = materialize(v, torch.float32)  # as cache.training_set: vae.load(..., torch.float32)
         counter.tag([*te.parameters(), *v.parameters()], "encoders")
         first = counter.mark("encode")
@@ -305,7 +356,7 @@ def row(model, mode, world, ckpt, B, encoders, tl, enc, autocast_cache=None):
                 fits={str(g): fits(value, g) for g in GPUS})
 
 
-def plan(models=(MODELS["sdxl"], MODELS["sd15"]), batches=(1, 2, 4), log=print):
+def plan(models=tuple(MODELS.values()), batches=(1, 2, 4), log=print):
     """Every row of the README's table: model x (full + DDP, LoRA + DDP, full + FSDP over 8 ranks) x checkpointing
     on/off x batch x encoders (on the GPU, or --cache); then, for the first model, the full fine-tune at batch 1
     with checkpointing as if dpo.pair_loss's autocast cached its bf16 weight copies the other way (what-if rows)."""
@@ -352,4 +403,67 @@ def table(rows):
                  *(f"{r['breakdown_gb'][k]:.2f}" for k in parts), f"{ok[0]} GiB" if ok else "> 80 GiB",
                  *("yes" if r["fits"][str(g)] else "no" for g in (24, 40, 48, 80))]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def largest(r, n=3):
+    """The phase of a row's peak and its n largest parts: why a configuration needs what it needs."""
+    names = {"wrapper": "FSDP units" if r["fsdp_world"] > 1 else "DDP buckets", "casts": "autocast copies"}
+    parts = sorted(r["breakdown_gb"].items(), key=lambda kv: (-kv[1], kv[0] != "wrapper"))[:n]
+    return f"{r['phase']}: " + ", ".join(f"{names.get(k, k)} {v:.1f}" for k, v in parts)
+
+
+def smallest_gpu(r):
+    """The smallest of GPUS that fits the row, the question a reader of the table asks."""
+    ok = [g for g in GPUS if r["fits"][str(g)]]
+    return f"{ok[0]} GiB" if ok else "> 80 GiB"
+
+
+def summary(rows):
+    """The README's table: one line per configuration, encoders on the GPU beside --cache, and what fills the peak."""
+    lines = ["| model | mode | ranks | ckpt | pairs/rank | peak GiB (encoders on GPU) | fits | peak GiB (`--cache`) | "
+             "fits | largest parts at the peak (encoders on GPU), GiB |", "|---" * 10 + "|"]
+    by = {(r["model"], r["mode"], r["fsdp_world"], r["gradient_checkpointing"], r["batch_size"], r["encoders"]): r
+          for r in rows}
+    for key in dict.fromkeys(k[:5] for k in by):
+        gpu, cached = by.get(key + ("gpu",)), by.get(key + ("cache",))
+        model, mode, world, ckpt, B = key
+        cells = [TITLE.get(model, model), f"LoRA {LORA_RANK}" if mode == "lora" else mode,
+                 f"FSDP {world}" if world > 1 else "DDP", "on" if ckpt else "off", B]
+        for r in (gpu, cached):
+            cells += [f"{r['peak_gb']:.1f}", smallest_gpu(r)] if r else ["-", "-"]
+        cells.append(largest(gpu or cached))
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def goals(rows, wanted=GOALS):
+    """Each goal of GOALS met (its fastest fitting configuration) or missed (by how much, and what fills the peak)."""
+    def said(r):  # a row's configuration, peak, and the GPU memory it needs with fits()'s margins
+        P = r["peak_bytes"] / GiB
+        return (f"checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, {r['batch_size']} "
+                f"pair{'s' if r['batch_size'] > 1 else ''}/rank: {P:.2f} GiB (1.05 P + 0.75 = {1.05 * P + 0.75:.2f})")
+    lines = []
+    for model, mode, world, encoders, gpu in wanted:
+        what = (f"{TITLE.get(model, model)} {'LoRA ' + str(LORA_RANK) if mode == 'lora' else 'full fine-tune'}, "
+                f"{'FSDP over ' + str(world) + ' ranks' if world > 1 else 'DDP'}, <= {gpu} GB")
+        parts = []
+        for enc in (encoders,) if encoders else ("gpu", "cache"):
+            mine = [r for r in rows if r["autocast_cache"] == dpo.AUTOCAST_CACHE
+                    and (r["model"], r["mode"], r["fsdp_world"], r["encoders"]) == (model, mode, world, enc)]
+            if not mine:
+                continue
+            where = "encoders on the GPU" if enc == "gpu" else "--cache"
+            small = min(mine, key=lambda r: r["peak_bytes"])
+            ok = [r for r in mine if fits(r["peak_bytes"], gpu)]
+            if ok:
+                r = max(ok, key=lambda r: (not r["gradient_checkpointing"], r["batch_size"]))
+                also = "" if r is small else f"; smallest {said(small)}"
+                parts.append(f"{where}: met; fastest fitting {said(r)}{also}")
+            else:
+                need = 1.05 * small["peak_bytes"] / GiB + 0.75
+                parts.append(f"{where}: missed by {need - gpu:.2f} GiB; smallest {said(small)}; at the peak, "
+                             f"{largest(small)}")
+        if parts:
+            lines.append(f"- {what}: " + "; ".join(parts))
     return "\n".join(lines)

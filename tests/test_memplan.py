@@ -1,22 +1,44 @@
-"""memplan.py on tiny models: shadow tensors count what real ones allocate, torch's MemTracker agrees, CUDA's autocast
-and kernels stood in for on the CPU, the plan's parts, and the --plan command."""
+"""memplan.py on tiny models: shadow tensors count what real ones allocate (UNets and the flow transformers), torch's
+MemTracker agrees, CUDA's autocast and kernels stood in for on the CPU, the plan's parts, FSDP's units and the
+encoders of the flow families, and the --plan command."""
 import json
 
 import pytest
 import torch
 
 import bench_step
+import cache
+import clip
+import denoiser
 import dpo
 import memplan
 import optim
+import parallel
 import shadow
+import t5
 import tiny
 import unet as unetlib
+import vae as vaelib
 
 # A tiny SDXL-shaped model: 32 px images, 16 x 16 latents (its VAE halves once)
 MODEL = dict(name="tiny", unet=tiny.sdxl_unet_config(), resolution=32, vae=dict(block_out_channels=[16, 32]),
              text=[tiny._text_config(1000, "quick_gelu", 32).to_dict(), tiny._text_config(1000, "gelu", 32).to_dict()])
 CONFIGS = [(True, 2), (False, 2)]  # (gradient checkpointing, pairs)
+# Tiny SD3.5- and FLUX-dev-shaped models at 32 px (16 x 16 latents, 64 image tokens), 8 T5 tokens
+T5_TINY = dict(t5.XXL, vocab_size=64, d_model=tiny.T5_WIDTH, d_kv=8, d_ff=40, num_layers=2, num_heads=4)
+VAE_TINY = dict(block_out_channels=[16, 32], latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                layers_per_block=1, norm_num_groups=8)
+FLOW = {"sd3": dict(name="tiny-sd3", family="sd3", resolution=32, text=MODEL["text"], t5=T5_TINY, t5_length=8,
+                    vae=VAE_TINY, transformer=dict(sample_size=16, patch_size=2, in_channels=16, num_layers=2,
+                                                   attention_head_dim=16, num_attention_heads=2,
+                                                   joint_attention_dim=tiny.T5_WIDTH, caption_projection_dim=32,
+                                                   pooled_projection_dim=64, out_channels=16, pos_embed_max_size=32,
+                                                   qk_norm="rms_norm", dual_attention_layers=(0,))),
+        "flux": dict(name="tiny-flux", family="flux", resolution=32, text=MODEL["text"][:1], t5=T5_TINY, t5_length=8,
+                     vae=VAE_TINY, transformer=dict(in_channels=64, num_layers=2, num_single_layers=2,
+                                                    attention_head_dim=16, num_attention_heads=2,
+                                                    joint_attention_dim=tiny.T5_WIDTH, pooled_projection_dim=32,
+                                                    guidance_embeds=True, axes_dims_rope=(4, 6, 6)))}
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +48,31 @@ def timelines():
             for mode in ("full", "lora") for shadows in (True, False)}
 
 
+@pytest.fixture(scope="module")
+def flow_timelines():
+    """The tiny flow models' full and LoRA steps, counted on shadow tensors and on real CPU tensors."""
+    return {(fam, mode, shadows): memplan.family_timelines(FLOW[fam], mode, CONFIGS, shadow=shadows, lora_rank=4)
+            for fam in FLOW for mode in ("full", "lora") for shadows in (True, False)}
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_shadow_tensors_count_what_real_tensors_allocate(timelines, mode):
     """The same step on shadow tensors and on real CPU tensors: the same storages, made in the same order (two
     dying together may be freed in either order), the same peaks."""
-    s, r = timelines[(mode, True)], timelines[(mode, False)]
+    same_counts(timelines[(mode, True)], timelines[(mode, False)])
+
+
+@pytest.mark.parametrize("fam", ["sd3", "flux"])
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_flow_step_on_shadows_counts_what_real_tensors_allocate(flow_timelines, fam, mode):
+    """dpo.train's flow step (sigma, velocity, guidance) counts on shadows what it allocates on real tensors."""
+    s, r = flow_timelines[(fam, mode, True)], flow_timelines[(fam, mode, False)]
+    same_counts(s, r)
+    assert s["optimizer_name"] == "adamw"  # dpo.resolve's recipe for the flow transformers
+
+
+def same_counts(s, r):
+    """Two timelines of one step count the same storages in the same order and give the same peaks."""
     cs, cr = s["counter"], r["counter"]
     assert cs.size == cr.size and cs.kind == cr.kind and len(cs.events) == len(cr.events)
     assert [e for e in cs.events if e >= 0] == [e for e in cr.events if e >= 0]
@@ -149,6 +191,53 @@ def test_the_parts_of_the_plan(timelines):
     assert ddp[2]["wrapper"] >= weights and ddp[0] > none[0]
 
 
+@pytest.mark.parametrize("fam", ["sd3", "flux"])
+def test_fsdp_units_of_flow_models_are_the_blocks_parallel_shard_wraps(flow_timelines, fam):
+    """The units memplan gathers are the ones parallel.shard makes, once each, in forward order; the root the rest."""
+    from torch.distributed.fsdp import FSDPModule
+    parallel.setup("cpu")  # a 1-process gloo group, as dpo.train makes one
+    model = denoiser.build(FLOW[fam]["transformer"], fam)
+    sizes = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_modules()}
+    parallel.shard(model, torch.bfloat16)
+    units = [name for name, m in model.named_modules() if isinstance(m, FSDPModule) and m is not model]
+    tl = flow_timelines[(fam, "full", True)]
+    assert len(units) == {"sd3": 2, "flux": 4}[fam] and tl["unit_names"] == units
+    assert tl["units"] == [sizes[n] for n in units] and tl["root"] == sizes[""] - sum(tl["units"])
+
+
+@pytest.mark.parametrize("fam", ["sd3", "flux"])
+def test_flow_encoders_are_what_clip_load_holds_and_none_with_cache(sd3_dir, flux_dir, fam, capsys):
+    """Encoders on the GPU weigh what clip.load + vae.load hold and give the step's input shapes; --cache has none."""
+    root = {"sd3": sd3_dir, "flux": flux_dir}[fam]
+    native = bench_step.model_spec(root)["resolution"]  # SD3's sample_size x 8 (x 2 here); FLUX's: 1024, as dpo.py
+    spec = bench_step.model_spec(root, 32)  # bench_step.py --plan --model FOLDER: the folder's own configs
+    assert spec["family"] == fam and native == {"sd3": 32, "flux": 1024}[fam]
+    te, v = clip.load(root, "cpu", torch.bfloat16), vaelib.load(root, "cpu", torch.float32)
+    held = sum(shadow.allocated(p.numel() * p.element_size()) for p in [*te.parameters(), *v.parameters()])
+    enc = memplan.encode(spec, 2)
+    assert enc[0] == held and enc[1] > 0 and len(te.encoders) == len(spec["text"]) + 1
+    args = memplan.settings(spec, 2, True)
+    batch = {"pixels": torch.zeros(2, 2, 3, 32, 32), "caption": ["a photo", "a cat"], "time_ids": torch.zeros(2, 2, 6)}
+    z, cond = cache.model_inputs(batch, torch.tensor([False, True]), torch.device("cpu"), args, (te.float(), v))
+    with torch.device("meta"):
+        policy = denoiser.build(spec["transformer"], fam)
+    mz, eps, t, mcond = memplan.step_inputs(spec, policy, args, 2)
+    assert mz.shape == z.shape and [c.shape for c in mcond] == [c.shape for c in cond]
+    assert eps.shape == (2, *z.shape[1:]) and t.dtype == torch.float32  # one sigma per pair
+    tl = memplan.family_timelines(spec, "lora", [(True, 2)], lora_rank=4)
+    for wrapper, world in (("ddp", 1), ("fsdp", 8)):
+        gpu, cached = (memplan.best(tl, tl["windows"][(True, 2)], wrapper, world, e) for e in (enc, None))
+        assert cached[2]["encoders"] == 0 and gpu[2]["encoders"] >= enc[0] and gpu[0] >= cached[0] + enc[0]
+        rows = [memplan.row(spec, "lora", world, True, 2, e, tl, enc) for e in ("gpu", "cache")]
+        assert [r["peak_bytes"] for r in rows] == [int(gpu[0]), int(cached[0])]
+    rows = bench_step.main(["--plan", "--model", root, "--resolution", "32", "--plan_batches", "2"])
+    assert len(rows) == 3 * 2 * 2 + 2 and "| model | mode | ranks |" in capsys.readouterr().out
+    by = {(r["mode"], r["fsdp_world"], r["gradient_checkpointing"], r["encoders"], r["autocast_cache"]): r
+          for r in rows}
+    assert all(r["peak_bytes"] >= by[k[:3] + ("cache", k[4])]["peak_bytes"] + enc[0] for k, r in by.items()
+               if k[3] == "gpu")
+
+
 def test_plan_cli_writes_the_table_and_json(sdxl_dir, tmp_path, capsys):
     out = tmp_path / "plan.json"
     rows = bench_step.main(["--plan", "--model", sdxl_dir, "--plan_out", str(out), "--plan_batches", "1"])
@@ -165,4 +254,24 @@ def test_plan_cli_writes_the_table_and_json(sdxl_dir, tmp_path, capsys):
     by = {(r["mode"], r["fsdp_world"], r["gradient_checkpointing"], r["encoders"]): r for r in main}
     assert by[("full", 1, True, "gpu")]["peak_gb"] > by[("full", 1, True, "cache")]["peak_gb"]
     assert text.count("| model | mode | fsdp_world | ckpt | batch | res | encoders | peak GiB |") == 2
-    assert sum(line.startswith(f"| {saved[0]['model']} |") for line in text.splitlines()) == len(saved)
+    # the two tables of every row, then the README's, one line per configuration with both encoder settings
+    assert sum(line.startswith(f"| {saved[0]['model']} |") for line in text.splitlines()) == len(saved) + len(main) // 2
+    assert text.count("| model | mode | ranks | ckpt | pairs/rank | peak GiB (encoders on GPU) | fits |") == 1
+
+
+@pytest.mark.slow
+def test_the_flow_rows_of_the_real_models():
+    """The real flow models' rows: a line per goal, fp32 master weights as counted, FSDP / LoRA / --cache cheaper."""
+    names = ("sd35-medium", "sd35-large", "flux-dev")
+    rows = memplan.plan([memplan.MODELS[m] for m in names], batches=(1,), log=lambda msg: None)
+    assert len(memplan.goals(rows).splitlines()) == len(memplan.GOALS)
+    by = {(r["model"], r["mode"], r["fsdp_world"], r["gradient_checkpointing"], r["encoders"]): r for r in rows
+          if r["autocast_cache"] == dpo.AUTOCAST_CACHE}
+    for m in names:
+        with torch.device("meta"):
+            net = denoiser.build(memplan.config(memplan.MODELS[m]), memplan.family(memplan.MODELS[m]))
+        fp32 = sum(shadow.allocated(p.numel() * 4) for p in net.parameters()) / memplan.GiB
+        full, fsdp, lo = (by[(m, mode, world, True, "gpu")] for mode, world in (("full", 1), ("full", 8), ("lora", 1)))
+        assert full["breakdown_gb"]["weights"] == pytest.approx(fp32, abs=1e-3)
+        assert fsdp["peak_bytes"] < full["peak_bytes"] and lo["peak_bytes"] < full["peak_bytes"]
+        assert by[(m, "lora", 1, True, "cache")]["peak_bytes"] < lo["peak_bytes"]
