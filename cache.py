@@ -121,13 +121,15 @@ class Feed:
     --data: built first if missing) or the images themselves with the VAE and the text encoders on the device, and
     Diffusion-RPO's CLIP embeddings beside them."""
 
-    def __init__(self, args, pairs, channels, dev, rank, world, log):
+    def __init__(self, args, pairs, channels, dev, rank, world, log, source=None):
+        """source: (dataset, encoders, empty, VAE downsampling) made elsewhere (online.py), else training_set's."""
         self.args, self.dev = args, dev
-        self.dataset, self.encoders, self.empty, down = training_set(args, pairs, dev, rank, world, log)
+        self.dataset, self.encoders, self.empty, down = source or training_set(args, pairs, dev, rank, world, log)
         self.per_item = self.dataset.per_item  # images per item: a pair's two, or one labelled image
         self.n_latent = self.per_item if args.latents == "sample" else 0  # posterior draws per item
         self.latent_shape = (channels, args.resolution // down, args.resolution // down)  # (C, h, w)
-        self.fingerprint = pairs.fingerprint() if pairs is not None else self.dataset.meta.get("fingerprint")
+        self.fingerprint = pairs.fingerprint() if pairs is not None else getattr(self.dataset, "meta", {}).get(
+            "fingerprint")
         self.rpo_clip = None  # Diffusion-RPO's CLIP model, run on each batch's images unless the cache holds them
         if args.loss == "rpo":
             if args.rpo_clip and self.encoders is not None:

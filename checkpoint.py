@@ -29,7 +29,8 @@ import weights
 RESUME_SAME = ("loss", "beta", "pairs_per_step", "lr", "warmup", "optimizer", "weight_decay", "grad_clip", "seed",
                "resolution", "random_crop", "no_flip", "prompt_dropout", "dreamlike_only", "rpo_tau", "split",
                "time_ids", "latents", "lora", "lora_alpha", "rpo_clip", "rpo_form", "sigma_density", "guidance",
-               "columns")
+               "columns", "online", "score", "prompts", "samples_per_prompt", "pairs", "min_margin", "ref_update",
+               "sample_steps", "sample_guidance")
 TEMP = re.compile(r"\.tmp\d*(\.png)?$")  # what weights.save_*, torch.save here and save_png write first
 
 
@@ -147,6 +148,8 @@ def log_step(args, step, rec, lr, grad_norm, bad_all, clock, flops, log):
     cuda = torch.cuda.is_available() and args.device != "cpu"
     last = dict(step=step, loss=rec["loss"], implicit_acc=rec.get("implicit_acc"),
                 reward_margin=rec.get("reward_margin"), model_mse=rec["model_mse"], ref_mse=rec.get("ref_mse"),
+                score_mean=rec.get("score_mean"), score_margin=rec.get("score_margin"),  # online: the samples' reward
+                pairs_kept=rec.get("pairs_kept"),
                 lr=lr, grad_norm=grad_norm, pairs_per_s=pairs_per_s, bad_pairs=bad_all,
                 mfu=flops * pairs_per_s / dist.get_world_size() / kernels.H100_BF16_PEAK if flops else None,
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)

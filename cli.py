@@ -81,3 +81,15 @@ def check_output(path, reads=(), replace=False, flag="--overwrite", make_folder=
         raise ValueError(f"cannot write {path}: the folder {folder} is not writable")
     if os.path.exists(path) and not replace:
         raise ValueError(f"{path} exists: pass {flag} to replace it")
+
+
+def parse_map(spec: str, flag: str, keys) -> dict:
+    """flag "A=x,B=y" -> {"A": "x", "B": "y"}, each A one of keys: e.g. --columns "caption=prompt,jpg_0=chosen"
+    reads another parquet preference set as Pick-a-Pic (data.Preferences: without label_0, jpg_0 is preferred)."""
+    out = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        ours, eq, theirs = part.partition("=")
+        if not eq or not theirs.strip() or ours.strip() not in keys:
+            raise ValueError(f"{flag} {spec!r}: {part!r} is not OURS=THEIRS with OURS one of {', '.join(keys)}")
+        out[ours.strip()] = theirs.strip()
+    return out

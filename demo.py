@@ -234,9 +234,16 @@ FLOW_DPO_DEFAULTS = dict(lr=2e-5, max_steps=100, batch_size=16, grad_accum=1, wa
 DPO_PAIRS, HELDOUT_PAIRS = 1536, 96
 EVAL = dict(noises=16, steps=20, guidance=3.0, seed=1234)  # guidance: the UNet's CFG scale
 FLOW_EVAL = dict(noises=16, steps=20, guidance=flux.GUIDANCE, seed=1234)  # FLUX-dev's guidance input, no CFG
-# The two demos: (world, model builder, DPO defaults, evaluation, default out_dir, what the model is)
+# Online DPO from the same reference, no labels: the policy's own samples scored by the rule (dpo.py --online)
+ONLINE_DEFAULTS = dict(lr=2e-6, max_steps=100, batch_size=8, grad_accum=1, warmup=10)  # 8 prompts x 4 samples a step
+ONLINE = dict(online=True, score=["area"], score_specs=[("area", None, {}, 1.0)], eval_score=[], eval_specs=[],
+              samples_per_prompt=4, pairs="best_worst", min_margin=0.0, ref_update=None, sample_steps=10,
+              sample_guidance=EVAL["guidance"], eval_every=25, eval_prompts=None, eval_n=24, save_pairs=True,
+              data=None, cache=False)
+# The demos: (world, model builder, DPO defaults, evaluation, default out_dir, what the model is)
 DEMOS = {"sdxl": (WORLD, build_model, DPO_DEFAULTS, EVAL, "demo_out", "SDXL-architecture"),
-         "flow": (FLOW_WORLD, build_flux, FLOW_DPO_DEFAULTS, FLOW_EVAL, "demo_out_flow", "FLUX.1-dev-architecture")}
+         "flow": (FLOW_WORLD, build_flux, FLOW_DPO_DEFAULTS, FLOW_EVAL, "demo_out_flow", "FLUX.1-dev-architecture"),
+         "online": (WORLD, build_model, ONLINE_DEFAULTS, EVAL, "demo_out", "SDXL-architecture")}
 
 
 def _train_args(args, user=(), **kw):
@@ -246,9 +253,9 @@ def _train_args(args, user=(), **kw):
     if "batch_size" in kw:
         kw["batch_size"] = max(1, kw["batch_size"] // dist.get_world_size())
     a = argparse.Namespace(**vars(args))
-    settings = dict(device="cpu", dtype="fp32", optimizer="adamw", weight_decay=0.0, cache=True,
-                    gradient_checkpointing=False, num_workers=0, resume=False, tokenizer=None, prompt_dropout=0.1,
-                    log_every=25, ckpt_every=10 ** 9, **kw)
+    settings = dict(dict(device="cpu", dtype="fp32", optimizer="adamw", weight_decay=0.0, cache=True,
+                         gradient_checkpointing=False, num_workers=0, resume=False, tokenizer=None, prompt_dropout=0.1,
+                         log_every=25, ckpt_every=10 ** 9), **kw)
     for k in set(user) - {"model", "data", "out_dir", "cache_dir"}:
         settings.pop(k, None)
     a.__dict__.update(settings, resolution=SIZE, unet_init=None, cache_dir=kw.get("cache_dir"))
@@ -304,7 +311,7 @@ def build_world(root: str, args, train, log, demo="sdxl"):
 
 
 @torch.no_grad()
-def side_by_side(root: str, tuned: str, demo="sdxl"):
+def side_by_side(root: str, tuned: str, demo="sdxl", grid="grid.png"):
     """Sample reference and DPO model from the same prompts and initial noise (sample.py's pipeline: the
     sampler of the family, as diffusers' pipelines run it); score with the rule and fidelity."""
     ev = DEMOS[demo][3]
@@ -328,7 +335,7 @@ def side_by_side(root: str, tuned: str, demo="sdxl"):
     rows = [[im for j in range(k) for im in (ref_img[i * n + j], dpo_img[i * n + j])] for i in range(len(PROMPTS))]
     img = images.grid(rows)
     img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
-    images.save_png(img, os.path.join(root, "grid.png"))
+    images.save_png(img, os.path.join(root, grid))
     return res
 
 
@@ -356,19 +363,25 @@ def run(args, train):
             f.write("\n".join(PROMPTS) + "\n")
     dist.barrier()
     build_world(root, args, train, log, demo)
-    out = os.path.join(root, "dpo")
+    out = os.path.join(root, "online" if demo == "online" else "dpo")
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)  # the demo's own previous result
     dist.barrier()
-    log("dpo: fine-tuning the reference on the rule-labelled pairs")
     base = os.path.join(root, "base")
-    train(_train_args(args, user=args.given, model=base, data=os.path.join(root, "data", "dpo.jsonl"), out_dir=out,
-                      cache_dir=os.path.join(root, "data", "dpo_cache"), **DEMOS[demo][2]))
+    if demo == "online":
+        log("online dpo: the reference samples its own pairs, the rule scores them (no labels)")
+        train(_train_args(args, user=args.given, model=base, out_dir=out,
+                          prompts=os.path.join(root, "prompts.txt"), **ONLINE_DEFAULTS, **ONLINE))
+    else:
+        log("dpo: fine-tuning the reference on the rule-labelled pairs")
+        train(_train_args(args, user=args.given, model=base, data=os.path.join(root, "data", "dpo.jsonl"),
+                          out_dir=out, cache_dir=os.path.join(root, "data", "dpo_cache"), **DEMOS[demo][2]))
     if rank != 0:
         return
     log("eval: sampling reference and DPO model from the same prompts and noise")
-    r = side_by_side(root, os.path.join(out, denoiser.subfolder(denoiser.family(base))), demo)
-    log(f"mean shape area: reference {r['area_ref']:.3f}, DPO {r['area_dpo']:.3f}; grid: {root}/grid.png "
+    grid = "grid_online.png" if demo == "online" else "grid.png"
+    r = side_by_side(root, os.path.join(out, denoiser.subfolder(denoiser.family(base))), demo, grid)
+    log(f"mean shape area: reference {r['area_ref']:.3f}, DPO {r['area_dpo']:.3f}; grid: {root}/{grid} "
         f"(rows = prompts, columns = reference | DPO pairs); held-out pairs: {root}/data/heldout.jsonl")
     print(f"demo win_rate={r['win_rate']:.3f} fidelity_ref={r['fidelity_ref']:.3f} "
           f"fidelity_dpo={r['fidelity_dpo']:.3f}", flush=True)

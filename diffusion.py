@@ -266,6 +266,29 @@ class FlowEuler:
 # The sampling loop: text side -> guided denoising from noise (or a noised image) -> VAE
 
 
+# Each family's (guidance, steps) as its diffusers pipeline's defaults (FLUX-dev: its guidance input; schnell: none)
+SAMPLING = {"sdxl": (5.0, 30), "sd15": (7.5, 30), "sd3": (7.0, 28), "flux": (3.5, 28), "flux-schnell": (0.0, 4)}
+
+
+def sampler(family, sched_cfg, name, steps, shape):
+    """The sampler as the family's pipeline runs it: Euler or DDIM for a UNet; the flow-matching Euler for SD3
+    (static shift) and FLUX (its pipeline's sigmas, shifted by the image's token count). shape: (C, h, w)."""
+    if family not in ("sd3", "flux"):
+        return SCHEDULERS[name](sched_cfg, steps)
+    if family == "sd3":
+        return FlowEuler(sched_cfg, steps)
+    tokens = (shape[1] // 2) * (shape[2] // 2)  # the packed image's length
+    mu = flux_mu(tokens, sched_cfg) if sched_cfg["use_dynamic_shifting"] else None
+    return FlowEuler(sched_cfg, steps, mu, sigmas=np.linspace(1.0, 1 / steps, steps))
+
+
+def guidance_inputs(family, config, guidance):
+    """(classifier-free guidance scale, FLUX-dev's guidance input): FLUX has no CFG, dev takes the scale as input."""
+    if family == "flux":
+        return 1.0, (guidance if config["guidance_embeds"] else None)
+    return guidance, None
+
+
 def conditions(te, prompts, negative=None, guided=True, zeros_for_empty=False, size=None, guidance_embed=None):
     """What the denoiser is conditioned on, (context, pooled, time_ids) for a UNet, (context, pooled) for SD3,
     (context, pooled, guidance) for FLUX, with [negatives; prompts] stacked along the batch when guided

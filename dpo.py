@@ -1,6 +1,7 @@
 """Diffusion-DPO (Wallace et al. 2023, arXiv:2311.12908): fine-tune SDXL / SD1.5 / SD3 / FLUX on preference pairs.
 
-    python dpo.py                                                   # CPU demo (demo.py), no downloads
+    python dpo.py [--demo flow|online]                              # CPU demos (demo.py), no downloads
+    python dpo.py --online --model SDXL_DIR --prompts parti --score pickscore=DIR ...   # online DPO (online.py)
     torchrun --nproc_per_node 8 dpo.py --model SDXL_DIR --data pickapic_v2/ --beta 5000 --out_dir runs/sdxl
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_id run1 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 dpo.py ...
 
@@ -35,6 +36,7 @@ import flux
 import kernels
 import lora
 import objectives
+import online
 import optim
 import parallel
 import vae as vaelib
@@ -203,7 +205,7 @@ def train(args) -> dict:
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     if args.model is None:
         raise ValueError("--model is required for training (run without flags for the demo)")
-    columns = parse_columns(args.columns) if args.columns else None
+    columns = cli.parse_map(args.columns, "--columns", COLUMN_KEYS) if args.columns else None
     pairs = data.Preferences(args.data, args.dreamlike_only, args.split, columns) if args.data else None  # lazily
     if pairs is not None:
         log(f"data: {pairs.read}")
@@ -220,7 +222,9 @@ def train(args) -> dict:
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
     policy, ref, trained = build_models(args, dev)
-    feed = cache.Feed(args, pairs, denoiser.latent_channels(policy), dev, rank, world, log)  # data -> model inputs
+    ch = denoiser.latent_channels(policy)  # data (or the policy's own samples, online.py) -> model inputs:
+    feed = online.Feed(args, policy, ref, ch, dev, rank, world, log) if args.online else \
+        cache.Feed(args, pairs, ch, dev, rank, world, log)
     flow, alphas_cumprod = None, None  # flow: (sigma density, flow schedule) of a flow model
     if policy.prediction_type == "flow":
         flow = (args.sigma_density, diffusion.flow_config(args.model, family))
@@ -267,7 +271,7 @@ def train(args) -> dict:
                     loss, numbers = pair_loss(model, ref, inputs, args, alphas_cumprod, schedule["prediction_type"])
                     scale = world if args.loss == "rpo" else 1  # RPO's loss covers every rank's pairs
                     scaler.scale(loss * scale / A).backward()
-                for k, val in {"loss": loss, **numbers}.items():
+                for k, val in {"loss": loss, **numbers, **batch.get("stats", {})}.items():  # online: rewards too
                     acc[k] = acc.get(k, 0.0) + torch.as_tensor(val, dtype=torch.float64, device=dev).detach() / A
                 bad.add(batch["bad"])
                 seen += len(batch["pos"])
@@ -280,6 +284,8 @@ def train(args) -> dict:
             step += 1
             if step % args.log_every == 0 or step == args.max_steps:
                 last = checkpoint.log_step(args, step, rec, lr, grad_norm.item(), bad_all, clock, flops, log)
+            if args.online:  # its pairs written, the reference refreshed, the held-out check
+                feed.after_step(step)
             if step % args.ckpt_every == 0 or step == args.max_steps:
                 checkpoint.save(ck_path, policy, opt, step, position + (step - clock["first"]) * G, args, fingerprints,
                                 rank, log)
@@ -288,6 +294,8 @@ def train(args) -> dict:
         kept = f"step {last_ckpt} in {ck_path}" if last_ckpt else "none written yet"
         raise cli.Interrupted(f"interrupted at step {step} of {args.max_steps}; last checkpoint: {kept}") from None
     checkpoint.save_outputs(policy, args, step, log)
+    if args.online:
+        feed.finish()  # the last line: the held-out trend
     return dict(step=step, metrics=last, out_dir=args.out_dir)
 
 
@@ -302,6 +310,7 @@ DEFAULTS = dict(
     log_every=10, device=None, dtype=None, gradient_checkpointing=None, lora=None, lora_alpha=None, fsdp=False,
     compile=False, channels_last=False, cache=False, cache_dir=None, max_bad_frac=0.01, save_single=False,
     tokenizer=None, num_workers=None, sigma_density="logit_normal", guidance=None, columns=None, demo=None)
+COLUMN_KEYS = data.COLUMNS[:4] + data.COLUMNS[5:]  # --columns maps these (label_1 follows label_0)
 AUTOCAST_CACHE = False  # a cache keeps a bf16 copy of each fp32 weight all forward long; each is used once anyway
 
 
@@ -356,19 +365,6 @@ def resolve(args, family, world, device="cpu", native=None, guidance_embeds=Fals
     args.amp_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     args.autocast_cache = vars(args).get("autocast_cache", AUTOCAST_CACHE)  # memplan.py plans both
     return args
-
-
-def parse_columns(spec: str) -> dict:
-    """--columns "caption=prompt,jpg_0=chosen,jpg_1=rejected" -> {our name: the set's column}: other parquet
-    preference sets read as Pick-a-Pic. Without a label_0 column there, jpg_0's image is the preferred one."""
-    out = {}
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        ours, eq, theirs = part.partition("=")
-        if not eq or not theirs.strip() or ours.strip() not in data.COLUMNS[:4] + data.COLUMNS[5:]:
-            raise ValueError(f"--columns {spec!r}: {part!r} is not OURS=THEIRS with OURS one of caption, jpg_0, "
-                             "jpg_1, label_0, model_0, model_1")
-        out[ours.strip()] = theirs.strip()
-    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -437,13 +433,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--sigma_density", choices=["logit_normal", "mode", "uniform"], help="flow models: how sigma is drawn, "
       "as SD3's and FLUX's training scripts (logit-normal u ~ sigmoid(N(0, 1)), then the scheduler's shift)")
     a("--guidance", type=float, help=f"FLUX-dev: its guidance embedding's input in training [{flux.GUIDANCE}]")
-    a("--demo", choices=["sdxl", "flow"], help="without --model: the CPU demo with a toy model of SDXL's or "
-      "FLUX.1-dev's architecture [sdxl]")
+    a("--demo", choices=["sdxl", "flow", "online"], help="without --model: the CPU demo with a toy model of SDXL's "
+      "or FLUX.1-dev's architecture, or online DPO on the toy SDXL [sdxl]")
+    online.add_flags(p)  # --online, --score, --prompts, --samples_per_prompt, ... (their defaults: online.py)
     # Every flag starts out unset (argparse keeps what the namespace has): the typed ones are told apart (the demo)
     unset = object()
     args = argparse.Namespace(**{k: unset for k in DEFAULTS})
     p.parse_args(argv, args)
-    args.given = sorted(k for k, v in vars(args).items() if v is not unset)
+    args.given = sorted(k for k, v in vars(args).items() if v is not unset and (k in DEFAULTS or v != p.get_default(k)))
     for k, v in DEFAULTS.items():
         if getattr(args, k) is unset:
             setattr(args, k, v)
@@ -461,13 +458,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--columns maps a parquet set's column names; {args.data} is a JSONL file: drop --columns")
     if args.columns:
         try:
-            parse_columns(args.columns)
+            cli.parse_map(args.columns, "--columns", COLUMN_KEYS)
         except ValueError as e:
             p.error(str(e))
     if "split" in args.given and args.data and args.data.endswith(".jsonl"):
         p.error(f"--split picks the shards of a Pick-a-Pic folder; {args.data} is a JSONL file: drop --split")
     if args.demo and args.model:
         p.error(f"--demo {args.demo} builds its own toy model: drop --model (or --demo to train {args.model})")
+    online.check(p, args)
     if args.rpo_clip is not None and args.loss != "rpo":
         p.error(f"--rpo_clip weights RPO's matrix: it needs --loss rpo (got --loss {args.loss})")
     return args

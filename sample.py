@@ -14,7 +14,6 @@ import os
 from collections import Counter
 from typing import List
 
-import numpy as np
 import torch
 
 import cli
@@ -54,13 +53,7 @@ class Pipeline:
     def scheduler(self, name, steps, shape):
         """The sampler: Euler or DDIM for a UNet; the flow-matching Euler for SD3 (static shift) and FLUX (its
         pipeline's sigmas, shifted by the image's token count)."""
-        if not self.flow:
-            return diffusion.SCHEDULERS[name](self.sched_cfg, steps)
-        if self.family == "sd3":  # (__call__ has refused any other scheduler name for a flow model)
-            return diffusion.FlowEuler(self.sched_cfg, steps)
-        tokens = (shape[1] // 2) * (shape[2] // 2)  # the packed image's length
-        mu = diffusion.flux_mu(tokens, self.sched_cfg) if self.sched_cfg["use_dynamic_shifting"] else None
-        return diffusion.FlowEuler(self.sched_cfg, steps, mu, sigmas=np.linspace(1.0, 1 / steps, steps))
+        return diffusion.sampler(self.family, self.sched_cfg, name, steps, shape)  # (__call__ checked the name)
 
     def noise(self, n, shape, seed):
         """Image i's initial noise comes from its own generator seeded seed+i (reproducible one image at a time)."""
@@ -102,8 +95,7 @@ class Pipeline:
             raise ValueError(f"latents must have shape {(B, *shape)}, got {tuple(latents.shape)}")
 
         # classifier-free guidance when guidance > 1; FLUX has none: dev is given the scale as an input instead
-        cfg_scale = 1.0 if self.family == "flux" else guidance
-        embed = guidance if self.family == "flux" and self.unet.config["guidance_embeds"] else None
+        cfg_scale, embed = diffusion.guidance_inputs(self.family, self.unet.config, guidance)
         cond = self.conditions(prompts, negative, cfg_scale > 1, (height, width), embed)  # scale <= 1: no negatives
         sched = self.scheduler(scheduler, steps, shape)
         noise = (self.noise(B, shape, seed) if latents is None else latents).float()
@@ -194,9 +186,9 @@ def sampling_options(args, pipe: Pipeline) -> dict:
     """The pipeline's keyword arguments from the flags, guidance and steps by family as diffusers' pipelines: 5.0 SDXL,
     7.5 SD1.5 (30 steps here), SD3 7.0 and FLUX-dev 3.5 (28 steps), FLUX-schnell 0 (4 steps)."""
     schnell = pipe.family == "flux" and not pipe.unet.config["guidance_embeds"]
-    default = {"sdxl": (5.0, 30), "sd15": (7.5, 30), "sd3": (7.0, 28), "flux": (0.0, 4) if schnell else (3.5, 28)}
-    guidance = args.guidance if args.guidance is not None else default[pipe.family][0]
-    steps = args.steps if args.steps is not None else default[pipe.family][1]
+    default = diffusion.SAMPLING["flux-schnell" if schnell else pipe.family]
+    guidance = args.guidance if args.guidance is not None else default[0]
+    steps = args.steps if args.steps is not None else default[1]
     return dict(negative=args.negative, steps=steps, guidance=guidance, scheduler=args.scheduler,
                 height=args.height, width=args.width, init_image=args.init_image, strength=args.strength)
 

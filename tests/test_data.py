@@ -184,7 +184,11 @@ def test_columns_map_reads_another_preference_set(tmp_path):
     renamed = t.rename_columns([{"caption": "text", "jpg_0": "a", "jpg_1": "b", "label_0": "pref"}.get(c, c)
                                 for c in t.column_names])
     pq.write_table(renamed, tmp_path / "renamed.parquet", row_group_size=4)
-    m = dpo.parse_columns("caption=text,jpg_0=a,jpg_1=b,label_0=pref")
+    import cli
+
+    def columns(spec):
+        return cli.parse_map(spec, "--columns", dpo.COLUMN_KEYS)
+    m = columns("caption=text,jpg_0=a,jpg_1=b,label_0=pref")
     a, b = data.Preferences(src), data.Preferences(str(tmp_path / "renamed.parquet"), columns=m)
     assert len(a) == len(b) == 9 and [a.raw(i) for i in range(9)] == [b.raw(i) for i in range(9)]
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -192,16 +196,14 @@ def test_columns_map_reads_another_preference_set(tmp_path):
     rejected = [{"bytes": x, "path": None} for x in t.column("jpg_1").to_pylist()]
     pq.write_table(pa.table({"prompt": t.column("caption"), "chosen": pa.array(chosen, struct),
                              "rejected": pa.array(rejected, struct)}), tmp_path / "cr.parquet", row_group_size=4)
-    c = data.Preferences(str(tmp_path / "cr.parquet"), columns=dpo.parse_columns("caption=prompt,jpg_0=chosen,"
-                                                                                 "jpg_1=rejected"))
+    c = data.Preferences(str(tmp_path / "cr.parquet"), columns=columns("caption=prompt,jpg_0=chosen,jpg_1=rejected"))
     assert len(c) == 10  # no labels: no ties either
     assert c.raw(2) == (t.column("caption")[2].as_py(), (chosen[2]["bytes"], rejected[2]["bytes"]), None)
     assert c.fingerprint()["digest"] != data.Preferences(src).fingerprint()["digest"]
     with pytest.raises(ValueError, match="no column nope"):
-        data.Preferences(str(tmp_path / "cr.parquet"), columns=dpo.parse_columns("caption=prompt,jpg_0=chosen,"
-                                                                                 "jpg_1=nope"))
+        data.Preferences(str(tmp_path / "cr.parquet"), columns=columns("caption=prompt,jpg_0=chosen,jpg_1=nope"))
     with pytest.raises(ValueError, match="not OURS=THEIRS"):
-        dpo.parse_columns("prompt=caption")
+        columns("prompt=caption")
 
 
 def test_columns_flag_trains_and_refuses_a_missing_column(tmp_path, sd3_dir, capsys):

@@ -207,3 +207,20 @@ def test_flow_demo_end_to_end_prints_the_readme_numbers(tmp_path):
     ev = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert ev.stdout.strip().splitlines()[-1] == lines[i + 1][len("#   "):]
+
+
+@pytest.mark.slow
+def test_online_demo_end_to_end_prints_the_readme_numbers(tmp_path):
+    """`python dpo.py --demo online`: from the reference, no labels, the area rule as the reward; its last line is
+    the README's, with the issue's bounds (win rate >= 0.95, fidelity not below the reference's)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    out = subprocess.run([sys.executable, "dpo.py", "--demo", "online", "--out_dir", str(tmp_path / "on")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    vals = dict(kv.split("=") for kv in last.split()[1:])
+    w, f_ref, f_dpo = (float(vals[k]) for k in ("win_rate", "fidelity_ref", "fidelity_dpo"))
+    assert w >= 0.95 and f_dpo >= f_ref, last
+    assert os.path.isfile(tmp_path / "on" / "online" / "pairs.jsonl")
+    assert os.path.isfile(tmp_path / "on" / "online" / "online_eval.png")
+    assert f"`python dpo.py --demo online` prints `{last}`" in readme, last

@@ -1,0 +1,394 @@
+"""Online preference optimization: the policy makes its own pairs, a reward model judges them.
+
+    python dpo.py --online --model SDXL_DIR --prompts parti --score pickscore=PickScore_v1 --samples_per_prompt 4 \
+        --eval_score hps=HPS_v2.1_compressed.pt,tokenizer=CLIP-ViT-H-14 --lr 1e-6 --out_dir runs/online
+
+Each micro-step, each rank takes the prompts at the global positions the offline loader would read (a shuffle of
+--prompts per epoch, keyed by the seed), samples K = --samples_per_prompt images of each with the current policy
+(no grad, autocast in the compute dtype, Euler with --sample_steps and the family's guidance: diffusion.py's loop,
+the one sample.py runs; each image's noise keyed by (seed, position)), scores them with --score (reward.py; several
+scorers add up with their weight= option), and makes pairs:
+  best_worst (the default): each prompt's best image against its worst, one pair per prompt. The largest margin the
+      group holds is the clearest signal a scorer gives (flow_grpo's online DPO takes it), and one pair per prompt
+      keeps every rank's micro-batch the same size, so 2 ranks train as 1 rank does.
+  margin: every pair of a prompt's images whose scores differ by more than --min_margin (up to K(K-1)/2; a prompt
+      with none gives its best-worst pair), more pairs per sample; ranks' micro-batches then differ in size.
+The pairs then take the offline path: 8-bit images, cropped and flipped as data.PreferenceDataset does from (seed,
+position), encoded by the VAE, one (t, eps) per pair: the objective's loss on them is the offline loss on the
+pairs.jsonl they are written to. The reference is the frozen base, or with --ref_update N the policy copied after
+every N steps. Every --eval_every steps, the base's and the policy's images of --eval_prompts from the same noise
+are scored by --score and --eval_score: their win rates against the step in the log, online_eval.json and
+online_eval.png; the run's last line says when the training reward rose while a held-out win rate fell.
+"""
+import argparse
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+import cache
+import clip
+import data
+import denoiser
+import diffusion
+import reward
+import vae as vaelib
+from images import save_png, to_pil, transform
+from weights import atomic, read_json, save_json
+
+SAVE_PAIRS_UP_TO = 20000  # a run that makes at most this many pairs writes them (out_dir/pairs.jsonl) by default
+DEFAULT_EVALS = 4  # held-out checks in a run without --eval_every (and one at step 0)
+
+
+def add_flags(p):
+    """dpo.py's online flags (not in dpo.DEFAULTS: repeatable ones, and their own defaults)."""
+    a = p.add_argument
+    a("--online", action="store_true", help="sample the pairs with the policy and score them (no --data)")
+    a("--score", action="append", default=[], metavar="KIND[=PATH][,weight=W]", help="online: the reward (reward.py's "
+      "scorers, repeatable: the weighted sum)")
+    a("--prompts", help="online: prompts file (one per line, or TSV with a Prompt column) or parti")
+    a("--samples_per_prompt", type=int, default=4, help="online: K images per prompt")
+    a("--pairs", choices=["best_worst", "margin"], default="best_worst", help="online: best vs worst of each prompt, "
+      "or every pair whose score margin exceeds --min_margin")
+    a("--min_margin", type=float, default=0.0, help="online: the margin a pair needs (--pairs margin; counted "
+      "as kept for best_worst)")
+    a("--ref_update", type=int, help="online: copy the policy into the reference every N steps [frozen base]")
+    a("--sample_steps", type=int, default=20, help="online: Euler steps per sample")
+    a("--sample_guidance", type=float, help="online: guidance of the samples [the family pipeline's]")
+    a("--eval_every", type=int, help=f"online: held-out check every N steps [max_steps / {DEFAULT_EVALS}]")
+    a("--eval_prompts", help="online: held-out prompts (file or parti) [--prompts, other noise]")
+    a("--eval_score", action="append", default=[], metavar="KIND[=PATH]", help="online: held-out scorers besides "
+      "--score (repeatable)")
+    a("--eval_n", type=int, default=32, help="online: held-out images per check")
+    a("--save_pairs", action=argparse.BooleanOptionalAction, help=f"online: write the pairs [on up to "
+      f"{SAVE_PAIRS_UP_TO} pairs]")
+
+
+def check(p, args):
+    """Refusals at parse time, one line each (p.error); fills the online defaults that depend on other flags."""
+    if not args.online:
+        named = [f for f in ("score", "prompts", "ref_update", "eval_score") if getattr(args, f)]
+        if named:
+            p.error(f"--{named[0]} is an online flag: add --online (or drop it)")
+        return
+    if args.data:
+        p.error("--online makes its own pairs: drop --data (or --online to train on it)")
+    if not args.prompts:
+        p.error("--online needs --prompts FILE (one prompt per line) or --prompts parti")
+    if not args.score:
+        p.error("--online needs a reward: --score KIND[=PATH] (reward.py's scorers, e.g. pickscore=DIR, or area)")
+    if args.samples_per_prompt < 2:
+        p.error(f"--samples_per_prompt must be >= 2 (a pair needs two images), got {args.samples_per_prompt}")
+    for k in ("sample_steps", "eval_n", "ref_update", "eval_every"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            p.error(f"--{k} must be >= 1, got {getattr(args, k)}")
+    if args.cache:
+        p.error("--cache stores a fixed data set's latents; --online makes new images every step: drop --cache")
+    if args.loss == "kto":
+        p.error("--loss kto trains single labelled images; --online makes pairs: use dpo, ipo, hinge, rpo, mapo or sft")
+    if args.ref_update and args.lora:
+        p.error("--ref_update copies the policy into a second model; a --lora run's reference is its base with the "
+                "adapters off: drop --ref_update (or --lora)")
+    if args.ref_update and args.ckpt_every % args.ref_update:
+        p.error(f"--ckpt_every {args.ckpt_every} must be a multiple of --ref_update {args.ref_update}: a resumed run "
+                "takes its reference from the policy at the checkpoint")
+    args.grad_accum = args.grad_accum or 1  # (offline: 2048 pairs per step; each online pair costs K samples)
+    try:
+        for path in filter(None, (args.prompts, args.eval_prompts)):  # a missing or empty file: one line now
+            data.read_prompts(path)
+        args.score_specs = [weighted(reward.parse_spec(s)) for s in args.score]
+        args.eval_specs = [weighted(reward.parse_spec(s)) for s in args.eval_score]
+    except ValueError as e:
+        p.error(str(e))
+
+
+def weighted(spec):
+    """(kind, path, options) -> (kind, path, options without weight, weight)."""
+    kind, path, options = spec
+    w = options.pop("weight", "1")
+    try:
+        return kind, path, options, float(w)
+    except ValueError:
+        raise ValueError(f"--score {kind}: weight={w} is not a number") from None
+
+
+class Prompts(torch.utils.data.Dataset):
+    """The prompt stream: position -> prompt index, a fresh shuffle of the prompts each epoch, keyed by the seed."""
+
+    per_item = 2
+
+    def __init__(self, prompts, seed):
+        self.prompts, self.seed, self.perm = prompts, seed, {}
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def index(self, pos):
+        epoch = pos // len(self.prompts)
+        if epoch not in self.perm:
+            g = torch.Generator().manual_seed(data.seed_for(self.seed, epoch, 0x0A11))
+            self.perm = {epoch: torch.randperm(len(self.prompts), generator=g).tolist()}
+        return self.perm[epoch][pos % len(self.prompts)]
+
+
+def make_pairs(scores, rule="best_worst", min_margin=0.0):
+    """(winner, loser) indices into one prompt's K scores, as --pairs documents; ties keep the first index."""
+    s = scores.tolist()
+    best = max(range(len(s)), key=lambda i: (s[i], -i))
+    worst = min((i for i in range(len(s)) if i != best), key=lambda i: (s[i], i))
+    if rule == "best_worst":
+        return [(best, worst)]
+    out = [(i, j) if s[i] >= s[j] else (j, i) for i in range(len(s)) for j in range(i + 1, len(s))
+           if abs(s[i] - s[j]) > min_margin]
+    return out or [(best, worst)]
+
+
+class Feed(cache.Feed):
+    """cache.Feed whose batches the policy samples and the scorers label, at the offline loader's positions."""
+
+    def __init__(self, args, policy, ref, channels, dev, rank, world, log):
+        self.scorers = load_scorers(args.score_specs, dev, args.amp_dtype)  # first: a bad path fails in seconds
+        self.eval_scorers = load_scorers(args.eval_specs, dev, args.amp_dtype)
+        prompts = [p for p, _ in data.read_prompts(args.prompts)]
+        self.eval_prompts = [p for p, _ in data.read_prompts(args.eval_prompts or args.prompts)]
+        te = clip.load(args.model, dev, args.amp_dtype, tokenizer=args.tokenizer)
+        v = vaelib.load(args.model, dev, torch.float32)
+        source = (Prompts(prompts, args.seed), (te, v), None, v.downsample)  # (dataset, encoders, empty, downsampling)
+        super().__init__(args, None, channels, dev, rank, world, log, source=source)
+        self.policy, self.ref, self.rank, self.world, self.log = policy, ref, rank, world, log
+        self.family, self.K = te.family, args.samples_per_prompt
+        self.sched_cfg = diffusion.flow_config(args.model, te.family) if policy.prediction_type == "flow" else \
+            diffusion.scheduler_config(args.model, policy.prediction_type)
+        index = read_json(os.path.join(args.model, "model_index.json"), {}) if os.path.isdir(args.model) else {}
+        self.force_zeros = te.family == "sdxl" and index.get("force_zeros_for_empty_prompt", True)
+        schnell = te.family == "flux" and not policy.config.get("guidance_embeds")
+        default = diffusion.SAMPLING["flux-schnell" if schnell else te.family][0]
+        self.guidance = default if args.sample_guidance is None else args.sample_guidance
+        text = "\n".join(prompts) + "\0" + "\n".join(args.score)
+        self.fingerprint = dict(path=args.prompts, files=1, pairs=len(prompts),
+                                digest=hashlib.sha256(text.encode()).hexdigest()[:16])
+        self.eval_every = args.eval_every or max(1, args.max_steps // DEFAULT_EVALS)
+        self.save = args.save_pairs if args.save_pairs is not None else \
+            args.max_steps * args.pairs_per_step <= SAVE_PAIRS_UP_TO
+        self.rows, self.history, self.rewards, self.seconds = [], [], [], dict(sampling=0.0, start=time.time())
+        log(f"online: {len(prompts)} prompts x {self.K} samples ({args.sample_steps} Euler steps, guidance "
+            f"{self.guidance}), reward {' + '.join(args.score)}, pairs {args.pairs}; reference "
+            f"{'the policy every %d steps' % args.ref_update if args.ref_update else 'the frozen base'}")
+
+    # -- sampling and scoring
+
+    @torch.no_grad()
+    def generate(self, unet, prompts, noise):
+        """Images (B, 3, H, W) in [0, 1] of unet for prompts from noise (B, C, h, w), as sample.py's pipeline."""
+        a, (te, v) = self.args, self.encoders
+        cfg_scale, embed = diffusion.guidance_inputs(self.family, self.policy.config, self.guidance)
+        res = (a.resolution, a.resolution)
+        amp = torch.autocast(self.dev.type, dtype=a.amp_dtype, enabled=a.amp_dtype != torch.float32)
+        tic = time.time()
+        with amp:
+            cond = diffusion.conditions(te, prompts, None, cfg_scale > 1, self.force_zeros, res, embed)
+            sched = diffusion.sampler(self.family, self.sched_cfg, "euler", a.sample_steps, noise.shape[1:])
+            x = diffusion.denoise(unet, sched, noise * sched.init_sigma, cond, cfg_scale, torch.float32)
+        img = diffusion.decode(v, x)
+        self.seconds["sampling"] += time.time() - tic
+        return img
+
+    @torch.no_grad()
+    def score(self, scorers, images, prompts):
+        """(kind -> (B,) scores, their weighted sum) for images (B, 3, H, W) in [0, 1]."""
+        out, total = {}, torch.zeros(len(images))
+        for (kind, weight), fn in scorers.items():
+            out[kind] = fn(images.to(self.dev), prompts).float().cpu()
+            total += weight * out[kind]
+        return out, total
+
+    def noise(self, key, n, stream):
+        g = torch.Generator().manual_seed(data.seed_for(self.args.seed, key, stream))
+        return torch.randn((n, *self.latent_shape), generator=g)  # (n, C, h, w)
+
+    def batch(self, positions, step):
+        """The micro-batch of these global positions: K samples per prompt, scored, paired, as data.collate makes."""
+        a, items, rewards, margins, kept = self.args, [], [], [], []
+        for p in positions:
+            i = self.dataset.index(p)
+            prompt = self.dataset.prompts[i]
+            pil = [to_pil(x) for x in self.generate(self.policy, [prompt] * self.K, self.noise(p, self.K, 0x5A3))]
+            x = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in pil]) / 255.0
+            s = self.score(self.scorers, x, [prompt] * self.K)[1]  # (K,) on the 8-bit images, as saved
+            pairs = make_pairs(s, a.pairs, a.min_margin)
+            rewards.append(float(s.mean()))
+            margins.append(float(s.max() - s.min()))
+            kept.append(sum(float(s[w] - s[l] > a.min_margin) for w, l in pairs) / len(pairs))
+            for j, (w, l) in enumerate(pairs):
+                key = p if a.pairs == "best_worst" else p * self.K ** 2 + j  # the pair's (t, eps) and crop key
+                rng = np.random.default_rng(data.seed_for(a.seed, key, 0, 0xC409))
+                out = [transform(pil[k], a.resolution, rng, a.random_crop, not a.no_flip) for k in (w, l)]
+                items.append(dict(pos=key, index=i, caption=prompt, pixels=torch.stack([o for o, _ in out]),
+                                  time_ids=torch.stack([ids for _, ids in out]), bad=[]))
+                if self.save:
+                    self.rows.append(self.write_pair(key, step, prompt, pil[w], pil[l], float(s[w]), float(s[l])))
+        self.rewards.extend(rewards)
+        b = data.collate(items)
+        b["stats"] = {k: torch.tensor(sum(v) / len(v), dtype=torch.float64, device=self.dev)  # the loop logs them
+                      for k, v in (("score_mean", rewards), ("score_margin", margins), ("pairs_kept", kept))}
+        return b
+
+    def write_pair(self, key, step, prompt, win, lose, s_w, s_l):
+        """Both images as out_dir/pairs/KEY_{0,1}.png; the JSONL row dpo.py --data reads (label 0.5: a tie)."""
+        names = [f"pairs/{key:09d}_{k}.png" for k in (0, 1)]
+        os.makedirs(os.path.join(self.args.out_dir, "pairs"), exist_ok=True)
+        for name, im in zip(names, (win, lose)):
+            save_png(im, os.path.join(self.args.out_dir, name))
+        return dict(caption=prompt, image_0=names[0], image_1=names[1], label_0=1.0 if s_w > s_l else 0.5,
+                    score_0=s_w, score_1=s_l, step=step)
+
+    # -- the loop's hooks
+
+    def loader(self, position, step, world, rank, device):
+        """Batches from optimizer step `step` on, sampled when asked for (with the weights of that moment)."""
+        a = self.args
+        B, G, A = a.batch_size, a.pairs_per_step, a.grad_accum
+        self.begin(step)
+        for s in range(step, a.max_steps):
+            for m in range(A):
+                yield self.batch([position + (s - step) * G + m * world * B + rank * B + k for k in range(B)], s)
+
+    def begin(self, step):
+        """A fresh run's or a resumed one's state: the reference, pairs.jsonl cut to the steps done, the base's
+        held-out images and scores (at step 0 the policy is the base; later the frozen reference, or the base
+        loaded again when --ref_update has moved the reference)."""
+        a = self.args
+        if step and a.ref_update:
+            if step % a.ref_update:
+                raise ValueError(f"cannot resume at step {step} with --ref_update {a.ref_update}: the reference of "
+                                 "that moment is not saved (checkpoints at multiples of it are)")
+            self.refresh()
+        jsonl = os.path.join(a.out_dir, "pairs.jsonl")
+        if self.rank == 0 and os.path.isfile(jsonl):
+            with open(jsonl) as f:
+                rows = [r for r in (json.loads(line) for line in f if line.strip()) if r["step"] < step]
+            atomic(jsonl, lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in rows))
+        path = os.path.join(a.out_dir, "online_eval.json")
+        self.history = [h for h in read_json(path, []) if h["step"] <= step] if step else []
+        base = self.policy if step == 0 else self.ref if not a.ref_update else \
+            denoiser.load(a.unet_init or a.model, self.dev, a.amp_dtype, norm_dtype=torch.float32)
+        self.base_scores = self.held_out_scores(self.held_out(base))
+        if step == 0:
+            self.record(0, self.base_scores)  # the policy is the base: every image ties
+
+    def held_out(self, unet):
+        """(eval_n, 3, H, W): the held-out prompts cycled, each image's noise from its index (the same for both)."""
+        n, P = self.args.eval_n, self.eval_prompts
+        out = []
+        for s in range(0, n, self.K):
+            idx = list(range(s, min(n, s + self.K)))
+            noise = torch.cat([self.noise(e, 1, 0xE7A1) for e in idx])
+            out.append(self.generate(unet, [P[e % len(P)] for e in idx], noise))
+        return torch.cat(out)
+
+    def held_out_scores(self, images):
+        prompts = [self.eval_prompts[e % len(self.eval_prompts)] for e in range(len(images))]
+        scores, total = self.score(self.scorers, images, prompts)
+        held = self.score(self.eval_scorers, images, prompts)[0]
+        return {**scores, **({"reward": total} if len(scores) > 1 else {}), **held}
+
+    def record(self, step, mine=None):
+        """One held-out check: the policy's images against the base's, a win rate per scorer (ties 0.5)."""
+        mine = mine or self.held_out_scores(self.held_out(self.policy))
+        r = torch.tensor([sum(self.rewards), float(len(self.rewards))], dtype=torch.float64, device=self.dev)
+        dist.all_reduce(r)  # the training reward since the last check, every rank's samples
+        self.rewards = []
+        h = dict(step=step, train_reward=float(r[0] / r[1]) if r[1] else None,
+                 win={k: reward.win_rate(self.base_scores[k], v)["win_rate"] for k, v in mine.items()})
+        self.history.append(h)
+        wins = ", ".join(f"{k} {v:.3f}" for k, v in h["win"].items())
+        self.log(f"online eval step {step}: held-out win rate vs base: {wins}; training reward "
+                 f"{'-' if h['train_reward'] is None else '%.4g' % h['train_reward']}")
+        if self.rank == 0:
+            save_json(self.history, os.path.join(self.args.out_dir, "online_eval.json"))
+
+    @torch.no_grad()
+    def refresh(self):
+        """--ref_update: the reference becomes the policy (each tensor cast to the reference's dtype)."""
+        src = dict(self.policy.named_parameters())
+        for n, p in self.ref.named_parameters():
+            p.copy_(src[n].detach())
+
+    def after_step(self, step):
+        """After optimizer step `step` (1-based): the pairs written, the reference refreshed, the held-out check."""
+        a = self.args
+        if self.save:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, self.rows)
+            self.rows = []
+            if self.rank == 0:
+                with open(os.path.join(a.out_dir, "pairs.jsonl"), "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in sorted(sum(parts, []), key=lambda r: r["image_0"]))
+        if a.ref_update and step % a.ref_update == 0:
+            self.refresh()
+            self.log(f"online: reference = the policy at step {step}")
+        if step % self.eval_every == 0 or step == a.max_steps:
+            self.record(step)
+
+    def finish(self):
+        """The plot, the share of time spent sampling, and the run's last line: the held-out trend."""
+        share = self.seconds["sampling"] / max(1e-9, time.time() - self.seconds["start"])
+        self.log(f"online: sampling took {share:.0%} of this rank's time since the start")
+        if self.rank != 0:
+            return
+        chart(self.history).save(os.path.join(self.args.out_dir, "online_eval.png"))
+        self.log(verdict(self.history))
+
+
+def load_scorers(specs, dev, dtype) -> dict:
+    """(kind, weight) -> Scorer, loaded before anything is sampled."""
+    loaded = reward.load_all([s[:3] for s in specs], dev, dtype)
+    return {(kind, w): loaded[kind] for kind, _, _, w in specs}
+
+
+def verdict(history) -> str:
+    """One line: the training reward and each held-out win rate from the first check to the last; a warning when
+    the reward rose while a held-out win rate fell below its best by more than 0.05 (reward hacking?)."""
+    first, last = history[0], history[-1]
+    rewards = [h["train_reward"] for h in history if h["train_reward"] is not None]
+    rose = len(rewards) >= 2 and rewards[-1] > rewards[0]
+    fell = [k for k in last["win"] if last["win"][k] < max(h["win"][k] for h in history) - 0.05]
+    wins = ", ".join(f"{k} {first['win'][k]:.3f} -> {last['win'][k]:.3f}" for k in last["win"])
+    trend = f"training reward {rewards[0]:.4g} -> {rewards[-1]:.4g}; " if rewards else ""
+    line = f"online: {trend}held-out win rate vs base (step {first['step']} -> {last['step']}): {wins}"
+    if rose and fell:
+        return line + f"; WARNING: the training reward rose while the held-out win rate by {', '.join(fell)} fell " \
+            "from its best: reward hacking? compare the samples of earlier checkpoints"
+    return line
+
+
+def chart(history) -> Image.Image:
+    """Held-out win rates (one line per scorer) and the training reward (grey, scaled to its range) per step."""
+    W, H, left, top = 480, 260, 40, 30
+    img = Image.new("RGB", (W + left + 20, H + top + 30), "white")
+    d = ImageDraw.Draw(img)
+    steps = [h["step"] for h in history]
+    span = max(1, max(steps) - min(steps))
+
+    def xy(step, v):
+        return left + (step - min(steps)) / span * W, top + (1 - v) * H
+    d.text((4, 4), "held-out win rate vs base (0.5: no change); grey: training reward (scaled)", fill="black")
+    d.line([xy(min(steps), 0.5), xy(max(steps), 0.5)], fill=(200, 200, 200))
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    for k, kind in enumerate(history[-1]["win"]):
+        pts = [xy(h["step"], h["win"][kind]) for h in history]
+        if len(pts) > 1:
+            d.line(pts, fill=colours[k % len(colours)], width=2)
+        d.text((W + left - 120, top + 4 + 12 * k), kind, fill=colours[k % len(colours)])
+    r = [(h["step"], h["train_reward"]) for h in history if h["train_reward"] is not None]
+    if len(r) > 1:
+        lo, hi = min(v for _, v in r), max(v for _, v in r)
+        d.line([xy(s, (v - lo) / (hi - lo or 1)) for s, v in r], fill=(150, 150, 150), width=1)
+    d.text((left, top + H + 8), f"step {min(steps)}", fill="black")
+    d.text((left + W - 60, top + H + 8), f"step {max(steps)}", fill="black")
+    return img

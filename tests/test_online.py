@@ -1,0 +1,156 @@
+"""online.py / dpo.py --online: pairs as documented, the online loss = the offline loss on the pairs it wrote,
+resume bit-exact, 2 ranks = 1 rank, the reference refresh, and bad input in one line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import dpo
+import online
+import tiny
+from tiny import ROOT
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+PROMPTS = ["a red circle", "a blue square", "a green circle"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return str(path)
+
+
+def flags(out, model, prompts, *extra, steps=2):
+    return ["--online", "--model", model, "--prompts", prompts, "--score", "area", "--samples_per_prompt", "3",
+            "--out_dir", str(out), "--resolution", "32", "--batch_size", "2", "--max_steps", str(steps),
+            "--log_every", "1", "--lr", "1e-4", "--warmup", "0", "--device", "cpu", "--sample_steps", "2",
+            "--eval_n", "3", "--beta", "100", *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_pairs_from_a_score_table():
+    """best_worst: one (best, worst) per prompt, ties to the first index; margin: every pair beyond the threshold,
+    the higher score first, and the best-worst pair when none is."""
+    s = torch.tensor([0.2, 0.9, 0.1, 0.9])
+    assert online.make_pairs(s) == [(1, 2)]
+    assert online.make_pairs(s, "margin", 0.5) == [(1, 0), (3, 0), (1, 2), (3, 2)]
+    assert online.make_pairs(s, "margin", 0.0) == [(1, 0), (0, 2), (3, 0), (1, 2), (3, 2)]  # 0.9 = 0.9: no pair
+    assert online.make_pairs(torch.tensor([0.5, 0.5, 0.5]), "margin", 0.1) == [(0, 1)]  # none: best-worst
+    assert online.make_pairs(torch.tensor([0.5, 0.5])) == [(0, 1)]
+
+
+def test_online_loss_is_the_offline_loss_on_the_pairs_written(tmp_path, sdxl_dir, prompts, one_thread):
+    """One online micro-batch and the same pairs read back from pairs.jsonl as offline data (the same positions,
+    so the same crop, flip, t and eps): the same pixels and the same loss, for DPO and for a second objective."""
+    args = dpo.parse_args(flags(tmp_path, sdxl_dir, prompts, "--no_flip"))
+    args = dpo.resolve(args, "sdxl", 1, "cpu", 32)
+    dpo.parallel.setup("cpu")
+    policy, ref, _ = dpo.build_models(args, torch.device("cpu"))
+    feed = online.Feed(args, policy, ref, 4, torch.device("cpu"), 0, 1, print)
+    feed.eval_every = 10 ** 6  # no held-out check here
+    b_on = feed.batch([0, 1], 0)
+    feed.after_step(1)  # writes pairs.jsonl
+    rows = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
+    assert [r["caption"] for r in rows] == b_on["caption"] and all(r["score_0"] >= r["score_1"] for r in rows)
+    pairs = data.Preferences(str(tmp_path / "pairs.jsonl"))
+    ds = data.PreferenceDataset(pairs, 32, args.seed, False, False)
+    assert len(pairs) == 2  # no ties among them (the tiny model's images differ in area)
+    items = [dict(pos=pos, **ds.read(lambda k, i=i: i, pos)) for i, pos in enumerate(b_on["pos"].tolist())]
+    b_off = data.collate(items)
+    assert torch.equal(b_on["pixels"], b_off["pixels"])
+    ac = dpo.diffusion.alphas_cumprod(dpo.diffusion.scheduler_config(sdxl_dir, "epsilon"))
+    for loss in ("dpo", "ipo"):
+        args.loss = loss
+        losses = []
+        for b in (b_on, b_off):
+            inputs = dpo.micro_batch(b, feed, args, len(ac), torch.device("cpu"))
+            losses.append(dpo.pair_loss(policy, ref, inputs, args, ac, "epsilon")[0])
+        assert torch.equal(losses[0], losses[1]), (loss, losses)
+
+
+def test_resume_is_bit_exact_and_pairs_are_rewritten(tmp_path, sdxl_dir, prompts, one_thread):
+    full = tmp_path / "full"
+    dpo.main(flags(full, sdxl_dir, prompts, "--ckpt_every", "2", steps=4))
+    cut = tmp_path / "cut"
+    dpo.main(flags(cut, sdxl_dir, prompts, "--ckpt_every", "2", steps=2))
+    with open(cut / "pairs.jsonl", "a") as f:  # as if killed after writing a step the checkpoint does not hold
+        f.write(json.dumps(dict(caption="x", image_0="a", image_1="b", label_0=1.0, step=2)) + "\n")
+    dpo.main(flags(cut, sdxl_dir, prompts, "--ckpt_every", "2", "--resume", steps=4))
+    keys = ("step", "loss", "model_mse", "ref_mse", "grad_norm", "score_mean", "score_margin")
+    assert [[r[k] for k in keys] for r in metrics(cut)] == [[r[k] for k in keys] for r in metrics(full)]
+    assert open(cut / "pairs.jsonl").read() == open(full / "pairs.jsonl").read()
+    a = dpo.denoiser.load(str(full / "unet")).state_dict()
+    b = dpo.denoiser.load(str(cut / "unet")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    hist = json.load(open(cut / "online_eval.json"))
+    assert [h["step"] for h in hist] == [0, 1, 2, 3, 4] and hist[0]["win"]["area"] == 0.5
+    assert os.path.isfile(cut / "online_eval.png")
+
+
+def test_two_ranks_match_one_rank(tmp_path, sdxl_dir, prompts):
+    """The same global batch (2 prompts per step) on 1 rank x 2 and 2 ranks x 1: the same samples and pairs (each
+    prompt sampled alone, its noise keyed by position), the same losses and gradients."""
+    dpo.main(flags(tmp_path / "one", sdxl_dir, prompts, steps=2))
+    common = flags(tmp_path / "two", sdxl_dir, prompts, steps=2)
+    common[common.index("--batch_size") + 1] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(ROOT, "dpo.py"), *common], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert open(tmp_path / "one" / "pairs.jsonl").read() == open(tmp_path / "two" / "pairs.jsonl").read()
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        for k in ("loss", "model_mse", "ref_mse", "score_mean", "score_margin"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]
+
+
+def test_reference_refresh_copies_the_policy_at_step_n_only(tmp_path, sdxl_dir, prompts, one_thread):
+    args = dpo.resolve(dpo.parse_args(flags(tmp_path, sdxl_dir, prompts, "--ref_update", "2", "--ckpt_every", "2",
+                                            "--no-save_pairs", steps=4)), "sdxl", 1, "cpu", 32)
+    dpo.parallel.setup("cpu")
+    policy, ref, _ = dpo.build_models(args, torch.device("cpu"))
+    feed = online.Feed(args, policy, ref, 4, torch.device("cpu"), 0, 1, print)
+    feed.eval_every = 10 ** 6  # the refresh alone
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01)
+    feed.after_step(1)
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())  # not before step N
+    feed.after_step(2)
+    pol = policy.state_dict()
+    assert all(torch.equal(pol[k].to(v.dtype), v) for k, v in ref.state_dict().items())  # exactly at step N
+    assert not all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prompts", None], "error: --online needs --prompts FILE (one prompt per line) or --prompts parti"),
+    (["--samples_per_prompt", "1"], "error: --samples_per_prompt must be >= 2 (a pair needs two images), got 1"),
+    (["--data", "x.jsonl"], "error: --online makes its own pairs: drop --data (or --online to train on it)"),
+    (["--prompts", "EMPTY"], "no prompts"),
+    (["--score", "pickscore=/no/such/folder"], "error: pickscore: no such file or folder: /no/such/folder"),
+])
+def test_bad_online_input_is_one_line(tmp_path, sdxl_dir, prompts, capsys, extra, message):
+    argv = flags(tmp_path / "out", sdxl_dir, prompts)
+    if extra[0] == "--prompts":
+        i = argv.index("--prompts")
+        if extra[1] is None:
+            del argv[i:i + 2]
+        else:
+            (tmp_path / "empty.txt").write_text("\n \n")
+            argv[i + 1] = str(tmp_path / "empty.txt")
+    elif extra[0] == "--score":
+        argv[argv.index("--score") + 1] = extra[1]
+    else:
+        argv += extra
+    err = tiny.cli_error(dpo.main, argv, capsys)
+    assert message in err
+    assert not os.path.exists(tmp_path / "out" / "pairs")  # nothing sampled, nothing written
