@@ -251,7 +251,8 @@ def train(args) -> dict:
     B, G, A = args.batch_size, args.pairs_per_step, args.grad_accum
     loader = feed.loader(position, step, world, rank, device)
     log(f"{denoiser.NAME[family]} {args.loss} beta={args.beta} lr={args.lr:.3g} {args.optimizer} "
-        f"{world} rank(s) x {B} pairs x {A} accum = {G} pairs/step, {len(feed.dataset)} pairs, {args.resolution}px")
+        f"{world} rank(s) x {B} pairs x {A} accum = {G} pairs/step, {len(feed.dataset)} "
+        f"{'prompts' if args.online else 'pairs'}, {args.resolution}px")
 
     bad = data.Unreadable(args.max_bad_frac, f"pairs of {args.data}")
     seen, last, last_ckpt, flops = 0, {}, step, None

@@ -154,3 +154,16 @@ def test_bad_online_input_is_one_line(tmp_path, sdxl_dir, prompts, capsys, extra
     err = tiny.cli_error(dpo.main, argv, capsys)
     assert message in err
     assert not os.path.exists(tmp_path / "out" / "pairs")  # nothing sampled, nothing written
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
+def test_online_trains_every_family(tmp_path, prompts, request, one_thread, family):
+    """SD1.5, SD3 (CFG with its negative) and FLUX-dev (its guidance input) sample through the same loop: a run
+    leaves its denoiser (unet/ or transformer/) and the pairs it trained on; step 0's loss is log 2."""
+    model = request.getfixturevalue(f"{family}_dir")
+    dpo.main(flags(tmp_path, model, prompts, "--samples_per_prompt", "2", "--batch_size", "1", steps=2))
+    m = metrics(tmp_path)
+    assert abs(m[0]["loss"] - 0.6931) < 1e-3 and len(m) == 2
+    assert os.path.isfile(tmp_path / ("unet" if family == "sd15" else "transformer") / "config.json")
+    rows = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
+    assert len(rows) == 2 and all(os.path.isfile(tmp_path / r["image_0"]) for r in rows)
