@@ -29,10 +29,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from images import (cell_image, check_ref, open_image, parquet_layout, parquet_ref, parse_ref, pyarrow_parquet,
-                    read_cell, transform)
+from images import (cell_image, check_ref, open_image, parquet_layout, parse_ref, pyarrow_parquet, read_cell,
+                    transform)
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "model_0", "model_1")  # Pick-a-Pic v2 parquet
+COLUMN_MAP = COLUMNS[:4] + COLUMNS[5:]  # what --columns maps to another set's names (label_1 follows label_0)
 SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")  # Pick-a-Pic v2's splits
 SHARD = re.compile(r"^([a-z][a-z_]*)-\d{5}-of-\d{5}")  # hub shard names: train-00000-of-00645-<hash>.parquet
 SHUFFLE_PAIRS = 2048  # pairs per shuffle window (one optimizer step at the paper's batch size)
@@ -297,10 +298,10 @@ def _text(caption) -> str:
     return caption
 
 
-def read_pairs(path: str, dreamlike_only: bool = False, split: str = "train") -> list:
+def read_pairs(path: str, dreamlike_only: bool = False, split: str = "train", columns: dict = None) -> list:
     """All usable pairs as dicts {caption, image_0 (preferred), image_1 (bytes or path), label_0, source (where it
-    is)}; for evaluation-sized sets."""
-    p = Preferences(path, dreamlike_only, split)
+    is)}; for evaluation-sized sets. columns: as Preferences'."""
+    p = Preferences(path, dreamlike_only, split, columns)
     if p.singles:
         raise ValueError(f"{path} holds single labelled images, not preference pairs")
     out = []
@@ -311,62 +312,6 @@ def read_pairs(path: str, dreamlike_only: bool = False, split: str = "train") ->
             raise ValueError(f"{p.where(i)}: {e}") from None
         out.append(dict(caption=caption, image_0=preferred, image_1=other, label_0=1.0, source=p.where(i)))
     return out
-
-
-class PairRows:
-    """Every pair of a parquet set or a JSONL file in file order, ties included (AI feedback labels them all), as
-    dicts {caption, image_0, image_1: what open_image reads (bytes or a path); ref_0, ref_1: where each image lies
-    (a path, or a parquet_ref); label_0: the data's own label (0.5 a tie; None if it has none); source: where the
-    pair is}. A parquet row group is decoded once."""
-
-    def __init__(self, path: str, split: str = "train"):
-        self.path, self.jsonl = path, path.endswith(".jsonl")
-        if self.jsonl:
-            self.n = sum(1 for _ in read_jsonl(path, labelled=False))
-            self.read = path
-        else:
-            self.files, self.read = parquet_files(path, split)
-            self.layouts = [parquet_layout(f) for f in self.files]
-            for f, (_, names) in zip(self.files, self.layouts):
-                missing = [c for c in ("caption", "jpg_0", "jpg_1") if c not in names]
-                if missing:
-                    raise ValueError(f"{f}: missing columns {', '.join(missing)} (a pair needs caption, jpg_0, jpg_1)")
-            self.n = sum(int(starts[-1]) for starts, _ in self.layouts)
-        if self.n == 0:
-            raise ValueError(f"{path}: no pairs")
-
-    def __len__(self):
-        return self.n
-
-    def __iter__(self):
-        return self._jsonl() if self.jsonl else self._parquet()
-
-    def _jsonl(self):
-        cells = OrderedDict()
-        for n, caption, refs, label, single in read_jsonl(self.path, labelled=False):
-            if single:
-                raise ValueError(f"{self.path}:{n}: one labelled image, not a pair (AI feedback labels pairs)")
-            try:
-                images = [ref if parse_ref(ref) is None else read_cell(*parse_ref(ref), cache=cells) for ref in refs]
-            except ValueError as e:
-                raise ValueError(f"{self.path}:{n}: not a pair with readable references ({e})") from None
-            while len(cells) > 4:  # a row group's two image columns, and the next one's
-                cells.popitem(last=False)
-            yield dict(caption=caption, image_0=images[0], image_1=images[1], ref_0=refs[0],
-                       ref_1=refs[1], label_0=label, source=f"{self.path}:{n}")
-
-    def _parquet(self):
-        for f, (starts, names) in zip(self.files, self.layouts):
-            pf = pyarrow_parquet().ParquetFile(f)
-            cols = ["caption", "jpg_0", "jpg_1"] + (["label_0"] if "label_0" in names else [])
-            for g in range(len(starts) - 1):
-                t = pf.read_row_group(g, columns=cols).to_pydict()
-                labels = t.get("label_0", [None] * len(t["caption"]))
-                for r in range(len(t["caption"])):
-                    row = int(starts[g]) + r
-                    yield dict(caption=t["caption"][r], image_0=t["jpg_0"][r], image_1=t["jpg_1"][r],
-                               ref_0=parquet_ref(f, row, "jpg_0"), ref_1=parquet_ref(f, row, "jpg_1"),
-                               label_0=None if labels[r] is None else float(labels[r]), source=f"{f}, row {row}")
 
 
 # PartiPrompts (Yu et al. 2022, google-research/parti, Apache-2.0): 1,632 prompts in 12 categories, the prompt set

@@ -205,7 +205,7 @@ def train(args) -> dict:
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     if args.model is None:
         raise ValueError("--model is required for training (run without flags for the demo)")
-    columns = cli.parse_map(args.columns, "--columns", COLUMN_KEYS) if args.columns else None
+    columns = cli.parse_map(args.columns, "--columns", data.COLUMN_MAP) if args.columns else None
     pairs = data.Preferences(args.data, args.dreamlike_only, args.split, columns) if args.data else None  # lazily
     if pairs is not None:
         log(f"data: {pairs.read}")
@@ -311,7 +311,6 @@ DEFAULTS = dict(
     log_every=10, device=None, dtype=None, gradient_checkpointing=None, lora=None, lora_alpha=None, fsdp=False,
     compile=False, channels_last=False, cache=False, cache_dir=None, max_bad_frac=0.01, save_single=False,
     tokenizer=None, num_workers=None, sigma_density="logit_normal", guidance=None, columns=None, demo=None)
-COLUMN_KEYS = data.COLUMNS[:4] + data.COLUMNS[5:]  # --columns maps these (label_1 follows label_0)
 AUTOCAST_CACHE = False  # a cache keeps a bf16 copy of each fp32 weight all forward long; each is used once anyway
 
 
@@ -459,7 +458,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--columns maps a parquet set's column names; {args.data} is a JSONL file: drop --columns")
     if args.columns:
         try:
-            cli.parse_map(args.columns, "--columns", COLUMN_KEYS)
+            cli.parse_map(args.columns, "--columns", data.COLUMN_MAP)
         except ValueError as e:
             p.error(str(e))
     if "split" in args.given and args.data and args.data.endswith(".jsonl"):

@@ -262,7 +262,8 @@ def implicit_accuracy(pipe: sample.Pipeline, ref, pairs, k=4, seed=0, size=None,
 def eval_pairs(args, dtype):
     """--eval_pairs: the implicit-reward accuracy of --unet against --eval_ref (and of --eval_baseline with the same
     draws), printed and written to out/eval.json."""
-    pairs = data.read_pairs(args.eval_pairs, split=args.split or "test_unique")
+    columns = cli.parse_map(args.columns, "--columns", data.COLUMN_MAP) if args.columns else None
+    pairs = data.read_pairs(args.eval_pairs, split=args.split or "test_unique", columns=columns)
     if not pairs:
         raise ValueError(f"{args.eval_pairs}: no preference pairs (after dropping ties)")
     pipe = load(args.model, unet=args.unet, device=args.device, dtype=dtype, tokenizer=args.tokenizer, lora=args.lora)
@@ -300,6 +301,7 @@ def parse_args(argv=None):
     add("--eval_pairs", help="preference pairs (parquet or JSONL): report implicit-reward accuracy")
     add("--eval_k", type=int, default=4, help="(t, eps) draws per pair")
     add("--split", help="which split of a Pick-a-Pic folder (default test_unique)")
+    add("--columns", help="--eval_pairs: another parquet set's column names, OURS=THEIRS (as dpo.py --columns)")
     add("--eval_ref", help="reference UNet for --eval_pairs (default: --model's UNet)")
     add("--eval_baseline", help="--eval_pairs: also score this UNet (e.g. an SFT run) with the same draws")
     args = p.parse_args(argv)
@@ -319,6 +321,12 @@ def parse_args(argv=None):
         p.error("--score goes with --compare")
     if (args.eval_ref or args.eval_baseline) and not args.eval_pairs:
         p.error("--eval_ref and --eval_baseline go with --eval_pairs")
+    if args.columns and not (args.eval_pairs and not args.eval_pairs.endswith(".jsonl")):
+        p.error("--columns maps the column names of --eval_pairs' parquet set: give a parquet --eval_pairs")
+    try:
+        cli.parse_map(args.columns or "", "--columns", data.COLUMN_MAP)
+    except ValueError as ex:
+        p.error(str(ex))
     if args.compare == bool(args.eval_pairs):
         p.error("give --compare (with --prompt or --prompts) or --eval_pairs DATA, one of them")
     if args.compare and not (args.unet or args.lora):

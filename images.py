@@ -60,8 +60,8 @@ def check_ref(layout, file: str, row: int, col: str):
 
 
 def read_cell(file: str, row: int, col: str, cache=None, layout=None):
-    """The value at (row, col) of a parquet file. Its row group's column is decoded once and kept in `cache` (an
-    OrderedDict the caller trims as an LRU), so reading a row group's images one by one decodes it once."""
+    """The image at (row, col) of a parquet file, its bytes. Its row group's column is decoded once and kept in
+    `cache` (an OrderedDict the caller trims as an LRU), so reading a row group's images one by one decodes it once."""
     layout = parquet_layout(file) if layout is None else layout
     check_ref(layout, file, row, col)
     starts = layout[0]
@@ -74,7 +74,7 @@ def read_cell(file: str, row: int, col: str, cache=None, layout=None):
         column = pyarrow_parquet().ParquetFile(file).read_row_group(g, columns=[col]).column(col)
         if cache is not None:
             cache[key] = column
-    return column[row - int(starts[g])].as_py()
+    return cell_image(column[row - int(starts[g])].as_py())  # an image's bytes, from a Hugging Face struct too
 
 
 # ----------------------------------------------------------------------------------------------------

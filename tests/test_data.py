@@ -178,7 +178,6 @@ def test_columns_map_reads_another_preference_set(tmp_path):
     Pick-a-Pic shard under other names read as the original; a missing mapped column is named in one line."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import dpo
     src = tiny.write_parquet(tmp_path / "pick.parquet")
     t = pq.read_table(src)
     renamed = t.rename_columns([{"caption": "text", "jpg_0": "a", "jpg_1": "b", "label_0": "pref"}.get(c, c)
@@ -187,7 +186,7 @@ def test_columns_map_reads_another_preference_set(tmp_path):
     import cli
 
     def columns(spec):
-        return cli.parse_map(spec, "--columns", dpo.COLUMN_KEYS)
+        return cli.parse_map(spec, "--columns", data.COLUMN_MAP)
     m = columns("caption=text,jpg_0=a,jpg_1=b,label_0=pref")
     a, b = data.Preferences(src), data.Preferences(str(tmp_path / "renamed.parquet"), columns=m)
     assert len(a) == len(b) == 9 and [a.raw(i) for i in range(9)] == [b.raw(i) for i in range(9)]

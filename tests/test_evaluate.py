@@ -260,6 +260,27 @@ def test_eval_reads_pick_a_pic_parquet_like_jsonl(sd15_dir, tuned, pairs_jsonl, 
     assert a == b and len(a[1]) == 6 and all(d != 0 for d in a[1])
 
 
+def test_eval_pairs_of_another_set_through_columns(sd15_dir, tuned, pairs_jsonl, tmp_path, capsys):
+    """evaluate.py --eval_pairs with --columns: the same pairs under other column names give the same accuracy line
+    as the JSONL; a JSONL with --columns is refused in one line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [json.loads(line) for line in open(pairs_jsonl)]
+    root = os.path.dirname(pairs_jsonl)
+    blob = [[open(os.path.join(root, r[k]), "rb").read() for r in rows] for k in ("image_0", "image_1")]
+    pq.write_table(pa.table({"text": [r["caption"] for r in rows], "a": blob[0], "b": blob[1],
+                             "pref": [r["label_0"] for r in rows]}), tmp_path / "p.parquet")
+    common = ["--model", sd15_dir, "--unet", tuned, "--eval_k", "1", "--height", "32", "--batch_size", "4"]
+    evaluate.main(common + ["--eval_pairs", pairs_jsonl, "--out", str(tmp_path / "j")])
+    evaluate.main(common + ["--eval_pairs", str(tmp_path / "p.parquet"), "--columns", "caption=text,jpg_0=a,jpg_1=b,"
+                            "label_0=pref", "--split", "train", "--out", str(tmp_path / "q")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval pairs=")]
+    assert len(lines) == 2 and lines[0] == lines[1] and "pairs=6" in lines[0]  # the tie dropped in both
+    err = cli_error(common + ["--eval_pairs", pairs_jsonl, "--columns", "caption=text", "--out", str(tmp_path / "r")],
+                    capsys)
+    assert "give a parquet --eval_pairs" in err
+
+
 def test_eval_sign_convention(pipe15, pairs_jsonl):
     """A policy that denoises image_0 perfectly (and is the reference elsewhere) has the higher implicit reward
     for image_0 on every pair: accuracy = the fraction of pairs labelled image_0."""

@@ -123,6 +123,40 @@ def test_relabel_pick_a_pic_parquet_references_its_images(tmp_path, capsys):
         data.Preferences(str(bad))
 
 
+def test_relabel_a_chosen_rejected_set_with_columns(tmp_path, capsys):
+    """--columns: a prompt / chosen / rejected set of Hugging Face Image structs, no labels, relabelled by the
+    rule; the JSONL's references point at its own columns and dpo.py's reader resolves them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(2)
+    chosen, rejected = [], []
+    for i in range(4):  # chosen is the smaller circle in pairs 0 and 2: the rule disagrees there
+        radii = (3.0, 5.0) if i % 2 == 0 else (5.0, 3.0)
+        for col, r in zip((chosen, rejected), radii):
+            buf = io.BytesIO()
+            Image.fromarray((toy.random_image("a red circle", rng, radius=r) * 255).round().astype(np.uint8)).save(
+                buf, format="PNG")
+            col.append({"bytes": buf.getvalue(), "path": None})
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    src = tmp_path / "cr.parquet"
+    pq.write_table(pa.table({"prompt": ["a red circle"] * 4, "chosen": pa.array(chosen, struct),
+                             "rejected": pa.array(rejected, struct)}), src)
+    out = tmp_path / "aif.jsonl"
+    relabel.main([str(src), "--score", "area", "--out", str(out), "--columns",
+                  "caption=prompt,jpg_0=chosen,jpg_1=rejected"])
+    lines = [json.loads(line) for line in open(out)]
+    assert [x["label_0"] for x in lines] == [0.0, 1.0, 0.0, 1.0]
+    assert lines[0]["image_0"] == "cr.parquet#row=0&col=chosen" and lines[0]["label_0_before"] is None
+    pairs = data.Preferences(str(out))
+    win = {pairs.raw(i)[1][0] for i in range(4)}
+    assert win == {rejected[0]["bytes"], chosen[1]["bytes"], rejected[2]["bytes"], chosen[3]["bytes"]}
+    assert "missing columns nope" in cli_error(relabel.main, [str(src), "--score", "area", "--out",
+                                                              str(tmp_path / "x.jsonl"), "--columns",
+                                                              "caption=prompt,jpg_0=nope,jpg_1=rejected"], capsys)
+    assert "is a JSONL file: drop --columns" in cli_error(relabel.main, [str(out), "--score", "area", "--out", str(
+        tmp_path / "y.jsonl"), "--columns", "caption=prompt"], capsys)
+
+
 def test_relabel_with_the_demo_rule_gives_the_rule_labels(tmp_path, capsys):
     """The demo's coin-flip pairs relabelled by its rule (--score area) carry the labels the rule gives."""
     src = demo.write_pairs(str(tmp_path), "sft", 48, seed=3, biased=False)
