@@ -314,10 +314,15 @@ class Feed(cache.Feed):
 
     @torch.no_grad()
     def refresh(self):
-        """--ref_update: the reference becomes the policy (each tensor cast to the reference's dtype)."""
+        """--ref_update: the reference becomes the policy (each tensor cast to the reference's dtype; under FSDP
+        shard by shard, both models resharded first: a root keeps its gathered parameters after a forward)."""
+        for m in (*self.policy.modules(), *self.ref.modules()):
+            if hasattr(m, "reshard"):
+                m.reshard()
         src = dict(self.policy.named_parameters())
         for n, p in self.ref.named_parameters():
-            p.copy_(src[n].detach())
+            s = src[n].detach()
+            (p.to_local() if hasattr(p, "to_local") else p).copy_(s.to_local() if hasattr(s, "to_local") else s)
 
     def after_step(self, step):
         """After optimizer step `step` (1-based): the pairs written, the reference refreshed, the held-out check."""

@@ -167,3 +167,25 @@ def test_online_trains_every_family(tmp_path, prompts, request, one_thread, fami
     assert os.path.isfile(tmp_path / ("unet" if family == "sd15" else "transformer") / "config.json")
     rows = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
     assert len(rows) == 2 and all(os.path.isfile(tmp_path / r["image_0"]) for r in rows)
+
+
+def test_fsdp_with_a_reference_refresh_matches_ddp(tmp_path, sdxl_dir, prompts):
+    """2 ranks, --ref_update 1: FSDP (the sharded policy samples, the sharded reference copied shard by shard)
+    trains as DDP does (tests/ddp_runs.py runs both in one torchrun)."""
+    common = flags(tmp_path / "x", sdxl_dir, prompts, "--ref_update", "1", "--ckpt_every", "2", steps=3)
+    common[common.index("--batch_size") + 1] = "1"
+    i = common.index("--out_dir")
+    del common[i:i + 2]
+    argv = ["::", "--out_dir", str(tmp_path / "ddp"), "::", "--fsdp", "--out_dir", str(tmp_path / "fsdp")]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(ROOT, "tests", "ddp_runs.py"), *common, *argv], env=ENV, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reference = the policy at step 2" in r.stdout
+    a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        for k in ("loss", "model_mse", "ref_mse", "score_mean"):
+            assert abs(x[k] - y[k]) <= 1e-4 * max(1.0, abs(x[k])), (k, x, y)
+    rows = [[json.loads(line)["caption"] for line in open(tmp_path / d / "pairs.jsonl")] for d in ("ddp", "fsdp")]
+    assert rows[0] == rows[1] and len(rows[0]) == 6
