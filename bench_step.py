@@ -52,6 +52,7 @@ import diffusion
 import dpo
 import kernels
 import memplan
+import memplan_online
 import optim
 import unet as unetlib
 import vae as vaelib
@@ -340,6 +341,10 @@ def plan(opts, argv):
     print("\nThe table of docs/memory.md, and the memory tiers' goals (memplan.GOALS) for the models planned:")
     print(memplan.summary([r for r in rows if r["autocast_cache"] == dpo.AUTOCAST_CACHE]))
     print(memplan.goals(rows))
+    online = memplan_online.plan(models, rows, log=lambda msg: print(msg, flush=True))
+    print("\nOnline DPO (dpo.py --online): the peak while sampling inside a step (memplan_online.py), beside the "
+          "training step's:")
+    print(memplan_online.summary(online))
     print(f"# {len(rows)} configurations in {time.time() - tic:.0f} s; GiB = 2^30 bytes; a GPU of G GiB fits a peak P "
           f"when 1.05 P + 0.75 GiB <= G")
     if opts.plan_out:

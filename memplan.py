@@ -194,6 +194,19 @@ def step_inputs(model, policy, args, B):
     return z, eps, t, tuple(cond)
 
 
+def ready(model, args, counter, scaler):
+    """(policy, reference, trained, optimizer) as dpo.train holds them between steps (under the counter): the
+    optimizer's state made by a step on zero gradients, so the steps counted after it are steady ones."""
+    counter.mark("build")
+    policy, ref, trained = build(model, args, counter)
+    opt = optim.build(args.optimizer, trained, args.lr, args.weight_decay, fused=True)  # as dpo.py on CUDA
+    for p in trained:
+        p.grad = torch.zeros_like(p)
+    dpo.optimizer_step(opt, scaler, trained, args, 0)
+    counter.tag([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)], "optimizer")
+    return policy, ref, trained, opt
+
+
 def family_timelines(model, mode, configs, args=None, shadow=True, lora_rank=LORA_RANK, autocast_cache=None):
     """Steps of one model and mode ("full" or "lora") on one pair of models: the optimizer's window once, then one
     window (inputs .. end of backward) per (gradient_checkpointing, batch_size) in configs. args: dpo.py's resolved
@@ -208,13 +221,7 @@ def family_timelines(model, mode, configs, args=None, shadow=True, lora_rank=LOR
         args.autocast_cache = autocast_cache
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # dpo.py's, unless fp16
     with cuda_like(), counter:
-        counter.mark("build")
-        policy, ref, trained = build(model, args, counter)
-        opt = optim.build(args.optimizer, trained, args.lr, args.weight_decay, fused=True)  # as dpo.py on CUDA
-        for p in trained:  # the optimizer's state as after a first step
-            p.grad = torch.zeros_like(p)
-        dpo.optimizer_step(opt, scaler, trained, args, 0)
-        counter.tag([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)], "optimizer")
+        policy, ref, trained, opt = ready(model, args, counter, scaler)
         first = counter.mark("optimizer")  # gradients as backward leaves them, clipping, the optimizer step
         for p in trained:
             p.grad = torch.zeros_like(p)
@@ -267,28 +274,35 @@ class Kept:
         return [False] * self.n
 
 
+def tokenizer(n):
+    """(B, n) token ids, as clip.Tokenizer (n = 77) and t5.Tokenizer give them (a Shadow holds no values)."""
+    return lambda prompts: torch.zeros((len(prompts), n), dtype=torch.long)
+
+
+def encoders(model, amp_dtype, counter):
+    """(text encoders, VAE) made under the counter as clip.load(amp_dtype) and vae.load(fp32) make them, tagged."""
+    fam = family(model)
+    with torch.device("meta"):
+        text = [clip.TextTransformer(cfg, projection=i == 1 or fam == "sd3") for i, cfg in enumerate(model["text"])]
+        lengths = [clip.MAX_LENGTH] * len(text)
+        if "t5" in model:
+            text.append(t5.T5Encoder(model["t5"]))
+            lengths.append(model["t5_length"])
+        v = vaelib.AutoencoderKL(model["vae"], vaelib.SCALING_FACTOR.get(fam, 0.18215),
+                                 shift_factor=vaelib.SHIFT_FACTOR.get(fam, 0.0))
+    te = materialize(clip.TextEncoders(text, [tokenizer(n) for n in lengths], fam), amp_dtype)
+    v = materialize(v, torch.float32)  # as cache.training_set: vae.load(..., torch.float32)
+    counter.tag([*te.parameters(), *v.parameters()], "encoders")
+    return te, v
+
+
 def encode(model, batch_size):
     """(encoder weights, cache.model_inputs's peak above them) in bytes, built as clip.load and vae.load build them."""
     args = settings(model, batch_size, True)
-    res, fam = model["resolution"], family(model)
+    res = model["resolution"]
     counter = Counter()
     with cuda_like(), counter:
-        with torch.device("meta"):
-            text = [clip.TextTransformer(cfg, projection=i == 1 or fam == "sd3") for i, cfg in enumerate(model["text"])]
-            lengths = [clip.MAX_LENGTH] * len(text)
-            if "t5" in model:
-                text.append(t5.T5Encoder(model["t5"]))
-                lengths.append(model["t5_length"])
-            v = vaelib.AutoencoderKL(model["vae"], vaelib.SCALING_FACTOR.get(fam, 0.18215),
-                                     shift_factor=vaelib.SHIFT_FACTOR.get(fam, 0.0))
-
-        def tokenizer(n):  # (B, n) token ids, as clip.Tokenizer (n = 77) and t5.Tokenizer give them
-            return lambda prompts: torch.zeros((len(prompts), n), dtype=torch.long)
-
-        # as clip.load(amp_dtype)
-        te = materialize(clip.TextEncoders(text, [tokenizer(n) for n in lengths], fam), args.amp_dtype)
-        v = materialize(v, torch.float32)  # as cache.training_set: vae.load(..., torch.float32)
-        counter.tag([*te.parameters(), *v.parameters()], "encoders")
+        te, v = encoders(model, args.amp_dtype, counter)
         first = counter.mark("encode")
         B = batch_size
         batch = {"pixels": torch.empty(B, 2, 3, res, res), "caption": ["a photo"] * B, "time_ids": torch.empty(B, 2, 6)}

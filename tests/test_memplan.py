@@ -1,6 +1,6 @@
-"""memplan.py on tiny models: shadow tensors count what real ones allocate (UNets and the flow transformers), torch's
-MemTracker agrees, CUDA's autocast and kernels stood in for on the CPU, the plan's parts, FSDP's units and the
-encoders of the flow families, and the --plan command."""
+"""memplan.py on tiny models: shadow tensors count what real ones allocate (UNets and the flow transformers, and the
+online step's sampling in memplan_online.py), torch's MemTracker agrees, CUDA's autocast and kernels stood in for on
+the CPU, the plan's parts, FSDP's units and the encoders of the flow families, and the --plan command."""
 import json
 
 import pytest
@@ -12,6 +12,7 @@ import clip
 import denoiser
 import dpo
 import memplan
+import memplan_online
 import optim
 import parallel
 import shadow
@@ -39,6 +40,11 @@ FLOW = {"sd3": dict(name="tiny-sd3", family="sd3", resolution=32, text=MODEL["te
                                                     attention_head_dim=16, num_attention_heads=2,
                                                     joint_attention_dim=tiny.T5_WIDTH, pooled_projection_dim=32,
                                                     guidance_embeds=True, axes_dims_rope=(4, 6, 6)))}
+
+# The tiny SDXL with a VAE that decodes, and a tiny CLIP scorer (an open_clip config, as reward.VIT_H_14 is PickScore's)
+ONLINE = dict(MODEL, vae=dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8))
+SCORER = {"embed_dim": 16, "vision_cfg": dict(image_size=16, layers=1, width=32, head_width=16, patch_size=8),
+          "text_cfg": dict(context_length=77, vocab_size=1000, width=32, heads=2, layers=1)}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +87,64 @@ def same_counts(s, r):
         for wrapper, world in (("none", 1), ("ddp", 1), ("fsdp", 8)):
             assert memplan.best(s, s["windows"][key], wrapper, world) == memplan.best(r, r["windows"][key], wrapper,
                                                                                       world)
+
+
+def live_at(counter, mark):
+    """Bytes per kind alive when a mark opens."""
+    live = dict.fromkeys(shadow.KINDS, 0)
+    for e in counter.events[:counter.marks[mark][0]]:
+        s = e if e >= 0 else ~e
+        live[counter.kind[s]] += counter.size[s] if e >= 0 else -counter.size[s]
+    return live
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_online_sampling_on_shadows_counts_what_real_tensors_allocate(timelines, mode):
+    """online.Feed.generate's phase (text encoders, CFG denoising at 2K, the VAE decode, a CLIP scorer) counts on
+    shadows what it allocates on real CPU tensors; it starts from what the training step holds between steps plus
+    the encoders and the scorer; the online peak is the larger of the sampling and the training peaks."""
+    s, r = (memplan_online.sampler_timeline(ONLINE, mode, K=2, shadow=sh, lora_rank=4, scorer=SCORER)
+            for sh in (True, False))
+    cs, cr = s["counter"], r["counter"]
+    assert len(cs.size) == len(cr.size) and cs.kind == cr.kind
+    assert [e for e in cs.events if e >= 0] == [e for e in cr.events if e >= 0]
+    assert [p for _, p in cs.marks] == [p for _, p in cr.marks]
+    assert memplan_online.sampler_peak(s) == memplan_online.sampler_peak(r)
+    # the scorer's bf16 layer norms (outside autocast): CUDA's kernel and the meta one keep fp32 mean and rstd, the
+    # CPU's bf16 ones; those storages, made and freed while scoring, are the only ones that differ
+    made = {e: i for i, e in enumerate(cs.events) if e >= 0}
+    differ = [k for k, (a, b) in enumerate(zip(cs.size, cr.size)) if a != b]
+    assert all(made[k] >= cs.marks[s["window"][0] + 3][0] and cs.size[k] > cr.size[k] for k in differ)
+    assert s["batch"] == 4 and [p for _, p in cs.marks[s["window"][0]:]] == ["conditions", "denoise", "decode",
+                                                                             "score", "idle"]
+    tl = timelines[(mode, True)]
+    start, train = live_at(cs, s["window"][0]), live_at(tl["counter"], tl["windows"][(True, 2)][0])
+    assert all(start[k] == train[k] for k in ("weights", "reference", "optimizer", "grads"))
+    with torch.device("meta"):
+        clip_model = memplan_online.reward.CLIPModel(*memplan_online.reward.from_open_clip(SCORER))
+    assert s["scorer"] == sum(shadow.allocated(p.numel() * 2) for p in clip_model.parameters())
+    assert start["encoders"] == memplan.encode(ONLINE, 1)[0] + s["scorer"] and s["trained"] == tl["trained"]
+    value, phase, parts = memplan_online.sampler_peak(s)
+    assert sum(parts.values()) == pytest.approx(value) and parts["wrapper"] == tl["trained"]
+    row = memplan_online.row(ONLINE, mode, s, memplan_online.training_row(ONLINE, mode, s))
+    assert row["sampling_bytes"] == int(value) and row["peak_bytes"] == max(row["sampling_bytes"],
+                                                                            row["training_bytes"])
+    assert row["training_bytes"] == memplan_online.training_row(ONLINE, mode, s)["peak_bytes"] + s["scorer"]
+    assert row["fits"] == {str(g): memplan.fits(row["peak_bytes"], g) for g in memplan.GPUS}
+
+
+def test_online_sampling_holds_autocast_copies_until_the_decode():
+    """online.py's autocast caches a bf16 copy of each fp32 weight through the denoising loop (torch's default),
+    freed before the VAE decodes; without the cache only a few copies live at once."""
+    casts = dict.fromkeys(shadow.KINDS, 0.0) | {"casts": 1.0}
+    held = {}
+    for cached in (True, False):
+        s = memplan_online.sampler_timeline(ONLINE, "full", K=2, lora_rank=4, scorer=SCORER, autocast_cache=cached)
+        c, (first, last) = s["counter"], s["window"]
+        held[cached] = c.replay(first, last, casts)[0]
+        assert live_at(c, first + 2)["casts"] == 0  # the decode's mark: autocast has exited
+    assert held[True] > 4 * held[False] > 0
+    assert held[True] >= 0.9 * s["trained"] / 2  # nearly every fp32 weight is a matmul's or a convolution's
 
 
 def test_counter_agrees_with_torch_memtracker(monkeypatch):
@@ -254,9 +318,13 @@ def test_plan_cli_writes_the_table_and_json(sdxl_dir, tmp_path, capsys):
     by = {(r["mode"], r["fsdp_world"], r["gradient_checkpointing"], r["encoders"]): r for r in main}
     assert by[("full", 1, True, "gpu")]["peak_gb"] > by[("full", 1, True, "cache")]["peak_gb"]
     assert text.count("| model | mode | fsdp_world | ckpt | batch | res | encoders | peak GiB |") == 2
-    # the two tables of every row, then the README's, one line per configuration with both encoder settings
-    assert sum(line.startswith(f"| {saved[0]['model']} |") for line in text.splitlines()) == len(saved) + len(main) // 2
+    # the two tables of every row, then the README's, one line per configuration with both encoder settings, then
+    # the online rows (full and LoRA, each with the what-ifs)
+    online = 2 * (1 + len(memplan_online.WHATIFS))
+    assert sum(line.startswith(f"| {saved[0]['model']} |") for line in text.splitlines()) == len(saved) + len(
+        main) // 2 + online
     assert text.count("| model | mode | ranks | ckpt | pairs/rank | peak GiB (encoders on GPU) | fits |") == 1
+    assert text.count("| model | mode | samples (denoiser batch) | sampling peak GiB |") == 1  # the online rows
 
 
 @pytest.mark.slow

@@ -1,0 +1,194 @@
+"""The peak GPU memory of an online DPO step (dpo.py --online, online.py), predicted on a machine without a GPU.
+
+    python bench_step.py --plan        # after the training table: one online row per model and mode
+    import memplan_online; rows = memplan_online.plan([memplan.MODELS["sdxl"]])
+
+An online step has two phases, and its peak is the larger of their peaks:
+  sampling  online.Feed.generate, K = --samples_per_prompt images of one prompt: diffusion.conditions (the text
+            encoders; classifier-free guidance stacks K negatives on the K prompts, FLUX-dev takes its guidance input
+            instead), diffusion.denoise (no grad, autocast in the compute dtype as online.py opens it: the cache of
+            bf16 copies of the fp32 weights on, torch.autocast's default, and held for the whole loop), the VAE's
+            decode of the K latents (no grad, fp32, outside autocast), then one scorer on the K images (reward.py's
+            Scorer, its weights in the compute dtype). Counted on shadow tensors (memplan.cuda_like, shadow.Counter)
+            as memplan counts the training step, two Euler steps (every step allocates as the second does; the first
+            fills autocast's cache), with what is resident between steps: the policy and the frozen reference (or
+            the LoRA adapters), the optimizer's state (memplan.ready), DDP's gradient buckets (the gradients
+            themselves are set to None by zero_grad, or live in the buckets), the encoders (online has no --cache),
+            the scorer's weights.
+  training  the offline step on the sampled pairs with the encoders on the GPU (memplan's row at dpo.py's batch size
+            and checkpointing) plus the scorer's weights, which stay loaded.
+The noise, the latents between Euler steps and the decoded images live on the CPU in a real run (diffusion.denoise
+and decode move them); the plan counts them with the rest, a slight overestimate.
+Not counted: a second scorer (--eval_score: its weights come on top), --ref_update's base loaded again on resume.
+"""
+import argparse
+import time
+
+import torch
+
+import denoiser
+import diffusion
+import dpo
+import memplan
+import online
+import reward
+import shadow
+import vae as vaelib
+from shadow import META, Counter, allocated, materialize
+
+GiB = memplan.GiB
+SCORER = ("pickscore", reward.VIT_H_14)  # PickScore_v1: a CLIP ViT-H/14 (the shape of open_clip's ViT-H-14 config)
+
+
+class SamplingCounter(Counter):
+    """shadow.Counter taking CPU tensors made from data (sigmas, torch.tensor) as meta ones: sampling mixes them in."""
+
+    def run_shadow(self, func, args, kwargs):
+        def down(a):
+            real = isinstance(a, torch.Tensor) and not isinstance(a, shadow.Shadow) and not a.is_meta
+            return a.to(META) if real else a
+        return super().run_shadow(func, shadow.apply(down, args), shadow.apply(down, kwargs))
+
+
+def online_defaults():
+    """online.py's flag defaults (--samples_per_prompt, --sample_guidance, ...), so the plan samples as a run does."""
+    p = argparse.ArgumentParser(add_help=False)
+    online.add_flags(p)
+    return p.parse_args([])
+
+
+def scorer_model(cfg, dtype, counter):
+    """A reward.Scorer made under the counter as reward.load makes one (the CLIP of an open_clip config, in dtype)."""
+    with torch.device("meta"):
+        model = reward.CLIPModel(*reward.from_open_clip(cfg))
+    model = materialize(model, dtype).eval().requires_grad_(False)
+    counter.tag(model.parameters(), "encoders")
+    return reward.Scorer(SCORER[0], model, memplan.tokenizer(model.config["max_position_embeddings"]))
+
+
+def sampler_timeline(model, mode, K=None, shadow=True, lora_rank=memplan.LORA_RANK, scorer=SCORER[1],
+                     autocast_cache=True, vae_batch=None):
+    """online.Feed.generate counted on shadows (shadow=False: on real tensors, to check them); the rest: what-ifs."""
+    flags = online_defaults()
+    K = K or flags.samples_per_prompt
+    args = memplan.settings(model, 1, None, lora_rank if mode == "lora" else None)
+    fam, res, cfg = memplan.family(model), model["resolution"], memplan.config(model)
+    schnell = fam == "flux" and not cfg.get("guidance_embeds")  # online.Feed's guidance: the family pipeline's
+    default = diffusion.SAMPLING["flux-schnell" if schnell else fam][0]
+    cfg_scale, embed = diffusion.guidance_inputs(fam, cfg, default if flags.sample_guidance is None
+                                                 else flags.sample_guidance)
+    h = res // 2 ** (len(model["vae"]["block_out_channels"]) - 1)
+    C = model["vae"].get("latent_channels", vaelib.FULL_CONFIG["latent_channels"])
+    sched_cfg = diffusion.flow_config("", fam) if fam in denoiser.FLOW else diffusion.scheduler_config("")
+    sched = diffusion.sampler(fam, sched_cfg, "euler", 2, (C, h, h))  # made from data, before the counter
+    counter = SamplingCounter(shadow)
+    with memplan.cuda_like(), counter:
+        for k, val in vars(sched).items():  # its tensors made under the counter, as shadows or real ones
+            if isinstance(val, torch.Tensor):
+                setattr(sched, k, val.clone())
+        policy, ref, trained, opt = memplan.ready(model, args, counter, torch.amp.GradScaler("cpu", enabled=False))
+        te, v = memplan.encoders(model, args.amp_dtype, counter)
+        score = scorer_model(scorer, args.amp_dtype, counter)
+        prompts, noise = ["a photo"] * K, torch.randn(K, C, h, h)
+        first = counter.mark("conditions")
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=args.amp_dtype, enabled=args.amp_dtype != torch.float32,
+                                cache_enabled=autocast_cache):  # online.Feed.generate's (on CUDA)
+                cond = diffusion.conditions(te, prompts, None, cfg_scale > 1, fam == "sdxl", (res, res), embed)
+                counter.mark("denoise")
+                x = diffusion.denoise(policy, sched, noise * sched.init_sigma, cond, cfg_scale, torch.float32)
+                del cond
+            counter.mark("decode")
+            n = vae_batch or K
+            img = torch.cat([diffusion.decode(v, x[i:i + n]) for i in range(0, K, n)]) if n < K else \
+                diffusion.decode(v, x)
+            counter.mark("score")
+            s = score(img, prompts)
+            del img, s, x, noise
+        last = counter.mark("idle")
+    size = [allocated(p.numel() * p.element_size()) for ps in (trained, score.model.parameters()) for p in ps]
+    return dict(counter=counter, window=(first, last), scorer=sum(size[len(trained):]), trained=sum(
+        size[:len(trained)]), samples=K, batch=K * (2 if cfg_scale > 1 else 1), guidance=cfg_scale if cfg_scale > 1
+        else embed, steps=flags.sample_steps, optimizer_name=args.optimizer, autocast_cache=autocast_cache,
+        vae_batch=n, gradient_checkpointing=args.gradient_checkpointing, batch_size=args.batch_size)
+
+
+def sampler_peak(tl, wrapper="ddp"):
+    """(bytes, phase, parts) at the sampling peak of one DDP rank: its buckets ("wrapper") hold the gradients."""
+    buckets = tl["trained"] if wrapper == "ddp" else 0
+    c = tl["counter"]
+    value, phase, live = c.replay(*tl["window"], {"grads": 0.0} if wrapper == "ddp" else {},
+                                  {p: buckets for _, p in c.marks})
+    parts = dict(live, encoders=live["encoders"] - tl["scorer"], scorer=tl["scorer"], wrapper=buckets)
+    if wrapper == "ddp":
+        parts["grads"] = 0
+    return value, phase, parts
+
+
+def training_row(model, mode, tl, rows=()):
+    """memplan's row of an online run's training step (DDP, encoders on GPU, dpo.py's defaults), found or counted."""
+    ckpt, B = tl["gradient_checkpointing"], tl["batch_size"]
+    for r in rows:
+        if (r["model"], r["mode"], r["fsdp_world"], r["gradient_checkpointing"], r["batch_size"], r["encoders"],
+                r["autocast_cache"]) == (model["name"], mode, 1, ckpt, B, "gpu", dpo.AUTOCAST_CACHE):
+            return r
+    train = memplan.family_timelines(model, mode, [(ckpt, B)])
+    return memplan.row(model, mode, 1, ckpt, B, "gpu", train, memplan.encode(model, B))
+
+
+def row(model, mode, tl, train):
+    """One online row: the sampling peak beside the training step's (scorer loaded), since the larger one decides."""
+    value, phase, parts = sampler_peak(tl)
+    training = train["peak_bytes"] + tl["scorer"]
+    top = max(value, training)
+    return dict(model=model["name"], mode=mode, resolution=model["resolution"], samples=tl["samples"],
+                denoiser_batch=tl["batch"], guidance=tl["guidance"], sample_steps=tl["steps"], scorer=SCORER[0],
+                optimizer=tl["optimizer_name"], gradient_checkpointing=tl["gradient_checkpointing"],
+                lora_rank=memplan.LORA_RANK if mode == "lora" else None, autocast_cache=tl["autocast_cache"],
+                vae_batch=tl["vae_batch"], sampling_bytes=int(value), sampling_gb=round(value / GiB, 3),
+                sampling_phase=phase, sampling_breakdown_gb={k: round(v / GiB, 3) for k, v in parts.items()},
+                training_bytes=int(training), training_gb=round(training / GiB, 3), training_phase=train["phase"],
+                peak_bytes=int(top), peak_gb=round(top / GiB, 3), at="sampling" if value >= training else "training",
+                fits={str(g): memplan.fits(top, g) for g in memplan.GPUS})
+
+
+WHATIFS = ((True, 1), (False, 1))  # (autocast cache, latents per VAE decode) other than online.py's, first model
+
+
+def plan(models, training_rows=(), modes=("full", "lora"), log=print):
+    """The online rows (full, LoRA; DDP) reusing the training plan's rows, and the first model's WHATIFS as well."""
+    out = []
+    for i, model in enumerate(models):
+        for mode in modes:
+            tic = time.time()
+            tl = sampler_timeline(model, mode)
+            train = training_row(model, mode, tl, training_rows)
+            out.append(row(model, mode, tl, train))
+            for cache, n in WHATIFS if i == 0 else ():
+                out.append(row(model, mode, sampler_timeline(model, mode, autocast_cache=cache, vae_batch=n), train))
+            log(f"# {model['name']} {mode} online sampling on shadow tensors in {time.time() - tic:.1f} s")
+    return out
+
+
+def whatif(r):
+    """Whether a row is one of WHATIFS rather than what online.py does, so the tables can say so."""
+    return not r["autocast_cache"] or r["vae_batch"] < r["samples"]
+
+
+def summary(rows):
+    """docs/memory.md's online table: both phases' peaks, what fills the sampling peak, the GPU that fits."""
+    names = {"wrapper": "DDP buckets", "casts": "autocast copies"}
+    lines = ["| model | mode | samples (denoiser batch) | sampling peak GiB | at | training step GiB (+ scorer) | "
+             "online peak GiB | fits | largest parts while sampling, GiB |", "|---" * 9 + "|"]
+    for r in rows:
+        parts = sorted(r["sampling_breakdown_gb"].items(), key=lambda kv: -kv[1])[:4]
+        how = "" if not whatif(r) else "; " + ", ".join(
+            ([] if r["autocast_cache"] else ["no autocast cache"])
+            + ([f"decode {r['vae_batch']} at a time"] if r["vae_batch"] < r["samples"] else []))
+        mode = (f"LoRA {r['lora_rank']}" if r["lora_rank"] else "full") + how
+        cells = [memplan.TITLE.get(r["model"], r["model"]), mode, f"{r['samples']} ({r['denoiser_batch']})",
+                 f"{r['sampling_gb']:.1f}", r["sampling_phase"], f"{r['training_gb']:.1f}",
+                 f"{r['peak_gb']:.1f} ({r['at']})", memplan.smallest_gpu(r),
+                 ", ".join(f"{names.get(k, k)} {v:.1f}" for k, v in parts)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
