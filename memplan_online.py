@@ -6,10 +6,11 @@
 An online step has two phases, and its peak is the larger of their peaks:
   sampling  online.Feed.generate, K = --samples_per_prompt images of one prompt: diffusion.conditions (the text
             encoders; classifier-free guidance stacks K negatives on the K prompts, FLUX-dev takes its guidance input
-            instead), diffusion.denoise (no grad, autocast in the compute dtype as online.py opens it: the cache of
-            bf16 copies of the fp32 weights on, torch.autocast's default, and held for the whole loop), the VAE's
-            decode of the K latents (no grad, fp32, outside autocast), then one scorer on the K images (reward.py's
-            Scorer, its weights in the compute dtype). Counted on shadow tensors (memplan.cuda_like, shadow.Counter)
+            instead), diffusion.denoise (no grad, autocast in the compute dtype as online.py opens it: without the
+            cache of bf16 copies of the fp32 weights, as in training, dpo.AUTOCAST_CACHE), the VAE's decode of the K
+            latents one at a time (no grad, fp32, outside autocast), then one scorer on the K images (reward.py's
+            Scorer, its weights in the compute dtype). The what-ifs: autocast's cache on (torch's default), all K
+            latents in one decode. Counted on shadow tensors (memplan.cuda_like, shadow.Counter)
             as memplan counts the training step, two Euler steps (every step allocates as the second does; the first
             fills autocast's cache), with what is resident between steps: the policy and the frozen reference (or
             the LoRA adapters), the optimizer's state (memplan.ready), DDP's gradient buckets (the gradients
@@ -67,10 +68,11 @@ def scorer_model(cfg, dtype, counter):
 
 
 def sampler_timeline(model, mode, K=None, shadow=True, lora_rank=memplan.LORA_RANK, scorer=SCORER[1],
-                     autocast_cache=True, vae_batch=None):
+                     autocast_cache=None, vae_batch=1):
     """online.Feed.generate counted on shadows (shadow=False: on real tensors, to check them); the rest: what-ifs."""
     flags = online_defaults()
     K = K or flags.samples_per_prompt
+    autocast_cache = dpo.AUTOCAST_CACHE if autocast_cache is None else autocast_cache
     args = memplan.settings(model, 1, None, lora_rank if mode == "lora" else None)
     fam, res, cfg = memplan.family(model), model["resolution"], memplan.config(model)
     schnell = fam == "flux" and not cfg.get("guidance_embeds")  # online.Feed's guidance: the family pipeline's
@@ -152,7 +154,7 @@ def row(model, mode, tl, train):
                 fits={str(g): memplan.fits(top, g) for g in memplan.GPUS})
 
 
-WHATIFS = ((True, 1), (False, 1))  # (autocast cache, latents per VAE decode) other than online.py's, first model
+WHATIFS = ((True, None), (True, 1))  # (autocast cache, latents per VAE decode: None all K) other than online.py's
 
 
 def plan(models, training_rows=(), modes=("full", "lora"), log=print):
@@ -172,7 +174,7 @@ def plan(models, training_rows=(), modes=("full", "lora"), log=print):
 
 def whatif(r):
     """Whether a row is one of WHATIFS rather than what online.py does, so the tables can say so."""
-    return not r["autocast_cache"] or r["vae_batch"] < r["samples"]
+    return r["autocast_cache"] != dpo.AUTOCAST_CACHE or r["vae_batch"] != 1
 
 
 def summary(rows):
@@ -183,8 +185,8 @@ def summary(rows):
     for r in rows:
         parts = sorted(r["sampling_breakdown_gb"].items(), key=lambda kv: -kv[1])[:4]
         how = "" if not whatif(r) else "; " + ", ".join(
-            ([] if r["autocast_cache"] else ["no autocast cache"])
-            + ([f"decode {r['vae_batch']} at a time"] if r["vae_batch"] < r["samples"] else []))
+            (["autocast cache on"] if r["autocast_cache"] != dpo.AUTOCAST_CACHE else [])
+            + ([f"decode {r['vae_batch']} at a time"] if r["vae_batch"] != 1 else []))
         mode = (f"LoRA {r['lora_rank']}" if r["lora_rank"] else "full") + how
         cells = [memplan.TITLE.get(r["model"], r["model"]), mode, f"{r['samples']} ({r['denoiser_batch']})",
                  f"{r['sampling_gb']:.1f}", r["sampling_phase"], f"{r['training_gb']:.1f}",

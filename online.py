@@ -188,13 +188,15 @@ class Feed(cache.Feed):
         a, (te, v) = self.args, self.encoders
         cfg_scale, embed = diffusion.guidance_inputs(self.family, self.policy.config, self.guidance)
         res = (a.resolution, a.resolution)
-        amp = torch.autocast(self.dev.type, dtype=a.amp_dtype, enabled=a.amp_dtype != torch.float32)
+        # no weight cache: it would hold a bf16 copy of every fp32 weight all loop long (as in training, dpo.py)
+        amp = torch.autocast(self.dev.type, dtype=a.amp_dtype, enabled=a.amp_dtype != torch.float32,
+                             cache_enabled=a.autocast_cache)
         tic = time.time()
         with amp:
             cond = diffusion.conditions(te, prompts, None, cfg_scale > 1, self.force_zeros, res, embed)
             sched = diffusion.sampler(self.family, self.sched_cfg, "euler", a.sample_steps, noise.shape[1:])
             x = diffusion.denoise(unet, sched, noise * sched.init_sigma, cond, cfg_scale, torch.float32)
-        img = diffusion.decode(v, x)
+        img = torch.cat([diffusion.decode(v, z[None]) for z in x])  # one at a time: the fp32 decode's peak is 1 image
         self.seconds["sampling"] += time.time() - tic
         return img
 

@@ -134,8 +134,8 @@ def test_online_sampling_on_shadows_counts_what_real_tensors_allocate(timelines,
 
 
 def test_online_sampling_holds_autocast_copies_until_the_decode():
-    """online.py's autocast caches a bf16 copy of each fp32 weight through the denoising loop (torch's default),
-    freed before the VAE decodes; without the cache only a few copies live at once."""
+    """With autocast's cache (torch's default, a what-if: online.py turns it off) a bf16 copy of each fp32 weight
+    lives through the denoising loop, freed before the VAE decodes; without it only a few copies live at once."""
     casts = dict.fromkeys(shadow.KINDS, 0.0) | {"casts": 1.0}
     held = {}
     for cached in (True, False):
