@@ -1,4 +1,4 @@
-"""GPU tests of the compiled (autotuned) Triton kernels at real SDXL / SD1.5 shapes, in bf16.
+"""GPU tests of the compiled (autotuned) Triton kernels at real SDXL / SD1.5 / SD3.5 / FLUX shapes, in bf16.
 
 Skipped without CUDA. Rule for bf16: kernel error <= 2x the error of PyTorch's own bf16 SDPA,
 both measured against an fp32 reference (plus a small absolute floor, see _check).
@@ -51,6 +51,13 @@ def test_attention_sdxl_bf16(B, H, Lq, Lk, D):
     (2, 8, 4096, 4096, 40), (2, 8, 1024, 1024, 80), (2, 8, 256, 256, 160),
     (2, 8, 4096, 77, 40), (2, 8, 1024, 77, 80), (2, 8, 256, 77, 160)])
 def test_attention_sd15_bf16(B, H, Lq, Lk, D):
+    _check(B, H, Lq, Lk, D)
+
+
+# The flow transformers' joint attention at 1024^2 (image + text tokens in one sequence): SD3.5-medium 4096 + 333
+# tokens (77 CLIP + 256 T5), head dim 64; FLUX.1-dev 4096 + 512, head dim 128
+@pytest.mark.parametrize("B,H,Lq,Lk,D", [(1, 24, 4429, 4429, 64), (1, 24, 4608, 4608, 128)])
+def test_attention_flow_bf16(B, H, Lq, Lk, D):
     _check(B, H, Lq, Lk, D)
 
 
