@@ -114,7 +114,7 @@ class Preferences:
 
     def __init__(self, path: str, dreamlike_only: bool = False, split: str = "train", columns: dict = None):
         self.path, self.jsonl, self.singles = path, path.endswith(".jsonl"), False
-        self.columns = dict(columns or {})  # our column name -> the set's (parse_columns)
+        self.columns = dict(columns or {})  # our column name -> the set's (cli.parse_map of --columns)
         self.dropped, self.first_invalid = Counter(), None  # rows left out, by why; where the first bad label is
         if self.jsonl:
             self._index_jsonl(path)

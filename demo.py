@@ -46,6 +46,7 @@ import clip
 import denoiser
 import flux
 import images
+import online
 import sample
 import t5
 import unet as unetlib
@@ -236,10 +237,9 @@ EVAL = dict(noises=16, steps=20, guidance=3.0, seed=1234)  # guidance: the UNet'
 FLOW_EVAL = dict(noises=16, steps=20, guidance=flux.GUIDANCE, seed=1234)  # FLUX-dev's guidance input, no CFG
 # Online DPO from the same reference, no labels: the policy's own samples scored by the rule (dpo.py --online)
 ONLINE_DEFAULTS = dict(lr=2e-6, max_steps=100, batch_size=8, grad_accum=1, warmup=10)  # 8 prompts x 4 samples a step
-ONLINE = dict(online=True, score=["area"], score_specs=[("area", None, {}, 1.0)], eval_score=[], eval_specs=[],
-              samples_per_prompt=4, pairs="best_worst", min_margin=0.0, ref_update=None, sample_steps=10,
-              sample_guidance=EVAL["guidance"], eval_every=25, eval_prompts=None, eval_n=24, save_pairs=True,
-              data=None, cache=False)
+# (the other online flags keep online.py's defaults, or the user's values)
+ONLINE = dict(online=True, score=["area"], score_specs=online.specs(["area"]), eval_specs=[], sample_steps=10,
+              sample_guidance=EVAL["guidance"], eval_every=25, eval_n=24, save_pairs=True, data=None, cache=False)
 # The demos: (world, model builder, DPO defaults, evaluation, default out_dir, what the model is)
 DEMOS = {"sdxl": (WORLD, build_model, DPO_DEFAULTS, EVAL, "demo_out", "SDXL-architecture"),
          "flow": (FLOW_WORLD, build_flux, FLOW_DPO_DEFAULTS, FLOW_EVAL, "demo_out_flow", "FLUX.1-dev-architecture"),

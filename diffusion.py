@@ -270,6 +270,25 @@ class FlowEuler:
 SAMPLING = {"sdxl": (5.0, 30), "sd15": (7.5, 30), "sd3": (7.0, 28), "flux": (3.5, 28), "flux-schnell": (0.0, 4)}
 
 
+def sampling_defaults(family, config) -> tuple:
+    """(guidance, steps) of the family's pipeline for this denoiser's config (FLUX-schnell has no guidance input)."""
+    schnell = family == "flux" and not config.get("guidance_embeds")
+    return SAMPLING["flux-schnell" if schnell else family]
+
+
+def sampling_schedule(path, family, prediction_type) -> dict:
+    """The scheduler config a model samples with: SD3's / FLUX's flow schedule, else the DDPM one (a single file's
+    UNet knows its own prediction type)."""
+    return flow_config(path, family) if prediction_type == "flow" else scheduler_config(path, prediction_type)
+
+
+def zeros_for_empty(path, family) -> bool:
+    """SDXL's force_zeros_for_empty_prompt (model_index.json, true unless it says false): no negative prompt means
+    all-zero negative embeddings."""
+    index = read_json(os.path.join(path, "model_index.json"), {}) if os.path.isdir(path) else {}
+    return family == "sdxl" and index.get("force_zeros_for_empty_prompt", True)
+
+
 def sampler(family, sched_cfg, name, steps, shape):
     """The sampler as the family's pipeline runs it: Euler or DDIM for a UNet; the flow-matching Euler for SD3
     (static shift) and FLUX (its pipeline's sigmas, shifted by the image's token count). shape: (C, h, w)."""

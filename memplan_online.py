@@ -75,8 +75,7 @@ def sampler_timeline(model, mode, K=None, shadow=True, lora_rank=memplan.LORA_RA
     autocast_cache = dpo.AUTOCAST_CACHE if autocast_cache is None else autocast_cache
     args = memplan.settings(model, 1, None, lora_rank if mode == "lora" else None)
     fam, res, cfg = memplan.family(model), model["resolution"], memplan.config(model)
-    schnell = fam == "flux" and not cfg.get("guidance_embeds")  # online.Feed's guidance: the family pipeline's
-    default = diffusion.SAMPLING["flux-schnell" if schnell else fam][0]
+    default = diffusion.sampling_defaults(fam, cfg)[0]  # online.Feed's guidance: the family pipeline's
     cfg_scale, embed = diffusion.guidance_inputs(fam, cfg, default if flags.sample_guidance is None
                                                  else flags.sample_guidance)
     h = res // 2 ** (len(model["vae"]["block_out_channels"]) - 1)

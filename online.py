@@ -101,10 +101,14 @@ def check(p, args):
     try:
         for path in filter(None, (args.prompts, args.eval_prompts)):  # a missing or empty file: one line now
             data.read_prompts(path)
-        args.score_specs = [weighted(reward.parse_spec(s)) for s in args.score]
-        args.eval_specs = [weighted(reward.parse_spec(s)) for s in args.eval_score]
+        args.score_specs, args.eval_specs = specs(args.score), specs(args.eval_score)
     except ValueError as e:
         p.error(str(e))
+
+
+def specs(flags) -> list:
+    """--score values -> (kind, path, options without weight, weight) each (ValueError: one line)."""
+    return [weighted(reward.parse_spec(s)) for s in flags]
 
 
 def weighted(spec):
@@ -162,12 +166,9 @@ class Feed(cache.Feed):
         super().__init__(args, None, channels, dev, rank, world, log, source=source)
         self.policy, self.ref, self.rank, self.world, self.log = policy, ref, rank, world, log
         self.family, self.K = te.family, args.samples_per_prompt
-        self.sched_cfg = diffusion.flow_config(args.model, te.family) if policy.prediction_type == "flow" else \
-            diffusion.scheduler_config(args.model, policy.prediction_type)
-        index = read_json(os.path.join(args.model, "model_index.json"), {}) if os.path.isdir(args.model) else {}
-        self.force_zeros = te.family == "sdxl" and index.get("force_zeros_for_empty_prompt", True)
-        schnell = te.family == "flux" and not policy.config.get("guidance_embeds")
-        default = diffusion.SAMPLING["flux-schnell" if schnell else te.family][0]
+        self.sched_cfg = diffusion.sampling_schedule(args.model, te.family, policy.prediction_type)
+        self.force_zeros = diffusion.zeros_for_empty(args.model, te.family)  # as sample.py's pipeline guides
+        default = diffusion.sampling_defaults(te.family, policy.config)[0]
         self.guidance = default if args.sample_guidance is None else args.sample_guidance
         text = "\n".join(prompts) + "\0" + "\n".join(args.score)
         self.fingerprint = dict(path=args.prompts, files=1, pairs=len(prompts),
@@ -274,7 +275,11 @@ class Feed(cache.Feed):
         if self.rank == 0 and os.path.isfile(jsonl):
             with open(jsonl) as f:
                 rows = [r for r in (json.loads(line) for line in f if line.strip()) if r["step"] < step]
-            atomic(jsonl, lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in rows))
+
+            def write(tmp):
+                with open(tmp, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+            atomic(jsonl, write)
         path = os.path.join(a.out_dir, "online_eval.json")
         self.history = [h for h in read_json(path, []) if h["step"] <= step] if step else []
         base = self.policy if step == 0 else self.ref if not a.ref_update else \

@@ -24,7 +24,7 @@ import denoiser
 import images
 import lora as loralib
 import vae as vaelib
-from weights import CheckpointError, read_json
+from weights import CheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -132,12 +132,8 @@ def load(path, unet=None, device="cpu", dtype=torch.float32, tokenizer=None, lor
     u = load_unet(path, unet, lora, device, dtype)
     v = vaelib.load(path, device=device, dtype=dtype)  # computes in fp32 where fp16 would overflow
     te = clip.load(path, device=device, dtype=dtype, tokenizer=tokenizer)
-    if u.prediction_type == "flow":
-        sched = diffusion.flow_config(path, te.family)
-    else:
-        sched = diffusion.scheduler_config(path, u.prediction_type)  # a single file's UNet knows its prediction type
-    index = read_json(os.path.join(path, "model_index.json"), {}) if os.path.isdir(path) else {}
-    return Pipeline(u, v, te, sched, index.get("force_zeros_for_empty_prompt", True), device, dtype)
+    sched = diffusion.sampling_schedule(path, te.family, u.prediction_type)
+    return Pipeline(u, v, te, sched, diffusion.zeros_for_empty(path, te.family), device, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,8 +181,7 @@ def initial_noise(pipe: Pipeline, items, height, width) -> torch.Tensor:
 def sampling_options(args, pipe: Pipeline) -> dict:
     """The pipeline's keyword arguments from the flags, guidance and steps by family as diffusers' pipelines: 5.0 SDXL,
     7.5 SD1.5 (30 steps here), SD3 7.0 and FLUX-dev 3.5 (28 steps), FLUX-schnell 0 (4 steps)."""
-    schnell = pipe.family == "flux" and not pipe.unet.config["guidance_embeds"]
-    default = diffusion.SAMPLING["flux-schnell" if schnell else pipe.family]
+    default = diffusion.sampling_defaults(pipe.family, pipe.unet.config)
     guidance = args.guidance if args.guidance is not None else default[0]
     steps = args.steps if args.steps is not None else default[1]
     return dict(negative=args.negative, steps=steps, guidance=guidance, scheduler=args.scheduler,

@@ -77,22 +77,28 @@ def test_toy_model_is_a_diffusers_pipeline(toy_model):
     assert pipe.tokenizer(["a red circle"]).input_ids == pipe.tokenizer_2(["a red circle"]).input_ids
 
 
-@pytest.mark.slow
-def test_demo_end_to_end_prints_the_readme_numbers(tmp_path):
-    """The demo, then the README's evaluation command on its output: what they print is what the README says (a
-    change that moves a number fails here until the README moves too)."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    out = subprocess.run([sys.executable, "dpo.py", "--out_dir", str(tmp_path / "demo")], cwd=ROOT,
+def run_demo(out_dir, *flags):
+    """`python dpo.py [flags] --out_dir out_dir` in a subprocess: (its stdout, its last line, win rate, fidelity of
+    the reference, fidelity of the DPO model), after checking it exited 0 with the demo's line last."""
+    out = subprocess.run([sys.executable, "dpo.py", *flags, "--out_dir", str(out_dir)], cwd=ROOT,
                          capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("demo win_rate="), last
     vals = dict(kv.split("=") for kv in last.split()[1:])
-    w, f_ref, f_dpo = (float(vals[k]) for k in ("win_rate", "fidelity_ref", "fidelity_dpo"))
+    return (out.stdout, last, *(float(vals[k]) for k in ("win_rate", "fidelity_ref", "fidelity_dpo")))
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_prints_the_readme_numbers(tmp_path):
+    """The demo, then the README's evaluation command on its output: what they print is what the README says (a
+    change that moves a number fails here until the README moves too)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    stdout, last, w, f_ref, f_dpo = run_demo(tmp_path / "demo")
     assert w >= 0.7 and f_dpo >= 0.9 * f_ref, last
     assert os.path.isfile(tmp_path / "demo" / "grid.png")
     assert last in readme, last
-    area = next(line for line in out.stdout.splitlines() if "mean shape area:" in line)
+    area = next(line for line in stdout.splitlines() if "mean shape area:" in line)
     ref, dpo_ = area.split("mean shape area: reference ")[1].split(";")[0].split(", DPO ")
     assert f"Mean shape area goes from {ref} to {dpo_}" in readme, area
     command = next(line for line in readme.splitlines() if line.startswith("python evaluate.py --model demo_out")
@@ -192,12 +198,7 @@ def test_flow_demo_end_to_end_prints_the_readme_numbers(tmp_path):
     """`python dpo.py --demo flow`: FLUX's architecture trained by flow matching, then flow-DPO; its last line is
     the README's, with the issue's bounds (win rate >= 0.9, fidelity not below the reference's)."""
     readme = open(os.path.join(ROOT, "README.md")).read()
-    out = subprocess.run([sys.executable, "dpo.py", "--demo", "flow", "--out_dir", str(tmp_path / "flow")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=1800)
-    assert out.returncode == 0, out.stderr[-2000:]
-    last = out.stdout.strip().splitlines()[-1]
-    vals = dict(kv.split("=") for kv in last.split()[1:])
-    w, f_ref, f_dpo = (float(vals[k]) for k in ("win_rate", "fidelity_ref", "fidelity_dpo"))
+    _, last, w, f_ref, f_dpo = run_demo(tmp_path / "flow", "--demo", "flow")
     assert w >= 0.9 and f_dpo >= f_ref, last
     assert os.path.isfile(tmp_path / "flow" / "dpo" / "transformer" / "config.json")
     assert f"`python dpo.py --demo flow` prints `{last}`" in readme, last
@@ -214,12 +215,7 @@ def test_online_demo_end_to_end_prints_the_readme_numbers(tmp_path):
     """`python dpo.py --demo online`: from the reference, no labels, the area rule as the reward; its last line is
     the README's, with the issue's bounds (win rate >= 0.95, fidelity not below the reference's)."""
     readme = open(os.path.join(ROOT, "README.md")).read()
-    out = subprocess.run([sys.executable, "dpo.py", "--demo", "online", "--out_dir", str(tmp_path / "on")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=1800)
-    assert out.returncode == 0, out.stderr[-2000:]
-    last = out.stdout.strip().splitlines()[-1]
-    vals = dict(kv.split("=") for kv in last.split()[1:])
-    w, f_ref, f_dpo = (float(vals[k]) for k in ("win_rate", "fidelity_ref", "fidelity_dpo"))
+    _, last, w, f_ref, f_dpo = run_demo(tmp_path / "on", "--demo", "online")
     assert w >= 0.95 and f_dpo >= f_ref, last
     assert os.path.isfile(tmp_path / "on" / "online" / "pairs.jsonl")
     assert os.path.isfile(tmp_path / "on" / "online" / "online_eval.png")
