@@ -1,5 +1,6 @@
-"""The UNets' inputs made from a batch of images: VAE latents and text embeddings, computed on the fly (the encoders
-on the GPU beside the UNet) or once ahead into a latent cache, so that training needs neither VAE nor text encoders.
+"""A run's feed: the items it reads (a pair's images, cropped and flipped, or their latents from the latent cache) and
+the denoiser's inputs made from a batch of them: VAE latents and text embeddings, computed on the fly (the encoders on
+the GPU beside the denoiser) or once ahead into a latent cache, so that training needs neither VAE nor text encoders.
 
 The cache holds scaled VAE latents (and with --latents sample their posterior std), text embeddings, SDXL's time ids
 and, for Diffusion-RPO with --rpo_clip, CLIP's prompt and image embeddings, in safetensors shards of 1024 items per
@@ -14,24 +15,32 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 import clip
-import denoiser
 import reward
 import vae as vaelib
 import weights
-from data import EpochOrder, PreferenceDataset, Unreadable, collate
+from data import EpochOrder, Preferences, Unreadable, collate, seed_for
+from images import open_image, transform
 from weights import atomic, save_json, save_safetensors
 
 # ----------------------------------------------------------------------------------------------------
-# A batch -> the UNets' inputs
+# A batch -> the denoiser's inputs
 
 
-def model_inputs(batch, drop, dev, args, encoders=None, empty=None, latent_noise=None):
-    """What the UNets take for B items of k images each (pairs: k = 2): clean latents z (kB, C, h, w), all first
-    images first (the winners), and cond with kB rows: (context, pooled, time_ids) for a UNet, (context, pooled)
-    for SD3, (context, pooled, guidance) for FLUX. A dropped prompt is the
-    encoders' embedding of "" (as the official code, for SDXL too; not zeros). --latents sample draws z from the
-    VAE posterior with latent_noise (B, k, C, h, w) (the official code); the default is the posterior mean.
-    --time_ids official gives every image the constants the official code used."""
+def encoders(model, dev, dtype, tokenizer=None, vae_dtype=torch.float32):
+    """(text encoders in dtype, VAE in vae_dtype) of a model path: what turns prompts and images into the denoiser's
+    inputs (training keeps the VAE in fp32, as the official code)."""
+    return clip.load(model, dev, dtype, tokenizer=tokenizer), vaelib.load(model, dev, vae_dtype)
+
+
+def model_inputs(batch, drop, dev, family, encoders=None, empty=None, latent_noise=None, bf16=False,
+                 official_size=None, guidance=None):
+    """What the denoiser takes for B items of k images each (pairs: k = 2): clean latents z (kB, C, h, w), all first
+    images first (the winners), and cond with kB rows, as the family's record lists its inputs ((context, pooled,
+    time_ids) for a UNet, (context, pooled) for SD3, (context, pooled, guidance) for FLUX). A dropped prompt is the
+    encoders' embedding of "" (as the official code, for SDXL too; not zeros). latent_noise (B, k, C, h, w): z drawn
+    from the VAE posterior with it (--latents sample, the official code); the default is the posterior mean.
+    bf16: the VAE encodes under bf16 autocast. official_size: every image's SDXL time ids are the official code's
+    constants for this size (--time_ids official). guidance: the denoiser's guidance input (FLUX-dev)."""
     with torch.no_grad():
         if "latents" in batch:  # --cache: latents and text embeddings were computed once
             z = batch["latents"].to(dev).float()  # (B, k, C, h, w)
@@ -43,7 +52,7 @@ def model_inputs(batch, drop, dev, args, encoders=None, empty=None, latent_noise
         else:  # the VAE and the text encoders run here, on the GPU
             te, v = encoders
             px = batch["pixels"].to(dev)  # (B, k, 3, H, W)
-            with torch.autocast(dev.type, torch.bfloat16, enabled=args.amp_dtype == torch.bfloat16):
+            with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
                 one = [v.encode(x[None], std=True) for x in px.flatten(0, 1)]  # an image at a time: 1/Bk the peak
             z, std = torch.cat([m for m, _ in one]), torch.cat([s for _, s in one])  # (Bk, C, h, w) each, unscaled
             z = v.scale(z.float().unflatten(0, px.shape[:2]))  # (B, k, C, h, w) scaled latent means
@@ -54,14 +63,13 @@ def model_inputs(batch, drop, dev, args, encoders=None, empty=None, latent_noise
         k = z.shape[1]
         z = z.transpose(0, 1).flatten(0, 1)  # (kB, C, h, w): all first images, then all second ones
         ctx, pooled = ctx.repeat(k, 1, 1), (None if pooled is None else pooled.repeat(k, 1))  # kB rows
-        family = vars(args).get("family", "sdxl" if pooled is not None else "sd15")
         time_ids = None  # SDXL is also told each image's size and crop
-        if family == "sdxl":
+        if family.time_ids:
             time_ids = batch["time_ids"].to(dev).float().transpose(0, 1).flatten(0, 1)  # (B, k, 6) -> (kB, 6)
-            if args.time_ids == "official":
-                r = float(args.resolution)
+            if official_size:
+                r = float(official_size)
                 time_ids = torch.tensor([r, r, 0.0, 0.0, r, r], device=dev).expand(len(time_ids), 6)
-    return z, denoiser.conditioning(family, ctx, pooled, time_ids, vars(args).get("guidance"))
+    return z, family.conditioning(ctx, pooled, time_ids, guidance)
 
 
 def rpo_embeddings(batch, dev, scorer):
@@ -80,6 +88,44 @@ def clip_triples(scorer, pixels, captions):
     return torch.cat([txt[:, None], img], 1)  # (B, 3, P)
 
 
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Global position -> the item's images (a pair's two, preferred first, or one with its label). An unreadable
+    item is reported (its index in "bad") and replaced by the next readable one in the epoch order (deterministic,
+    so every world size sees the same data)."""
+
+    def __init__(self, pairs: Preferences, res: int, seed: int, random_crop: bool, flip: bool):
+        self.pairs, self.res, self.seed, self.random_crop, self.flip = pairs, res, seed, random_crop, flip
+        self.index = EpochOrder(pairs.group, seed, pairs.window_groups)
+        self.per_item = 1 if pairs.singles else 2  # images per item
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, pos: int) -> dict:
+        return dict(pos=pos, **self.read(lambda k: self.index(pos + k), pos))
+
+    def read(self, candidate, key: int) -> dict:
+        """Try pairs candidate(0), candidate(1), ... until one decodes; crop/flip drawn from (seed, key)."""
+        bad = []  # the indices of the unreadable items passed over
+        for k in range(len(self.pairs)):
+            i = candidate(k)
+            try:
+                caption, images, label = self.pairs.raw(i)
+                rng = np.random.default_rng(seed_for(self.seed, key, k, 0xC409))
+                out = [transform(open_image(im), self.res, rng, self.random_crop, self.flip) for im in images]
+            except Exception as e:  # corrupt bytes, missing file, decoder error: skip and report, never crash
+                print(f"warning: skipping unreadable pair {self.pairs.where(i)} ({type(e).__name__}: {str(e)[:80]})",
+                      flush=True)
+                bad.append(i)
+                continue
+            item = dict(index=i, caption=caption, pixels=torch.stack([x for x, _ in out]),  # (k, 3, H, W)
+                        time_ids=torch.stack([ids for _, ids in out]), bad=bad)  # (k, 6)
+            if label is not None:
+                item["label"] = label
+            return item
+        raise ValueError(f"{self.pairs.path}: no readable image pair")
+
+
 def training_set(args, pairs, dev, rank, world, log):
     """(dataset, (text encoders, VAE) or None, embeddings of "" or None, VAE downsampling): the latent cache with
     --cache or without --data (built first if missing), else the images themselves."""
@@ -88,8 +134,7 @@ def training_set(args, pairs, dev, rank, world, log):
     if singles and args.loss != "kto":  # one image has no second to compare with; refused before anything is written
         raise ValueError(f"{args.data or args.cache_dir} holds single labelled images: train them with --loss kto")
     if not args.cache and pairs is not None:
-        te = clip.load(args.model, dev, args.amp_dtype, tokenizer=args.tokenizer)
-        v = vaelib.load(args.model, dev, torch.float32)
+        te, v = encoders(args.model, dev, args.amp_dtype, args.tokenizer)
         dataset = PreferenceDataset(pairs, args.resolution, args.seed, args.random_crop, not args.no_flip)
         return dataset, (te, v), None, v.downsample
     if meta is None and pairs is None:
@@ -117,15 +162,16 @@ def training_set(args, pairs, dev, rank, world, log):
 
 
 class Feed:
-    """Where a run's batches come from and how they become the UNets' inputs: the latent cache (--cache, or no
+    """Where a run's batches come from and how they become the denoiser's inputs: the latent cache (--cache, or no
     --data: built first if missing) or the images themselves with the VAE and the text encoders on the device, and
-    Diffusion-RPO's CLIP embeddings beside them."""
+    Diffusion-RPO's CLIP embeddings beside them. family: the model's record (families.py)."""
 
-    def __init__(self, args, pairs, channels, dev, rank, world, log, source=None):
+    def __init__(self, args, family, pairs, channels, dev, rank, world, log, source=None):
         """source: (dataset, encoders, empty, VAE downsampling) made elsewhere (online.py), else training_set's."""
-        self.args, self.dev = args, dev
+        self.args, self.family, self.dev = args, family, dev
         self.dataset, self.encoders, self.empty, down = source or training_set(args, pairs, dev, rank, world, log)
         self.per_item = self.dataset.per_item  # images per item: a pair's two, or one labelled image
+        self.items = "pairs"  # what the dataset holds, for the log
         self.n_latent = self.per_item if args.latents == "sample" else 0  # posterior draws per item
         self.latent_shape = (channels, args.resolution // down, args.resolution // down)  # (C, h, w)
         self.fingerprint = pairs.fingerprint() if pairs is not None else getattr(self.dataset, "meta", {}).get(
@@ -141,20 +187,36 @@ class Feed:
                 log("RPO over one pair per micro-step (all ranks together) is DPO: its matrix is 1x1 with weight 1; "
                     "raise --batch_size (or the ranks) to compare across pairs")
 
-    def loader(self, position, step, world, rank, device):
-        """The batches of this rank from optimizer step `step` on: step s, micro-step m, rank r reads the global
-        positions p0 + s*G + m*world*B + r*B + [0, B) (p0 = position, the data position at `step`)."""
+    def positions(self, position, step, world, rank):
+        """(step s, the global positions of one micro-batch) for each of this rank's micro-batches from optimizer step
+        `step` on: micro-step m of step s on rank r reads p0 + (s - step)*G + m*world*B + r*B + [0, B), p0 = position
+        (the data position at `step`), G pairs a step, B a micro-batch."""
         a = self.args
-        B, G, A = a.batch_size, a.pairs_per_step, a.grad_accum
-        order = [position + (s - step) * G + m * world * B + rank * B + k
-                 for s in range(step, a.max_steps) for m in range(A) for k in range(B)]
+        B, G = a.batch_size, a.pairs_per_step
+        for s in range(step, a.max_steps):
+            for m in range(a.grad_accum):
+                yield s, [position + (s - step) * G + m * world * B + rank * B + k for k in range(B)]
+
+    def loader(self, position, step, world, rank, device):
+        """This rank's batches from optimizer step `step` on (positions), read by a DataLoader."""
+        a = self.args
+        order = [p for _, micro in self.positions(position, step, world, rank) for p in micro]
         workers = (4 if device == "cuda" else 0) if a.num_workers is None else a.num_workers
-        return iter(torch.utils.data.DataLoader(self.dataset, batch_size=B, sampler=order, num_workers=workers,
-                                                collate_fn=collate, pin_memory=device == "cuda"))
+        return iter(torch.utils.data.DataLoader(self.dataset, batch_size=a.batch_size, sampler=order,
+                                                num_workers=workers, collate_fn=collate, pin_memory=device == "cuda"))
 
     def __call__(self, batch, drop, latent_noise=None):
         """(z, cond) of a batch: model_inputs with this run's encoders or cache."""
-        return model_inputs(batch, drop, self.dev, self.args, self.encoders, self.empty, latent_noise)
+        a = self.args
+        return model_inputs(batch, drop, self.dev, self.family, self.encoders, self.empty, latent_noise,
+                            a.amp_dtype == torch.bfloat16, a.resolution if a.time_ids == "official" else None,
+                            a.guidance)
+
+    def after_step(self, step):
+        """What a feed does after optimizer step `step` (online.Feed: its pairs, the reference, the held-out check)."""
+
+    def finish(self):
+        """What a feed does at the end of the run (online.Feed: the held-out trend)."""
 
     def rpo_embeddings(self, batch):
         """(B, 3, P) CLIP embeddings of the batch's prompts, winners and losers with --rpo_clip, else None."""
@@ -240,8 +302,7 @@ def build_cache(args, pairs, dev, rank, world):
     """Each rank encodes items rank, rank+world, ...; crop/flip are frozen per item (drawn as for key = its index).
     Latents (and with --latents sample their posterior std) are stored in fp16 (fp32 for fp32 runs), text
     embeddings in the compute dtype."""
-    te = clip.load(args.model, dev, args.amp_dtype, tokenizer=args.tokenizer)
-    v = vaelib.load(args.model, dev, torch.float32)
+    te, v = encoders(args.model, dev, args.amp_dtype, args.tokenizer)
     scorer = None
     if args.rpo_clip:  # Diffusion-RPO's CLIP embeddings of each pair, stored beside its latents
         scorer = reward.load("clip", args.rpo_clip, dev, args.amp_dtype)

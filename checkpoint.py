@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import families
 import kernels
 import lora
 import parallel
-import denoiser
 import weights
 
 # flags that --resume must keep (max_steps, logging, paths and world size may change: draws are keyed by position)
@@ -114,31 +114,14 @@ def load(path, args, fingerprints, policy, opt, rank, world, log):
     return ck["step"], ck["position"]
 
 
-def read_metrics(path, log) -> list:
-    """The records of out_dir/metrics.jsonl. A last line cut short (a crash during the append) is dropped with a
-    warning; a bad line elsewhere is an error naming it."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = f.read().splitlines()
-    records = []
-    for n, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n < len(lines):
-                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
-            log(f"warning: {path}:{n}: dropped a last line cut short by a crash ({line[:40]!r})")
-    return records
-
-
-def step_flops(policy, ref, inputs, loss):
+def step_flops(policy, ref, inputs):
     """FLOPs per item of a training step: per image the policy's forward and backward (3 forwards) and the
-    reference's forward, one UNet forward on one image counted op by op (kernels.flops)."""
+    reference's forward (none for a reference-free objective), one denoiser forward on one image counted op by op
+    (kernels.flops)."""
     z, t, cond = inputs["z"], inputs["t"], inputs["cond"]
     one = kernels.flops(policy, z[:1], t[:1], *(None if c is None else c[:1] for c in cond))
-    per_item = z.shape[0] // t.shape[0]
-    return one * (3 if loss == "sft" else 3 * per_item + (0 if ref is None else per_item))
+    per_item = z.shape[0] // t.shape[0]  # 2 images per pair (1 for single images and SFT's winners)
+    return one * (3 * per_item + (0 if ref is None else per_item))
 
 
 def log_step(args, step, rec, lr, grad_norm, bad_all, clock, flops, log):
@@ -155,24 +138,14 @@ def log_step(args, step, rec, lr, grad_norm, bad_all, clock, flops, log):
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
     log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items() if v is not None))
     if dist.get_rank() == 0:
-        path = os.path.join(args.out_dir, "metrics.jsonl")
-        try:
-            with open(path, "a") as f:
-                f.write(json.dumps(last) + "\n")
-        except OSError as e:  # a cut last line is dropped on resume (read_metrics)
-            raise weights.WriteError(f"cannot write {path}: {weights._cause(e, path)}") from None
+        weights.append_jsonl([last], os.path.join(args.out_dir, "metrics.jsonl"))  # resume drops a cut last line
     return last
 
 
 def start_log(out_dir, step, log):
     """metrics.jsonl as it was at the checkpoint's step: later lines are logged again (rank 0)."""
     path = os.path.join(out_dir, "metrics.jsonl")
-    records = [r for r in read_metrics(path, log) if r["step"] <= step] if step > 0 else []
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-    weights.atomic(path, write)
+    weights.save_jsonl([r for r in weights.load_jsonl(path, log) if r["step"] <= step] if step > 0 else [], path)
 
 
 def trainable(policy) -> dict:
@@ -192,7 +165,8 @@ def save(path, policy, opt, step, position, args, fingerprints, rank, log):
         state = dict(policy=model_state, optimizer=opt_state, step=step, position=position, rng=rngs,
                      schedule=dict(lr=args.lr, warmup=args.warmup), args=_flags(args), fingerprints=fingerprints)
         weights.atomic(path, lambda tmp: torch.save(state, tmp))  # a full disk: one line, the old file kept
-        for old in [os.path.join(args.out_dir, n) for n in ("unet", "transformer", "lora", "unet.safetensors")]:
+        finals = [f.subfolder for f in families.FAMILIES] + ["lora", "unet.safetensors"]
+        for old in [os.path.join(args.out_dir, n) for n in dict.fromkeys(finals)]:
             if os.path.isdir(old):
                 shutil.rmtree(old)
             elif os.path.exists(old):
@@ -203,23 +177,24 @@ def save(path, policy, opt, step, position, args, fingerprints, rank, log):
     dist.barrier()
 
 
-def _outputs(args) -> list:
-    """The final denoiser's paths: unet/ (transformer/ for SD3 / FLUX), and unet.safetensors with --save_single."""
+def _outputs(args, family) -> list:
+    """The final denoiser's paths: unet/ (transformer/ for SD3 / FLUX: the family's subfolder), and unet.safetensors
+    with --save_single."""
     single = [os.path.join(args.out_dir, "unet.safetensors")] if args.save_single else []
-    return [os.path.join(args.out_dir, denoiser.subfolder(args.family))] + single
+    return [os.path.join(args.out_dir, family.subfolder)] + single
 
 
-def save_outputs(policy, args, step, log):
-    """The run's final UNet: unet/ (diffusers layout) and with --save_single unet.safetensors (original layout),
+def save_outputs(policy, family, args, step, log):
+    """The run's final denoiser: unet/ (diffusers layout) and with --save_single unet.safetensors (original layout),
     each recording its step in the safetensors metadata; a LoRA run also writes lora/ (diffusers' LoRA file) and
     merges its adapters into an fp32 copy of the base for unet/. Every rank calls it (FSDP shards are gathered);
     rank 0 writes. A unet.safetensors that this run was not asked for is removed. SD3 / FLUX: transformer/."""
     rank0, meta = dist.get_rank() == 0, {"step": str(step)}
     if args.lora:
         adapters = parallel.gathered(lora.state_dict(policy))  # (file layout) every rank takes part in gathers
-        u = denoiser.load(args.unet_init or args.model, "cpu", torch.float32) if rank0 else None
+        u = family.load(args.unet_init or args.model, "cpu", torch.float32) if rank0 else None
         if rank0:
-            lora.merge(u, lora.pairs(adapters, "adapters", prefix=lora.prefix_of(u)))
+            lora.merge(u, lora.pairs(adapters, "adapters", prefix=family.subfolder + "."))
             lora.save(adapters, os.path.join(args.out_dir, "lora"), meta)
             log(f"saved {os.path.join(args.out_dir, 'lora')} (step {step})")
     else:
@@ -227,12 +202,12 @@ def save_outputs(policy, args, step, log):
         u = None
         if rank0:
             with torch.device("meta"):
-                u = denoiser.build(policy.config, args.family)
+                u = family.model(policy.config)
             u.load_state_dict(state, assign=True)
             u.prediction_type = policy.prediction_type
     if rank0:
-        for path in _outputs(args):
-            denoiser.save(u, path, "single" if path.endswith(".safetensors") else "diffusers", meta)
+        for path in _outputs(args, family):
+            family.save(u, path, "single" if path.endswith(".safetensors") else "diffusers", meta)
             log(f"saved {path} (step {step})")
         single = os.path.join(args.out_dir, "unet.safetensors")
         if not args.save_single and os.path.exists(single):
@@ -241,12 +216,12 @@ def save_outputs(policy, args, step, log):
     dist.barrier()
 
 
-def outputs_done(args, step) -> bool:
-    """Whether save_outputs wrote this step's final UNet(s) to the end (rank 0 looks, every rank is told)."""
+def outputs_done(args, family, step) -> bool:
+    """Whether save_outputs wrote this step's final denoiser to the end (rank 0 looks, every rank is told)."""
     done = [True]
     if dist.get_rank() == 0:
         files = [p if p.endswith(".safetensors") else os.path.join(p, "diffusion_pytorch_model.safetensors")
-                 for p in _outputs(args)]
+                 for p in _outputs(args, family)]
         files += [os.path.join(args.out_dir, "lora", lora.FILE)] if args.lora else []
         for f in files:
             config = os.path.join(os.path.dirname(f), "config.json")
@@ -258,14 +233,14 @@ def outputs_done(args, step) -> bool:
     return done[0]
 
 
-def finished(path, policy, args, step, log) -> bool:
-    """Whether the checkpoint is at --max_steps already: then nothing is done, but a final UNet that a crash cut short
-    is written again."""
+def finished(path, policy, family, args, step, log) -> bool:
+    """Whether the checkpoint is at --max_steps already: then nothing is done, but a final denoiser that a crash cut
+    short is written again."""
     if step < args.max_steps:
         return False
     log(f"nothing to do: {path} is at step {step}, --max_steps is {args.max_steps}")
-    if not outputs_done(args, step):
-        save_outputs(policy, args, step, log)
+    if not outputs_done(args, family, step):
+        save_outputs(policy, family, args, step, log)
     return True
 
 

@@ -1,6 +1,6 @@
 """How the command-line tools talk to the user: one error line, and progress lines that errors never run into.
 
-Every tool (dpo.py, sample.py, evaluate.py, relabel.py, bench_step.py) reports a problem the user can act on as one
+Every tool (dpo.py, sample.py, evaluate.py, relabel.py, bench/step.py) reports a problem the user can act on as one
 line on stderr, `error: <what, and the file it is about>`, and exits non-zero (2 for a bad flag, 1 for bad input,
 130 for Ctrl-C); progress is one line on stderr rewritten in place, which an error first ends. Outputs are checked
 before the work (check_output): never over a file the command reads, never over an earlier output unasked.
@@ -9,7 +9,10 @@ import argparse
 import os
 import sys
 
+import torch
+
 _progress_open = False  # a progress line is on stderr without its newline
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype's names
 
 
 class Parser(argparse.ArgumentParser):
@@ -81,6 +84,26 @@ def check_output(path, reads=(), replace=False, flag="--overwrite", make_folder=
         raise ValueError(f"cannot write {path}: the folder {folder} is not writable")
     if os.path.exists(path) and not replace:
         raise ValueError(f"{path} exists: pass {flag} to replace it")
+
+
+def parse_args(p, argv, defaults, at_least_1=(), valid=None) -> argparse.Namespace:
+    """p's flags parsed from argv; args.given lists the flags typed (each of defaults when typed at all, so that one
+    typed as its default value is told apart; any other when it differs from its default); then the flags of
+    at_least_1 must be >= 1 (when set) and each of valid pass its test, else p.error: one line."""
+    unset = object()  # argparse keeps what the namespace holds: every flag of defaults starts out unset
+    args = argparse.Namespace(**{k: unset for k in defaults})
+    p.parse_args(argv, args)
+    args.given = sorted(k for k, v in vars(args).items() if v is not unset and (k in defaults or v != p.get_default(k)))
+    for k, v in defaults.items():
+        if getattr(args, k) is unset:
+            setattr(args, k, v)
+    for k in at_least_1:
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            p.error(f"--{k} must be >= 1, got {getattr(args, k)}")
+    for k, ok in (valid or {}).items():
+        if not ok(getattr(args, k)):
+            p.error(f"--{k} has an invalid value: {getattr(args, k)}")
+    return args
 
 
 def parse_map(spec: str, flag: str, keys) -> dict:

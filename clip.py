@@ -1,10 +1,9 @@
-"""The text side of every family, from scratch: CLIP's BPE tokenizer and its causal text transformer (T5 in t5.py).
+"""CLIP's text side from scratch: its BPE tokenizer and causal text transformer, and the text side of every family.
 
-SD1.5 conditions on CLIP ViT-L/14's final (layer-normed) hidden states [B,77,768]. SDXL concatenates the
-penultimate hidden states of CLIP-L and of OpenCLIP ViT-bigG/14 into [B,77,2048], and also feeds bigG's
-projected pooled output [B,1280] (its end-of-text token, through text_projection) to the UNet. SD3 takes the same
-2048 channels zero-padded to T5's 4096 and followed by T5's 256 tokens, and both projected pooled outputs [B,2048];
-FLUX takes T5's states alone and CLIP-L's (unprojected) pooled output [B,768].
+CLIP-L (OpenAI's ViT-L/14 text tower) and OpenCLIP's ViT-bigG/14 condition the SD families: SD1.5 on CLIP-L's final
+states, SDXL and SD3 on both penultimate states side by side, FLUX on CLIP-L's pooled output beside T5 (t5.py).
+`load` reads the encoders a family's record lists (families.py: where each lies, its tokenizer, its released size)
+and TextEncoders.encode gives what that family's denoiser takes, as its diffusers pipeline's encode_prompt does.
 
 Modules are named after transformers' CLIPTextModelWithProjection (text_model.encoder.layers.0.self_attn.q_proj,
 ..., text_projection), so a diffusers text_encoder/ folder loads key for key. Single files keep CLIP-L in that
@@ -17,22 +16,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import families
 import kernels
-import t5
 from weights import (Checkpoint, CheckpointError, component, find_weights, load_module, read_config, read_json, rename,
                      renamed, save_safetensors, special_tokens)
 
 MAX_LENGTH = 77
 VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_bpe")  # CLIP's BPE (see its README.md)
 CLIP_VOCAB_SIZE = 49408
-# transformers' CLIPTextConfig defaults, then the real full-size encoders (what single files hold).
+# transformers' CLIPTextConfig defaults (the released encoders' configs: families.CLIP_L, families.BIG_G)
 DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                 num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
                 projection_dim=512, eos_token_id=49407)
-CLIP_L = dict(DEFAULTS, hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768,
-              eos_token_id=2)  # 123,060,480 parameters
-BIG_G = dict(DEFAULTS, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-             hidden_act="gelu", projection_dim=1280, eos_token_id=2)  # 694,659,840 parameters with projection
 
 
 def quick_gelu(x):
@@ -166,55 +161,32 @@ class TextTransformer(nn.Module):
 
 
 class TextEncoders(nn.Module):
-    """Tokenizers and text encoders of one family: [CLIP-L] for SD1.5, [CLIP-L, OpenCLIP-bigG] for SDXL,
-    [CLIP-L, bigG, T5] for SD3 (T5 may be absent, as diffusers allows: zeros then), [CLIP-L, T5] for FLUX."""
+    """The tokenizers and text encoders of one family (its record's text side, families.py), and what its denoiser is
+    given of their outputs (text.combine). An optional encoder that is absent (SD3 without T5) gives it None."""
 
-    def __init__(self, encoders, tokenizers, family):
+    def __init__(self, encoders, tokenizers, family, present=None):
         super().__init__()
         self.encoders = nn.ModuleList(encoders)
         self.tokenizers = list(tokenizers)
         self.family = family
-
-    @property
-    def is_sdxl(self):
-        return self.family == "sdxl"
+        self.present = present or [True] * len(family.text.encoders)  # per encoder of the record: loaded or absent
 
     def tokenize(self, prompts):
         """list of str -> one LongTensor (B, L) per encoder (cache these and pass them as encode(ids=...))."""
         return [t(prompts) for t in self.tokenizers]
 
     def encode(self, prompts=None, ids=None):
-        """-> (context, pooled), what the family's denoiser takes: SDXL (B, 77, 2048), (B, 1280); SD1.5 (B, 77, 768),
-        None; SD3 (B, 77 + 256, 4096), (B, 2048); FLUX (B, 512 or 256, 4096), (B, 768). Runs under the caller's
-        grad mode (wrap in torch.no_grad() for a frozen encoder)."""
+        """-> (context, pooled), what the family's denoiser takes (families.py's sdxl_text, ...: e.g. SDXL's
+        (B, 77, 2048), (B, 1280)). Runs under the caller's grad mode (torch.no_grad() for a frozen encoder)."""
         ids = self.tokenize(prompts) if ids is None else ids
-        dev = self.encoders[0].text_model.final_layer_norm.weight.device
-        outs = [enc(i.to(dev)) for enc, i in zip(self.encoders, ids)]
-        if self.family == "sd15":
-            return outs[0]["last"], None
-        if self.family == "flux":
-            return outs[1], outs[0]["pooled"]  # T5's states, CLIP-L's pooled output
-        clip = torch.cat([outs[0]["penultimate"], outs[1]["penultimate"]], dim=-1)  # (B, 77, 768 + 1280)
-        pooled = torch.cat([outs[0]["projected"], outs[1]["projected"]], dim=-1) if self.family == "sd3" else None
-        if self.family == "sdxl":
-            return clip, outs[1]["projected"]
-        B = clip.shape[0]
-        t5 = outs[2] if len(outs) == 3 else clip.new_zeros(B, T5_LENGTH["sd3"], T5_WIDTH)  # (B, 256, 4096)
-        return torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=1), pooled  # (B, 333, 4096)
+        dev = next(self.encoders[0].parameters()).device
+        outs = iter([enc(i.to(dev)) for enc, i in zip(self.encoders, ids)])
+        return self.family.text.combine([next(outs) if here else None for here in self.present])
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: CLIP in the transformers layout (folders, CLIP-L in single files) and OpenCLIP's (bigG in single files)
 
-T5_LENGTH = {"sd3": 256, "flux": 512, "flux-schnell": 256}  # the pipelines' default max_sequence_length
-T5_WIDTH = 4096
-# Single files: (prefix, layout, full-size config, metadata key of a stored config, pad token) per CLIP encoder.
-SINGLE = {"sdxl": [("conditioner.embedders.0.transformer.", "hf", CLIP_L, "text_encoder_config", None),
-                   ("conditioner.embedders.1.model.", "open_clip", BIG_G, "text_encoder_2_config", "!")],
-          "sd15": [("cond_stage_model.transformer.", "hf", CLIP_L, "text_encoder_config", None)],
-          "sd3": [("text_encoders.clip_l.transformer.", "hf", CLIP_L, "text_encoder_config", None),
-                  ("text_encoders.clip_g.transformer.", "hf", BIG_G, "text_encoder_2_config", "!")],
-          "flux": [("", "hf", CLIP_L, "text_encoder_config", None)]}  # FLUX's split clip_l.safetensors
 LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
          "self_attn.out_proj": "attn.out_proj"}
 QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}  # which third of OpenCLIP's fused in_proj
@@ -279,120 +251,123 @@ def _load_single(ckpt, prefix, layout, cfg, device, dtype, projection):
     return load_module(model, sources, dtype, device, f"text encoder ({ckpt.files[0]}, {prefix}*)")
 
 
+def _clip_prefix(fam):
+    """Where a family's single files keep its (last) CLIP encoder: a key prefix ("": a bare CLIP file); None: none."""
+    clips = [s for s in fam.text.encoders if s.module is None]
+    return clips[-1].single[0] if clips else None
+
+
 def _file_family(ckpt, path, t5_file):
-    keys = ckpt.keys()
-    for fam in ("sd3", "sdxl", "sd15"):
-        if any(k.startswith(SINGLE[fam][-1][0]) for k in keys):
-            return fam
-    if any(k in keys for k in ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight")):
-        if t5_file is None:
-            raise CheckpointError(f"{path}: a CLIP-L file alone (FLUX's clip_l.safetensors?): pass t5_file=FILE too")
-        return "flux"
-    raise CheckpointError(f"{path}: holds no SDXL, SD1.5 or SD3 text encoder (no conditioner.embedders.1.model., "
-                          "cond_stage_model.transformer. or text_encoders.clip_l. keys)")
+    """The family whose text side a single file holds (families.of_keys), with its CLIP encoders under their prefix,
+    or its other encoders in it; a bare CLIP file is a split text side (FLUX's clip_l.safetensors): t5_file too."""
+    try:
+        fam = families.of_keys(ckpt, path)
+    except CheckpointError:
+        fam = None
+    prefix = _clip_prefix(fam) if fam else None
+    if prefix:
+        holds = any(k.startswith(prefix) for k in ckpt.keys())
+    elif prefix == "":
+        holds = any(k in ckpt for k in ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding."
+                                        "weight"))
+    else:
+        holds = fam is not None and all(s.module.in_file(ckpt) for s in fam.text.encoders if not s.optional)
+    if not holds:
+        named = [f for f in families.FAMILIES if _clip_prefix(f)]
+        raise CheckpointError(f"{path}: holds no {families.names(named)} text encoder (no "
+                              f"{', '.join(_clip_prefix(f) for f in named)} keys)")
+    missing = [s for s in fam.text.encoders if s.module and not s.optional and not s.module.in_file(ckpt)]
+    if missing and t5_file is None:
+        raise CheckpointError(f"{path}: a CLIP-L file alone ({fam.title}'s clip_l.safetensors?): pass t5_file=FILE too")
+    return fam
 
 
-def _clip_tokenizers(folder, encoders, pads, what):
-    """CLIP tokenizers: tokenizer/ [and tokenizer_2/] of a diffusers model folder, one tokenizer folder, or (folder
-    None) the vocabulary shipped in clip_bpe/, which every full-size CLIP encoder here uses."""
-    n = len(encoders)
+def _clip_tokenizers(folder, specs, encoders, what):
+    """The CLIP encoders' tokenizers: their subfolders of a diffusers model folder (tokenizer/, tokenizer_2/), one
+    tokenizer folder, or (folder None) the vocabulary shipped in clip_bpe/, which every full-size CLIP here uses."""
+    subs = [os.path.join(folder or "", s.tokenizer) for s in specs]
+    need = f"tokenizer=FOLDER (a diffusers model folder with {' and '.join(s.tokenizer + '/' for s in specs)})"
     if folder is None:
         for enc in encoders:
             if enc.config["vocab_size"] != CLIP_VOCAB_SIZE:
                 raise CheckpointError(f"{what} holds no tokenizer and its vocabulary ({enc.config['vocab_size']} "
-                                      f"tokens) is not CLIP's: pass tokenizer=FOLDER (a diffusers model folder with "
-                                      f"tokenizer/{' and tokenizer_2/' if n == 2 else ''})")
-        return [Tokenizer(VOCAB, pad_token=p) for p in pads]
-    subs = [os.path.join(folder, s) for s in ("tokenizer", "tokenizer_2")[:n]]
+                                      f"tokens) is not CLIP's: pass {need}")
+        return [Tokenizer(VOCAB, pad_token=s.pad) for s in specs]
     if all(os.path.isdir(s) for s in subs):
         return [Tokenizer(s) for s in subs]
-    if n == 1 and os.path.isfile(os.path.join(folder, "vocab.json")):
+    if len(specs) == 1 and os.path.isfile(os.path.join(folder, "vocab.json")):
         return [Tokenizer(folder)]
-    t5_only = os.path.isfile(os.path.join(folder, "tokenizer.json"))
-    if t5_only and not os.path.isfile(os.path.join(folder, "vocab.json")):
-        return [Tokenizer(VOCAB, pad_token=p) for p in pads]  # a T5 tokenizer folder: CLIP's from clip_bpe/
-    raise CheckpointError(f"{what}: no tokenizer in {folder}: pass tokenizer=FOLDER (a diffusers model folder with "
-                          f"tokenizer/{' and tokenizer_2/' if n == 2 else ''})")
+    other = os.path.isfile(os.path.join(folder, "tokenizer.json"))  # another encoder's folder (T5's)
+    if other and not os.path.isfile(os.path.join(folder, "vocab.json")):
+        return [Tokenizer(VOCAB, pad_token=s.pad) for s in specs]  # CLIP's from clip_bpe/
+    raise CheckpointError(f"{what}: no tokenizer in {folder}: pass {need}")
 
 
-def _t5_tokenizer(folder, fam, length, what, capped=True):
-    """T5's tokenizer (tokenizer.json): tokenizer_3/ (SD3) or tokenizer_2/ (FLUX) of a model folder, or the folder.
-    capped: the pipeline's token count, cut to the tokenizer's own model_max_length where that is smaller (T5's
-    tokenizers say 512; a model made for short prompts, as the flow demo's, says fewer)."""
-    sub = os.path.join(folder or "", "tokenizer_3" if fam == "sd3" else "tokenizer_2")
+def _tokenizer(spec, folder, length, what, capped=True):
+    """Another encoder's tokenizer (T5's tokenizer.json): its subfolder of a model folder, or the folder. capped: the
+    pipeline's token count, cut to the tokenizer's own model_max_length where that is smaller (T5's tokenizers say
+    512; a model made for short prompts, as the flow demo's, says fewer)."""
     if folder is None:
-        raise CheckpointError(f"{what} holds no T5 tokenizer: pass tokenizer=FOLDER (a diffusers model folder with "
-                              f"{os.path.basename(sub)}/, or a folder with T5's tokenizer.json)")
-    where = sub if os.path.isdir(sub) else folder
+        raise CheckpointError(f"{what} holds no tokenizer for its {spec.folder}: pass tokenizer=FOLDER (a diffusers "
+                              f"model folder with {spec.tokenizer}/, or a folder with its tokenizer.json)")
+    where = os.path.join(folder, spec.tokenizer) if os.path.isdir(os.path.join(folder, spec.tokenizer)) else folder
     cap = read_json(os.path.join(where, "tokenizer_config.json"), {}).get("model_max_length") if capped else None
     if isinstance(cap, int) and 1 < cap < length:
         length = cap
-    return t5.Tokenizer(where, max_length=length)
-
-
-def _folder_family(root):
-    if os.path.isdir(os.path.join(root, "text_encoder_3")):
-        return "sd3"
-    if os.path.isdir(os.path.join(root, "text_encoder_2")):
-        cfg = read_config(os.path.join(root, "text_encoder_2"))
-        return "flux" if cfg.get("model_type") == "t5" else "sdxl"
-    return "sd15"
-
-
-def _flux_length(root):
-    """512 tokens for FLUX-dev, 256 for schnell (no guidance embedding), as their pipelines are run."""
-    cfg = os.path.join(root or "", "transformer", "config.json")
-    if root is not None and os.path.isfile(cfg) and not read_config(os.path.dirname(cfg)).get("guidance_embeds"):
-        return T5_LENGTH["flux-schnell"]
-    return T5_LENGTH["flux"]
+    return spec.module.Tokenizer(where, max_length=length)
 
 
 def load(path, device="cpu", dtype=torch.float32, tokenizer=None, t5_file=None, max_length=None):
-    """Tokenizers + text encoders of the model in path: a diffusers root (or its text_encoder/ folder), a single
-    SDXL / SD1.5 / SD3.5 .safetensors file, or FLUX's split clip_l.safetensors with t5_file=t5xxl_fp16.safetensors.
-    Single files hold no tokenizer: CLIP's comes from clip_bpe/ unless tokenizer= names a diffusers model folder
-    (tokenizer/, tokenizer_2/) or a tokenizer folder; T5's from tokenizer= (tokenizer_3/ or tokenizer_2/ in it, or
-    a folder with tokenizer.json). max_length: T5's token count (default: the family pipeline's, or the
-    tokenizer's model_max_length where smaller)."""
+    """Tokenizers + text encoders of the model in path, as its family's record lists them (families.py): a diffusers
+    root (or its text_encoder/ folder), a single SDXL / SD1.5 / SD3.5 .safetensors file, or FLUX's split
+    clip_l.safetensors with t5_file=t5xxl_fp16.safetensors. Single files hold no tokenizer: CLIP's comes from
+    clip_bpe/ unless tokenizer= names a diffusers model folder (tokenizer/, tokenizer_2/) or a tokenizer folder; T5's
+    from tokenizer= (its tokenizer_3/ or tokenizer_2/, or a folder with tokenizer.json). max_length: T5's token count
+    (default: the family pipeline's, or the tokenizer's model_max_length where smaller)."""
     kind, where = component(path, "text_encoder")
     if kind == "file":
-        ckpt = Checkpoint(path)
+        ckpt, config = Checkpoint(path), {}
         fam = _file_family(ckpt, path, t5_file)
-        encoders = []
-        for prefix, layout, cfg, meta, _ in SINGLE[fam]:  # a config stored in the file (save() does) wins
-            cfg = json.loads(ckpt.metadata[meta]) if meta in ckpt.metadata else cfg
-            proj = layout == "open_clip" or fam == "sd3"
-            encoders.append(_load_single(ckpt, prefix, layout, cfg, device, dtype, proj))
-        toks = _clip_tokenizers(tokenizer, encoders, [p[-1] for p in SINGLE[fam]], path)
-        if fam == "flux" or (fam == "sd3" and any(k.endswith(t5.REL) for k in ckpt.keys())):  # else SD3 without T5
-            encoders.append(t5.load(t5_file or path, device, dtype))  # finds its prefix in a whole SD3.5 file
-            toks.append(_t5_tokenizer(tokenizer, fam, max_length or T5_LENGTH[fam], path, max_length is None))
-        return TextEncoders(encoders, toks, fam).eval()
-    if os.path.basename(os.path.normpath(where)) != "text_encoder":  # another component's folder (unet/, ...)
+    elif os.path.basename(os.path.normpath(where)) != "text_encoder":  # another component's folder (unet/, ...)
         raise CheckpointError(f"{path} is neither a diffusers model folder (no text_encoder/) nor a text_encoder "
                               "folder")
-    root = path if where == os.path.join(path, "text_encoder") else os.path.dirname(os.path.abspath(where))
-    fam = _folder_family(root)
-    subs = {"sd15": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"], "flux": ["text_encoder"],
-            "sd3": ["text_encoder", "text_encoder_2"]}[fam]
-    encoders = [_load_folder(os.path.join(root, s), device, dtype) for s in subs]
-    toks = _clip_tokenizers(tokenizer or root, encoders, [None, "!"][:len(encoders)], path)
-    if fam in ("sd3", "flux"):
-        folder = os.path.join(root, "text_encoder_3" if fam == "sd3" else "text_encoder_2")
-        encoders.append(t5.load(folder, device, dtype))
-        length = max_length or (T5_LENGTH["sd3"] if fam == "sd3" else _flux_length(root))
-        toks.append(_t5_tokenizer(tokenizer or root, fam, length, path, max_length is None))
-    return TextEncoders(encoders, toks, fam).eval()
+    else:
+        root = path if where == os.path.join(path, "text_encoder") else os.path.dirname(os.path.abspath(where))
+        fam = families.of(root)
+        config = fam.read_config(root)  # the denoiser's (FLUX-dev and schnell encode T5 to other lengths)
+    clips, others, present = [], [], []
+    for spec in fam.text.encoders:
+        if kind == "folder":
+            folder = os.path.join(root, spec.folder)
+            here = not spec.optional or os.path.isdir(folder)
+            enc = None if not here else _load_folder(folder, device, dtype) if spec.module is None else \
+                spec.module.load(folder, device, dtype)
+        elif spec.module is None:  # a stored config (save() writes one) wins over the released encoder's
+            prefix, layout, meta = spec.single
+            cfg = json.loads(ckpt.metadata[meta]) if meta in ckpt.metadata else spec.config
+            enc = _load_single(ckpt, prefix, layout, cfg, device, dtype, spec.projection)
+        else:  # t5_file, or the file itself (SD3.5's hold T5 under a prefix; without it, as diffusers allows: None)
+            here = t5_file is not None or spec.module.in_file(ckpt)
+            enc = spec.module.load(t5_file or path, device, dtype) if here else None
+        present.append(enc is not None)
+        if enc is not None:
+            (clips if spec.module is None else others).append((spec, enc))
+    folder = tokenizer or (root if kind == "folder" else None)
+    toks = _clip_tokenizers(folder, [s for s, _ in clips], [e for _, e in clips], path)
+    toks += [_tokenizer(s, folder, max_length or s.tokens(config), path, max_length is None) for s, _ in others]
+    return TextEncoders([e for _, e in clips + others], toks, fam, present).eval()
 
 
 def save(te, path, layout="single"):
     """Write the CLIP text encoders as their part of an original-layout single file, configs in its metadata."""
     if layout != "single":
         raise ValueError(f"layout must be 'single', got {layout!r}")
-    if te.family not in ("sdxl", "sd15"):
-        raise ValueError(f"clip.save writes SDXL / SD1.5 text encoders, not {te.family}'s")
+    fams = [f for f in families.FAMILIES if "single" in f.layouts]  # the families whose single files are written
+    if te.family not in fams:
+        raise ValueError(f"clip.save writes the text encoders of {families.names(fams)}, not {te.family.title}'s")
     out, meta = {}, {}
-    for enc, (prefix, kind, _, meta_key, _) in zip(te.encoders, SINGLE[te.family]):
+    for enc, spec in zip(te.encoders, te.family.text.encoders):
+        prefix, kind, meta_key = spec.single
         meta[meta_key] = json.dumps(enc.config)
         fused, table = {}, open_clip_table(enc.config)
         for name, t in enc.state_dict().items():

@@ -1,6 +1,6 @@
-"""Preference data for dpo.py: Pick-a-Pic v2 parquet shards or JSONL, read lazily; the one image loader; image
-transforms; prompt sets; the order training visits the data in; batches. (The UNets' inputs made from a batch, VAE
-latents and text embeddings, now or once ahead in a latent cache, are cache.py's.)
+"""Preference data for dpo.py: Pick-a-Pic v2 parquet shards or JSONL, read lazily; every pair of a set in file order
+(what AI feedback labels); prompt sets; the order training visits the data in; batches. (The items' images, cropped
+and flipped, and the denoiser's inputs made from a batch, now or once ahead in a latent cache, are cache.py's.)
 
 Two kinds of data. Pairs (parquet, or JSONL {caption, image_0, image_1, label_0}) have a preferred and a rejected
 image; ties are dropped. Single images (JSONL {caption, image, label}, label 1 desirable, 0 undesirable) are what
@@ -29,14 +29,33 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from images import (cell_image, check_ref, open_image, parquet_layout, parse_ref, pyarrow_parquet, read_cell,
-                    transform)
+import cli
+from images import cell_image, check_ref, parquet_layout, parquet_ref, parse_ref, pyarrow_parquet, read_cell
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "model_0", "model_1")  # Pick-a-Pic v2 parquet
 COLUMN_MAP = COLUMNS[:4] + COLUMNS[5:]  # what --columns maps to another set's names (label_1 follows label_0)
 SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")  # Pick-a-Pic v2's splits
 SHARD = re.compile(r"^([a-z][a-z_]*)-\d{5}-of-\d{5}")  # hub shard names: train-00000-of-00645-<hash>.parquet
 SHUFFLE_PAIRS = 2048  # pairs per shuffle window (one optimizer step at the paper's batch size)
+
+
+def column_map(columns):
+    """--columns "OURS=THEIRS,..." -> {ours: theirs} (None without it): another parquet set read as Pick-a-Pic."""
+    return cli.parse_map(columns, "--columns", COLUMN_MAP) if columns else None
+
+
+def check_flags(p, path, split, columns):
+    """The data flags' refusals when a tool parses them (p.error: one line): --split and --columns pick a parquet
+    set's shards and name its columns, which a JSONL file has not; --columns must read as OURS=THEIRS."""
+    jsonl = bool(path) and path.endswith(".jsonl")
+    if split and jsonl:
+        p.error(f"--split picks the shards of a Pick-a-Pic folder; {path} is a JSONL file: drop --split")
+    if columns and jsonl:
+        p.error(f"--columns maps a parquet set's column names; {path} is a JSONL file: drop --columns")
+    try:
+        column_map(columns)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def _split(f, root):
@@ -291,6 +310,66 @@ class Preferences:
         return value
 
 
+class PairRows:
+    """Every pair of a parquet set or a JSONL file in file order, ties included (AI feedback labels them all), as
+    dicts {caption, image_0, image_1: what open_image reads (bytes or a path); ref_0, ref_1: where each image lies
+    (a path, or a parquet_ref); label_0: the data's own label (0.5 a tie; None if it has none); source: where the
+    pair is}. A parquet row group is decoded once. columns: --columns' map of our names to another set's."""
+
+    def __init__(self, path: str, split: str = "train", columns: dict = None):
+        self.path, self.jsonl = path, path.endswith(".jsonl")
+        self.c = {k: (columns or {}).get(k, k) for k in ("caption", "jpg_0", "jpg_1", "label_0")}  # -> the set's
+        if self.jsonl:
+            self.n = sum(1 for _ in read_jsonl(path, labelled=False))
+            self.read = path
+        else:
+            self.files, self.read = parquet_files(path, split)
+            self.layouts = [parquet_layout(f) for f in self.files]
+            for f, (_, names) in zip(self.files, self.layouts):
+                missing = [self.c[k] for k in ("caption", "jpg_0", "jpg_1") if self.c[k] not in names]
+                if missing:
+                    raise ValueError(f"{f}: missing columns {', '.join(missing)} (a pair needs caption, jpg_0, jpg_1"
+                                     f"{'; --columns maps them' if self.c != {k: k for k in self.c} else ''})")
+            self.n = sum(int(starts[-1]) for starts, _ in self.layouts)
+        if self.n == 0:
+            raise ValueError(f"{path}: no pairs")
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return self._jsonl() if self.jsonl else self._parquet()
+
+    def _jsonl(self):
+        cells = OrderedDict()
+        for n, caption, refs, label, single in read_jsonl(self.path, labelled=False):
+            if single:
+                raise ValueError(f"{self.path}:{n}: one labelled image, not a pair (AI feedback labels pairs)")
+            try:
+                images = [ref if parse_ref(ref) is None else read_cell(*parse_ref(ref), cache=cells) for ref in refs]
+            except ValueError as e:
+                raise ValueError(f"{self.path}:{n}: not a pair with readable references ({e})") from None
+            while len(cells) > 4:  # a row group's two image columns, and the next one's
+                cells.popitem(last=False)
+            yield dict(caption=caption, image_0=images[0], image_1=images[1], ref_0=refs[0],
+                       ref_1=refs[1], label_0=label, source=f"{self.path}:{n}")
+
+    def _parquet(self):
+        c = self.c
+        for f, (starts, names) in zip(self.files, self.layouts):
+            pf = pyarrow_parquet().ParquetFile(f)
+            cols = [c["caption"], c["jpg_0"], c["jpg_1"]] + ([c["label_0"]] if c["label_0"] in names else [])
+            for g in range(len(starts) - 1):
+                t = pf.read_row_group(g, columns=cols).to_pydict()
+                labels = t.get(c["label_0"], [None] * len(t[c["caption"]]))
+                for r in range(len(t[c["caption"]])):
+                    row = int(starts[g]) + r
+                    yield dict(caption=t[c["caption"]][r], image_0=cell_image(t[c["jpg_0"]][r]),
+                               image_1=cell_image(t[c["jpg_1"]][r]), ref_0=parquet_ref(f, row, c["jpg_0"]),
+                               ref_1=parquet_ref(f, row, c["jpg_1"]),
+                               label_0=None if labels[r] is None else float(labels[r]), source=f"{f}, row {row}")
+
+
 def _text(caption) -> str:
     """A row's caption, which must be text: trained as "None" or "123" it would teach the model nonsense."""
     if not isinstance(caption, str):
@@ -368,44 +447,6 @@ class EpochOrder:
         if epoch != self._epoch:
             self._epoch, self._order = epoch, self.order(epoch)
         return int(self._order[k])
-
-
-class PreferenceDataset(torch.utils.data.Dataset):
-    """Global position -> the item's images (a pair's two, preferred first, or one with its label). An unreadable
-    item is reported (its index in "bad") and replaced by the next readable one in the epoch order (deterministic,
-    so every world size sees the same data)."""
-
-    def __init__(self, pairs: Preferences, res: int, seed: int, random_crop: bool, flip: bool):
-        self.pairs, self.res, self.seed, self.random_crop, self.flip = pairs, res, seed, random_crop, flip
-        self.index = EpochOrder(pairs.group, seed, pairs.window_groups)
-        self.per_item = 1 if pairs.singles else 2  # images per item
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, pos: int) -> dict:
-        return dict(pos=pos, **self.read(lambda k: self.index(pos + k), pos))
-
-    def read(self, candidate, key: int) -> dict:
-        """Try pairs candidate(0), candidate(1), ... until one decodes; crop/flip drawn from (seed, key)."""
-        bad = []  # the indices of the unreadable items passed over
-        for k in range(len(self.pairs)):
-            i = candidate(k)
-            try:
-                caption, images, label = self.pairs.raw(i)
-                rng = np.random.default_rng(seed_for(self.seed, key, k, 0xC409))
-                out = [transform(open_image(im), self.res, rng, self.random_crop, self.flip) for im in images]
-            except Exception as e:  # corrupt bytes, missing file, decoder error: skip and report, never crash
-                print(f"warning: skipping unreadable pair {self.pairs.where(i)} ({type(e).__name__}: {str(e)[:80]})",
-                      flush=True)
-                bad.append(i)
-                continue
-            item = dict(index=i, caption=caption, pixels=torch.stack([x for x, _ in out]),  # (k, 3, H, W)
-                        time_ids=torch.stack([ids for _, ids in out]), bad=bad)  # (k, 6)
-            if label is not None:
-                item["label"] = label
-            return item
-        raise ValueError(f"{self.pairs.path}: no readable image pair")
 
 
 class Unreadable:

@@ -17,18 +17,16 @@ Steps (all with the repo's own code, results in demo_out/, or demo_out_flow/ for
   3. base/: the reference = init with its denoiser pretrained by dpo.train(loss="sft") on the unbiased pairs
      (noise prediction for the UNet, flow matching for the transformer).
   4. dpo/: dpo.train(loss="dpo") from base/ on the rule-labelled pairs (latent cache, CPU, fp32; the flow model
-     with dpo.FLOW_BETA's beta, eq. 14 on the velocity errors).
+     with its family's beta, families.FLOW_BETA, eq. 14 on the velocity errors).
   5. Reference and DPO model sample the same prompts from the same initial noise with sample.py's pipeline
      (16 per prompt, Euler 20 steps; the UNet with guidance 3, FLUX-dev with its guidance input 3.5, no CFG, as
      its pipeline); win rate = how often the DPO sample's shape is larger (ties 0.5); grid.png shows the pairs
      side by side (rows = prompts, columns = reference | DPO for 4 noises). prompts.txt lists the prompts
      for evaluate.py (`--compare --prompts demo_out/prompts.txt --score area` is the same evaluation, other noise).
 
-Tuning of the SDXL demo (beta, lr; 100 steps x 16 pairs, AdamW, grad clip 1; 48 eval samples, reference fidelity
-0.938): lr 1e-4 beta 5000 collapses (win 1.000, fidelity 0.542: big mixed-colour blobs, DPO loss ~0); lr 2e-5
-beta 1000: fidelity 0.688; lr 1e-5 beta 5000: fidelity 0.958 with some colour bleeding; lr 5e-6 beta 5000 (the
-default) keeps the colours. The README has the measured numbers of both demos, their beta sweeps and times. A
-second run reuses base/ and data/ (the stamp base/demo_world.json must match the demo's world).
+The defaults (beta, lr) are the settings that move the samples without losing their colours; the README has the
+measured numbers of the demos, their beta and lr sweeps and times. A second run reuses base/ and data/ (the stamp
+base/demo_world.json must match the demo's world).
 """
 import argparse
 import json
@@ -43,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip
-import denoiser
+import families
 import flux
 import images
 import online
@@ -53,7 +51,7 @@ import unet as unetlib
 import vae as vaelib
 from reward import win_rate
 from toy import PROMPTS, RADIUS, SIZE, area, fidelity, random_image, write_t5_tokenizer, write_tokenizer
-from weights import atomic, save_json, save_safetensors
+from weights import save_json, save_jsonl, save_safetensors
 
 # ----------------------------------------------------------------------------------------------------
 # The data set: JSONL + PNG files in dpo.py's --data format
@@ -81,11 +79,7 @@ def write_pairs(folder: str, name: str, n: int, seed: int, biased: bool) -> str:
             Image.fromarray((img * 255).round().astype(np.uint8)).save(os.path.join(folder, paths[-1]))
         rows.append(dict(caption=prompt, image_0=paths[0], image_1=paths[1], label_0=label))
     path = os.path.join(folder, f"{name}.jsonl")
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    atomic(path, write)
+    save_jsonl(rows, path)
     return path
 
 
@@ -229,7 +223,7 @@ FLOW_WORLD = dict(size=SIZE, radius=RADIUS, prompts=PROMPTS, transformer=FLUX_CO
                   vae=VAE_CONFIG, vae_steps=300, sft_pairs=1536,
                   sft=dict(max_steps=1500, batch_size=32, lr=1e-3, warmup=20), seed=0, version=1)
 # DPO defaults (each one overridden by the same dpo.py flag when given); batch_size counts pairs over all ranks;
-# beta is the loss's own default (dpo.BETA: 5000 for eq. 14; dpo.FLOW_BETA for the flow model)
+# beta is the loss's own default (dpo.BETA: 5000 for eq. 14; families.FLOW_BETA for the flow model)
 DPO_DEFAULTS = dict(lr=5e-6, max_steps=100, batch_size=16, grad_accum=1, warmup=10)
 FLOW_DPO_DEFAULTS = dict(lr=2e-5, max_steps=100, batch_size=16, grad_accum=1, warmup=10)
 DPO_PAIRS, HELDOUT_PAIRS = 1536, 96
@@ -303,7 +297,7 @@ def build_world(root: str, args, train, log, demo="sdxl"):
     train(_train_args(args, model=init, data=os.path.join(data, "sft.jsonl"), out_dir=sft_dir, loss="sft",
                       seed=seed, grad_accum=1, **world["sft"]))
     if dist.get_rank() == 0:
-        tuned = os.path.join(sft_dir, denoiser.subfolder(denoiser.family(init)))  # sft/unet or sft/transformer
+        tuned = os.path.join(sft_dir, families.of(init).subfolder)  # sft/unet or sft/transformer
         _copy_model(init, os.path.join(root, "base"), tuned)
         save_json(world, stamp)
         log(f"reference: {root}/base ({time.time() - t:.0f}s)")
@@ -325,7 +319,7 @@ def side_by_side(root: str, tuned: str, demo="sdxl", grid="grid.png"):
     def samples():  # (B, 3, H, W) in [0, 1]
         return pipe(prompts, steps=ev["steps"], guidance=ev["guidance"], latents=latents, height=SIZE, width=SIZE)
     ref_img = samples()
-    pipe.unet = denoiser.load(tuned)
+    pipe.unet = pipe.family.load(tuned)
     dpo_img = samples()
     res = dict(win_rate=win_rate(area(ref_img), area(dpo_img))["win_rate"],
                fidelity_ref=float(fidelity(ref_img, prompts).mean()),
@@ -380,7 +374,7 @@ def run(args, train):
         return
     log("eval: sampling reference and DPO model from the same prompts and noise")
     grid = "grid_online.png" if demo == "online" else "grid.png"
-    r = side_by_side(root, os.path.join(out, denoiser.subfolder(denoiser.family(base))), demo, grid)
+    r = side_by_side(root, os.path.join(out, families.of(base).subfolder), demo, grid)
     log(f"mean shape area: reference {r['area_ref']:.3f}, DPO {r['area_dpo']:.3f}; grid: {root}/{grid} "
         f"(rows = prompts, columns = reference | DPO pairs); held-out pairs: {root}/data/heldout.jsonl")
     print(f"demo win_rate={r['win_rate']:.3f} fidelity_ref={r['fidelity_ref']:.3f} "

@@ -6,8 +6,9 @@ DDPM (Ho et al. 2020) noises a clean latent x_0 in T = 1000 steps with variances
 the fraction of signal variance left is alpha_bar_t = prod_{s<=t} (1 - beta_s), so x_t can be drawn in one go:
     q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I), that is x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, a_t = alpha_bar_t.
 The UNet is trained to predict eps from x_t (prediction_type "epsilon"), or v = sqrt(alpha_bar_t) eps -
-sqrt(1 - alpha_bar_t) x_0 ("v_prediction", Salimans & Ho 2022). SD1.5 and SDXL use the "scaled_linear" betas
-below; a model folder's scheduler/scheduler_config.json can say otherwise.
+sqrt(1 - alpha_bar_t) x_0 ("v_prediction", Salimans & Ho 2022). A family's record (families.py) holds its
+released schedule (SD1.5 and SDXL: the "scaled_linear" betas); a model folder's scheduler/scheduler_config.json can
+say otherwise.
 
 Sampling runs the reverse process with one of two schedulers, each written out below (no diffusers): a table of
 noise levels over the chosen timesteps plus a one-line update. They reproduce diffusers' EulerDiscreteScheduler /
@@ -20,24 +21,20 @@ import numpy as np
 import torch
 
 import cli
-import denoiser
-
 from weights import read_json
 
-# SD1.5 / SDXL's released scheduler settings; a model's scheduler/scheduler_config.json overrides them.
-SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                   timestep_spacing="leading", steps_offset=1, prediction_type="epsilon",
-                   set_alpha_to_one=False, clip_sample=False)
 
-
-def scheduler_config(path, prediction_type="epsilon") -> dict:
-    """SD's released settings, overridden by the model folder's scheduler/scheduler_config.json when it has one;
-    prediction_type is the fallback when the folder does not say (a single file's UNet knows its own)."""
-    cfg = dict(SD_SCHEDULE, prediction_type=prediction_type)
+def scheduler_config(path, family, prediction_type=None) -> dict:
+    """The family's released scheduler settings (its record's schedule), overridden by the model folder's
+    scheduler/scheduler_config.json when it has one; prediction_type: a DDPM model's when the folder does not say
+    (a single file's UNet knows its own)."""
+    cfg = dict(family.schedule)
+    if prediction_type and not family.flow:
+        cfg["prediction_type"] = prediction_type
     if os.path.isdir(path):
         found = read_json(os.path.join(path, "scheduler", "scheduler_config.json"), {})
-        cfg.update({k: found[k] for k in SD_SCHEDULE if found.get(k) is not None})
-    if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
+        cfg.update({k: found[k] for k in family.schedule if found.get(k) is not None})
+    if not family.flow and cfg["prediction_type"] not in ("epsilon", "v_prediction"):
         raise ValueError(f"unsupported prediction_type {cfg['prediction_type']!r} (epsilon or v_prediction)")
     return cfg
 
@@ -150,21 +147,9 @@ SCHEDULERS = {"euler": Euler, "ddim": DDIM}
 # ----------------------------------------------------------------------------------------------------
 # Rectified flow (SD3, FLUX): x_sigma = (1 - sigma) x_0 + sigma eps, the network predicts the velocity eps - x_0
 
-# diffusers' FlowMatchEulerDiscreteScheduler defaults; SD3's folders say shift 3.0, FLUX's use_dynamic_shifting.
+# diffusers' FlowMatchEulerDiscreteScheduler defaults (SD3's and FLUX's records change the shift)
 FLOW_SCHEDULE = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
                      max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-
-
-FAMILY_FLOW = {"sd3": dict(shift=3.0), "flux": dict(shift=3.0, use_dynamic_shifting=True)}  # their released configs
-
-
-def flow_config(path, family) -> dict:
-    """The family's released flow schedule, overridden by the folder's scheduler/scheduler_config.json if any."""
-    cfg = dict(FLOW_SCHEDULE, **FAMILY_FLOW[family])
-    if os.path.isdir(path):
-        found = read_json(os.path.join(path, "scheduler", "scheduler_config.json"), {})
-        cfg.update({k: found[k] for k in FLOW_SCHEDULE if found.get(k) is not None})
-    return cfg
 
 
 def flow_forward(x0, eps, sigma):
@@ -266,45 +251,30 @@ class FlowEuler:
 # The sampling loop: text side -> guided denoising from noise (or a noised image) -> VAE
 
 
-# Each family's (guidance, steps) as its diffusers pipeline's defaults (FLUX-dev: its guidance input; schnell: none)
-SAMPLING = {"sdxl": (5.0, 30), "sd15": (7.5, 30), "sd3": (7.0, 28), "flux": (3.5, 28), "flux-schnell": (0.0, 4)}
-
-
-def sampling_defaults(family, config) -> tuple:
-    """(guidance, steps) of the family's pipeline for this denoiser's config (FLUX-schnell has no guidance input)."""
-    schnell = family == "flux" and not config.get("guidance_embeds")
-    return SAMPLING["flux-schnell" if schnell else family]
-
-
-def sampling_schedule(path, family, prediction_type) -> dict:
-    """The scheduler config a model samples with: SD3's / FLUX's flow schedule, else the DDPM one (a single file's
-    UNet knows its own prediction type)."""
-    return flow_config(path, family) if prediction_type == "flow" else scheduler_config(path, prediction_type)
-
-
 def zeros_for_empty(path, family) -> bool:
-    """SDXL's force_zeros_for_empty_prompt (model_index.json, true unless it says false): no negative prompt means
+    """SDXL's force_zeros_for_empty_prompt (the record's; model_index.json may say false): no negative prompt means
     all-zero negative embeddings."""
     index = read_json(os.path.join(path, "model_index.json"), {}) if os.path.isdir(path) else {}
-    return family == "sdxl" and index.get("force_zeros_for_empty_prompt", True)
+    return family.sampling.zeros_for_empty and index.get("force_zeros_for_empty_prompt", True)
 
 
 def sampler(family, sched_cfg, name, steps, shape):
-    """The sampler as the family's pipeline runs it: Euler or DDIM for a UNet; the flow-matching Euler for SD3
-    (static shift) and FLUX (its pipeline's sigmas, shifted by the image's token count). shape: (C, h, w)."""
-    if family not in ("sd3", "flux"):
+    """The sampler as the family's pipeline runs it: Euler or DDIM for a DDPM model; for a flow model the
+    flow-matching Euler, its sigmas the scheduler's or the pipeline's own (FLUX: linspace), shifted statically or
+    by the image's token count (a dynamic shift, FLUX's). shape: the latents' (C, h, w)."""
+    if not family.flow:
         return SCHEDULERS[name](sched_cfg, steps)
-    if family == "sd3":
-        return FlowEuler(sched_cfg, steps)
-    tokens = (shape[1] // 2) * (shape[2] // 2)  # the packed image's length
+    tokens = (shape[1] // 2) * (shape[2] // 2)  # the image's length in 2x2 patches
     mu = flux_mu(tokens, sched_cfg) if sched_cfg["use_dynamic_shifting"] else None
-    return FlowEuler(sched_cfg, steps, mu, sigmas=np.linspace(1.0, 1 / steps, steps))
+    sigmas = np.linspace(1.0, 1 / steps, steps) if family.sampling.sigmas == "linspace" else None
+    return FlowEuler(sched_cfg, steps, mu, sigmas)
 
 
 def guidance_inputs(family, config, guidance):
-    """(classifier-free guidance scale, FLUX-dev's guidance input): FLUX has no CFG, dev takes the scale as input."""
-    if family == "flux":
-        return 1.0, (guidance if config["guidance_embeds"] else None)
+    """(classifier-free guidance scale, the denoiser's guidance input): a family whose denoiser takes the scale as an
+    input (FLUX-dev) has no CFG; one of its configs without that input (schnell) takes neither."""
+    if family.sampling.guidance_input:
+        return 1.0, (guidance if config.get("guidance_embeds") else None)
     return guidance, None
 
 
@@ -325,10 +295,10 @@ def conditions(te, prompts, negative=None, guided=True, zeros_for_empty=False, s
     if guided:
         ctx, pooled = torch.cat([nctx, ctx]), (None if pooled is None else torch.cat([npooled, pooled]))
     time_ids = None
-    if te.family == "sdxl" and size is not None:
+    if te.family.time_ids and size is not None:
         h, w = size
         time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(ctx), device=ctx.device).to(ctx)  # (B or 2B, 6)
-    return denoiser.conditioning(te.family, ctx, pooled, time_ids, guidance_embed)
+    return te.family.conditioning(ctx, pooled, time_ids, guidance_embed)
 
 
 def predict(unet, x, t, cond, dtype):

@@ -19,9 +19,7 @@ from PIL import Image, ImageDraw
 
 import cli
 import data
-import denoiser
 import diffusion
-import flux
 import images
 import objectives
 import reward
@@ -237,9 +235,9 @@ def implicit_accuracy(pipe: sample.Pipeline, ref, pairs, k=4, seed=0, size=None,
         z = pipe.encode_images((torch.stack(xs) + 1) / 2).cpu()  # (2B, C, h, w)
         ctx, pooled = pipe.te.encode([p["caption"] for p in chunk] * 2)
         time_ids = torch.stack(ids).to(pipe.device, ctx.dtype)  # (2B, 6)
-        dev_guided = pipe.family == "flux" and pipe.unet.config["guidance_embeds"]
-        embed = flux.GUIDANCE if dev_guided else None  # FLUX-dev: the guidance input it is trained with
-        cond = denoiser.conditioning(pipe.family, ctx, pooled, time_ids, embed)
+        guided = pipe.family.sampling.guidance_input and pipe.unet.config["guidance_embeds"]  # FLUX-dev
+        embed = pipe.family.recipe.guidance if guided else None  # the guidance input it is trained with
+        cond = pipe.family.conditioning(ctx, pooled, time_ids, embed)
         d = torch.zeros(B)
         for _ in range(k):
             if pipe.flow:  # sigma as training draws it (logit-normal, the schedule's shift)
@@ -262,20 +260,19 @@ def implicit_accuracy(pipe: sample.Pipeline, ref, pairs, k=4, seed=0, size=None,
 def eval_pairs(args, dtype):
     """--eval_pairs: the implicit-reward accuracy of --unet against --eval_ref (and of --eval_baseline with the same
     draws), printed and written to out/eval.json."""
-    columns = cli.parse_map(args.columns, "--columns", data.COLUMN_MAP) if args.columns else None
-    pairs = data.read_pairs(args.eval_pairs, split=args.split or "test_unique", columns=columns)
+    pairs = data.read_pairs(args.eval_pairs, split=args.split or "test_unique", columns=data.column_map(args.columns))
     if not pairs:
         raise ValueError(f"{args.eval_pairs}: no preference pairs (after dropping ties)")
     pipe = load(args.model, unet=args.unet, device=args.device, dtype=dtype, tokenizer=args.tokenizer, lora=args.lora)
     os.makedirs(args.out, exist_ok=True)
-    ref = denoiser.load(args.eval_ref or args.model, device=args.device, dtype=dtype)
+    ref = pipe.family.load(args.eval_ref or args.model, device=args.device, dtype=dtype)
     kw, n = dict(k=args.eval_k, seed=args.seed, size=args.height, batch_size=args.batch_size), len(pairs)
     acc = implicit_accuracy(pipe, ref, pairs, **kw)[0]
     res = {"pairs": n, "k": args.eval_k, "accuracy": acc, "ci95": wilson(acc * n, n)}
     print(f"eval pairs={n} k={args.eval_k} accuracy={acc:.4f} ci95=[{res['ci95'][0]:.4f}, {res['ci95'][1]:.4f}] "
           "(implicit reward of --unet against the reference; chance is 0.5)")
     if args.eval_baseline:  # another UNet, the same reference and draws: a paired comparison
-        pipe.unet = denoiser.load(args.eval_baseline, device=args.device, dtype=dtype)
+        pipe.unet = pipe.family.load(args.eval_baseline, device=args.device, dtype=dtype)
         base = implicit_accuracy(pipe, ref, pairs, **kw)[0]
         res.update(baseline_accuracy=base, baseline_ci95=wilson(base * n, n))
         lo, hi = res["baseline_ci95"]
@@ -308,25 +305,14 @@ def parse_args(argv=None):
     sample.check_flags(p, args)
     if min(args.eval_k, args.score_batch) < 1:
         p.error("--eval_k and --score_batch must be >= 1")
-    try:
-        args.score = [reward.parse_spec(s) for s in args.score]
-    except ValueError as e:
-        p.error(str(e))
-    kinds = [kind for kind, _, _ in args.score]
-    if len(set(kinds)) < len(kinds):
-        p.error(f"--score: each kind once (scores.json is keyed by kind), got {', '.join(kinds)}")
-    if args.split and args.eval_pairs and args.eval_pairs.endswith(".jsonl"):
-        p.error(f"--split picks the shards of a Pick-a-Pic folder; {args.eval_pairs} is a JSONL file: drop --split")
+    args.score = reward.parse_flags(p, args.score)
     if args.score and not args.compare:
         p.error("--score goes with --compare")
     if (args.eval_ref or args.eval_baseline) and not args.eval_pairs:
         p.error("--eval_ref and --eval_baseline go with --eval_pairs")
     if args.columns and not (args.eval_pairs and not args.eval_pairs.endswith(".jsonl")):
         p.error("--columns maps the column names of --eval_pairs' parquet set: give a parquet --eval_pairs")
-    try:
-        cli.parse_map(args.columns or "", "--columns", data.COLUMN_MAP)
-    except ValueError as ex:
-        p.error(str(ex))
+    data.check_flags(p, args.eval_pairs, args.split, args.columns)
     if args.compare == bool(args.eval_pairs):
         p.error("give --compare (with --prompt or --prompts) or --eval_pairs DATA, one of them")
     if args.compare and not (args.unet or args.lora):
@@ -337,7 +323,7 @@ def parse_args(argv=None):
 
 
 def run(args):
-    dtype = sample.DTYPES[args.dtype]
+    dtype = cli.DTYPES[args.dtype]
     if args.init_image and not os.path.isfile(args.init_image):
         raise ValueError(f"init image not found: {args.init_image}")
     reads = [args.prompts, args.init_image, args.eval_pairs]

@@ -176,6 +176,7 @@ class Flux(nn.Module):
         dim, n_heads = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["num_attention_heads"]
         self.gradient_checkpointing = False  # training: recompute each block in backward
         self.prediction_type = "flow"  # the output is the velocity eps - x0
+        self.latent_channels = cfg["in_channels"] // 4  # of the VAE latents it denoises: it packs 2x2 of them
         self.time_text_embed = nn.Module()
         self.time_text_embed.timestep_embedder = MLP(256, dim)
         if cfg["guidance_embeds"]:
@@ -332,6 +333,11 @@ def _open(path):
     return config, ckpt, None
 
 
+def read_config(path) -> dict:
+    """The config of a model path (a folder's config.json, or read off a BFL single file's shapes), no weights read."""
+    return _open(path)[0]
+
+
 def load(path, device="cpu", dtype=torch.float32, norm_dtype=None):
     """A FLUX transformer from a diffusers folder (root or transformer/) or a BFL single file, straight into dtype
     (norm scales and position tables into norm_dtype when given: weights.layer_dtypes)."""
@@ -350,7 +356,10 @@ def load(path, device="cpu", dtype=torch.float32, norm_dtype=None):
     return weights.load_module(m, sources, weights.layer_dtypes(m, dtype, norm_dtype), device, what)
 
 
-def save(m, path, metadata=None):
-    """path/ config.json + diffusion_pytorch_model.safetensors (FluxTransformer2DModel.from_pretrained loads it)."""
+def save(m, path, layout="diffusers", metadata=None):
+    """path/ config.json + diffusion_pytorch_model.safetensors (FluxTransformer2DModel.from_pretrained loads it); BFL's
+    single-file layout is read, not written."""
+    if layout != "diffusers":
+        raise ValueError(f"FLUX transformers are saved in the diffusers layout only, not {layout!r}")
     config = {"_class_name": "FluxTransformer2DModel", **m.config, "axes_dims_rope": list(m.config["axes_dims_rope"])}
     weights.save_diffusers(m.state_dict(), config, path, metadata)

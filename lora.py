@@ -2,7 +2,7 @@
 
     W x  ->  W x + (alpha / r) B A x,      A (r, in) Gaussian-initialized, B (out, r) zero: at step 0 nothing changes
 
-The base UNet stays frozen in the compute dtype; only A and B (fp32) train, so the policy costs ~2 bytes per base
+The base model stays frozen in the compute dtype; only A and B (fp32) train, so the policy costs ~2 bytes per base
 parameter instead of the full fine-tune's 8+ (fp32 weights, fp32 gradients, optimizer state), and the Diffusion-DPO
 reference needs no copy at all: it is the same UNet with the adapters switched off (`disabled`).
 
@@ -19,30 +19,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import families
 import weights
 
-# The attention and feed-forward projections of every transformer block (diffusers' DPO example adapts the
-# attention ones only: to_q, to_k, to_v, to_out.0). Matched as name suffixes, as PEFT's target_modules.
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
-# SD3 / FLUX: both streams' attention and feed-forward projections, the target_modules of diffusers'
-# train_dreambooth_lora_flux.py (its SD3 script takes the attention ones only); attn.to_q/k/v also match FLUX's
-# single blocks' attention.
-FLOW_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                "ff_context.net.2")
 FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
-PREFIX = "unet."  # diffusers' pipelines keep the UNet's LoRA under this prefix, the SD3 / FLUX transformer's under:
-FLOW_PREFIX = "transformer."
-
-
-def targets(family) -> tuple:
-    """The layer-name suffixes adapted in a family's denoiser."""
-    return FLOW_TARGETS if family in ("sd3", "flux") else TARGETS
 
 
 def prefix_of(model) -> str:
-    """unet. or transformer.: where diffusers' load_lora_weights looks for this denoiser's adapters."""
-    return FLOW_PREFIX if getattr(model, "prediction_type", None) == "flow" else PREFIX
+    """unet. or transformer.: where diffusers' load_lora_weights looks for this denoiser's adapters (its family's
+    subfolder, families.py)."""
+    return families.of_model(model).subfolder + "."
+
+
+def _kind(prefix) -> str:
+    """'a UNet (SD1.5 / SDXL)': the denoisers whose LoRA keys start with prefix, in words."""
+    fams = [f for f in families.FAMILIES if f.subfolder + "." == prefix]
+    return f"a {fams[0].kind} ({' / '.join(f.title for f in fams)})"
 
 
 class LoRALinear(nn.Linear):
@@ -62,13 +54,14 @@ class LoRALinear(nn.Linear):
         return y + self.scale * self.lora_B(self.lora_A(x))
 
 
-def add(unet: nn.Module, rank: int, alpha: float = None, targets=TARGETS, seed: int = 0) -> list:
+def add(unet: nn.Module, rank: int, alpha: float = None, targets=None, seed: int = 0) -> list:
     """Freeze unet and adapt every Linear whose name ends in a target; returns the trainable parameters (fp32).
     A is drawn with std 1/r with a generator keyed by seed (PEFT's init_lora_weights="gaussian"), B is zero.
-    targets: layer-name suffixes (targets(family) for a model of that family)."""
+    targets: layer-name suffixes (default: the model's family's lora_targets, families.py)."""
     if rank < 1:
         raise ValueError(f"--lora must be a rank >= 1, got {rank}")
     alpha = float(rank if alpha is None else alpha)
+    targets = families.of_model(unet).lora_targets if targets is None else targets
     unet.requires_grad_(False)
     names = [n for n, m in unet.named_modules() if type(m) is nn.Linear and n.endswith(tuple(targets))]
     if not names:
@@ -131,15 +124,16 @@ def save(sd, folder, metadata=None):
     weights.save_safetensors(sd, os.path.join(folder, FILE), {"format": "pt", **(metadata or {})})
 
 
-def pairs(sd, where, meta=None, prefix=PREFIX) -> dict:
+def pairs(sd, where, meta=None, prefix="unet.") -> dict:
     """layer name -> (A (r, in), B (out, r)) of a file-layout state dict, the scale folded into B: ours have it
     folded already; diffusers' say alpha and r in their metadata (unet.lora_alpha, unet.r), when not 1. prefix:
     the denoiser's (prefix_of), unet. or transformer."""
-    meta, kind = meta or {}, {PREFIX: "a UNet (SD1.5 / SDXL)", FLOW_PREFIX: "a transformer (SD3 / FLUX)"}
-    other = FLOW_PREFIX if prefix == PREFIX else PREFIX
-    if sd and all(k.startswith(other) for k in sd):
-        raise weights.CheckpointError(f"{where}: a LoRA of {kind[other]}, and this model's denoiser is "
-                                      f"{kind[prefix]}: give the LoRA of a model of this family")
+    meta = meta or {}
+    others = {f.subfolder + "." for f in families.FAMILIES} - {prefix}  # the other denoisers' LoRA prefixes
+    other = next((p for p in sorted(others) if sd and all(k.startswith(p) for k in sd)), None)
+    if other:
+        raise weights.CheckpointError(f"{where}: a LoRA of {_kind(other)}, and this model's denoiser is "
+                                      f"{_kind(prefix)}: give the LoRA of a model of this family")
     found, bad = {}, []
     for key, t in sd.items():
         if not key.startswith(prefix) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
@@ -148,7 +142,7 @@ def pairs(sd, where, meta=None, prefix=PREFIX) -> dict:
         name, which = key[len(prefix):].rsplit(".", 2)[:2]
         found.setdefault(name, {})[which] = t
     if bad:
-        raise weights.CheckpointError(f"{where}: not a LoRA of {kind[prefix]} in the diffusers/PEFT layout "
+        raise weights.CheckpointError(f"{where}: not a LoRA of {_kind(prefix)} in the diffusers/PEFT layout "
                                       f"(unexpected keys {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     out = {}
     for name, p in found.items():
@@ -160,7 +154,7 @@ def pairs(sd, where, meta=None, prefix=PREFIX) -> dict:
     return out
 
 
-def read(path, prefix=PREFIX) -> dict:
+def read(path, prefix="unet.") -> dict:
     """pairs() of a LoRA file: the file, a folder holding pytorch_lora_weights.safetensors, or dpo.py's out_dir."""
     f = path
     for where in (os.path.join(path, FILE), os.path.join(path, "lora", FILE)):  # the lora/ folder or its out_dir

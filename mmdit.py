@@ -253,6 +253,7 @@ class MMDiT(nn.Module):
         dim, n = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["num_layers"]
         self.gradient_checkpointing = False  # training: recompute each block in backward
         self.prediction_type = "flow"  # the output is the velocity eps - x0
+        self.latent_channels = cfg["in_channels"]  # of the VAE latents it denoises
         self.pos_embed = PatchEmbed(cfg, dim)
         self.time_text_embed = nn.Module()
         self.time_text_embed.timestep_embedder = MLP(256, dim)
@@ -389,6 +390,11 @@ def _open(path):
     return config, ckpt, None
 
 
+def read_config(path) -> dict:
+    """The config of a model path (a folder's config.json, or read off a single file's shapes), no weights read."""
+    return _open(path)[0]
+
+
 def load(path, device="cpu", dtype=torch.float32, norm_dtype=None):
     """An MMDiT from a diffusers folder (root or transformer/) or an original single file, straight into dtype
     (norm scales and position tables into norm_dtype when given: weights.layer_dtypes)."""
@@ -406,8 +412,11 @@ def load(path, device="cpu", dtype=torch.float32, norm_dtype=None):
     return weights.load_module(m, sources, weights.layer_dtypes(m, dtype, norm_dtype), device, what)
 
 
-def save(m, path, metadata=None):
-    """path/ config.json + diffusion_pytorch_model.safetensors (SD3Transformer2DModel.from_pretrained loads it)."""
+def save(m, path, layout="diffusers", metadata=None):
+    """path/ config.json + diffusion_pytorch_model.safetensors (SD3Transformer2DModel.from_pretrained loads it); the
+    original single-file layout is read, not written."""
+    if layout != "diffusers":
+        raise ValueError(f"SD3 transformers are saved in the diffusers layout only, not {layout!r}")
     config = {"_class_name": "SD3Transformer2DModel", **m.config}
     config["dual_attention_layers"] = list(config["dual_attention_layers"])
     weights.save_diffusers(m.state_dict(), config, path, metadata)

@@ -1,14 +1,14 @@
 """The objectives beside Diffusion-DPO's eq. 14 (dpo.py), each beside its paper, and the two quantities all of them,
 eq. 14 included, are built from: the per-image denoising error and eq. 14's logits.
 
-Every objective takes the same arguments, so dpo.py chooses one from a table by name:
-    loss, stats = objective(pred, ref_pred, eps, args, inputs)
+Every objective takes the same arguments, then the numbers it uses, so dpo.py chooses one from a table by name:
+    loss, stats = objective(pred, ref_pred, eps, inputs, beta=...)     (RPO also tau and form; SFT none)
 pred, ref_pred (kB, C, h, w): the policy's and the frozen reference's predictions for the B items of a micro-batch,
 k images each (a pair's winners first, then its losers), in the shared-noise layout: the target of every image is
 the eps (B, C, h, w) its item was noised with (dpo.pair_loss shifts v-predictions so). ref_pred is None for the
-reference-free objectives (SFT, MaPO). args: the run's flags (beta, rpo_tau, rpo_form); inputs: the micro-batch
-(T: the number of training timesteps, labels of single images, RPO's embeddings and the text conditioning).
-The paper's T * omega(lambda_t) is folded into beta throughout.
+reference-free objectives (SFT, MaPO). inputs: the micro-batch (T: the number of training timesteps, labels of
+single images, RPO's embeddings and the text conditioning). The paper's T * omega(lambda_t) is folded into beta
+throughout.
 """
 import torch
 import torch.distributed as dist
@@ -63,26 +63,26 @@ def gather(x):
 # The objectives
 
 
-def sft(pred, ref_pred, eps, args, inputs):
-    """The paper's baseline: the plain denoising loss on the preferred images only (dpo.pair_loss passes them)."""
+def sft(pred, ref_pred, eps, inputs):
+    """The paper's baseline: the plain denoising loss on the preferred images only (dpo.micro_batch passes them)."""
     loss = mse(pred, eps).mean()
     return loss, {"model_mse": loss.detach()}
 
 
-def ipo(pred, ref_pred, eps, args, inputs):
+def ipo(pred, ref_pred, eps, inputs, beta):
     """IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17) on eq. 14's logits z: h = z / beta is the log-likelihood-ratio
     margin, winner over loser, regressed onto 1/(2 beta) instead of being pushed up forever."""
-    logits, s = pair_logits(pred, ref_pred, eps, args.beta)
-    return ((logits / args.beta - 1 / (2 * args.beta)) ** 2).mean(), s
+    logits, s = pair_logits(pred, ref_pred, eps, beta)
+    return ((logits / beta - 1 / (2 * beta)) ** 2).mean(), s
 
 
-def hinge(pred, ref_pred, eps, args, inputs):
+def hinge(pred, ref_pred, eps, inputs, beta):
     """SLiC / RSO's hinge (Liu et al. 2023, arXiv:2309.06657) on eq. 14's logits: no gradient once z reaches 1."""
-    logits, s = pair_logits(pred, ref_pred, eps, args.beta)
+    logits, s = pair_logits(pred, ref_pred, eps, beta)
     return F.relu(1 - logits).mean(), s
 
 
-def kto(pred, ref_pred, eps, args, inputs):
+def kto(pred, ref_pred, eps, inputs, beta):
     """Diffusion-KTO (Li et al. 2024, arXiv:2404.04465): single images, labels (N,) 1 desirable, 0 undesirable (a
     pair is two such records: the winner desirable, the loser not). With r = beta (|eps - eps_ref|^2 -
     |eps - eps_theta|^2), each image's implicit reward, the loss is 1 - sigmoid(r - z) for a desirable image and
@@ -100,7 +100,7 @@ def kto(pred, ref_pred, eps, args, inputs):
         dist.all_reduce(z)
         z = z / dist.get_world_size()
     sign = 2.0 * labels.float() - 1  # +1 desirable, -1 undesirable
-    value = sign * args.beta * (reward - z.clamp(min=0))  # (N,)
+    value = sign * beta * (reward - z.clamp(min=0))  # (N,)
     loss = (1 - torch.sigmoid(value)).mean()
     return loss, {"implicit_acc": (value.detach() > 0).float().mean(), "reward_margin": (sign * reward).mean(),
                   "model_mse": model_mse.detach().mean(), "ref_mse": ref_mse.mean()}
@@ -109,7 +109,7 @@ def kto(pred, ref_pred, eps, args, inputs):
 MAPO_W = 0.5  # MaPO's constant in its score's link function (the authors' --snr_value)
 
 
-def mapo(pred, ref_pred, eps, args, inputs):
+def mapo(pred, ref_pred, eps, inputs, beta):
     """MaPO (Hong et al. 2024, arXiv:2406.06424), reference-free: the winner's denoising loss, plus beta times the
     Bradley-Terry loss of the margin between the two images' scores s(m) = w m / (e^(w m) - 1) (w = 0.5; a bounded,
     decreasing link of the MSE m), scaled by T timesteps: L = m_w - beta log sigmoid(T (s(m_w) - s(m_l))), as the
@@ -118,7 +118,7 @@ def mapo(pred, ref_pred, eps, args, inputs):
     model_mse = mse(pred, torch.cat([eps, eps]))  # (2B,)
     score = MAPO_W * model_mse / torch.expm1(MAPO_W * model_mse)  # (2B,)
     margin = inputs["T"] * (score[:B] - score[B:])  # (B,)
-    loss = model_mse[:B].mean() - args.beta * F.logsigmoid(margin).mean()
+    loss = model_mse[:B].mean() - beta * F.logsigmoid(margin).mean()
     return loss, {"implicit_acc": (margin.detach() > 0).float().mean(), "model_mse": model_mse.detach().mean()}
 
 
@@ -158,11 +158,11 @@ def rpo_loss(model_pred, ref_pred, noise, beta, emb, tau, form="logit", weights=
     return loss, stats(logits.diagonal(), torch.cat([mw, ml]).detach(), torch.cat([rw, rl]), beta)
 
 
-def rpo(pred, ref_pred, eps, args, inputs):
+def rpo(pred, ref_pred, eps, inputs, beta, tau=0.5, form="logit"):
     """Diffusion-RPO on a micro-batch: CLIP's prompt and image embeddings (--rpo_clip), else the UNet's text
     embedding (SDXL's pooled one; SD1.5 has none, so the mean of the context states), one per pair."""
     emb = inputs.get("rpo_emb")
     if emb is None:
         context, pooled = inputs["cond"][:2]
         emb = (context.mean(1) if pooled is None else pooled)[:eps.shape[0]]  # (B, E)
-    return rpo_loss(pred, ref_pred, eps, args.beta, emb, args.rpo_tau, args.rpo_form)
+    return rpo_loss(pred, ref_pred, eps, beta, emb, tau, form)

@@ -13,7 +13,7 @@ scorers add up with their weight= option), and makes pairs:
       keeps every rank's micro-batch the same size, so 2 ranks train as 1 rank does.
   margin: every pair of a prompt's images whose scores differ by more than --min_margin (up to K(K-1)/2; a prompt
       with none gives its best-worst pair), more pairs per sample; ranks' micro-batches then differ in size.
-The pairs then take the offline path: 8-bit images, cropped and flipped as data.PreferenceDataset does from (seed,
+The pairs then take the offline path: 8-bit images, cropped and flipped as cache.PreferenceDataset does from (seed,
 position), encoded by the VAE, one (t, eps) per pair: the objective's loss on them is the offline loss on the
 pairs.jsonl they are written to. The reference is the frozen base, or with --ref_update N the policy copied after
 every N steps. Every --eval_every steps, the base's and the policy's images of --eval_prompts from the same noise
@@ -22,7 +22,6 @@ online_eval.png; the run's last line says when the training reward rose while a 
 """
 import argparse
 import hashlib
-import json
 import os
 import time
 
@@ -32,14 +31,12 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 import cache
-import clip
 import data
-import denoiser
 import diffusion
+import lora
 import reward
-import vae as vaelib
 from images import save_png, to_pil, transform
-from weights import atomic, read_json, save_json
+from weights import append_jsonl, load_jsonl, read_json, save_json, save_jsonl
 
 SAVE_PAIRS_UP_TO = 20000  # a run that makes at most this many pairs writes them (out_dir/pairs.jsonl) by default
 DEFAULT_EVALS = 4  # held-out checks in a run without --eval_every (and one at step 0)
@@ -155,20 +152,19 @@ def make_pairs(scores, rule="best_worst", min_margin=0.0):
 class Feed(cache.Feed):
     """cache.Feed whose batches the policy samples and the scorers label, at the offline loader's positions."""
 
-    def __init__(self, args, policy, ref, channels, dev, rank, world, log):
+    def __init__(self, args, family, policy, ref, channels, dev, rank, world, log):
         self.scorers = load_scorers(args.score_specs, dev, args.amp_dtype)  # first: a bad path fails in seconds
         self.eval_scorers = load_scorers(args.eval_specs, dev, args.amp_dtype)
         prompts = [p for p, _ in data.read_prompts(args.prompts)]
         self.eval_prompts = [p for p, _ in data.read_prompts(args.eval_prompts or args.prompts)]
-        te = clip.load(args.model, dev, args.amp_dtype, tokenizer=args.tokenizer)
-        v = vaelib.load(args.model, dev, torch.float32)
+        te, v = cache.encoders(args.model, dev, args.amp_dtype, args.tokenizer)
         source = (Prompts(prompts, args.seed), (te, v), None, v.downsample)  # (dataset, encoders, empty, downsampling)
-        super().__init__(args, None, channels, dev, rank, world, log, source=source)
+        super().__init__(args, family, None, channels, dev, rank, world, log, source=source)
         self.policy, self.ref, self.rank, self.world, self.log = policy, ref, rank, world, log
-        self.family, self.K = te.family, args.samples_per_prompt
-        self.sched_cfg = diffusion.sampling_schedule(args.model, te.family, policy.prediction_type)
-        self.force_zeros = diffusion.zeros_for_empty(args.model, te.family)  # as sample.py's pipeline guides
-        default = diffusion.sampling_defaults(te.family, policy.config)[0]
+        self.K, self.items = args.samples_per_prompt, "prompts"
+        self.sched_cfg = diffusion.scheduler_config(args.model, family, policy.prediction_type)
+        self.force_zeros = diffusion.zeros_for_empty(args.model, family)  # as sample.py's pipeline guides
+        default = family.sampling_defaults(policy.config)[0]
         self.guidance = default if args.sample_guidance is None else args.sample_guidance
         text = "\n".join(prompts) + "\0" + "\n".join(args.score)
         self.fingerprint = dict(path=args.prompts, files=1, pairs=len(prompts),
@@ -191,7 +187,7 @@ class Feed(cache.Feed):
         res = (a.resolution, a.resolution)
         # no weight cache: it would hold a bf16 copy of every fp32 weight all loop long (as in training, dpo.py)
         amp = torch.autocast(self.dev.type, dtype=a.amp_dtype, enabled=a.amp_dtype != torch.float32,
-                             cache_enabled=a.autocast_cache)
+                             cache_enabled=False)
         tic = time.time()
         with amp:
             cond = diffusion.conditions(te, prompts, None, cfg_scale > 1, self.force_zeros, res, embed)
@@ -253,18 +249,16 @@ class Feed(cache.Feed):
     # -- the loop's hooks
 
     def loader(self, position, step, world, rank, device):
-        """Batches from optimizer step `step` on, sampled when asked for (with the weights of that moment)."""
-        a = self.args
-        B, G, A = a.batch_size, a.pairs_per_step, a.grad_accum
+        """Batches from optimizer step `step` on, at the offline loader's positions, sampled when asked for (with the
+        weights of that moment)."""
         self.begin(step)
-        for s in range(step, a.max_steps):
-            for m in range(A):
-                yield self.batch([position + (s - step) * G + m * world * B + rank * B + k for k in range(B)], s)
+        for s, micro in self.positions(position, step, world, rank):
+            yield self.batch(micro, s)
 
     def begin(self, step):
         """A fresh run's or a resumed one's state: the reference, pairs.jsonl cut to the steps done, the base's
-        held-out images and scores (at step 0 the policy is the base; later the frozen reference, or the base
-        loaded again when --ref_update has moved the reference)."""
+        held-out images and scores (at step 0 the policy is the base; later the frozen reference, a LoRA policy with
+        its adapters off, or the base loaded again when --ref_update has moved the reference or there is none)."""
         a = self.args
         if step and a.ref_update:
             if step % a.ref_update:
@@ -273,17 +267,15 @@ class Feed(cache.Feed):
             self.refresh()
         jsonl = os.path.join(a.out_dir, "pairs.jsonl")
         if self.rank == 0 and os.path.isfile(jsonl):
-            with open(jsonl) as f:
-                rows = [r for r in (json.loads(line) for line in f if line.strip()) if r["step"] < step]
-
-            def write(tmp):
-                with open(tmp, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
-            atomic(jsonl, write)
+            save_jsonl([r for r in load_jsonl(jsonl, self.log) if r["step"] < step], jsonl)
         path = os.path.join(a.out_dir, "online_eval.json")
         self.history = [h for h in read_json(path, []) if h["step"] <= step] if step else []
-        base = self.policy if step == 0 else self.ref if not a.ref_update else \
-            denoiser.load(a.unet_init or a.model, self.dev, a.amp_dtype, norm_dtype=torch.float32)
+        if step == 0 or (self.ref is not None and not a.ref_update):
+            base = self.policy if step == 0 else self.ref
+        elif a.lora:
+            base = lora.reference(self.policy)  # a LoRA run's base: the policy with its adapters off
+        else:  # the base loaded again: the reference moved (--ref_update), or a reference-free objective has none
+            base = self.family.load(a.unet_init or a.model, self.dev, a.amp_dtype, norm_dtype=torch.float32)
         self.base_scores = self.held_out_scores(self.held_out(base))
         if step == 0:
             self.record(0, self.base_scores)  # the policy is the base: every image ties
@@ -339,8 +331,7 @@ class Feed(cache.Feed):
             dist.all_gather_object(parts, self.rows)
             self.rows = []
             if self.rank == 0:
-                with open(os.path.join(a.out_dir, "pairs.jsonl"), "a") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in sorted(sum(parts, []), key=lambda r: r["image_0"]))
+                append_jsonl(sorted(sum(parts, []), key=lambda r: r["image_0"]), os.path.join(a.out_dir, "pairs.jsonl"))
         if a.ref_update and step % a.ref_update == 0:
             self.refresh()
             self.log(f"online: reference = the policy at step {step}")

@@ -1,5 +1,8 @@
-"""The optimizers of the official Diffusion-DPO recipes: Adafactor for SDXL, AdamW for SD1.5."""
+"""The optimizers of the official Diffusion-DPO recipes (Adafactor for SDXL, AdamW for SD1.5) and the update that
+steps them (warmup, clipping)."""
 import torch
+
+import parallel
 
 
 def build(name, params, lr, weight_decay, fused=False):
@@ -9,6 +12,20 @@ def build(name, params, lr, weight_decay, fused=False):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, fused=fused)
     raise ValueError(f"unknown optimizer {name!r} (adafactor or adamw)")
+
+
+def update(opt, scaler, trained, lr, warmup, grad_clip, step):
+    """After the micro-steps' backward: the learning rate (linear warmup, then constant), unscaling (fp16), gradient
+    clipping, the step; returns (lr, grad norm tensor)."""
+    lr = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+    for g in opt.param_groups:
+        g["lr"] = lr
+    scaler.unscale_(opt)
+    grad_norm = parallel.full(torch.nn.utils.clip_grad_norm_(trained, grad_clip))
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return lr, grad_norm
 
 
 class Adafactor(torch.optim.Optimizer):

@@ -2,13 +2,14 @@
 (`--fsdp`: torch.distributed.fsdp.fully_shard, each rank holds 1/N of the parameters, gradients and optimizer
 state, and gathers one block's parameters at a time to compute).
 
-Sharding units are the UNet's blocks (every ResBlock, SpatialTransformer and Resample) plus the root for the
-rest (conv_in, the time embeddings, conv_out): the forward of each unit is called by the UNet's own forward, so
-FSDP2's hooks gather its parameters just in time and free them after use. Parameters are gathered in the compute
+Sharding units are the denoiser's blocks (its family's record: a UNet's ResBlocks, SpatialTransformers and
+Resamples, MMDiT's joint blocks, FLUX's double and single blocks) plus the root for the rest (the embeddings, the
+output layers): the forward of each unit is called by the model's own forward, so FSDP2's hooks gather its
+parameters just in time and free them after use. Parameters are gathered in the compute
 dtype (MixedPrecisionPolicy(param_dtype=bf16)) from fp32 master shards, and gradients are reduce-scattered in fp32.
 The frozen reference is sharded the same way, with the same policy: it costs 1/N of its memory per rank, and
 computes exactly what the policy computes at step 0 (the same bf16 weights, norms included), so eq. 14 starts at
-log 2. A LoRA run shards its one UNet; its base weights are frozen and only the adapters are reduce-scattered.
+log 2. A LoRA run shards its one model; its base weights are frozen and only the adapters are reduce-scattered.
 
 Checkpoints are gathered to rank 0 (`full`), one tensor at a time, into the layout a DDP run writes: the same
 checkpoint.pt resumes under DDP or FSDP at any world size, and the final unet/ is written from it as always
@@ -20,8 +21,6 @@ import os
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
-
-import denoiser
 
 
 def setup(device):
@@ -37,21 +36,22 @@ def setup(device):
     return dist.get_rank(), dist.get_world_size()
 
 
-def shard(unet, dtype):
-    """FSDP2 over the UNet's blocks, then the root; parameters gathered in dtype, gradients reduced in fp32."""
+def shard(model, dtype, blocks):
+    """FSDP2 over the model's blocks (its family's record: the module types), then the root; parameters gathered in
+    dtype, gradients reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # torch >= 2.6: only --fsdp needs it
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for m in list(unet.modules()):
-        if isinstance(m, denoiser.blocks(unet)):
+    for m in list(model.modules()):
+        if isinstance(m, blocks):
             fully_shard(m, mp_policy=mp)
-    fully_shard(unet, mp_policy=mp)
-    return unet
+    fully_shard(model, mp_policy=mp)
+    return model
 
 
-def wrap(policy, fsdp, dtype, dev):
+def wrap(policy, fsdp, dtype, dev, blocks):
     """The model the loop calls: the policy under DDP, or itself once sharded (FSDP2 changes it in place)."""
     if fsdp:
-        return shard(policy, dtype)
+        return shard(policy, dtype, blocks)
     ids = [dev.index] if dev.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(policy, device_ids=ids, gradient_as_bucket_view=True)
 

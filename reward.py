@@ -340,6 +340,19 @@ def parse_spec(spec: str):
     return kind, path or None, options
 
 
+def parse_flags(p, flags) -> list:
+    """--score flags as parse_spec reads them; a bad spec, or a kind given twice (scores are keyed by kind), is one
+    line (p.error)."""
+    try:
+        specs = [parse_spec(s) for s in flags]
+    except ValueError as e:
+        p.error(str(e))
+    kinds = [kind for kind, _, _ in specs]
+    if len(set(kinds)) < len(kinds):
+        p.error(f"--score: each kind once (scores are keyed by kind), got {', '.join(kinds)}")
+    return specs
+
+
 def load_all(specs, device="cpu", dtype=torch.float32) -> dict:
     """kind -> Scorer for parsed --score specs, loaded before any image is made, so that a wrong folder or head
     file fails in seconds, not after hours of sampling. config= names an open_clip model-config JSON file."""

@@ -16,17 +16,14 @@ from typing import List
 
 import torch
 
+import cache
 import cli
-import clip
 import data
 import diffusion
-import denoiser
+import families
 import images
 import lora as loralib
-import vae as vaelib
 from weights import CheckpointError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # ----------------------------------------------------------------------------------------------------
 # Pipeline
@@ -36,23 +33,22 @@ class Pipeline:
     """Text encoder + denoiser (UNet, or SD3's / FLUX's transformer: self.unet all the same) + VAE + a scheduler
     config; call it like diffusers' StableDiffusion(XL)Pipeline, StableDiffusion3Pipeline or FluxPipeline."""
 
-    def __init__(self, unet, vae, te, sched_cfg, force_zeros=True, device="cpu", dtype=torch.float32):
+    def __init__(self, unet, vae, te, sched_cfg, force_zeros=False, device="cpu", dtype=torch.float32):
         self.unet, self.vae, self.te, self.sched_cfg = unet, vae, te, sched_cfg
-        self.device, self.dtype, self.f, self.sdxl = torch.device(device), dtype, vae.downsample, te.is_sdxl
-        self.family, self.flow = te.family, unet.prediction_type == "flow"
+        self.device, self.dtype, self.f = torch.device(device), dtype, vae.downsample
+        self.family, self.flow = te.family, te.family.flow  # its record (families.py)
         self.size = unet.config.get("sample_size", 128) * self.f  # default output side in pixels (FLUX: 1024)
-        self.force_zeros = force_zeros and self.sdxl  # SDXL: no negative prompt -> all-zero negative embeddings
+        self.force_zeros = force_zeros  # SDXL: no negative prompt -> all-zero negative embeddings
         self.multiple = 2 * self.f if self.flow else max(8, self.f)  # the transformers take 2x2 latent patches
         self.progress = True
 
     def latent_shape(self, height=None, width=None):
         """(C, h, w) of the initial noise for images of height x width pixels (default: the model's size)."""
-        c = denoiser.latent_channels(self.unet)
-        return c, (height or self.size) // self.f, (width or self.size) // self.f
+        return self.unet.latent_channels, (height or self.size) // self.f, (width or self.size) // self.f
 
     def scheduler(self, name, steps, shape):
-        """The sampler: Euler or DDIM for a UNet; the flow-matching Euler for SD3 (static shift) and FLUX (its
-        pipeline's sigmas, shifted by the image's token count)."""
+        """The sampler as the family's pipeline runs it (diffusion.sampler): Euler or DDIM for a UNet, the
+        flow-matching Euler for the transformers."""
         return diffusion.sampler(self.family, self.sched_cfg, name, steps, shape)  # (__call__ checked the name)
 
     def noise(self, n, shape, seed):
@@ -77,7 +73,7 @@ class Pipeline:
         if scheduler not in diffusion.SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r} (euler or ddim)")
         if self.flow and scheduler != "euler":
-            raise ValueError(f"{denoiser.NAME[self.family]} samples with the flow-matching Euler scheduler: "
+            raise ValueError(f"{self.family.title} samples with the flow-matching Euler scheduler: "
                              f"scheduler='euler', not {scheduler!r}")
         if not isinstance(steps, int) or not 1 <= steps <= self.sched_cfg["num_train_timesteps"]:
             raise ValueError(f"steps must be an integer in [1, {self.sched_cfg['num_train_timesteps']}], got {steps}")
@@ -117,11 +113,12 @@ def load_unet(path, unet=None, lora=None, device="cpu", dtype=torch.float32):
     out_dir, its lora/ folder, or a diffusers LoRA file) merged in. A fine-tuned one of another family is refused."""
     if unet is not None and not os.path.exists(unet):
         raise CheckpointError(f"UNet path does not exist: {unet}")
-    if unet is not None and denoiser.family(unet) != denoiser.family(path):
-        raise CheckpointError(f"--unet {unet} is {denoiser.NAME[denoiser.family(unet)]}, the model {path} is "
-                              f"{denoiser.NAME[denoiser.family(path)]}: give a denoiser of the model's family")
-    u = denoiser.load(unet or path, device=device, dtype=dtype)
-    return loralib.merge(u, loralib.read(lora, loralib.prefix_of(u))) if lora else u
+    fam = families.of(path)
+    if unet is not None and families.of(unet) is not fam:
+        raise CheckpointError(f"--unet {unet} is {families.of(unet).title}, the model {path} is {fam.title}: give "
+                              "a denoiser of the model's family")
+    u = fam.load(unet or path, device=device, dtype=dtype)
+    return loralib.merge(u, loralib.read(lora, fam.subfolder + ".")) if lora else u
 
 
 def load(path, unet=None, device="cpu", dtype=torch.float32, tokenizer=None, lora=None) -> Pipeline:
@@ -130,9 +127,8 @@ def load(path, unet=None, device="cpu", dtype=torch.float32, tokenizer=None, lor
     if not os.path.exists(path):
         raise CheckpointError(f"model path does not exist: {path}")
     u = load_unet(path, unet, lora, device, dtype)
-    v = vaelib.load(path, device=device, dtype=dtype)  # computes in fp32 where fp16 would overflow
-    te = clip.load(path, device=device, dtype=dtype, tokenizer=tokenizer)
-    sched = diffusion.sampling_schedule(path, te.family, u.prediction_type)
+    te, v = cache.encoders(path, device, dtype, tokenizer, vae_dtype=dtype)  # the VAE computes in fp32 where fp16
+    sched = diffusion.scheduler_config(path, te.family, u.prediction_type)  # would overflow
     return Pipeline(u, v, te, sched, diffusion.zeros_for_empty(path, te.family), device, dtype)
 
 
@@ -181,7 +177,7 @@ def initial_noise(pipe: Pipeline, items, height, width) -> torch.Tensor:
 def sampling_options(args, pipe: Pipeline) -> dict:
     """The pipeline's keyword arguments from the flags, guidance and steps by family as diffusers' pipelines: 5.0 SDXL,
     7.5 SD1.5 (30 steps here), SD3 7.0 and FLUX-dev 3.5 (28 steps), FLUX-schnell 0 (4 steps)."""
-    default = diffusion.sampling_defaults(pipe.family, pipe.unet.config)
+    default = pipe.family.sampling_defaults(pipe.unet.config)
     guidance = args.guidance if args.guidance is not None else default[0]
     steps = args.steps if args.steps is not None else default[1]
     return dict(negative=args.negative, steps=steps, guidance=guidance, scheduler=args.scheduler,
@@ -218,7 +214,7 @@ def add_flags(p, what="generate"):
     add("--width", type=int)
     add("--batch_size", type=int, default=1)
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add("--dtype", choices=list(DTYPES), default="fp32")
+    add("--dtype", choices=list(cli.DTYPES), default="fp32")
     add("--init_image", help="SDEdit: start from this image")
     add("--strength", type=float, default=0.6, help="SDEdit noise level in (0, 1]")
     add("--overwrite", action="store_true", help="replace files of an earlier run in --out (sample.py: its images; "
@@ -255,7 +251,7 @@ def run(args):
     paths = [os.path.join(args.out, it["name"] + ".png") for it in items]
     for p in paths:  # before the model is loaded: the input image, and an earlier run's images unless --overwrite
         cli.check_output(p, reads=[args.init_image, args.prompts], replace=args.overwrite, make_folder=True)
-    pipe = load(args.model, unet=args.unet, device=args.device, dtype=DTYPES[args.dtype], tokenizer=args.tokenizer,
+    pipe = load(args.model, unet=args.unet, device=args.device, dtype=cli.DTYPES[args.dtype], tokenizer=args.tokenizer,
                 lora=args.lora)
     kw = sampling_options(args, pipe)
     h, w = image_size(pipe, args)

@@ -251,6 +251,11 @@ def _sources(ckpt, prefix):
     return sources
 
 
+def in_file(ckpt) -> bool:
+    """Whether a single file (weights.Checkpoint) holds a T5 encoder, under whatever prefix."""
+    return any(k.endswith(REL) for k in ckpt.keys())
+
+
 def load(path, device="cpu", dtype=torch.float32):
     """T5 encoder from a transformers folder (config.json + model*.safetensors, sharded or not) or one .safetensors
     file in transformers' key names (ComfyUI's t5xxl_fp16.safetensors; keys may sit under a prefix such as

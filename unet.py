@@ -234,6 +234,7 @@ class UNet(nn.Module):
         ctx = _per_level(cfg["cross_attention_dim"], n, "cross_attention_dim")
         self.is_sdxl = cfg["addition_embed_type"] == "text_time"
         self.prediction_type = "epsilon"  # what the network output means; load() reads it from the scheduler config
+        self.latent_channels = cfg["in_channels"]  # of the VAE latents it denoises
         self.gradient_checkpointing = False  # training: recompute each ResBlock and TransformerBlock in backward
 
         def transformer(i, c):
@@ -361,16 +362,26 @@ def _open(path):
         scheduler = weights.read_json(os.path.join(where, "..", "scheduler", "scheduler_config.json"), {})
         return config, ckpt, None, scheduler.get("prediction_type", "epsilon")  # the diffusers layout is ours
     ckpt = weights.Checkpoint(where)
-    if "config" in ckpt.metadata:  # written by save(layout="single"), so any size round-trips
-        config = json.loads(ckpt.metadata["config"])
-    else:
-        kind = weights.family(ckpt)
-        if kind in ("sd3", "flux"):
-            raise CheckpointError(f"{where}: an {kind.upper()} file, not an SDXL / SD1.5 UNet")
-        config = SDXL if kind == "sdxl" else SD15
+    # a config stored by save(layout="single"), so any size round-trips; else one of the released UNets
+    config = json.loads(ckpt.metadata["config"]) if "config" in ckpt.metadata else _released_config(ckpt, where)
     if not any(k.startswith(PREFIX) for k in ckpt.keys()):
         raise CheckpointError(f"{where}: no UNet weights in this file (no {PREFIX}* keys)")
     return config, ckpt, layout_map(config), ckpt.metadata.get("prediction_type", "epsilon")
+
+
+def _released_config(ckpt, where) -> dict:
+    """The config of a single file's UNet that stores none: SDXL's when it has SDXL's text_time embedding
+    (label_emb), SD1.5's otherwise. The transformers' files, and files of no SD model, are refused by name."""
+    keys = list(ckpt.keys())
+    for marker, name in (("joint_blocks.", "SD3"), ("double_blocks.", "FLUX")):
+        if any(k.startswith((marker, PREFIX + marker)) for k in keys):
+            raise CheckpointError(f"{where}: an {name} file, not an SDXL / SD1.5 UNet")
+    parts = (PREFIX, "first_stage_model.", "conditioner.", "cond_stage_model.")  # UNet, VAE, text encoders
+    if not any(k.startswith(parts) for k in keys):
+        raise CheckpointError(f"{where}: not an SDXL, SD1.5, SD3 or FLUX checkpoint (no {', '.join(parts[:-1])} or "
+                              f"{parts[-1]} keys)")
+    sdxl = any(k.startswith((PREFIX + "label_emb.", "conditioner.")) for k in keys)
+    return SDXL if sdxl else SD15
 
 
 def read_config(path) -> dict:

@@ -18,17 +18,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import families
 import kernels
 from unet import GroupNorm32
-from weights import (Checkpoint, CheckpointError, component, family, find_weights, load_module, read_config,
+from weights import (Checkpoint, CheckpointError, component, find_weights, load_module, read_config,
                      rename, renamed, save_json, save_safetensors)
 
 # The real SD1.5 / SDXL VAE (83,653,863 parameters); single files use it unless their metadata holds a config.
 FULL_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
                    layers_per_block=2, norm_num_groups=32, force_upcast=True, use_quant_conv=True,
                    use_post_quant_conv=True, mid_block_add_attention=True)
-SCALING_FACTOR = {"sdxl": 0.13025, "sd15": 0.18215, "sd3": 1.5305, "flux": 0.3611}
-SHIFT_FACTOR = {"sd3": 0.0609, "flux": 0.1159}  # 0 for the others
+SCALING_FACTOR = 0.18215  # diffusers' AutoencoderKL's, where neither a config nor a family says (SD1.5's)
 
 
 class ResnetBlock(nn.Module):
@@ -149,7 +149,7 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    def __init__(self, cfg, scaling_factor=0.18215, dtype=torch.float32, shift_factor=0.0):
+    def __init__(self, cfg, scaling_factor=SCALING_FACTOR, dtype=torch.float32, shift_factor=0.0):
         super().__init__()
         self.config = {**FULL_CONFIG, **cfg}
         self.config["scaling_factor"] = self.scaling_factor = float(scaling_factor)
@@ -233,12 +233,16 @@ def _single_file_config(ckpt, prefix):
     return dict(FULL_CONFIG, latent_channels=latent, use_quant_conv=quant, use_post_quant_conv=quant)
 
 
-def _family(ckpt, prefix, cfg):
-    """Whose VAE a single file holds: a whole model's family; a VAE-only 16-channel file is FLUX's ae.safetensors
-    (SD3's VAE ships inside its model files), a 4-channel one SD1.5's (diffusers' default factor)."""
+def _factors(ckpt, prefix, cfg, where):
+    """(scaling_factor, shift_factor) of a single file whose metadata holds no config: a whole model's are its
+    family's (families.py); a VAE-only file's, those of the family whose VAE ships alone with its latent channels
+    (FLUX's ae.safetensors: 16), else diffusers' defaults (SD3's VAE ships inside its model files)."""
     if prefix:
-        return family(ckpt)
-    return "flux" if cfg["latent_channels"] == 16 else "sd15"
+        fam = families.of_keys(ckpt, where)
+    else:
+        fam = next((f for f in families.FAMILIES if f.vae.standalone and f.vae.channels == cfg["latent_channels"]),
+                   None)
+    return (fam.vae.scaling_factor, fam.vae.shift_factor) if fam else (SCALING_FACTOR, 0.0)
 
 
 def _single_file_layout(ckpt, path):
@@ -259,21 +263,24 @@ def load(path, device="cpu", dtype=torch.float32, scaling_factor=None, shift_fac
     With dtype=float16 and force_upcast in the config (true for the SDXL VAE, and for every single file
     without a config), the weights stay fp32 and encode/decode compute in fp32, casting their outputs to
     fp16: the SDXL VAE overflows in fp16. A fixed VAE (force_upcast: false) runs in fp16; bf16 always runs
-    in bf16. scaling_factor and shift_factor override the config's / the checkpoint family's (see _family).
+    in bf16. scaling_factor and shift_factor override the config's / the checkpoint family's (see _factors).
     """
     kind, where = component(path, "vae")
     if kind == "folder":
         cfg = read_config(where)
+        other = next((f.vae.module for f in families.FAMILIES if f.vae.module and f.vae.diffusers_class ==
+                      cfg.get("_class_name")), None)
+        if other is not None:  # a family's own VAE architecture (its record names its module)
+            return other.load(path, device, dtype, scaling_factor, shift_factor)
         ckpt = Checkpoint(find_weights(where))
         sources = {k: (lambda k=k: ckpt[k]) for k in ckpt.keys()}
-        sf, shift = cfg.get("scaling_factor", 0.18215), cfg.get("shift_factor")
+        sf, shift = cfg.get("scaling_factor", SCALING_FACTOR), cfg.get("shift_factor")
     else:
         ckpt = Checkpoint(where)
         prefix, is_ldm = _single_file_layout(ckpt, where)
         cfg = _single_file_config(ckpt, prefix)
-        kind = _family(ckpt, prefix, cfg)
-        sf = cfg.get("scaling_factor") or SCALING_FACTOR[kind]
-        shift = cfg.get("shift_factor", SHIFT_FACTOR.get(kind, 0.0))
+        default = _factors(ckpt, prefix, cfg, where)
+        sf, shift = cfg.get("scaling_factor") or default[0], cfg.get("shift_factor", default[1])
         sources = None
     for t in cfg.get("down_block_types", []) + cfg.get("up_block_types", []):
         if t not in ("DownEncoderBlock2D", "UpDecoderBlock2D"):

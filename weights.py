@@ -155,22 +155,6 @@ class Checkpoint:
         return self._where[k].get_tensor(k)
 
 
-def family(ckpt: "Checkpoint") -> str:
-    """'sdxl', 'sd15', 'sd3' or 'flux' from the keys of an original-layout single file (whole model or denoiser)."""
-    keys = ckpt.keys()
-    for prefix in ("model.diffusion_model.", ""):
-        if prefix + "joint_blocks.0.x_block.attn.qkv.weight" in keys:
-            return "sd3"
-        if prefix + "double_blocks.0.img_attn.qkv.weight" in keys:
-            return "flux"
-    if any(k.startswith(("conditioner.", "model.diffusion_model.label_emb.")) for k in keys):
-        return "sdxl"
-    if any(k.startswith(("cond_stage_model.", "model.diffusion_model.", "first_stage_model.")) for k in keys):
-        return "sd15"
-    raise CheckpointError(f"{ckpt.files[0]}: not an SDXL, SD1.5, SD3 or FLUX checkpoint (no model.diffusion_model., "
-                          "first_stage_model., conditioner. or cond_stage_model. keys)")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Strict loading
 
@@ -365,3 +349,44 @@ def save_json(obj, path: str):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
     atomic(path, write)
+
+
+# JSON lines: a run's log (metrics.jsonl), an online run's pairs.jsonl, the demo's pairs
+
+
+def save_jsonl(rows, path: str):
+    """Write one JSON object per line, atomically (a file rewritten: the old lines or the new ones, never a part)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    atomic(path, write)
+
+
+def append_jsonl(rows, path: str):
+    """Append one JSON object per line (a crash may cut the last line short: load_jsonl drops it); a failure to
+    write is one WriteError line naming path."""
+    try:
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {_cause(e, path)}") from None
+
+
+def load_jsonl(path: str, log=print) -> list:
+    """The objects of a JSON-lines file ([] when it does not exist). A last line cut short (a crash during an append)
+    is dropped with a warning; a bad line elsewhere is an error naming it."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines):
+                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+            log(f"warning: {path}:{n}: dropped a last line cut short by a crash ({line[:40]!r})")
+    return records

@@ -1,7 +1,7 @@
 """Triton kernels for Diffusion-DPO: FlashAttention-2 and a fused paired-noise DPO loss.
 
 Each kernel file holds the Triton kernel(s), the launcher, the autograd.Function, a plain-PyTorch
-`*_ref` used as the correctness oracle, the kernel's allocation model (what memplan.py counts), and
+`*_ref` used as the correctness oracle, the kernel's allocation model (what bench/plan.py counts), and
 a self-check (`python kernels/flash_attention.py`). `DPO_KERNELS` picks the path at call time:
   DPO_KERNELS=triton  -> Triton kernels (on a CPU-only machine they run in the Triton interpreter)
   DPO_KERNELS=torch   -> plain PyTorch (SDPA for attention, dpo_loss_ref for the loss)

@@ -35,6 +35,7 @@ except ImportError as e:
     sys.exit(f"error: kernels/aot.py needs Triton's compiler internals (tested on 3.6 and 3.9), "
              f"triton {triton.__version__}: {e}")
 
+import cli  # noqa: E402
 from kernels import flash_attention as A  # noqa: E402
 from kernels import fused_dpo_loss as L  # noqa: E402
 
@@ -156,12 +157,11 @@ def main():
     p.add_argument("--arch", type=int, default=90, help="compute capability x10: 80 A100, 90 H100, 100 B200")
     p.add_argument("--quick", action="store_true",
                    help="four shapes: SDXL self-attention, SD1.5 D=160, SD3 and FLUX joint")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=list(cli.DTYPES), default="bf16")
     p.add_argument("--ieee", action="store_true", help="fp32: exact fp32 dots, as with torch's TF32 off")
     p.add_argument("--csv", help="also write the rows to this CSV file")
     args = p.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    rows = report(args.arch, args.quick, dtype, args.ieee)
+    rows = report(args.arch, args.quick, cli.DTYPES[args.dtype], args.ieee)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["shape", "kernel", "config", "regs", "spill_bytes", "shared", "fits",

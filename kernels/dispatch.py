@@ -1,4 +1,4 @@
-"""Pick Triton kernels or PyTorch references, per call, from the DPO_KERNELS env var (or, for memplan.py, each
+"""Pick Triton kernels or PyTorch references, per call, from the DPO_KERNELS env var (or, for bench/plan.py, each
 kernel's allocation model); count FLOPs."""
 import contextlib
 import contextvars
@@ -15,7 +15,7 @@ _PLANNING = contextvars.ContextVar("kernels_planning", default=False)
 @contextlib.contextmanager
 def allocation_models():
     """Inside, kernels.attention and kernels.dpo_loss run their allocation models (each kernel file's own: the
-    tensors its launchers allocate, made empty, and no compute) on any device: memplan.py counts the CUDA step's
+    tensors its launchers allocate, made empty, and no compute) on any device: bench/plan.py counts the CUDA step's
     memory on CPU shadow tensors with them. use_triton says True meanwhile, so callers take the kernels' path."""
     token = _PLANNING.set(True)
     try:

@@ -360,7 +360,7 @@ class FlashAttention(torch.autograd.Function):
 
 class FlashAttentionMemory(torch.autograd.Function):
     """FlashAttention's allocation model: the tensors its launchers allocate (_attn_forward, _attn_backward), made
-    empty, in the same order, with no kernel run (memplan.py counts the CUDA step with it). No L x L matrix."""
+    empty, in the same order, with no kernel run (bench/plan.py counts the CUDA step with it). No L x L matrix."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale):
@@ -400,7 +400,7 @@ def attention(q, k, v, causal=False, scale=None):
     if torch.is_autocast_enabled(q.device.type):  # as autocast casts SDPA's inputs (fp32 q, k after an fp32 qk-norm)
         dt = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    if planning():  # memplan.py: what the kernels would allocate, no compute
+    if planning():  # bench/plan.py: what the kernels would allocate, no compute
         return FlashAttentionMemory.apply(q, k, v, causal, scale)
     if use_triton(q):
         if not q.dtype == k.dtype == v.dtype:

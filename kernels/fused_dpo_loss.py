@@ -127,7 +127,7 @@ class DPOLoss(torch.autograd.Function):
 
 class DPOLossMemory(torch.autograd.Function):
     """DPOLoss's allocation model: the tensors its forward and backward allocate, made empty, in the same order, with
-    no kernel run (memplan.py counts the CUDA step with it): per-chunk partial sums, then one gradient."""
+    no kernel run (bench/plan.py counts the CUDA step with it): per-chunk partial sums, then one gradient."""
 
     @staticmethod
     def forward(ctx, model_pred, ref_pred, noise, beta):
@@ -150,7 +150,7 @@ class DPOLossMemory(torch.autograd.Function):
 def dpo_loss(model_pred, ref_pred, noise, beta):
     """Diffusion-DPO loss and detached stats; gradient flows to model_pred only."""
     _check(model_pred, ref_pred, noise)
-    if planning():  # memplan.py: what the kernels would allocate, no compute (no stats)
+    if planning():  # bench/plan.py: what the kernels would allocate, no compute (no stats)
         return DPOLossMemory.apply(model_pred, ref_pred.detach(), noise.detach(), float(beta)), {}
     if not use_triton(model_pred):
         return dpo_loss_ref(model_pred, ref_pred, noise, beta)

@@ -11,6 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import clip
+import families
+import t5
 import vae
 from weights import CheckpointError
 
@@ -83,8 +85,8 @@ def test_encoders_match_transformers(which, sdxl_dir, sd15_dir):
     root = sdxl_dir if which == "sdxl" else sd15_dir
     te = clip.load(root)
     refs = _reference_encoders(root)
-    assert te.is_sdxl == (which == "sdxl") and len(te.encoders) == len(refs)
-    assert clip.load(os.path.join(root, "text_encoder")).is_sdxl == te.is_sdxl  # the text_encoder/ folder: its root
+    assert te.family.name == which and len(te.encoders) == len(refs)
+    assert clip.load(os.path.join(root, "text_encoder")).family is te.family  # the text_encoder/ folder: its root
     for enc, ref, ids in zip(te.encoders, refs, te.tokenize(PROMPTS)):
         with torch.no_grad():
             out = enc(ids)
@@ -190,7 +192,7 @@ def test_single_file_round_trip(which, sdxl_dir, sd15_dir, tmp_path):
     whole = str(tmp_path / "whole.safetensors")
     save_file({**ckpt, **vae_ckpt, **extra}, whole, metadata={**meta, **vae_meta})
     te2 = clip.load(whole, tokenizer=root)
-    assert te2.is_sdxl == (which == "sdxl")
+    assert te2.family.name == which
     with torch.no_grad():
         c1, p1 = te.encode(PROMPTS)
         c2, p2 = te2.encode(PROMPTS)
@@ -203,8 +205,9 @@ def test_full_size_matches_transformers():
     """The real CLIP-L and OpenCLIP-bigG: parameter counts and key sets equal to transformers' on meta."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     with torch.device("meta"):
-        ours = [clip.TextTransformer(clip.CLIP_L), clip.TextTransformer(clip.BIG_G, projection=True)]
-        refs = [CLIPTextModel(CLIPTextConfig(**clip.CLIP_L)), CLIPTextModelWithProjection(CLIPTextConfig(**clip.BIG_G))]
+        ours = [clip.TextTransformer(families.CLIP_L), clip.TextTransformer(families.BIG_G, projection=True)]
+        refs = [CLIPTextModel(CLIPTextConfig(**families.CLIP_L)),
+                CLIPTextModelWithProjection(CLIPTextConfig(**families.BIG_G))]
     for o, r, n in zip(ours, refs, (123_060_480, 694_659_840)):
         assert sum(p.numel() for p in o.parameters()) == sum(p.numel() for p in r.parameters()) == n
         assert {k: tuple(t.shape) for k, t in o.state_dict().items()} == \
@@ -247,7 +250,7 @@ def test_bad_input(sdxl_dir, tmp_path):
         clip.load(str(tmp_path / "no_meta.safetensors"), tokenizer=sdxl_dir)
 
     vae_file = os.path.join(sdxl_dir, "vae", "diffusion_pytorch_model.safetensors")  # wrong kind of file
-    with pytest.raises(CheckpointError, match="holds no SDXL, SD1.5 or SD3 text encoder"):
+    with pytest.raises(CheckpointError, match="holds no SD1.5, SDXL or SD3 text encoder"):
         clip.load(vae_file, tokenizer=sdxl_dir)
     with pytest.raises(CheckpointError, match="does not exist"):
         clip.load(str(tmp_path / "nope"))
@@ -268,7 +271,7 @@ def test_sd3_text_side_is_the_pipelines(sd3_dir):
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
     want, _, want_pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False)
     te = clip.load(sd3_dir)
-    assert te.family == "sd3" and [t.max_length for t in te.tokenizers] == [77, 77, 256]
+    assert te.family.name == "sd3" and [t.max_length for t in te.tokenizers] == [77, 77, 256]
     with torch.no_grad():
         context, pooled = te.encode(PROMPTS)
     assert context.shape == (len(PROMPTS), 77 + 256, 80) and pooled.shape == (len(PROMPTS), 64)
@@ -290,7 +293,7 @@ def test_flux_text_side_is_the_pipelines(guidance, flux_dir, tmp_path):
     pipe = FluxPipeline.from_pretrained(flux_dir)
     want, want_pooled, _ = pipe.encode_prompt(PROMPTS, None, device="cpu", max_sequence_length=length)
     te = clip.load(root)
-    assert te.family == "flux" and [t.max_length for t in te.tokenizers] == [77, length]
+    assert te.family.name == "flux" and [t.max_length for t in te.tokenizers] == [77, length]
     with torch.no_grad():
         context, pooled = te.encode(PROMPTS)
     assert context.shape == (len(PROMPTS), length, 80) and pooled.shape == (len(PROMPTS), 32)
@@ -334,7 +337,7 @@ def test_sd35_single_file_and_flux_split_files(sd3_dir, flux_dir, tmp_path):
     with torch.no_grad():
         context, pooled = clip.load(path, tokenizer=sd3_dir).encode(PROMPTS[:3])
         clip_l = clip.load(sd3_dir).encoders[0](clip.load(sd3_dir).tokenizers[0](PROMPTS[:3]))["pooled"]
-    assert context.shape == (3, 77 + 256, clip.T5_WIDTH) and (context[:, 77:] == 0).all()
+    assert context.shape == (3, 77 + 256, t5.XXL["d_model"]) and (context[:, 77:] == 0).all()
     _close(context[:, :77, :64], want[0][:, :77, :64])
     _close(pooled[:, :32], clip_l)
 

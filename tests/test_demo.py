@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import cache
 import data
 import demo
-import denoiser
+import families
 import images
 import toy
 from tiny import ROOT
@@ -24,7 +25,7 @@ def test_pairs_are_dpo_data_labelled_by_the_rule(tmp_path):
         assert p["caption"] in toy.PROMPTS
         a = toy.area(torch.cat([images.load_image(p[f"image_{k}"]) for k in (0, 1)]))
         assert a[0] > a[1]
-    ds = data.PreferenceDataset(data.Preferences(path), toy.SIZE, seed=0, random_crop=False, flip=True)
+    ds = cache.PreferenceDataset(data.Preferences(path), toy.SIZE, seed=0, random_crop=False, flip=True)
     item = ds[0]
     assert item["pixels"].shape == (2, 3, toy.SIZE, toy.SIZE) and item["pixels"].min() >= -1
     unbiased = data.read_pairs(demo.write_pairs(str(tmp_path), "sft", 24, seed=6, biased=False))
@@ -47,7 +48,7 @@ def test_toy_model_loads_everywhere_and_its_vae_reconstructs(toy_model):
     assert u.is_sdxl and u.config["block_out_channels"] == demo.UNET_CONFIG["block_out_channels"]
     te = clip.load(toy_model)
     ctx, pooled = te.encode(toy.PROMPTS)
-    assert te.is_sdxl and ctx.shape == (6, 77, 64) and pooled.shape == (6, 32)
+    assert te.family is families.SDXL and ctx.shape == (6, 77, 64) and pooled.shape == (6, 32)
     assert min(torch.dist(ctx[i], ctx[j]) for i in range(6) for j in range(i)) > 1e-2  # distinct prompts
     v = vae.load(toy_model)
     assert v.downsample == 2 and 0.1 < v.scaling_factor < 10
@@ -150,11 +151,11 @@ def test_toy_flux_loads_everywhere_with_short_prompts(toy_flux):
     import clip
     import sample
     import vae
-    u = denoiser.load(toy_flux)
+    u = families.load(toy_flux)
     assert u.prediction_type == "flow" and u.config["guidance_embeds"] and u.config["in_channels"] == 16
     te = clip.load(toy_flux)
     ctx, pooled = te.encode(toy.PROMPTS)
-    assert te.family == "flux" and ctx.shape == (6, demo.T5_TOKENS, 32) and pooled.shape == (6, 32)
+    assert te.family is families.FLUX and ctx.shape == (6, demo.T5_TOKENS, 32) and pooled.shape == (6, 32)
     assert min(torch.dist(ctx[i], ctx[j]) for i in range(6) for j in range(i)) > 1e-2  # distinct prompts
     assert clip.load(toy_flux, max_length=16).encode(toy.PROMPTS[:1])[0].shape == (1, 16, 32)  # asked for: no cap
     v = vae.load(toy_flux)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import diffusion
+import families
 import tiny
 
 
@@ -31,7 +32,7 @@ def run_chain(ours, ref, x):
 @pytest.mark.parametrize("steps", [1, 4, 30])
 def test_euler_matches_diffusers(spacing, pred, steps):
     from diffusers import EulerDiscreteScheduler
-    cfg = dict(diffusion.SD_SCHEDULE, **CFG, timestep_spacing=spacing, prediction_type=pred)
+    cfg = dict(families.SD_SCHEDULE, **CFG, timestep_spacing=spacing, prediction_type=pred)
     ref = EulerDiscreteScheduler(**CFG, timestep_spacing=spacing, prediction_type=pred)
     ref.set_timesteps(steps)
     ours = diffusion.Euler(cfg, steps)
@@ -58,7 +59,7 @@ def test_ddim_matches_diffusers(spacing, pred, alpha_one, clip, steps):
     kw = dict(timestep_spacing=spacing, prediction_type=pred, set_alpha_to_one=alpha_one, clip_sample=clip)
     ref = DDIMScheduler(**CFG, **kw)
     ref.set_timesteps(steps)
-    ours = diffusion.DDIM(dict(diffusion.SD_SCHEDULE, **CFG, **kw), steps)
+    ours = diffusion.DDIM(dict(families.SD_SCHEDULE, **CFG, **kw), steps)
     assert ours.init_sigma == ref.init_noise_sigma == 1.0
     run_chain(ours, ref, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
     i = steps // 2

@@ -1,7 +1,6 @@
 """dpo.py: eq. 14 against the official formula (fp64, by hand) and the fused kernel, pair_loss (its targets, the
 shared noise draw, the dispatch), the flags and their defaults, and tiny end-to-end runs (SDXL + SD1.5, parquet +
 JSONL, cache, resume, 2-rank DDP, bad input)."""
-import argparse
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import torch
 
 import diffusion
 import dpo
+import families
 import kernels
 import unet as unetlib
 import tiny
@@ -23,12 +23,6 @@ from tiny import ENV, ROOT, run, write_parquet
 def inputs(z, eps, t, cond=(None, None, None)):
     """pair_loss's micro-batch: clean latents z (2B, ...), one (t, eps) per pair, the text conditioning."""
     return dict(z=z, eps=eps, t=t, T=1000, cond=cond)
-
-
-def namespace(**kw):
-    """The run's arguments pair_loss reads, with kw on top."""
-    args = dict(loss="dpo", beta=1.0, amp_dtype=torch.float32, rpo_tau=0.5, rpo_form="logit", autocast_cache=False)
-    return argparse.Namespace(**dict(args, **kw))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,8 +78,8 @@ def test_pair_loss_dispatches_to_the_fused_kernel_with_the_same_numbers(monkeypa
     so (CUDA tensors; here DPO_KERNELS=triton, in the interpreter): the same loss, stats and gradient."""
     g = torch.Generator().manual_seed(5)
     z, eps, t = torch.randn(4, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
-    abar = diffusion.alphas_cumprod(diffusion.SD_SCHEDULE)
-    args = namespace(beta=100.0)
+    abar = diffusion.alphas_cumprod(families.SD_SCHEDULE)
+    loss_fn = dpo.objective("dpo", 100.0)
     ref = torch.nn.Conv2d(4, 4, 1)
     calls, results = [], {}
     for path in ("torch", "triton"):
@@ -96,8 +90,8 @@ def test_pair_loss_dispatches_to_the_fused_kernel_with_the_same_numbers(monkeypa
             policy.weight.add_(0.01)  # not the reference: a loss away from log 2
         for name, module in (("readable", dpo), ("fused", kernels)):
             monkeypatch.setattr(module, "dpo_loss", _recorded(module.dpo_loss, name, calls))
-        loss, stats = dpo.pair_loss(lambda x, tt, *c: policy(x), lambda x, tt, *c: ref(x), inputs(z, eps, t), args,
-                                    abar, pred_type)
+        loss, stats = dpo.pair_loss(lambda x, tt, *c: policy(x), lambda x, tt, *c: ref(x), inputs(z, eps, t), loss_fn,
+                                    pred_type, abar)
         loss.backward()
         results[path] = (loss.item(), {k: float(v) for k, v in stats.items()}, policy.weight.grad.clone())
         monkeypatch.undo()
@@ -114,10 +108,10 @@ def test_pairs_share_t_noise_and_draws_depend_on_position_only(monkeypatch):
     t2, eps2, drop2, _ = dpo.draw(torch.tensor([9]), 0, (4, 8, 8), 1000, 0.5)  # another batch, another world size
     assert t[1] == t2[0] and torch.equal(eps[1], eps2[0]) and drop[1] == drop2[0]
     z = torch.randn(6, 4, 8, 8)
-    cfg = diffusion.scheduler_config("")
+    cfg = diffusion.scheduler_config("", families.SDXL)
     abar, pred = diffusion.alphas_cumprod(cfg), cfg["prediction_type"]
     with pytest.raises(ValueError, match="unsupported prediction_type 'sample'"):
-        diffusion.scheduler_config("", "sample")
+        diffusion.scheduler_config("", families.SDXL, "sample")
     assert pred == "epsilon" and abs(abar[0].item() - (1 - 0.00085)) < 1e-7 and abar[-1].item() < 5e-3
     seen, targets = [], []  # what pair_loss gives the policy (x_t, t) and eq. 14 (the shared eps target)
 
@@ -129,8 +123,7 @@ def test_pairs_share_t_noise_and_draws_depend_on_position_only(monkeypatch):
         targets.append(noise)
         return torch.zeros(()), {}
     monkeypatch.setattr(dpo, "dpo_loss", loss)
-    args = namespace(beta=1.0)
-    dpo.pair_loss(policy, policy, inputs(z, eps, t), args, abar, pred)
+    dpo.pair_loss(policy, policy, inputs(z, eps, t), dpo.objective("dpo", 1.0), pred, abar)
     x, tt = seen[0]
     e2, target = torch.cat([eps, eps]), torch.cat([targets[0], targets[0]])
     assert torch.equal(target, e2) and torch.equal(e2, torch.cat([eps, eps]))
@@ -305,23 +298,23 @@ def test_cli_errors_subprocess(tmp_path):
 def test_parse_args_defaults_and_given():
     a = dpo.parse_args(["--model", "m", "--beta", "2000"])
     assert a.given == ["beta", "model"] and a.loss == "dpo" and a.prompt_dropout == 0.2 and a.resolution is None
-    r = dpo.resolve(a, "sdxl", world=8)
+    r = dpo.resolve(a, families.SDXL, world=8)
     got = (r.resolution, r.warmup, r.optimizer, r.gradient_checkpointing, r.grad_accum)
     assert got == (1024, 200, "adafactor", True, 256)
     assert r.lr == pytest.approx(1e-8 * 2048)
-    r = dpo.resolve(dpo.parse_args(["--grad_accum", "4", "--batch_size", "2"]), "sd15", world=1)
+    r = dpo.resolve(dpo.parse_args(["--grad_accum", "4", "--batch_size", "2"]), families.SD15, world=1)
     assert (r.resolution, r.warmup, r.optimizer, r.lr) == (512, 500, "adamw", pytest.approx(8e-8))
 
 
 @pytest.mark.parametrize("pred_type", ["epsilon", "v_prediction"])
 def test_pair_loss_targets_by_hand(pred_type):
-    """eps target, or v = sqrt(a) eps - sqrt(1-a) x_0 for v-prediction models; SFT = MSE on the winners only."""
+    """eps target, or v = sqrt(a) eps - sqrt(1-a) x_0 for v-prediction models; SFT = MSE on the winners (only they
+    reach it: dpo.micro_batch)."""
     g = torch.Generator().manual_seed(4)
     z, eps, t = torch.randn(4, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
-    abar = diffusion.alphas_cumprod(diffusion.SD_SCHEDULE)
+    abar = diffusion.alphas_cumprod(families.SD_SCHEDULE)
     policy, ref = (lambda x, t, *c: 0.5 * x), (lambda x, t, *c: 0.4 * x + 0.1)
-    args = namespace(beta=100.0)
-    loss, _ = dpo.pair_loss(policy, ref, inputs(z, eps, t), args, abar, pred_type)
+    loss, _ = dpo.pair_loss(policy, ref, inputs(z, eps, t), dpo.objective("dpo", 100.0), pred_type, abar)
     a = abar.double()[torch.cat([t, t])].view(-1, 1, 1, 1)
     e2, zd = torch.cat([eps, eps]).double(), z.double()
     x = a.sqrt() * zd + (1 - a).sqrt() * e2
@@ -329,8 +322,7 @@ def test_pair_loss_targets_by_hand(pred_type):
     m, r = ((0.5 * x - target) ** 2).mean((1, 2, 3)), ((0.4 * x + 0.1 - target) ** 2).mean((1, 2, 3))
     inner = -0.5 * 100.0 * ((m[:2] - m[2:]) - (r[:2] - r[2:]))
     assert abs(loss.item() - torch.nn.functional.softplus(-inner).mean().item()) < 1e-5
-    args.loss = "sft"
-    loss, _ = dpo.pair_loss(policy, None, inputs(z, eps, t), args, abar, pred_type)
+    loss, _ = dpo.pair_loss(policy, None, inputs(z[:2], eps, t), dpo.objective("sft", 100.0), pred_type, abar)
     assert abs(loss.item() - m[:2].mean().item()) < 1e-5
 
 

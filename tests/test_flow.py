@@ -3,7 +3,6 @@ out by hand in fp64 (value and gradient), tiny end-to-end runs (log 2 at step 0 
 noise, transformer/ loadable by diffusers, resume, 2 ranks = 1 rank, FSDP = one process, LoRA loadable by diffusers'
 pipelines, cache = no cache), the samplers against diffusers' StableDiffusion3Pipeline and FluxPipeline from the
 same initial latents, and bad input."""
-import argparse
 import math
 import os
 
@@ -11,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import denoiser
 import diffusion
 import dpo
+import families
 import flux
 import lora
 import mmdit
@@ -81,10 +80,11 @@ def test_every_objective_on_flow_velocities_equals_its_formula_by_hand(loss):
     sigma, emb = torch.rand(B, generator=g), torch.randn(B, 3, 8, generator=g)
     beta = {"mapo": 0.1, "kto": 2.0}.get(loss, 3.0)
     policy, ref = Affine(0.5), Affine(0.45).requires_grad_(False)
-    args = argparse.Namespace(loss=loss, beta=beta, amp_dtype=torch.float32, rpo_tau=0.5, rpo_form="logit",
-                              autocast_cache=False)
-    inputs = dict(z=z, eps=eps, t=sigma, T=1000, cond=(torch.zeros(2 * B, 2, 8), torch.zeros(2 * B, 8)), rpo_emb=emb)
-    value, _ = dpo.pair_loss(policy, None if loss in dpo.REFERENCE_FREE else ref, inputs, args, None, "flow")
+    k = 1 if loss == "sft" else 2  # SFT: the winners alone reach pair_loss (dpo.micro_batch)
+    cond = (torch.zeros(k * B, 2, 8), torch.zeros(k * B, 8))
+    inputs = dict(z=z[:k * B], eps=eps, t=sigma, T=1000, cond=cond, rpo_emb=emb)
+    value, _ = dpo.pair_loss(policy, None if loss in dpo.REFERENCE_FREE else ref, inputs, dpo.objective(loss, beta),
+                             "flow")
     value.backward()
     w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     want = by_hand(loss, w, z, eps, sigma, beta, emb)
@@ -95,7 +95,7 @@ def test_every_objective_on_flow_velocities_equals_its_formula_by_hand(loss):
 
 def test_flow_sigmas_are_drawn_per_pair_from_the_schedule():
     """One sigma per pair, keyed by (seed, position); logit-normal u through SD3's shift 3 puts the mass high."""
-    cfg = diffusion.flow_config("nowhere", "sd3")
+    cfg = diffusion.scheduler_config("nowhere", families.SD3)
     pos = torch.arange(4000)
     t, eps, _, _ = dpo.draw(pos, 0, (1, 1, 1), 1000, 0.0, flow=("logit_normal", cfg))
     again, _, _, _ = dpo.draw(pos[[7, 3]], 0, (1, 1, 1), 1000, 0.0, flow=("logit_normal", cfg))
@@ -135,7 +135,7 @@ def test_flow_run_starts_at_log2_and_leaves_a_transformer_diffusers_loads(tmp_pa
     m = run(tmp_path, folder, jsonl)
     assert abs(m[0]["loss"] - math.log(2)) < 1e-6 and math.isfinite(m[-1]["loss"]) and len(m) == 2
     policy, ref = loaded[0], loaded[1]
-    base = denoiser.load(folder)
+    base = families.load(folder)
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), base.state_dict().values()))
     assert any(not torch.equal(a, b) for a, b in zip(policy.state_dict().values(), base.state_dict().values()))
     for t, cond in calls:  # winner i and loser i: the same sigma (given as sigma * 1000) and prompt
@@ -148,7 +148,7 @@ def test_flow_run_starts_at_log2_and_leaves_a_transformer_diffusers_loads(tmp_pa
             assert len(cond) == 2
     out = os.path.join(tmp_path, "transformer")
     assert not os.path.exists(os.path.join(tmp_path, "unet"))
-    ours = denoiser.load(out)
+    ours = families.load(out)
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), policy.state_dict().values()))
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     hf = (SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel).from_pretrained(out)
@@ -305,7 +305,7 @@ def test_flow_implicit_accuracy_draws_sigma_and_ties_against_itself(tmp_path, sd
     pipe = sample.load(folder)
     pipe.progress = False
     pairs = data.read_pairs(jsonl)
-    ref = denoiser.load(folder)
+    ref = families.load(folder)
     acc, diffs = evaluate.implicit_accuracy(pipe, ref, pairs, k=2, size=32)
     assert acc == 0.5 and all(d == 0 for d in diffs)
     with torch.no_grad():
@@ -365,10 +365,10 @@ def test_flow_fsdp_matches_one_process(tmp_path, flux_dir, jsonl):
         for a, b in zip(ref, got):
             for k in ("loss", "model_mse", "ref_mse", "implicit_acc"):
                 assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (name, k, a, b)
-    base = denoiser.load(flux_dir).state_dict()
-    a, b = denoiser.load(str(tmp_path / "fsdp")).state_dict(), denoiser.load(str(tmp_path / "one")).state_dict()
+    base = families.load(flux_dir).state_dict()
+    a, b = families.load(str(tmp_path / "fsdp")).state_dict(), families.load(str(tmp_path / "one")).state_dict()
     da = torch.cat([(a[k] - base[k]).flatten() for k in base])
     db = torch.cat([(b[k] - base[k]).flatten() for k in base])
     assert db.norm() > 0 and (da - db).norm() < 1e-3 * db.norm()
-    adapters = [sorted(lora.read(str(tmp_path / n), lora.FLOW_PREFIX)) for n in ("fsdp_lora", "one_lora")]
+    adapters = [sorted(lora.read(str(tmp_path / n), "transformer.")) for n in ("fsdp_lora", "one_lora")]
     assert adapters[0] == adapters[1] and adapters[0]

@@ -1,5 +1,5 @@
-"""gpu_check.py --dry_run: every step of the one-command GPU check runs on the CPU (tiny models, the kernels in the
-interpreter, stub timers) and its summary holds every table, so the script cannot rot between GPU sessions."""
+"""bench/gpu_check.py --dry_run: every step of the one-command GPU check runs on the CPU (tiny models, the kernels in
+the interpreter, stub timers) and its summary holds every table, so the script cannot rot between GPU sessions."""
 import csv
 import os
 import subprocess
@@ -10,8 +10,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
 def _check(out, *flags):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "gpu_check.py"), "--dry_run", "--out", str(out), *flags],
-                       env=ENV, capture_output=True, text=True, timeout=1200)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--dry_run", "--out", str(out),
+                        *flags], env=ENV, capture_output=True, text=True, timeout=1200)
     summary = (out / "summary.md").read_text() if (out / "summary.md").exists() else ""
     return r, summary
 
@@ -54,7 +54,7 @@ def test_budget_spent_skips_the_rest_and_says_so(tmp_path):
 def test_step_limits_fit_nine_minutes():
     """The steps' own time limits add up to at most 9 minutes (the default --budget), the flow steps right after the
     headline and the kernel benchmark."""
-    import gpu_check
+    from bench import gpu_check
     steps = gpu_check.plan(gpu_check.argparse.Namespace(dry_run=False), "/tmp/gc")
     assert sum(seconds for _, _, seconds, _ in steps) <= 540
     first = ["kernel_tests", "step_sdxl", "kernel_bench", "step_flux_dev_lora64", "step_sd35m_lora64"]

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
-import shadow  # noqa: E402
+from bench import shadow  # noqa: E402
 
 from kernels import flash_attention as attn_mod  # noqa: E402  (the modules behind kernels.attention / .dpo_loss)
 from kernels import fused_dpo_loss as dpo_mod  # noqa: E402

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dpo
+import families
 import lora
 import sample
 import unet as unetlib
@@ -61,12 +62,12 @@ def test_lora_file_loads_in_diffusers_and_equals_the_merged_unet(tmp_path, sdxl_
     torch.testing.assert_close(sampled, theirs, rtol=1e-5, atol=1e-5)
     saved = lora.read(str(out / "lora"))  # every attention and feed-forward projection, nothing else
     assert sorted(saved) == sorted(lora.layers(lora_model(model)))
-    assert all(name.endswith(lora.TARGETS) for name in saved)
+    assert all(name.endswith(families.SDXL.lora_targets) for name in saved)
 
 
 def lora_model(model, rank=4):
     """The tiny base, frozen as dpo.py freezes it, with rank-4 adapters (alpha 8)."""
-    u = dpo.reference(model, torch.device("cpu"), torch.float32)
+    u = dpo.reference(families.load(model, "cpu", torch.float32, torch.float32), torch.float32)
     lora.add(u, rank, 8, seed=0)
     return u
 
@@ -84,12 +85,13 @@ def test_lora_reference_is_the_frozen_base(sdxl_dir, jsonl):
     z, eps, cond = x, x[:2].flip(0).clone(), (ctx, pooled, time_ids)  # 2 pairs: winners then losers
     ref_before = ref(x, t, ctx, pooled, time_ids)
     args = dpo.parse_args(["--lora", "4"])
-    args = dpo.resolve(args, "sdxl", 1)
+    args = dpo.resolve(args, families.SDXL, 1)
     acp = torch.linspace(0.99, 0.01, 1000)
     opt = torch.optim.AdamW(trained, lr=1e-2)
     losses = []
     for _ in range(3):
-        loss, _ = dpo.pair_loss(policy, ref, dict(z=z, eps=eps, t=t[:2], T=1000, cond=cond), args, acp, "epsilon")
+        loss, _ = dpo.pair_loss(policy, ref, dict(z=z, eps=eps, t=t[:2], T=1000, cond=cond),
+                                dpo.objective("dpo", args.beta), "epsilon", acp)
         loss.backward()
         opt.step()
         opt.zero_grad()

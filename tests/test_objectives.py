@@ -10,8 +10,6 @@ import sys
 import pytest
 import torch
 
-import argparse
-
 import numpy as np
 import torch.nn.functional as F
 
@@ -20,11 +18,6 @@ import dpo
 import objectives
 import tiny
 from tiny import ENV, ROOT, run, write_parquet
-
-
-def args(beta, **kw):
-    """The flags an objective reads."""
-    return argparse.Namespace(beta=beta, rpo_tau=0.5, rpo_form="logit", **kw)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,7 +53,7 @@ def test_ipo_and_hinge_by_hand(form):
         if form == "ipo":  # Azar et al.: (h - 1/(2 tau))^2 with tau = beta
             return ((h - 1 / (2 * beta)) ** 2).mean()
         return torch.clamp(1 - beta * h, min=0).mean()  # max(0, 1 - beta h)
-    _check(lambda x: getattr(objectives, form)(x, ref, noise, args(beta), {})[0], theirs, model)
+    _check(lambda x: getattr(objectives, form)(x, ref, noise, {}, beta)[0], theirs, model)
 
 
 def test_mapo_by_hand():
@@ -72,7 +65,7 @@ def test_mapo_by_hand():
         m = ((x - target.double()) ** 2).flatten(1).mean(1)
         s = w * m / (torch.exp(w * m) - 1)
         return m[:B].mean() - beta * torch.log(torch.sigmoid(T * (s[:B] - s[B:]))).mean()
-    _check(lambda x: objectives.mapo(x, None, noise, args(beta), {"T": T})[0], theirs, model)
+    _check(lambda x: objectives.mapo(x, None, noise, {"T": T}, beta)[0], theirs, model)
 
 
 @pytest.mark.parametrize("shift", [0.0, 0.05])  # 0.05: the batch's mean reward > 0, so the reference point is used
@@ -90,7 +83,7 @@ def test_kto_by_hand(shift):
         z = max(0.0, g.detach().mean().item())
         h = torch.where(labels.bool(), torch.sigmoid(beta * (g - z)), torch.sigmoid(beta * (z - g)))
         return (1 - h).mean()
-    _check(lambda x: objectives.kto(x, ref, noise, args(beta), {"labels": labels})[0], theirs, model)
+    _check(lambda x: objectives.kto(x, ref, noise, {"labels": labels}, beta)[0], theirs, model)
 
 
 # ----------------------------------------------------------------------------------------------------

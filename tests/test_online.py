@@ -8,8 +8,10 @@ import sys
 import pytest
 import torch
 
+import cache
 import data
 import dpo
+import families
 import online
 import tiny
 from tiny import ROOT
@@ -37,6 +39,13 @@ def metrics(out):
         return [json.loads(line) for line in f]
 
 
+def models(args, fam=families.SDXL):
+    """The policy and the reference as dpo.train builds them from args (on the CPU)."""
+    source = lambda dtype: fam.load(args.model, "cpu", dtype, torch.float32)  # noqa: E731
+    return dpo.build_models(source, args.amp_dtype, args.lora, args.lora_alpha, fam.lora_targets, args.seed,
+                            args.loss in dpo.REFERENCE_FREE, args.gradient_checkpointing)[:2]
+
+
 def test_pairs_from_a_score_table():
     """best_worst: one (best, worst) per prompt, ties to the first index; margin: every pair beyond the threshold,
     the higher score first, and the best-worst pair when none is."""
@@ -52,28 +61,28 @@ def test_online_loss_is_the_offline_loss_on_the_pairs_written(tmp_path, sdxl_dir
     """One online micro-batch and the same pairs read back from pairs.jsonl as offline data (the same positions,
     so the same crop, flip, t and eps): the same pixels and the same loss, for DPO and for a second objective."""
     args = dpo.parse_args(flags(tmp_path, sdxl_dir, prompts, "--no_flip"))
-    args = dpo.resolve(args, "sdxl", 1, "cpu", 32)
+    args = dpo.resolve(args, families.SDXL, 1, "cpu", 32)
     dpo.parallel.setup("cpu")
-    policy, ref, _ = dpo.build_models(args, torch.device("cpu"))
-    feed = online.Feed(args, policy, ref, 4, torch.device("cpu"), 0, 1, print)
+    policy, ref = models(args)
+    feed = online.Feed(args, families.SDXL, policy, ref, 4, torch.device("cpu"), 0, 1, print)
     feed.eval_every = 10 ** 6  # no held-out check here
     b_on = feed.batch([0, 1], 0)
     feed.after_step(1)  # writes pairs.jsonl
     rows = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
     assert [r["caption"] for r in rows] == b_on["caption"] and all(r["score_0"] >= r["score_1"] for r in rows)
     pairs = data.Preferences(str(tmp_path / "pairs.jsonl"))
-    ds = data.PreferenceDataset(pairs, 32, args.seed, False, False)
+    ds = cache.PreferenceDataset(pairs, 32, args.seed, False, False)
     assert len(pairs) == 2  # no ties among them (the tiny model's images differ in area)
     items = [dict(pos=pos, **ds.read(lambda k, i=i: i, pos)) for i, pos in enumerate(b_on["pos"].tolist())]
     b_off = data.collate(items)
     assert torch.equal(b_on["pixels"], b_off["pixels"])
-    ac = dpo.diffusion.alphas_cumprod(dpo.diffusion.scheduler_config(sdxl_dir, "epsilon"))
+    ac = dpo.diffusion.alphas_cumprod(dpo.diffusion.scheduler_config(sdxl_dir, families.SDXL, "epsilon"))
     for loss in ("dpo", "ipo"):
         args.loss = loss
         losses = []
         for b in (b_on, b_off):
-            inputs = dpo.micro_batch(b, feed, args, len(ac), torch.device("cpu"))
-            losses.append(dpo.pair_loss(policy, ref, inputs, args, ac, "epsilon")[0])
+            inputs = dpo.micro_batch(b, feed, args.seed, args.prompt_dropout, len(ac), torch.device("cpu"))
+            losses.append(dpo.pair_loss(policy, ref, inputs, dpo.objective(loss, args.beta), "epsilon", ac)[0])
         assert torch.equal(losses[0], losses[1]), (loss, losses)
 
 
@@ -88,12 +97,23 @@ def test_resume_is_bit_exact_and_pairs_are_rewritten(tmp_path, sdxl_dir, prompts
     keys = ("step", "loss", "model_mse", "ref_mse", "grad_norm", "score_mean", "score_margin")
     assert [[r[k] for k in keys] for r in metrics(cut)] == [[r[k] for k in keys] for r in metrics(full)]
     assert open(cut / "pairs.jsonl").read() == open(full / "pairs.jsonl").read()
-    a = dpo.denoiser.load(str(full / "unet")).state_dict()
-    b = dpo.denoiser.load(str(cut / "unet")).state_dict()
+    a = families.load(str(full / "unet")).state_dict()
+    b = families.load(str(cut / "unet")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     hist = json.load(open(cut / "online_eval.json"))
     assert [h["step"] for h in hist] == [0, 1, 2, 3, 4] and hist[0]["win"]["area"] == 0.5
     assert os.path.isfile(cut / "online_eval.png")
+
+
+def test_reference_free_objectives_resume(tmp_path, sdxl_dir, prompts, one_thread):
+    """SFT and MaPO build no reference: a resumed run's held-out base is the base loaded again (LoRA: the adapters
+    off), and its checks go on from the checkpoint's."""
+    for loss, extra in (("sft", ()), ("mapo", ("--lora", "2"))):
+        out = tmp_path / loss
+        dpo.main(flags(out, sdxl_dir, prompts, "--loss", loss, "--ckpt_every", "1", *extra, steps=2))
+        dpo.main(flags(out, sdxl_dir, prompts, "--loss", loss, "--ckpt_every", "1", "--resume", *extra, steps=3))
+        assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+        assert [h["step"] for h in json.load(open(out / "online_eval.json"))] == [0, 1, 2, 3]
 
 
 def test_two_ranks_match_one_rank(tmp_path, sdxl_dir, prompts):
@@ -114,10 +134,10 @@ def test_two_ranks_match_one_rank(tmp_path, sdxl_dir, prompts):
 
 def test_reference_refresh_copies_the_policy_at_step_n_only(tmp_path, sdxl_dir, prompts, one_thread):
     args = dpo.resolve(dpo.parse_args(flags(tmp_path, sdxl_dir, prompts, "--ref_update", "2", "--ckpt_every", "2",
-                                            "--no-save_pairs", steps=4)), "sdxl", 1, "cpu", 32)
+                                            "--no-save_pairs", steps=4)), families.SDXL, 1, "cpu", 32)
     dpo.parallel.setup("cpu")
-    policy, ref, _ = dpo.build_models(args, torch.device("cpu"))
-    feed = online.Feed(args, policy, ref, 4, torch.device("cpu"), 0, 1, print)
+    policy, ref = models(args)
+    feed = online.Feed(args, families.SDXL, policy, ref, 4, torch.device("cpu"), 0, 1, print)
     feed.eval_every = 10 ** 6  # the refresh alone
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     with torch.no_grad():

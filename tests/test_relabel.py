@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cache
 import data
 import demo
 import images
@@ -112,7 +113,7 @@ def test_relabel_pick_a_pic_parquet_references_its_images(tmp_path, capsys):
         caption, (win, lose), _ = pairs.raw(i)
         w = "jpg_0" if i % 2 == 0 else "jpg_1"
         assert win == rows[i][w] and lose == rows[i]["jpg_1" if w == "jpg_0" else "jpg_0"]
-    item = data.PreferenceDataset(pairs, 16, seed=0, random_crop=False, flip=False)[0]
+    item = cache.PreferenceDataset(pairs, 16, seed=0, random_crop=False, flip=False)[0]
     assert item["pixels"].shape == (2, 3, 16, 16) and item["bad"] == []
     assert images.open_image(str(shard) + "#row=5&col=jpg_0").size == (16, 16)
     # a reference to a row the shard does not have is named by file:line when the JSONL is read

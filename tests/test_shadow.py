@@ -1,8 +1,8 @@
-"""shadow.py: the byte counter counts each storage once, rounded as CUDA's allocator rounds it (memplan's shadow
-tensors against real ones: test_memplan.py)."""
+"""bench/shadow.py: the byte counter counts each storage once, rounded as CUDA's allocator rounds it (the plan's shadow
+tensors against real ones: test_plan.py)."""
 import torch
 
-import shadow
+from bench import shadow
 
 
 def test_counter_counts_each_storage_once_rounded_as_cuda():

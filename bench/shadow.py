@@ -1,4 +1,4 @@
-"""Counting a step's memory without running it: shadow tensors and a byte counter (memplan.py plans with them).
+"""Counting a step's memory without running it: shadow tensors and a byte counter (bench/plan.py plans with them).
 
 A TorchDispatchMode (Counter) makes every tensor made under it a Shadow: a CPU tensor to autograd and autocast, held
 as a meta tensor, so every op runs on torch's meta kernels (shapes, dtypes, strides; no data, no compute). The

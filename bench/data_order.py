@@ -1,7 +1,7 @@
 """Time the pair loader on Pick-a-Pic-style parquet shards, with the three data orders one could use.
 
-    python bench_data.py --make bench_out/pap            # write a synthetic Pick-a-Pic-like folder first (once)
-    python bench_data.py bench_out/pap [--pairs 600] [--resolution 512]
+    python bench/data_order.py --make bench_out/pap          # write a synthetic Pick-a-Pic-like folder first (once)
+    python bench/data_order.py bench_out/pap [--pairs 600] [--resolution 512]
 
   block    row groups shuffled, pairs in each group shuffled (this project before the windowed shuffle): a micro-
            batch, the RPO matrix and an optimizer step come from one or two row groups
@@ -14,13 +14,17 @@ pairs touch (from the order alone, averaged over the dataset).
 """
 import io
 import os
+import sys
 import time
 
 import numpy as np
 
-import cli
-import data
-import images
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import cache  # noqa: E402
+import cli  # noqa: E402
+import data  # noqa: E402
+import images  # noqa: E402
 
 
 def make(folder, shards=4, groups=8, rows=100, size=512, seed=0):
@@ -66,7 +70,7 @@ def measure(path, order, n_pairs, resolution):
         return real(self, i, **kw)
     images.pyarrow_parquet().ParquetFile.read_row_group = read_row_group
     try:
-        ds = data.PreferenceDataset(pairs, resolution, seed=0, random_crop=False, flip=True)
+        ds = cache.PreferenceDataset(pairs, resolution, seed=0, random_crop=False, flip=True)
         ds.index = index
         tic = time.perf_counter()
         for p in range(n_pairs):

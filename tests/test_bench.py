@@ -1,5 +1,5 @@
-"""bench_step.py: runs both impls at toy size on CPU (UNets and the flow transformers, LoRA through peft), the two impls
-time the same work (same loss, same update), the built-in flow configs are the released models, and it refuses what
+"""bench/step.py: runs both impls at toy size on CPU (UNets and the flow transformers, LoRA through peft), the two
+impls time the same work (same loss, same update), the released configs are the released models, and it refuses what
 cannot fit."""
 import math
 import sys
@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-import bench_step
+from bench import models
+from bench import step as bench_step
 
 TINY = ["--resolution", "32", "--steps", "2", "--warmup", "1", "--dtype", "fp32", "--device", "cpu"]
 
@@ -24,13 +25,28 @@ def _rows(out):
     return rows
 
 
+
+def _same_step(step_o, step_d, inputs, pol_o, pol_d, before, theirs, off_log2):
+    """Ours and diffusers' step on the same inputs: the same loss (not step 0's log 2) and gradient norm, and the
+    same update of every trained tensor (before: ours before the step; theirs: our key -> diffusers' key)."""
+    loss_o, norm_o = step_o(*inputs)
+    loss_d, norm_d = step_d(*inputs)
+    assert abs(loss_o.item() - math.log(2)) > off_log2  # not the trivial step-0 value
+    assert loss_o.item() == pytest.approx(loss_d.item(), rel=1e-4, abs=1e-5)
+    assert norm_o.item() == pytest.approx(norm_d.item(), rel=1e-3)
+    after_o, after_d = pol_o.state_dict(), pol_d.state_dict()
+    d_o = torch.cat([(after_o[k] - before[k]).flatten() for k in before])  # one step's update, every trained tensor
+    d_d = torch.cat([(after_d[theirs[k]] - before[k]).flatten() for k in before])
+    assert d_o.abs().max() > 1e-4  # the step really moved the weights
+    assert (d_o - d_d).norm() / d_o.norm() < 1e-3
+
 def test_bench_runs_both_impls_on_the_tiny_sdxl(sdxl_dir, capsys, tmp_path):
     csv = tmp_path / "b.csv"
     rows = bench_step.main(["--model", sdxl_dir, *TINY, "--csv", str(csv)])
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].startswith("# ") and f"torch {torch.__version__}" in lines[0] and "triton" in lines[0]
-    assert lines[1] == f"# python bench_step.py --model {sdxl_dir} {' '.join(TINY)} --csv {csv}"
+    assert lines[1] == f"# python bench/step.py --model {sdxl_dir} {' '.join(TINY)} --csv {csv}"
     assert all(s in lines[2] for s in ("SDXL-shaped UNet, 32px (16x16 latents)", "adafactor", "checkpointing on"))
     table = _rows(out)
     assert set(table) == {"ours", "diffusers"}
@@ -72,15 +88,15 @@ def test_bad_flags_one_line(sdxl_dir, capsys, argv, msg):
 def test_ours_and_diffusers_do_the_same_step(family, request):
     """Same weights in both (strict state_dict load), policy != reference: the same loss, gradient norm and update."""
     model = request.getfixturevalue(f"{family}_dir")
-    cfg, dev, sdxl = bench_step.unet_config(model), torch.device("cpu"), family == "sdxl"
-    targs = bench_step.settings(bench_step.parse_args(["--model", model, *TINY]), family, "cpu")
+    spec, dev, sdxl = models.spec(model, 32), torch.device("cpu"), family == "sdxl"
+    targs = bench_step.settings(bench_step.parse_args(["--model", model, *TINY]), spec, "cpu")
     # dpo.py's recipes: SDXL Adafactor + checkpointing, SD1.5 AdamW
     recipe = ("adafactor", True) if sdxl else ("adamw", False)
     assert (targs.optimizer, targs.gradient_checkpointing, targs.beta) == recipe + (5000.0,)
     targs.lr = 1e-3  # an update well above fp32 rounding of the weights
     torch.manual_seed(0)
-    pol_o, ref_o, step_o = bench_step.build("ours", cfg, dev, targs)
-    pol_d, ref_d, step_d = bench_step.build("diffusers", cfg, dev, targs)
+    pol_o, ref_o, step_o, _ = bench_step.build("ours", spec, dev, targs)
+    pol_d, ref_d, step_d, _ = bench_step.build("diffusers", spec, dev, targs)
     assert type(pol_d).__name__ == "UNet2DConditionModel" and type(pol_d).__module__.startswith("diffusers.")
     assert pol_d.is_gradient_checkpointing == sdxl and not ref_d.training
     assert not any(p.requires_grad for p in ref_d.parameters())
@@ -90,17 +106,8 @@ def test_ours_and_diffusers_do_the_same_step(family, request):
     pol_d.load_state_dict(pol_o.state_dict(), strict=True)
     ref_d.load_state_dict(ref_o.state_dict(), strict=True)
     before = {k: v.clone() for k, v in pol_o.state_dict().items()}
-    z, eps, t, cond = bench_step.inputs(cfg, 2, 16, 32, dev)  # 2 pairs
-    loss_o, norm_o = step_o(z, eps, t, cond)
-    loss_d, norm_d = step_d(z, eps, t, cond)
-    assert abs(loss_o.item() - math.log(2)) > 1e-2  # not the trivial step-0 value
-    assert loss_o.item() == pytest.approx(loss_d.item(), rel=1e-4, abs=1e-5)
-    assert norm_o.item() == pytest.approx(norm_d.item(), rel=1e-3)
-    after_o, after_d = pol_o.state_dict(), pol_d.state_dict()
-    d_o = torch.cat([(after_o[k] - before[k]).flatten() for k in before])  # one step's update, every parameter
-    d_d = torch.cat([(after_d[k] - before[k]).flatten() for k in before])
-    assert d_o.abs().max() > 1e-4  # the step really moved the weights
-    assert (d_o - d_d).norm() / d_o.norm() < 1e-3
+    z, eps, t, cond = models.inputs(spec, 2, dev, torch.Generator().manual_seed(0))  # 2 pairs, 16x16 latents
+    _same_step(step_o, step_d, (z, eps, t, cond), pol_o, pol_d, before, {k: k for k in before}, 1e-2)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -141,17 +148,17 @@ def test_ours_and_diffusers_do_the_same_flow_step(family, rank, request, one_thr
     same weights, policy != reference: the same loss, gradient norm and update (full fine-tune and LoRA)."""
     from peft.tuners.lora import LoraLayer
 
-    import bench_flow
     import lora
     model, dev = request.getfixturevalue(f"{family}_dir"), torch.device("cpu")
     opts = bench_step.parse_args(["--model", model, *TINY, *(["--lora", str(rank)] if rank else [])])
-    fam, cfg = bench_step.denoiser_config(model)
-    targs = bench_step.settings(opts, fam, "cpu", cfg)
-    assert fam == family and (targs.optimizer, targs.gradient_checkpointing, targs.beta) == ("adamw", True, 100.0)
+    spec = models.spec(model, 32)
+    targs = bench_step.settings(opts, spec, "cpu")
+    assert spec["family"].name == family
+    assert (targs.optimizer, targs.gradient_checkpointing, targs.beta) == ("adamw", True, 100.0)
     assert targs.guidance == (3.5 if family == "flux" else None)  # FLUX-dev's guidance input, as dpo.py trains it
     targs.lr = 1e-3
-    pol_o, ref_o, step_o = bench_flow.build("ours", fam, cfg, dev, targs)
-    pol_d, ref_d, step_d = bench_flow.build("diffusers", fam, cfg, dev, targs)
+    pol_o, ref_o, step_o, _ = bench_step.build("ours", spec, dev, targs)
+    pol_d, ref_d, step_d, _ = bench_step.build("diffusers", spec, dev, targs)
     assert type(pol_d).__module__.startswith("diffusers.") and pol_d.is_gradient_checkpointing
     adapted = set(lora.layers(pol_o))
     assert adapted == {n for n, m in pol_d.named_modules() if isinstance(m, LoraLayer)} and bool(adapted) == bool(rank)
@@ -165,37 +172,30 @@ def test_ours_and_diffusers_do_the_same_flow_step(family, rank, request, one_thr
     before = {k: v.clone() for k, v in pol_o.state_dict().items() if not rank or "lora_" in k}
     theirs = {k: next(iter(_peft_names({k: 0}, adapted))) for k in before}
     targs.batch_size = 2  # 2 pairs, a short text (the layers see the same shapes, faster)
-    z, eps, sigma, cond = bench_flow.inputs(fam, cfg, targs, 16, dev, model, text=24)
-    loss_o, norm_o = step_o(z, eps, sigma, cond)
-    loss_d, norm_d = step_d(z, eps, sigma, cond)
-    assert abs(loss_o.item() - math.log(2)) > 3e-3  # not the trivial step-0 value
-    assert loss_o.item() == pytest.approx(loss_d.item(), rel=1e-4, abs=1e-5)
-    assert norm_o.item() == pytest.approx(norm_d.item(), rel=1e-3)
-    after_o, after_d = pol_o.state_dict(), pol_d.state_dict()
-    d_o = torch.cat([(after_o[k] - before[k]).flatten() for k in before])  # one step's update, every trained tensor
-    d_d = torch.cat([(after_d[theirs[k]] - before[k]).flatten() for k in before])
-    assert d_o.abs().max() > 1e-4 and (d_o - d_d).norm() / d_o.norm() < 1e-3
+    z, eps, sigma, cond = models.inputs(spec, 2, dev, torch.Generator().manual_seed(0), targs.sigma_density,
+                                        targs.guidance, tokens=24)
+    _same_step(step_o, step_d, (z, eps, sigma, cond), pol_o, pol_d, before, theirs, 3e-3)
 
 
 def test_builtin_flow_configs_are_the_released_models_and_the_bench_shapes():
     """--model flux-dev / sd35-medium: ours and diffusers' transformer of the same size, and kernels/bench.py's
     attention shapes are theirs at 1024^2 (heads, image + text tokens, head dim)."""
-    import bench_flow
-    import denoiser
+    import diffusers
     from kernels import bench
     shapes = {name: rest for name, *rest in bench.ATTN_SHAPES}
     for model, size, shape in (("flux-dev", 11_901_408_320, "flux joint 1024^2"),
                                ("sd35-medium", 2_243_171_520, "sd3 joint 1024^2")):
-        fam, cfg = bench_flow.config(model)
+        spec = models.spec(model)
+        fam, cfg = spec["family"], spec["config"]
         with torch.device("meta"):
-            ours = sum(p.numel() for p in denoiser.build(cfg, fam).parameters())
-            theirs = sum(p.numel() for p in bench_flow.diffusers_class(fam).from_config(cfg).parameters())
+            ours = sum(p.numel() for p in fam.model(cfg).parameters())
+            theirs = sum(p.numel() for p in getattr(diffusers, fam.diffusers_class).from_config(cfg).parameters())
         assert ours == theirs == size
-        h = 1024 // 8 // bench_flow.patch(fam, cfg)  # 64x64 tokens
-        L = h * h + bench_flow.text_length(fam, cfg)
+        h = 1024 // 8 // 2  # 64x64 tokens (2x2 latent patches)
+        L = h * h + fam.text.context(spec["lengths"])
         assert shapes[shape] == [cfg["num_attention_heads"], L, L, cfg["attention_head_dim"]]
         assert shape in bench.QUICK_SHAPES
-    assert bench_flow.config("flux-dev")[1]["guidance_embeds"] and bench_flow.config("sd35-medium")[1]["qk_norm"]
+    assert models.spec("flux-dev")["config"]["guidance_embeds"] and models.spec("sd35-medium")["config"]["qk_norm"]
 
 
 def test_bench_step_refuses_what_cannot_fit(monkeypatch, capsys):
@@ -215,8 +215,8 @@ def test_bench_step_refuses_what_cannot_fit(monkeypatch, capsys):
 def test_plan_outputs_are_checked_before_the_plan_runs(tmp_path, capsys, monkeypatch):
     """A --plan_out that cannot be written (no such folder), or that exists without --overwrite, is refused in one
     line before a single configuration is planned."""
-    import memplan
-    monkeypatch.setattr(memplan, "plan", lambda *a, **k: pytest.fail("planned before checking the output"))
+    from bench import plan
+    monkeypatch.setattr(plan, "plan", lambda *a, **k: pytest.fail("planned before checking the output"))
     for path, msg in ((str(tmp_path / "no" / "dir" / "x.json"), f"cannot write {tmp_path / 'no' / 'dir' / 'x.json'}: "
                        f"no folder {tmp_path / 'no' / 'dir'}"), (__file__, f"{__file__} exists: pass --overwrite")):
         with pytest.raises(SystemExit) as e:

@@ -1,22 +1,22 @@
 """The peak GPU memory of an online DPO step (dpo.py --online, online.py), predicted on a machine without a GPU.
 
-    python bench_step.py --plan        # after the training table: one online row per model and mode
-    import memplan_online; rows = memplan_online.plan([memplan.MODELS["sdxl"]])
+    python bench/step.py --plan        # after the training table: one online row per model and mode
+    from bench import models, plan_online; rows = plan_online.plan([models.spec("sdxl")])
 
 An online step has two phases, and its peak is the larger of their peaks:
   sampling  online.Feed.generate, K = --samples_per_prompt images of one prompt: diffusion.conditions (the text
             encoders; classifier-free guidance stacks K negatives on the K prompts, FLUX-dev takes its guidance input
             instead), diffusion.denoise (no grad, autocast in the compute dtype as online.py opens it: without the
-            cache of bf16 copies of the fp32 weights, as in training, dpo.AUTOCAST_CACHE), the VAE's decode of the K
+            cache of bf16 copies of the fp32 weights, as dpo.pair_loss in training), the VAE's decode of the K
             latents one at a time (no grad, fp32, outside autocast), then one scorer on the K images (reward.py's
             Scorer, its weights in the compute dtype). The what-ifs: autocast's cache on (torch's default), all K
-            latents in one decode. Counted on shadow tensors (memplan.cuda_like, shadow.Counter)
-            as memplan counts the training step, two Euler steps (every step allocates as the second does; the first
+            latents in one decode. Counted on shadow tensors (bench/plan.py's cuda_like, bench/shadow.py's Counter) as
+            bench/plan.py counts the training step, two Euler steps (every step allocates as the second does; the first
             fills autocast's cache), with what is resident between steps: the policy and the frozen reference (or
-            the LoRA adapters), the optimizer's state (memplan.ready), DDP's gradient buckets (the gradients
+            the LoRA adapters), the optimizer's state (plan.ready), DDP's gradient buckets (the gradients
             themselves are set to None by zero_grad, or live in the buckets), the encoders (online has no --cache),
             the scorer's weights.
-  training  the offline step on the sampled pairs with the encoders on the GPU (memplan's row at dpo.py's batch size
+  training  the offline step on the sampled pairs with the encoders on the GPU (the plan's row at dpo.py's batch size
             and checkpointing) plus the scorer's weights, which stay loaded.
 The noise, the latents between Euler steps and the decoded images live on the CPU in a real run (diffusion.denoise
 and decode move them); the plan counts them with the rest, a slight overestimate.
@@ -27,15 +27,12 @@ import time
 
 import torch
 
-import denoiser
 import diffusion
-import dpo
-import memplan
 import online
 import reward
-import shadow
-import vae as vaelib
-from shadow import META, Counter, allocated, materialize
+from bench import plan as memplan
+from bench import shadow
+from bench.shadow import META, Counter, allocated, materialize
 
 GiB = memplan.GiB
 SCORER = ("pickscore", reward.VIT_H_14)  # PickScore_v1: a CLIP ViT-H/14 (the shape of open_clip's ViT-H-14 config)
@@ -68,19 +65,18 @@ def scorer_model(cfg, dtype, counter):
 
 
 def sampler_timeline(model, mode, K=None, shadow=True, lora_rank=memplan.LORA_RANK, scorer=SCORER[1],
-                     autocast_cache=None, vae_batch=1):
+                     autocast_cache=False, vae_batch=1):
     """online.Feed.generate counted on shadows (shadow=False: on real tensors, to check them); the rest: what-ifs."""
     flags = online_defaults()
     K = K or flags.samples_per_prompt
-    autocast_cache = dpo.AUTOCAST_CACHE if autocast_cache is None else autocast_cache
     args = memplan.settings(model, 1, None, lora_rank if mode == "lora" else None)
-    fam, res, cfg = memplan.family(model), model["resolution"], memplan.config(model)
-    default = diffusion.sampling_defaults(fam, cfg)[0]  # online.Feed's guidance: the family pipeline's
+    fam, res, cfg = model["family"], model["resolution"], model["config"]
+    default = fam.sampling_defaults(cfg)[0]  # online.Feed's guidance: the family pipeline's
     cfg_scale, embed = diffusion.guidance_inputs(fam, cfg, default if flags.sample_guidance is None
                                                  else flags.sample_guidance)
     h = res // 2 ** (len(model["vae"]["block_out_channels"]) - 1)
-    C = model["vae"].get("latent_channels", vaelib.FULL_CONFIG["latent_channels"])
-    sched_cfg = diffusion.flow_config("", fam) if fam in denoiser.FLOW else diffusion.scheduler_config("")
+    C, zeros = model["vae"]["latent_channels"], diffusion.zeros_for_empty("", fam)  # as online.Feed samples
+    sched_cfg = diffusion.scheduler_config("", fam)
     sched = diffusion.sampler(fam, sched_cfg, "euler", 2, (C, h, h))  # made from data, before the counter
     counter = SamplingCounter(shadow)
     with memplan.cuda_like(), counter:
@@ -95,7 +91,7 @@ def sampler_timeline(model, mode, K=None, shadow=True, lora_rank=memplan.LORA_RA
         with torch.no_grad():
             with torch.autocast("cpu", dtype=args.amp_dtype, enabled=args.amp_dtype != torch.float32,
                                 cache_enabled=autocast_cache):  # online.Feed.generate's (on CUDA)
-                cond = diffusion.conditions(te, prompts, None, cfg_scale > 1, fam == "sdxl", (res, res), embed)
+                cond = diffusion.conditions(te, prompts, None, cfg_scale > 1, zeros, (res, res), embed)
                 counter.mark("denoise")
                 x = diffusion.denoise(policy, sched, noise * sched.init_sigma, cond, cfg_scale, torch.float32)
                 del cond
@@ -131,7 +127,7 @@ def training_row(model, mode, tl, rows=()):
     ckpt, B = tl["gradient_checkpointing"], tl["batch_size"]
     for r in rows:
         if (r["model"], r["mode"], r["fsdp_world"], r["gradient_checkpointing"], r["batch_size"], r["encoders"],
-                r["autocast_cache"]) == (model["name"], mode, 1, ckpt, B, "gpu", dpo.AUTOCAST_CACHE):
+                r["autocast_cache"]) == (model["name"], mode, 1, ckpt, B, "gpu", False):
             return r
     train = memplan.family_timelines(model, mode, [(ckpt, B)])
     return memplan.row(model, mode, 1, ckpt, B, "gpu", train, memplan.encode(model, B))
@@ -173,7 +169,7 @@ def plan(models, training_rows=(), modes=("full", "lora"), log=print):
 
 def whatif(r):
     """Whether a row is one of WHATIFS rather than what online.py does, so the tables can say so."""
-    return r["autocast_cache"] != dpo.AUTOCAST_CACHE or r["vae_batch"] != 1
+    return r["autocast_cache"] or r["vae_batch"] != 1
 
 
 def summary(rows):
@@ -184,10 +180,10 @@ def summary(rows):
     for r in rows:
         parts = sorted(r["sampling_breakdown_gb"].items(), key=lambda kv: -kv[1])[:4]
         how = "" if not whatif(r) else "; " + ", ".join(
-            (["autocast cache on"] if r["autocast_cache"] != dpo.AUTOCAST_CACHE else [])
+            (["autocast cache on"] if r["autocast_cache"] else [])
             + ([f"decode {r['vae_batch']} at a time"] if r["vae_batch"] != 1 else []))
         mode = (f"LoRA {r['lora_rank']}" if r["lora_rank"] else "full") + how
-        cells = [memplan.TITLE.get(r["model"], r["model"]), mode, f"{r['samples']} ({r['denoiser_batch']})",
+        cells = [memplan.title(r["model"]), mode, f"{r['samples']} ({r['denoiser_batch']})",
                  f"{r['sampling_gb']:.1f}", r["sampling_phase"], f"{r['training_gb']:.1f}",
                  f"{r['peak_gb']:.1f} ({r['at']})", memplan.smallest_gpu(r),
                  ", ".join(f"{names.get(k, k)} {v:.1f}" for k, v in parts)]

@@ -1,19 +1,19 @@
 """The peak GPU memory of one Diffusion-DPO training step, predicted on a machine without a GPU.
 
-    python bench_step.py --plan [--plan_out plan.json]     # the README's table: SDXL, SD1.5, SD3.5, FLUX.1-dev
-    import memplan; rows = memplan.plan([memplan.MODELS["sdxl"]], batches=(1,))
+    python bench/step.py --plan [--plan_out plan.json]     # the README's table: SDXL, SD1.5, SD3.5, FLUX.1-dev
+    from bench import models, plan; rows = plan.plan([models.spec("sdxl")], batches=(1,))
 
-How. The real step runs on shadow tensors (shadow.py): dpo.pair_loss (the policy on both images of each pair, the frozen
-reference, eq. 14; for SD3.5 and FLUX.1 the flow step: one sigma per pair, the velocity target, the family's
-conditioning) on the denoiser built from the real configs (unet.UNet, mmdit.MMDiT, flux.Flux) by dpo.build_models,
-backward, and dpo.optimizer_step (gradient clipping, optim.build's optimizer), and for the encoders on the GPU
-cache.model_inputs with the VAE and the text encoders (CLIP-L, bigG, and T5-XXL for SD3.5 and FLUX.1);
+How. The real step runs on shadow tensors (bench/shadow.py): dpo.pair_loss (the policy on both images of each pair, the
+frozen reference, eq. 14; for SD3.5 and FLUX.1 the flow step: one sigma per pair, the velocity target, the family's
+conditioning) on the denoiser built from the released configs (the family's record: unet.UNet, mmdit.MMDiT, flux.Flux)
+by dpo.build_models, backward, and optim.update (gradient clipping, optim.build's optimizer), and for the
+encoders on the GPU cache.model_inputs with the VAE and the record's text encoders (CLIP-L, bigG, T5-XXL);
 shadow.Counter counts the bytes of each storage while it lives, rounded as CUDA's caching allocator rounds them. A step
 of the real SDXL takes a few seconds. The optimizer's state is made first, by a step on zero gradients, so the step
 that is counted is a steady one.
 Checked (tests/test_memplan.py, tests/test_shadow.py): the same step on real CPU tensors counts the same bytes, event
 for event (tiny UNets, MMDiT and FLUX); torch's own MemTracker agrees with the Counter on real tensors; torch's
-FakeTensorMode gives the same peak on every SDXL / SD1.5 row of the plan (4x slower).
+FakeTensorMode gives the same peak on every SDXL / SD1.5 row of the plan.
 
 Where a CPU build of torch differs from CUDA, and how the plan makes it the same:
   - autocast: torch.autocast("cuda") turns itself off without CUDA, and CUDA tensors (fake or not) cannot pass
@@ -31,13 +31,13 @@ Not modelled: the CUDA context and the cuBLAS / cuDNN workspaces (cuDNN's go thr
 at the largest convolutions), and fragmentation (reserved > allocated). fits() leaves room for them: a GPU of
 G GiB fits a step whose allocated peak is P when 1.05 P + 0.75 GiB <= G.
 
-One process, N ranks. The timeline is one process with no wrapper, which is what bench_step.py runs ("none"). The
+One process, N ranks. The timeline is one process with no wrapper, which is what bench/step.py runs ("none"). The
 training plan's rows compose it with what dpo.py's wrapper (parallel.wrap) holds on each rank at every moment t:
   ddp   timeline(t) - gradients(t) + buckets + (backward) the largest trained parameter: DDP keeps one fp32 copy of
         the trained parameters' gradients in its buckets from the moment it wraps the model (gradient_as_bucket_view
         makes each .grad a view of them), and each fresh gradient lives until it is copied in.
-  fsdp  (parallel.shard: units = denoiser.blocks, a UNet's ResBlocks, SpatialTransformers and Resamples, MMDiT's joint
-        blocks, FLUX's double and single blocks, plus the root; parameters gathered in bf16 from fp32 shards,
+  fsdp  (parallel.shard: units = the family's blocks, a UNet's ResBlocks, SpatialTransformers and Resamples, MMDiT's
+        joint blocks, FLUX's double and single blocks, plus the root; parameters gathered in bf16 from fp32 shards,
         gradients reduce-scattered in fp32; the reference sharded the same way)
         (weights + reference + optimizer + gradients(t)) / N + activations(t) + gathered units(phase), without the
         timeline's autocast weight copies (the gathered parameters are bf16 already). Gathered units: the root
@@ -48,7 +48,6 @@ training plan's rows compose it with what dpo.py's wrapper (parallel.wrap) holds
 Encoders on the GPU (not --cache): their weights are added to every moment, and the encode phase of cache.model_inputs
 (counted the same way, once per model and batch size) is added where the step starts.
 """
-import argparse
 import contextlib
 import time
 
@@ -56,51 +55,27 @@ import torch
 
 import cache
 import clip
-import denoiser
 import diffusion
 import dpo
-import flux
+import families
 import kernels
-import mmdit
 import optim
-import t5
-import unet as unetlib
 import vae as vaelib
-from shadow import CPU, Counter, allocated, materialize
+from bench import models
+from bench.shadow import Counter, allocated, materialize
 
 GiB = 2 ** 30
 GPUS = (12, 16, 24, 32, 40, 48, 80)  # GiB of the GPUs each row is checked against
-VAE16 = dict(vaelib.FULL_CONFIG, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)  # SD3's, FLUX's
-MODELS = {  # the real models: denoiser config (unet, or a flow family's transformer), native resolution, text
-    # encoder configs (CLIP; T5 and its token count for the flow families), VAE config
-    "sdxl": dict(name="sdxl", unet=unetlib.SDXL, resolution=1024, text=[clip.CLIP_L, clip.BIG_G],
-                 vae=vaelib.FULL_CONFIG),
-    "sd15": dict(name="sd15", unet=unetlib.SD15, resolution=512, text=[clip.CLIP_L], vae=vaelib.FULL_CONFIG),
-    "sd35-medium": dict(name="sd35-medium", family="sd3", transformer=mmdit.SD35_MEDIUM, resolution=1024,
-                        text=[clip.CLIP_L, clip.BIG_G], t5=t5.XXL, t5_length=clip.T5_LENGTH["sd3"], vae=VAE16),
-    "sd35-large": dict(name="sd35-large", family="sd3", transformer=mmdit.SD35_LARGE, resolution=1024,
-                       text=[clip.CLIP_L, clip.BIG_G], t5=t5.XXL, t5_length=clip.T5_LENGTH["sd3"], vae=VAE16),
-    "flux-dev": dict(name="flux-dev", family="flux", transformer=flux.DEV, resolution=1024, text=[clip.CLIP_L],
-                     t5=t5.XXL, t5_length=clip.T5_LENGTH["flux"], vae=VAE16),
-}
 LORA_RANK = 64
-TITLE = {"sdxl": "SDXL", "sd15": "SD1.5", "sd35-medium": "SD3.5-medium", "sd35-large": "SD3.5-large",
-         "flux-dev": "FLUX.1-dev"}  # the tables' names of the models
 # What the tiers are for: (model, mode, FSDP ranks (1: DDP), encoders ("gpu", "cache"; None: either), GPU GiB)
 GOALS = (("flux-dev", "lora", 1, "gpu", 40), ("flux-dev", "lora", 1, "cache", 24), ("sd35-large", "lora", 1, None, 24),
          ("sd35-medium", "lora", 1, None, 16), ("flux-dev", "full", 8, None, 80), ("flux-dev", "full", 8, None, 40))
 
 
-def family(model):
-    """The model's family ('sdxl', 'sd15', 'sd3', 'flux'): dpo.resolve's recipe and the step's inputs follow it."""
-    if "family" in model:
-        return model["family"]
-    return "sdxl" if unetlib.check_config(model["unet"])["addition_embed_type"] == "text_time" else "sd15"
-
-
-def config(model):
-    """The denoiser's config: a UNet's, or a flow family's transformer's."""
-    return model["transformer"] if family(model) in denoiser.FLOW else model["unet"]
+def title(name) -> str:
+    """The tables' name of a model: a released one's title (families.py), else its own."""
+    found = families.released(name)
+    return found[1] if found else name
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -144,19 +119,20 @@ def cuda_like():
 
 def settings(model, batch_size, gradient_checkpointing, lora_rank=None):
     """dpo.py's resolved arguments on CUDA for this model (optimizer, lr, beta, bf16, ...) and these choices."""
-    args = argparse.Namespace(**dpo.DEFAULTS)
-    args.batch_size, args.gradient_checkpointing, args.lora = batch_size, gradient_checkpointing, lora_rank
-    return dpo.resolve(args, family(model), 1, "cuda", model["resolution"], config(model).get("guidance_embeds", False))
+    return models.settings(model, "cuda", batch_size=batch_size, gradient_checkpointing=gradient_checkpointing,
+                           lora=lora_rank)
 
 
 def build(model, args, counter):
     """(policy, reference, trained parameters) as dpo.train builds them (dpo.build_models), tagged for the counter."""
+    fam = model["family"]
 
-    def make():  # a fresh fp32 denoiser of the model, its tensors made under the counter
-        with torch.device("meta"):
-            u = denoiser.build(config(model), family(model))
-        return materialize(u, torch.float32)  # denoiser.load(..., torch.float32)
-    policy, ref, trained = dpo.build_models(args, CPU, make)
+    def source(dtype):  # a fresh fp32 denoiser of the model, its tensors made under the counter (fp32, as
+        with torch.device("meta"):  # dpo.reference casts its layers to the compute dtype)
+            u = fam.model(model["config"])
+        return materialize(u, torch.float32)
+    policy, ref, trained = dpo.build_models(source, args.amp_dtype, args.lora, args.lora_alpha, fam.lora_targets,
+                                            args.seed, args.loss in dpo.REFERENCE_FREE, args.gradient_checkpointing)
     if not args.lora:
         counter.tag(ref.parameters(), "reference")
     counter.tag(policy.parameters(), "weights")
@@ -165,33 +141,14 @@ def build(model, args, counter):
     return policy, ref, trained
 
 
-def unit_order(policy):
-    """Forward pre-hooks that list parallel.shard's units (denoiser.blocks) as they run: FSDP gathers in that order."""
+def unit_order(policy, blocks):
+    """Forward pre-hooks that list parallel.shard's units (the family's blocks) as they run: FSDP gathers in that
+    order."""
     order, hooks = [], []
     for name, m in policy.named_modules():
-        if isinstance(m, denoiser.blocks(policy)):
+        if isinstance(m, blocks):
             hooks.append(m.register_forward_pre_hook(lambda m, a, name=name: order.append(name)))
     return order, hooks
-
-
-def step_inputs(model, policy, args, B):
-    """(z, eps, t, cond) for B pairs, shaped as dpo.micro_batch hands them to pair_loss: what the step starts from."""
-    h = model["resolution"] // 2 ** (len(model["vae"]["block_out_channels"]) - 1)  # latent side
-    C = denoiser.latent_channels(policy)  # FLUX packs 2x2 latent patches into its tokens itself
-    z, eps = torch.empty(2 * B, C, h, h), torch.empty(B, C, h, h)
-    fam = family(model)
-    if fam in denoiser.FLOW:  # T5's states (after CLIP's 77 for SD3) and the pooled CLIP vector
-        c, t = policy.config, torch.empty(B)
-        L = model["t5_length"] + (clip.MAX_LENGTH if fam == "sd3" else 0)
-        context = torch.empty(2 * B, L, c["joint_attention_dim"])
-        pooled = torch.empty(2 * B, c["pooled_projection_dim"])
-        return z, eps, t, denoiser.conditioning(fam, context, pooled, None, args.guidance)
-    c, t = unetlib.check_config(model["unet"]), torch.zeros(B, dtype=torch.long)
-    cond = [torch.empty(2 * B, 77, c["cross_attention_dim"]), None, None]  # context, pooled, time ids
-    if c["addition_embed_type"] == "text_time":  # SDXL: pooled text embedding (B, 1280), size conditioning
-        pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
-        cond[1], cond[2] = torch.empty(2 * B, pooled), torch.empty(2 * B, 6)
-    return z, eps, t, tuple(cond)
 
 
 def ready(model, args, counter, scaler):
@@ -202,40 +159,38 @@ def ready(model, args, counter, scaler):
     opt = optim.build(args.optimizer, trained, args.lr, args.weight_decay, fused=True)  # as dpo.py on CUDA
     for p in trained:
         p.grad = torch.zeros_like(p)
-    dpo.optimizer_step(opt, scaler, trained, args, 0)
+    optim.update(opt, scaler, trained, args.lr, args.warmup, args.grad_clip, 0)
     counter.tag([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)], "optimizer")
     return policy, ref, trained, opt
 
 
-def family_timelines(model, mode, configs, args=None, shadow=True, lora_rank=LORA_RANK, autocast_cache=None):
+def family_timelines(model, mode, configs, args=None, shadow=True, lora_rank=LORA_RANK, autocast_cache=False):
     """Steps of one model and mode ("full" or "lora") on one pair of models: the optimizer's window once, then one
     window (inputs .. end of backward) per (gradient_checkpointing, batch_size) in configs. args: dpo.py's resolved
     arguments (default: dpo.py's on CUDA for this model); shadow=False runs on real CPU tensors (to check counts);
-    autocast_cache: as if dpo.pair_loss's autocast had this cache_enabled (None: the run's, dpo.AUTOCAST_CACHE)."""
+    autocast_cache: as if dpo.pair_loss's autocast had this cache_enabled (False: dpo.py's run)."""
     counter = Counter(shadow)
     out = dict(counter=counter, windows={})
     if args is None:
         args = settings(model, configs[0][1], configs[0][0], lora_rank if mode == "lora" else None)
-    args = argparse.Namespace(**vars(args))
-    if autocast_cache is not None:
-        args.autocast_cache = autocast_cache
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # dpo.py's, unless fp16
+    fam = model["family"]
     with cuda_like(), counter:
         policy, ref, trained, opt = ready(model, args, counter, scaler)
         first = counter.mark("optimizer")  # gradients as backward leaves them, clipping, the optimizer step
         for p in trained:
             p.grad = torch.zeros_like(p)
         counter.tag([p.grad for p in trained], "grads")
-        dpo.optimizer_step(opt, scaler, trained, args, 1)
+        optim.update(opt, scaler, trained, args.lr, args.warmup, args.grad_clip, 1)
         out["optimizer"] = (first, counter.mark("idle"))
-        flow = policy.prediction_type == "flow"  # a flow model: sigma in place of t, no alphas_cumprod
-        acp = None if flow else diffusion.alphas_cumprod(diffusion.SD_SCHEDULE)
-        T = diffusion.flow_config("", family(model))["num_train_timesteps"] if flow else len(acp)
-        order, hooks = unit_order(policy)
+        sched = diffusion.scheduler_config("", fam)  # a flow model: sigma in place of t, no alphas_cumprod
+        acp = None if fam.flow else diffusion.alphas_cumprod(sched)
+        objective = dpo.objective(args.loss, args.beta, args.rpo_tau, args.rpo_form)
+        order, hooks = unit_order(policy, fam.blocks)
         for ckpt, B in configs:
-            policy.gradient_checkpointing = args.gradient_checkpointing = ckpt
+            policy.gradient_checkpointing = ckpt
             first = counter.mark("inputs")  # what the cache (or the encoders) hands the step
-            z, eps, t, cond = step_inputs(model, policy, args, B)
+            z, eps, t, cond = models.inputs(model, B, guidance=args.guidance)
 
             def policy_fn(*x):
                 counter.mark("forward")
@@ -246,8 +201,9 @@ def family_timelines(model, mode, configs, args=None, shadow=True, lora_rank=LOR
                 for hk in hooks:  # the units' order is the first policy forward's (a LoRA reference is the policy)
                     hk.remove()
                 return ref(*x)
-            inputs = dict(z=z, eps=eps, t=t, T=T, cond=cond)
-            loss = dpo.pair_loss(policy_fn, ref_fn, inputs, args, acp, policy.prediction_type)[0]
+            inputs = dict(z=z, eps=eps, t=t, T=sched["num_train_timesteps"], cond=cond)
+            loss = dpo.pair_loss(policy_fn, ref_fn, inputs, objective, policy.prediction_type, acp, args.amp_dtype,
+                                 autocast_cache)[0]
             counter.mark("backward")
             loss.backward()
             counter.tag([p.grad for p in trained], "grads")
@@ -260,7 +216,8 @@ def family_timelines(model, mode, configs, args=None, shadow=True, lora_rank=LOR
                    root=sum(p.numel() for p in policy.parameters() if id(p) not in in_units),
                    largest=max(allocated(p.numel() * p.element_size()) for p in trained),
                    trained=sum(allocated(p.numel() * p.element_size()) for p in trained),
-                   optimizer_name=args.optimizer, params=sum(p.numel() for p in policy.parameters()))
+                   optimizer_name=args.optimizer, params=sum(p.numel() for p in policy.parameters()),
+                   autocast_cache=autocast_cache)
     return out
 
 
@@ -281,16 +238,13 @@ def tokenizer(n):
 
 def encoders(model, amp_dtype, counter):
     """(text encoders, VAE) made under the counter as clip.load(amp_dtype) and vae.load(fp32) make them, tagged."""
-    fam = family(model)
+    fam = model["family"]
     with torch.device("meta"):
-        text = [clip.TextTransformer(cfg, projection=i == 1 or fam == "sd3") for i, cfg in enumerate(model["text"])]
-        lengths = [clip.MAX_LENGTH] * len(text)
-        if "t5" in model:
-            text.append(t5.T5Encoder(model["t5"]))
-            lengths.append(model["t5_length"])
-        v = vaelib.AutoencoderKL(model["vae"], vaelib.SCALING_FACTOR.get(fam, 0.18215),
-                                 shift_factor=vaelib.SHIFT_FACTOR.get(fam, 0.0))
-    te = materialize(clip.TextEncoders(text, [tokenizer(n) for n in lengths], fam), amp_dtype)
+        text = [clip.TextTransformer(c, projection=e.projection) if e.module is None else e.model(c)
+                for e, c in zip(fam.text.encoders, model["text"])]
+        v = vaelib.AutoencoderKL(model["vae"], fam.vae.scaling_factor, shift_factor=fam.vae.shift_factor)
+    tokenizers = [tokenizer(n) for n in model["lengths"]]
+    te = materialize(clip.TextEncoders(text, tokenizers, fam), amp_dtype)
     v = materialize(v, torch.float32)  # as cache.training_set: vae.load(..., torch.float32)
     counter.tag([*te.parameters(), *v.parameters()], "encoders")
     return te, v
@@ -306,7 +260,8 @@ def encode(model, batch_size):
         first = counter.mark("encode")
         B = batch_size
         batch = {"pixels": torch.empty(B, 2, 3, res, res), "caption": ["a photo"] * B, "time_ids": torch.empty(B, 2, 6)}
-        out = cache.model_inputs(batch, Kept(B), torch.device("cpu"), args, (te, v), None)
+        out = cache.model_inputs(batch, Kept(B), torch.device("cpu"), model["family"], (te, v), None, None,
+                                 args.amp_dtype == torch.bfloat16, None, args.guidance)
         del out, batch
         peak, _, live = counter.replay(first, counter.mark("end"))
     return live["encoders"], peak - live["encoders"]
@@ -356,7 +311,7 @@ def best(tl, window, wrapper="none", world=1, enc=None):
     return step if step[0] >= update[0] else update
 
 
-def row(model, mode, world, ckpt, B, encoders, tl, enc, autocast_cache=None):
+def row(model, mode, world, ckpt, B, encoders, tl, enc):
     """One configuration of the training plan (dpo.py: DDP on one rank or more, FSDP over world ranks)."""
     value, phase, parts = best(tl, tl["windows"][(ckpt, B)], "fsdp" if world > 1 else "ddp", world,
                                enc if encoders == "gpu" else None)
@@ -365,25 +320,24 @@ def row(model, mode, world, ckpt, B, encoders, tl, enc, autocast_cache=None):
                 peak_gb=round(value / GiB, 3),
                 peak_bytes=int(value), phase=phase, optimizer=tl["optimizer_name"],
                 lora_rank=LORA_RANK if mode == "lora" else None,
-                autocast_cache=dpo.AUTOCAST_CACHE if autocast_cache is None else autocast_cache,
+                autocast_cache=tl["autocast_cache"],
                 breakdown_gb={k: round(v / GiB, 3) for k, v in parts.items()},
                 fits={str(g): fits(value, g) for g in GPUS})
 
 
-def plan(models=tuple(MODELS.values()), batches=(1, 2, 4), log=print):
+def plan(specs, batches=(1, 2, 4), log=print):
     """Every row of the README's table: model x (full + DDP, LoRA + DDP, full + FSDP over 8 ranks) x checkpointing
     on/off x batch x encoders (on the GPU, or --cache); then, for the first model, the full fine-tune at batch 1
-    with checkpointing as if dpo.pair_loss's autocast cached its bf16 weight copies the other way (what-if rows)."""
+    with checkpointing as if dpo.pair_loss's autocast cached its bf16 weight copies (what-if rows). specs: the models
+    (bench/models.py's spec)."""
     rows, whatif = [], []
-    for model in models:
+    for model in specs:
         tic = time.time()
         enc = {B: encode(model, B) for B in batches}
         log(f"# {model['name']} encoders: {time.time() - tic:.1f} s")
         if not whatif:
-            other = not dpo.AUTOCAST_CACHE
-            tl = family_timelines(model, "full", [(True, batches[0])], autocast_cache=other)
-            whatif = [row(model, "full", 1, True, batches[0], e, tl, enc[batches[0]], autocast_cache=other)
-                      for e in ("gpu", "cache")]
+            tl = family_timelines(model, "full", [(True, batches[0])], autocast_cache=True)
+            whatif = [row(model, "full", 1, True, batches[0], e, tl, enc[batches[0]]) for e in ("gpu", "cache")]
         for mode in ("full", "lora"):
             tic = time.time()
             configs = [(ckpt, B) for ckpt in (True, False) for B in batches]
@@ -397,7 +351,8 @@ def plan(models=tuple(MODELS.values()), batches=(1, 2, 4), log=print):
 
 
 def predict(model, args):
-    """The peak of the step bench_step.py times (one process, no wrapper, inputs on the device): bytes, phase, parts."""
+    """The peak of the step bench/step.py times (one process, no wrapper, inputs on the device): bytes, phase,
+    parts."""
     tl = family_timelines(model, "lora" if args.lora else "full", [(args.gradient_checkpointing, args.batch_size)],
                           args)
     return best(tl, tl["windows"][(args.gradient_checkpointing, args.batch_size)])
@@ -442,7 +397,7 @@ def summary(rows):
     for key in dict.fromkeys(k[:5] for k in by):
         gpu, cached = by.get(key + ("gpu",)), by.get(key + ("cache",))
         model, mode, world, ckpt, B = key
-        cells = [TITLE.get(model, model), f"LoRA {LORA_RANK}" if mode == "lora" else mode,
+        cells = [title(model), f"LoRA {LORA_RANK}" if mode == "lora" else mode,
                  f"FSDP {world}" if world > 1 else "DDP", "on" if ckpt else "off", B]
         for r in (gpu, cached):
             cells += [f"{r['peak_gb']:.1f}", smallest_gpu(r)] if r else ["-", "-"]
@@ -459,11 +414,11 @@ def goals(rows, wanted=GOALS):
                 f"pair{'s' if r['batch_size'] > 1 else ''}/rank: {P:.2f} GiB (1.05 P + 0.75 = {1.05 * P + 0.75:.2f})")
     lines = []
     for model, mode, world, encoders, gpu in wanted:
-        what = (f"{TITLE.get(model, model)} {'LoRA ' + str(LORA_RANK) if mode == 'lora' else 'full fine-tune'}, "
+        what = (f"{title(model)} {'LoRA ' + str(LORA_RANK) if mode == 'lora' else 'full fine-tune'}, "
                 f"{'FSDP over ' + str(world) + ' ranks' if world > 1 else 'DDP'}, <= {gpu} GB")
         parts = []
         for enc in (encoders,) if encoders else ("gpu", "cache"):
-            mine = [r for r in rows if r["autocast_cache"] == dpo.AUTOCAST_CACHE
+            mine = [r for r in rows if not r["autocast_cache"]
                     and (r["model"], r["mode"], r["fsdp_world"], r["encoders"]) == (model, mode, world, enc)]
             if not mine:
                 continue

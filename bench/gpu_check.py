@@ -1,20 +1,20 @@
 """Every GPU number this project reports, in one command and one run (GPU time comes in short slices):
 
-    python gpu_check.py                      # on one H100/H200: at most 9 minutes; writes gpu_check/summary.md
-    python gpu_check.py --dry_run            # the same steps on the CPU: tiny shapes, stub timers (CI runs this)
+    python bench/gpu_check.py                # on one H100/H200: at most 9 minutes; writes gpu_check/summary.md
+    python bench/gpu_check.py --dry_run      # the same steps on the CPU: tiny shapes, stub timers (CI runs this)
 
 Steps, in order of what matters most if time runs out, each in its own process with its own time limit (seconds,
 so one failure or hang costs only its step; together 535, within --budget's 540):
   kernel_tests 100          the GPU kernel tests (bf16 forward and every gradient against the fp32 references)
-  step_sdxl 60              bench_step.py: an SDXL DPO step at 1024^2, ours vs a diffusers-UNet trainer, same run
+  step_sdxl 60              bench/step.py: an SDXL DPO step at 1024^2, ours vs a diffusers-UNet trainer, same run
   kernel_bench 110          kernels/bench.py --quick: attention vs every SDPA backend (the SDXL, SD1.5, SD3.5-medium
                             and FLUX-dev shapes), the loss kernel vs eager / torch.compile and copy bandwidth
   step_flux_dev_lora64 80   FLUX.1-dev's LoRA-64 DPO step at 1024^2, ours vs diffusers' transformer with peft's LoRA
   step_sd35m_lora64 55      the same for SD3.5-medium
   step_sdxl_lora64 30, step_sdxl_nockpt_b2 30, step_sdxl_sdpa 30, step_sd15_b4 40: the memory tiers and the
-                            attention backends, measured torch.cuda.max_memory_allocated beside `bench_step.py
+                            attention backends, measured torch.cuda.max_memory_allocated beside `bench/step.py
                             --plan`'s prediction
-Every bench_step.py step runs fewer timed steps than its default (its flags in STEPS) to fit the 9 minutes.
+Every bench/step.py step runs fewer timed steps than its default (its flags in STEPS) to fit the 9 minutes.
 
 Out: gpu_check/summary.md (tables that go straight into BENCHMARKS.md, with the date, GPU, torch and Triton
 versions and each command), the CSV files behind them, and one .log per step.
@@ -28,23 +28,22 @@ import sys
 import time
 from datetime import datetime, timezone
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo
 
-# bench_step.py configurations: (name, model family, flags, environment, seconds). The first is the headline: dpo.py's
+# bench/step.py configurations: (name, released model, flags, environment, seconds). The first is the headline: dpo.py's
 # SDXL defaults, ours against the diffusers UNet; then the flow transformers' LoRA steps (dpo.py's flow defaults: 1
 # pair, 1024^2, checkpointing, AdamW, bf16), ours against diffusers' transformer; "sdpa" is our UNet with torch's
-# attention instead of the kernel. Fewer timed steps than bench_step.py's 10 after 3, so that all fit.
+# attention instead of the kernel. Fewer timed steps than bench/step.py's 10 after 3, so that all fit.
 SHORT = ["--steps", "4", "--warmup", "1"]
 STEPS = [("sdxl", "sdxl", ["--steps", "6", "--warmup", "2"], {}, 60),
-         ("flux_dev_lora64", "flux", ["--lora", "64", "--steps", "3", "--warmup", "1"], {}, 80),
-         ("sd35m_lora64", "sd3", ["--lora", "64", "--steps", "3", "--warmup", "1"], {}, 55),
+         ("flux_dev_lora64", "flux-dev", ["--lora", "64", "--steps", "3", "--warmup", "1"], {}, 80),
+         ("sd35m_lora64", "sd35-medium", ["--lora", "64", "--steps", "3", "--warmup", "1"], {}, 55),
          ("sdxl_lora64", "sdxl", ["--impl", "ours", "--lora", "64", *SHORT], {}, 30),
          ("sdxl_nockpt_b2", "sdxl", ["--impl", "ours", "--no-gradient_checkpointing", "--batch_size", "2", *SHORT], {},
           30),
          ("sdxl_sdpa", "sdxl", ["--impl", "ours", *SHORT], {"DPO_KERNELS": "torch"}, 30),
          ("sd15_b4", "sd15", ["--batch_size", "4", *SHORT], {}, 40)]
 BUDGET = {"tests": 100, "bench": 110}  # seconds of the kernel tests and kernels/bench.py --quick
-TINY = {"sdxl": "make_sdxl", "sd15": "make_sd15", "flux": "make_flux", "sd3": "make_sd3"}  # --dry_run's, tests/tiny.py
 
 
 def plan(args, out):
@@ -52,33 +51,35 @@ def plan(args, out):
     py, env = sys.executable, {}
     kernel_tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests",
                                                                                      "test_kernels_gpu.py")]
-    # bench_step.py's built-in configs of the real models (no weights)
-    model = {"sdxl": "sdxl", "sd15": "sd15", "flux": "flux-dev", "sd3": "sd35-medium"}
     bench = [py, os.path.join(ROOT, "kernels", "bench.py"), "--quick", "--out", out]
-    step = [py, os.path.join(ROOT, "bench_step.py"), "--csv", os.path.join(out, "step.csv")]
-    budget, cpu = dict(BUDGET), []
+    step = [py, os.path.join(ROOT, "bench", "step.py"), "--csv", os.path.join(out, "step.csv")]
+    budget, cpu, model = dict(BUDGET), [], {name: name for _, name, *_ in STEPS}  # the released configs, no weights
     if args.dry_run:  # tiny models, one step each, the Triton kernels in the interpreter
         env = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
         bench.append("--dry_run")
-        model = {family: tiny_model(out, family) for family in model}
+        model = {name: tiny_model(out, name) for name in model}
         cpu = ["--device", "cpu", "--resolution", "32", "--steps", "1", "--warmup", "0", "--dtype", "fp32"]
         budget = {"tests": 300, "bench": 300}
     steps = [("kernel_tests", kernel_tests, budget["tests"], env)]
-    for i, (name, family, flags, step_env, seconds) in enumerate(STEPS):
-        argv = step + ["--model", model[family], *flags, *cpu]  # the dry run's flags last: they win
+    for i, (name, released, flags, step_env, seconds) in enumerate(STEPS):
+        argv = step + ["--model", model[released], *flags, *cpu]  # the dry run's flags last: they win
         steps.append((f"step_{name}", argv, 300 if args.dry_run else seconds, {**env, **step_env}))
         if i == 0:
             steps.append(("kernel_bench", bench, budget["bench"], env))
     return steps
 
 
-def tiny_model(out, family):
-    """A tiny random diffusers model for --dry_run (tests/tiny.py, built once)."""
+def tiny_model(out, released):
+    """A tiny random diffusers model of a released model's family for --dry_run (tests/tiny.py's make_<family>, built
+    once)."""
+    sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import families
     import tiny
-    root = os.path.join(out, f"tiny_{family}")
+    name = families.released(released)[0].name
+    root = os.path.join(out, f"tiny_{name}")
     if not os.path.isfile(os.path.join(root, "model_index.json")):
-        getattr(tiny, TINY[family])(root)
+        getattr(tiny, f"make_{name}")(root)
     return root
 
 
@@ -143,11 +144,11 @@ def tables(out) -> list:
         lines.append("")
     step = read_csv(os.path.join(out, "step.csv"))
     if step:
-        lines += ["### One DPO optimizer step (bench_step.py)", "",
+        lines += ["### One DPO optimizer step (bench/step.py)", "",
                   "| flags | impl | s/step | pairs/s | MFU | peak GiB measured | plan GiB | plan / measured | loss@0 |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in step:
-            cmd = r["command"].replace("python bench_step.py ", "")
+            cmd = r["command"].replace("python bench/step.py ", "")
             cmd = cmd.replace(f"--csv {os.path.join(out, 'step.csv')}", "")
             peak, pred, mfu = value(r.get("peak_gib")), value(r.get("plan_gib")), value(r["mfu"])
             ratio = "-" if peak is None or pred is None else f"{pred / peak:.2f}"
@@ -175,7 +176,7 @@ def main(argv=None):
             os.remove(os.path.join(out, f))
     import torch
     if not args.dry_run and not torch.cuda.is_available():
-        sys.exit("error: gpu_check.py needs a CUDA GPU (or --dry_run)")
+        sys.exit("error: bench/gpu_check.py needs a CUDA GPU (or --dry_run)")
     try:
         import triton
         tv = triton.__version__
@@ -184,7 +185,7 @@ def main(argv=None):
     device = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = [f"## GPU check, {date}", "", f"{device} | torch {torch.__version__} | triton {tv} | "
-            f"`python gpu_check.py{' --dry_run' if args.dry_run else ''}`", "",
+            f"`python bench/gpu_check.py{' --dry_run' if args.dry_run else ''}`", "",
             "| step | result | seconds | command |", "|---|---|---|---|"]
     results, start, summary = [], time.time(), ""
     for name, cmd, seconds, env in plan(args, out):

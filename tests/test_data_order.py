@@ -1,4 +1,4 @@
-"""bench_data.py at toy size: its synthetic folder and the numbers it reports."""
+"""bench/data_order.py at toy size: its synthetic folder and the numbers it reports."""
 import math
 
 import pytest
@@ -7,9 +7,9 @@ import data
 
 
 def test_bench_data_measures_the_three_orders(tmp_path, capsys):
-    """bench_data.py at toy size: its synthetic folder is Pick-a-Pic's layout, and the numbers it reports are the
+    """bench/data_order.py at toy size: its synthetic folder is Pick-a-Pic's layout, and the numbers it reports are the
     orders' properties (one decode per row group for block and window; micro-batches from one group for block)."""
-    import bench_data
+    from bench import data_order as bench_data
     bench_data.make(str(tmp_path), shards=2, groups=3, rows=8, size=32)
     pairs = data.Preferences(str(tmp_path))
     assert len(pairs) == 48 and len(pairs.files) == 2 and "2 train shard(s)" in pairs.read
