@@ -215,8 +215,8 @@ class Feed:
     def after_step(self, step):
         """What a feed does after optimizer step `step` (online.Feed: its pairs, the reference, the held-out check)."""
 
-    def finish(self):
-        """What a feed does at the end of the run (online.Feed: the held-out trend)."""
+    def finish(self, step):
+        """What a feed does at the end of the run, at step `step` (online.Feed: the held-out trend)."""
 
     def rpo_embeddings(self, batch):
         """(B, 3, P) CLIP embeddings of the batch's prompts, winners and losers with --rpo_clip, else None."""

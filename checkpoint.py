@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import cli
 import families
 import kernels
 import lora
@@ -30,7 +31,7 @@ RESUME_SAME = ("loss", "beta", "pairs_per_step", "lr", "warmup", "optimizer", "w
                "resolution", "random_crop", "no_flip", "prompt_dropout", "dreamlike_only", "rpo_tau", "split",
                "time_ids", "latents", "lora", "lora_alpha", "rpo_clip", "rpo_form", "sigma_density", "guidance",
                "columns", "online", "score", "prompts", "samples_per_prompt", "pairs", "min_margin", "ref_update",
-               "sample_steps", "sample_guidance")
+               "sample_steps", "sample_guidance", "eval_score", "eval_prompts", "eval_n")  # (a held-out history of one)
 TEMP = re.compile(r"\.tmp\d*(\.png)?$")  # what weights.save_*, torch.save here and save_png write first
 
 
@@ -45,15 +46,23 @@ def clean(out_dir, log):
 
 def prepare(args, rank, log) -> str:
     """out_dir/checkpoint.pt, the path this run resumes from and saves to. A new run (no --resume) refuses to
-    overwrite one; rank 0 removes the temporary files a killed run left."""
+    overwrite one; rank 0 takes the folder for this run alone (cli.hold: a second run into it is refused) and
+    removes the temporary files a killed run left."""
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise ValueError(f"--out_dir {args.out_dir} is a file, not a folder: give a folder for the run's outputs")
     path = os.path.join(args.out_dir, "checkpoint.pt")
     if os.path.exists(path) and not args.resume:
         raise ValueError(f"{path} exists: pass --resume to continue that run or choose another --out_dir")
-    if rank == 0 and os.path.isdir(args.out_dir):
-        clean(args.out_dir, log)
-    dist.barrier()
+    refused = [None]
+    if rank == 0:
+        try:
+            cli.hold(args.out_dir, flag="--out_dir")
+            clean(args.out_dir, log)
+        except ValueError as e:
+            refused[0] = str(e)
+    dist.broadcast_object_list(refused)  # every rank stops, rank 0 says why
+    if refused[0]:
+        raise ValueError(refused[0])
     return path
 
 
@@ -76,7 +85,7 @@ def _resolved(flags: dict) -> dict:
 
 
 def _describe(fp) -> str:
-    what = f"{fp['pairs']} pairs" if "pairs" in fp else f"{fp['bytes'] / 2 ** 30:.2f} GiB"
+    what = next((f"{fp[k]} {k}" for k in ("pairs", "prompts") if k in fp), None) or f"{fp['bytes'] / 2 ** 30:.2f} GiB"
     return f"{fp['path']} ({fp['files']} file(s), {what}, fingerprint {fp['digest']})"
 
 
@@ -87,10 +96,7 @@ def load(path, args, fingerprints, policy, opt, rank, world, log):
         if args.resume:
             log(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
         return 0, 0
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # ranks share the page cache
-    except Exception as e:
-        raise ValueError(f"cannot read the checkpoint {path}: {str(e).splitlines()[0]}") from None
+    ck = weights.torch_file(path, "the checkpoint", mmap=True)  # ranks share the page cache
     now, then = _resolved(_flags(args)), _resolved(ck["args"])
     same = [k for k in RESUME_SAME if not (k == "lora_alpha" and then.get("lora") != now.get("lora"))]  # said once
     changed = [f"--{k} {then[k]} -> {now[k]}" for k in same if k in then and then[k] != now[k]]
@@ -100,6 +106,7 @@ def load(path, args, fingerprints, policy, opt, rank, world, log):
         new = fingerprints.get(flag)
         if (old is None) != (new is None) or (old is not None and old["digest"] != new["digest"]):
             was, now_ = (_describe(fp) if fp else "none" for fp in (old, new))
+            flag = "prompts" if flag == "data" and args.online else flag  # an online run's data: its prompts
             raise ValueError(f"--resume with other --{flag}: {path} was trained on {was}, this run has {now_}; "
                              "use a new --out_dir")
     want = trainable(policy)

@@ -3,15 +3,20 @@
 Every tool (dpo.py, sample.py, evaluate.py, relabel.py, bench/step.py) reports a problem the user can act on as one
 line on stderr, `error: <what, and the file it is about>`, and exits non-zero (2 for a bad flag, 1 for bad input,
 130 for Ctrl-C); progress is one line on stderr rewritten in place, which an error first ends. Outputs are checked
-before the work (check_output): never over a file the command reads, never over an earlier output unasked.
+before the work (check_output): never over a file the command reads, never over an earlier output unasked; one
+command writes an output at a time (hold), and a command that fails leaves no empty folder behind (finish).
 """
 import argparse
+import errno
+import fcntl
 import os
 import sys
 
 import torch
 
 _progress_open = False  # a progress line is on stderr without its newline
+_held = {}  # real path -> (open descriptor holding its lock, lock file or None): the outputs this command writes
+_made = []  # the folders this command made, in order: finish() removes those left empty
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype's names
 
 
@@ -50,7 +55,7 @@ class Interrupted(Exception):
 
 def guard(fn, args, errors=(ValueError, OSError)):
     """fn(args), with a problem the user can act on (one of errors) reported as the one error line, and Ctrl-C as
-    one line too (exit 130; the files being written are removed by weights.atomic on the way out)."""
+    one line too (exit 130; the files being written are removed by weights.atomic on the way out); then finish()."""
     try:
         fn(args)
     except Interrupted as e:
@@ -59,6 +64,8 @@ def guard(fn, args, errors=(ValueError, OSError)):
         fail("interrupted", status=130)
     except errors as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    finally:
+        finish()
 
 
 def check_output(path, reads=(), replace=False, flag="--overwrite", make_folder=False):
@@ -75,7 +82,7 @@ def check_output(path, reads=(), replace=False, flag="--overwrite", make_folder=
     folder = os.path.dirname(os.path.abspath(path))
     if make_folder and not os.path.exists(folder):
         try:
-            os.makedirs(folder)
+            make_folders(folder)
         except OSError as e:
             raise ValueError(f"cannot make the folder {folder} for {path}: {e.strerror}") from None
     if not os.path.isdir(folder):
@@ -84,6 +91,62 @@ def check_output(path, reads=(), replace=False, flag="--overwrite", make_folder=
         raise ValueError(f"cannot write {path}: the folder {folder} is not writable")
     if os.path.exists(path) and not replace:
         raise ValueError(f"{path} exists: pass {flag} to replace it")
+
+
+def make_folders(path):
+    """os.makedirs(path), each folder it makes noted, so that finish() removes it if the command leaves it empty."""
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    _made.extend(reversed(missing))
+
+
+def hold(path, folder=True, flag="--out"):
+    """Take the output path for this command alone: a folder (made if missing) is locked itself, a file through
+    PATH.lock beside it. A second command writing there is refused in one line (ValueError). The lock is the
+    kernel's (flock): it goes with the process however it ends, kill -9 included, so a killed run leaves nothing
+    stuck (a file's PATH.lock may stay behind, unlocked). Released by finish(); on a file system without locks
+    (some network mounts) a warning says that two writers would not be told apart."""
+    real = os.path.realpath(path)
+    if real in _held:
+        return
+    if folder:
+        make_folders(path)
+    lock = None if folder else real + ".lock"
+    while True:
+        fd = os.open(real, os.O_RDONLY) if folder else os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ValueError(f"{flag} {path} is being written by another command (it holds the lock on "
+                                 f"{lock or path}): wait for it to end, or give another {flag}") from None
+            end_progress()
+            print(f"warning: cannot lock {lock or path} ({e.strerror}): a second command writing there at the same "
+                  "time would not be refused", file=sys.stderr, flush=True)
+            return
+        if lock is None or (os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino):
+            break
+        os.close(fd)  # the lock file was removed by its last holder between our open and our lock: take the new one
+    _held[real] = (fd, lock)
+
+
+def finish():
+    """The end of a command, however it ends: its locks released (their lock files removed) and the folders it made
+    and left empty removed, so that a failed or interrupted command leaves nothing that a rerun would stumble on."""
+    for real, (fd, lock) in list(_held.items()):
+        if lock is not None and os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            os.remove(lock)
+        os.close(fd)
+        del _held[real]
+    for folder in reversed(_made):
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+    _made.clear()
 
 
 def parse_args(p, argv, defaults, at_least_1=(), valid=None) -> argparse.Namespace:

@@ -143,8 +143,8 @@ class Preferences:
             self._index_parquet(files, dreamlike_only)
         what = "images" if self.singles else "pairs"
         if len(self) == 0:
-            raise ValueError(f"{path}: no usable {what}: " + (self.said() if self.dropped else "it has no rows"))
-        self.read += f": {len(self)} usable {what}" + (f"; left out {self.said()}" if self.dropped else "")
+            raise ValueError(f"{path}: no usable {what}: " + (self.said() or "it has no rows"))
+        self.read += f": {len(self)} usable {what}" + (f"; left out {self.said()}" if self.said() else "")
         groups = len(np.unique(self.group))  # row groups per shuffle window: about SHUFFLE_PAIRS pairs
         self.window_groups = max(1, min(groups, round(SHUFFLE_PAIRS * groups / len(self))))
         self._groups = OrderedDict()  # (file, group) -> pyarrow table, an LRU of one shuffle window
@@ -403,15 +403,18 @@ def read_prompts(path) -> List[Tuple[str, str]]:
     Prompt column and maybe a Category column (PartiPrompts' format), or "parti": the built-in PartiPrompts."""
     path = PARTI if path == "parti" else path
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark, as some editors write, is not text
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read prompts file {path}: {getattr(e, 'strerror', None) or e}") from None
-    head = lines[0].split("\t") if lines else []
-    if "Prompt" not in head:
+    head = [h.strip().lower() for h in lines[0].split("\t")] if lines else []
+    if len(head) > 1 and "prompt" not in head:  # a table, but which column holds the prompts?
+        raise ValueError(f"{path}: a tab-separated file whose first line ({lines[0].strip()!r}) names no Prompt column:"
+                         " name it Prompt (as PartiPrompts' TSV does), or give one prompt per line")
+    if "prompt" not in head:
         out = [(line.strip(), "") for line in lines if line.strip()]
     else:
-        p, c = head.index("Prompt"), (head.index("Category") if "Category" in head else None)
+        p, c = head.index("prompt"), (head.index("category") if "category" in head else None)
         out = []
         for n, line in enumerate(lines[1:], 2):
             cells = line.split("\t")

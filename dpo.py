@@ -222,6 +222,7 @@ def train(args) -> dict:
     fingerprints = checkpoint.fingerprints(args, feed.fingerprint)
     step, position = checkpoint.load(ck_path, args, fingerprints, policy, opt, rank, world, log)
     if checkpoint.finished(ck_path, policy, fam, args, step, log):  # said, not done: nothing is rewritten
+        feed.finish(step)  # (online: the held-out trend, which a run cut short at its end may not have written)
         return dict(step=step, metrics={}, out_dir=args.out_dir)
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -275,7 +276,7 @@ def train(args) -> dict:
         kept = f"step {last_ckpt} in {ck_path}" if last_ckpt else "none written yet"
         raise cli.Interrupted(f"interrupted at step {step} of {args.max_steps}; last checkpoint: {kept}") from None
     checkpoint.save_outputs(policy, fam, args, step, log)
-    feed.finish()  # online: the last line, the held-out trend
+    feed.finish(step)  # online: the last line, the held-out trend
     return dict(step=step, metrics=last, out_dir=args.out_dir)
 
 
@@ -317,13 +318,10 @@ def resolve(args, family, world, device="cpu", native=None, config=None):
     for k in ("resolution", "warmup", "optimizer", "gradient_checkpointing"):
         if getattr(args, k) is None:
             setattr(args, k, getattr(family.recipe, k))
-    if args.grad_accum is None:
-        args.grad_accum = max(1, 2048 // (args.batch_size * world))  # the paper's 2048 pairs per step
+    args.grad_accum = args.grad_accum or max(1, 2048 // (args.batch_size * world))  # the paper's 2048 pairs per step
     args.pairs_per_step = args.batch_size * args.grad_accum * world
-    if args.lr is None:
-        args.lr = 1e-8 * args.pairs_per_step
-    if args.cache_dir is None:
-        args.cache_dir = os.path.join(args.out_dir, "cache")
+    args.lr = 1e-8 * args.pairs_per_step if args.lr is None else args.lr
+    args.cache_dir = args.cache_dir or os.path.join(args.out_dir, "cache")
     args.amp_dtype = cli.DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     return args
 
@@ -414,6 +412,8 @@ def main(argv=None):
         if dist.is_initialized() and dist.get_rank() > 0:
             sys.exit(status)  # rank 0 says it
         cli.fail(str(e) if str(e) else "interrupted", status)
+    finally:
+        cli.finish()  # the run folder's lock released; a folder made and left empty removed
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ def compare(args, items, dtype, scorers):
                         f"{other[0]['prompt']!r})")
         raise ValueError(f"{args.out} holds images made with other settings: {', '.join(said)}; give another --out, "
                          f"or delete {index_path} to make them all again")
-    for sub in ("base", "tuned"):
-        os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+    for sub in ("base", "tuned"):  # (left empty by a run that fails or is stopped before its first image: removed)
+        cli.make_folders(os.path.join(args.out, sub))
 
     def path(sub, it):
         return os.path.join(args.out, sub, it["name"] + ".png")
@@ -126,7 +126,8 @@ def score_pairs(items, scorers, path, batch_size=16) -> Dict[str, Tuple[torch.Te
             chunk = items[s:s + batch_size]
             pixels = torch.cat([images.load_image(path(sub, it)) for sub in ("base", "tuned") for it in chunk])
             with torch.no_grad():  # pixels (2B, 3, H, W)
-                scores = scorer(pixels, [it["prompt"] for it in chunk] * 2).float().cpu()
+                scores = reward.finite(kind, scorer(pixels, [it["prompt"] for it in chunk] * 2).float().cpu(),
+                                       f"on the images of {chunk[0]['name']} on")
             base.append(scores[:len(chunk)])
             tuned.append(scores[len(chunk):])
             cli.progress(f"scoring {kind}: {s + len(chunk)}/{len(items)} pairs")
@@ -264,7 +265,6 @@ def eval_pairs(args, dtype):
     if not pairs:
         raise ValueError(f"{args.eval_pairs}: no preference pairs (after dropping ties)")
     pipe = load(args.model, unet=args.unet, device=args.device, dtype=dtype, tokenizer=args.tokenizer, lora=args.lora)
-    os.makedirs(args.out, exist_ok=True)
     ref = pipe.family.load(args.eval_ref or args.model, device=args.device, dtype=dtype)
     kw, n = dict(k=args.eval_k, seed=args.seed, size=args.height, batch_size=args.batch_size), len(pairs)
     acc = implicit_accuracy(pipe, ref, pairs, **kw)[0]
@@ -336,9 +336,11 @@ def run(args):
                              "--overwrite to write into it")
         for name in ("images.json", "scores.json", "scores.csv", "scores.png", f"compare_seed{args.seed}.png"):
             cli.check_output(os.path.join(args.out, name), reads, replace=True, make_folder=True)
+        cli.hold(args.out)  # one command writes into --out at a time
         compare(args, prompt_items(args), dtype, reward.load_all(args.score, args.device, dtype))
     else:
         cli.check_output(os.path.join(args.out, "eval.json"), reads, replace=args.overwrite, make_folder=True)
+        cli.hold(args.out)
         eval_pairs(args, dtype)
 
 

@@ -22,6 +22,7 @@ online_eval.png; the run's last line says when the training reward rose while a 
 """
 import argparse
 import hashlib
+import math
 import os
 import time
 
@@ -40,6 +41,7 @@ from weights import append_jsonl, load_jsonl, read_json, save_json, save_jsonl
 
 SAVE_PAIRS_UP_TO = 20000  # a run that makes at most this many pairs writes them (out_dir/pairs.jsonl) by default
 DEFAULT_EVALS = 4  # held-out checks in a run without --eval_every (and one at step 0)
+NO_SIGNAL_STEPS = 5  # steps in a row whose every group scored its K images alike before the log says so
 
 
 def add_flags(p):
@@ -56,6 +58,8 @@ def add_flags(p):
       "as kept for best_worst)")
     a("--ref_update", type=int, help="online: copy the policy into the reference every N steps [frozen base]")
     a("--sample_steps", type=int, default=20, help="online: Euler steps per sample")
+    a("--sample_batch", type=int, default=8, help="online: images per sampling and scoring call (a prompt's K "
+      "images are made in calls of this many)")
     a("--sample_guidance", type=float, help="online: guidance of the samples [the family pipeline's]")
     a("--eval_every", type=int, help=f"online: held-out check every N steps [max_steps / {DEFAULT_EVALS}]")
     a("--eval_prompts", help="online: held-out prompts (file or parti) [--prompts, other noise]")
@@ -66,10 +70,15 @@ def add_flags(p):
       f"{SAVE_PAIRS_UP_TO} pairs]")
 
 
+# add_flags' flags besides --online itself
+FLAGS = ("score", "prompts", "samples_per_prompt", "pairs", "min_margin", "ref_update", "sample_steps",
+         "sample_batch", "sample_guidance", "eval_every", "eval_prompts", "eval_score", "eval_n", "save_pairs")
+
+
 def check(p, args):
     """Refusals at parse time, one line each (p.error); fills the online defaults that depend on other flags."""
-    if not args.online:
-        named = [f for f in ("score", "prompts", "ref_update", "eval_score") if getattr(args, f)]
+    if not args.online:  # an online flag set offline would be ignored without a word
+        named = [f for f in FLAGS if f in args.given]
         if named:
             p.error(f"--{named[0]} is an online flag: add --online (or drop it)")
         return
@@ -81,7 +90,7 @@ def check(p, args):
         p.error("--online needs a reward: --score KIND[=PATH] (reward.py's scorers, e.g. pickscore=DIR, or area)")
     if args.samples_per_prompt < 2:
         p.error(f"--samples_per_prompt must be >= 2 (a pair needs two images), got {args.samples_per_prompt}")
-    for k in ("sample_steps", "eval_n", "ref_update", "eval_every"):
+    for k in ("sample_steps", "sample_batch", "eval_n", "ref_update", "eval_every"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k} must be >= 1, got {getattr(args, k)}")
     if args.cache:
@@ -91,9 +100,10 @@ def check(p, args):
     if args.ref_update and args.lora:
         p.error("--ref_update copies the policy into a second model; a --lora run's reference is its base with the "
                 "adapters off: drop --ref_update (or --lora)")
-    if args.ref_update and args.ckpt_every % args.ref_update:
-        p.error(f"--ckpt_every {args.ckpt_every} must be a multiple of --ref_update {args.ref_update}: a resumed run "
-                "takes its reference from the policy at the checkpoint")
+    for k in ("ckpt_every", "max_steps"):  # (the last checkpoint is at --max_steps: where a longer run resumes)
+        if args.ref_update and getattr(args, k) % args.ref_update:
+            p.error(f"--{k} {getattr(args, k)} must be a multiple of --ref_update {args.ref_update}: a resumed run "
+                    "takes its reference from the policy at the checkpoint")
     args.grad_accum = args.grad_accum or 1  # (offline: 2048 pairs per step; each online pair costs K samples)
     try:
         for path in filter(None, (args.prompts, args.eval_prompts)):  # a missing or empty file: one line now
@@ -101,6 +111,11 @@ def check(p, args):
         args.score_specs, args.eval_specs = specs(args.score), specs(args.eval_score)
     except ValueError as e:
         p.error(str(e))
+    kinds = [s[0] for s in args.score_specs + args.eval_specs]
+    if len(set(kinds)) < len(kinds):  # scores, columns and win rates are keyed by kind
+        p.error(f"--score / --eval_score: each kind once (scores are keyed by kind), got {', '.join(kinds)}")
+    if not any(w for *_, w in args.score_specs):
+        p.error("--score: every weight is 0, so every image would score 0 and every pair tie: give a weight")
 
 
 def specs(flags) -> list:
@@ -109,13 +124,16 @@ def specs(flags) -> list:
 
 
 def weighted(spec):
-    """(kind, path, options) -> (kind, path, options without weight, weight)."""
+    """(kind, path, options) -> (kind, path, options without weight, weight): a finite number."""
     kind, path, options = spec
     w = options.pop("weight", "1")
     try:
-        return kind, path, options, float(w)
+        weight = float(w)
     except ValueError:
         raise ValueError(f"--score {kind}: weight={w} is not a number") from None
+    if not math.isfinite(weight):
+        raise ValueError(f"--score {kind}: weight={w} is not a finite number")
+    return kind, path, options, weight
 
 
 class Prompts(torch.utils.data.Dataset):
@@ -167,12 +185,14 @@ class Feed(cache.Feed):
         default = family.sampling_defaults(policy.config)[0]
         self.guidance = default if args.sample_guidance is None else args.sample_guidance
         text = "\n".join(prompts) + "\0" + "\n".join(args.score)
-        self.fingerprint = dict(path=args.prompts, files=1, pairs=len(prompts),
+        self.fingerprint = dict(path=args.prompts, files=1, prompts=len(prompts),
                                 digest=hashlib.sha256(text.encode()).hexdigest()[:16])
         self.eval_every = args.eval_every or max(1, args.max_steps // DEFAULT_EVALS)
         self.save = args.save_pairs if args.save_pairs is not None else \
             args.max_steps * args.pairs_per_step <= SAVE_PAIRS_UP_TO
         self.rows, self.history, self.rewards, self.seconds = [], [], [], dict(sampling=0.0, start=time.time())
+        # this step's non-finite training scores per scorer, then its groups without signal and all its groups
+        self.counts, self.flat_steps = torch.zeros(len(self.scorers) + 2, dtype=torch.float64), 0
         log(f"online: {len(prompts)} prompts x {self.K} samples ({args.sample_steps} Euler steps, guidance "
             f"{self.guidance}), reward {' + '.join(args.score)}, pairs {args.pairs}; reference "
             f"{'the policy every %d steps' % args.ref_update if args.ref_update else 'the frozen base'}")
@@ -200,11 +220,20 @@ class Feed(cache.Feed):
     @torch.no_grad()
     def score(self, scorers, images, prompts):
         """(kind -> (B,) scores, their weighted sum) for images (B, 3, H, W) in [0, 1]."""
-        out, total = {}, torch.zeros(len(images))
+        out, total, n = {}, torch.zeros(len(images)), self.args.sample_batch
         for (kind, weight), fn in scorers.items():
-            out[kind] = fn(images.to(self.dev), prompts).float().cpu()
-            total += weight * out[kind]
+            out[kind] = torch.cat([fn(images[i:i + n].to(self.dev), prompts[i:i + n]).float().cpu()
+                                   for i in range(0, len(images), n)])
+            total += weight * torch.nan_to_num(out[kind])  # a non-finite one: counted, stops the run
         return out, total
+
+    @staticmethod
+    def nonfinite(counts, where):
+        """Stop, in one line naming the scorer, when one gave NaN or infinite scores (counts: kind -> how many)."""
+        for kind, n in counts.items():
+            if n:
+                raise ValueError(f"--score {kind} gave {int(n)} non-finite score(s) {where}: stopped (the last "
+                                 "checkpoint is kept); check the scorer and its weights")
 
     def noise(self, key, n, stream):
         g = torch.Generator().manual_seed(data.seed_for(self.args.seed, key, stream))
@@ -216,9 +245,12 @@ class Feed(cache.Feed):
         for p in positions:
             i = self.dataset.index(p)
             prompt = self.dataset.prompts[i]
-            pil = [to_pil(x) for x in self.generate(self.policy, [prompt] * self.K, self.noise(p, self.K, 0x5A3))]
+            noise = self.noise(p, self.K, 0x5A3).split(a.sample_batch)  # K noises, made in calls of sample_batch
+            pil = [to_pil(x) for n in noise for x in self.generate(self.policy, [prompt] * len(n), n)]
             x = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in pil]) / 255.0
-            s = self.score(self.scorers, x, [prompt] * self.K)[1]  # (K,) on the 8-bit images, as saved
+            each, s = self.score(self.scorers, x, [prompt] * self.K)  # (K,) on the 8-bit images, as saved
+            self.counts += torch.tensor([float((~torch.isfinite(v)).sum()) for v in each.values()] +
+                                        [float(s.max() == s.min()), 1.0], dtype=torch.float64)
             pairs = make_pairs(s, a.pairs, a.min_margin)
             rewards.append(float(s.mean()))
             margins.append(float(s.max() - s.min()))
@@ -282,18 +314,21 @@ class Feed(cache.Feed):
 
     def held_out(self, unet):
         """(eval_n, 3, H, W): the held-out prompts cycled, each image's noise from its index (the same for both)."""
-        n, P = self.args.eval_n, self.eval_prompts
+        n, P, chunk = self.args.eval_n, self.eval_prompts, min(self.K, self.args.sample_batch)
         out = []
-        for s in range(0, n, self.K):
-            idx = list(range(s, min(n, s + self.K)))
+        for s in range(0, n, chunk):
+            idx = list(range(s, min(n, s + chunk)))
             noise = torch.cat([self.noise(e, 1, 0xE7A1) for e in idx])
             out.append(self.generate(unet, [P[e % len(P)] for e in idx], noise))
         return torch.cat(out)
 
     def held_out_scores(self, images):
+        """Every scorer's scores of the held-out images (the same on every rank: a non-finite one stops them all)."""
         prompts = [self.eval_prompts[e % len(self.eval_prompts)] for e in range(len(images))]
         scores, total = self.score(self.scorers, images, prompts)
         held = self.score(self.eval_scorers, images, prompts)[0]
+        self.nonfinite({k: int((~torch.isfinite(v)).sum()) for k, v in {**scores, **held}.items()},
+                       "on the held-out images")
         return {**scores, **({"reward": total} if len(scores) > 1 else {}), **held}
 
     def record(self, step, mine=None):
@@ -324,8 +359,17 @@ class Feed(cache.Feed):
             (p.to_local() if hasattr(p, "to_local") else p).copy_(s.to_local() if hasattr(s, "to_local") else s)
 
     def after_step(self, step):
-        """After optimizer step `step` (1-based): the pairs written, the reference refreshed, the held-out check."""
-        a = self.args
+        """After optimizer step `step` (1-based): its scores checked (every rank's), the pairs written, the reference
+        refreshed, the held-out check."""
+        a, counts = self.args, self.counts.to(self.dev)
+        dist.all_reduce(counts)
+        self.counts = torch.zeros_like(self.counts)
+        self.nonfinite({kind: n for (kind, _), n in zip(self.scorers, counts.tolist())}, f"in step {step}")
+        flat, groups = counts[-2:].tolist()
+        self.flat_steps = self.flat_steps + 1 if flat == groups else 0
+        if self.flat_steps == NO_SIGNAL_STEPS:
+            self.log(f"online: WARNING: for {NO_SIGNAL_STEPS} steps every prompt's {self.K} samples scored alike "
+                     f"(every pair a tie): the reward ({' + '.join(a.score)}) tells them apart no more")
         if self.save:
             parts = [None] * self.world
             dist.all_gather_object(parts, self.rows)
@@ -338,14 +382,17 @@ class Feed(cache.Feed):
         if step % self.eval_every == 0 or step == a.max_steps:
             self.record(step)
 
-    def finish(self):
-        """The plot, the share of time spent sampling, and the run's last line: the held-out trend."""
-        share = self.seconds["sampling"] / max(1e-9, time.time() - self.seconds["start"])
-        self.log(f"online: sampling took {share:.0%} of this rank's time since the start")
-        if self.rank != 0:
-            return
-        chart(self.history).save(os.path.join(self.args.out_dir, "online_eval.png"))
-        self.log(verdict(self.history))
+    def finish(self, step):
+        """The share of time spent sampling, the plot, and the run's last line: the held-out trend (read from
+        online_eval.json when this process ran no step: a finished run resumed)."""
+        if self.seconds["sampling"]:
+            share = self.seconds["sampling"] / max(1e-9, time.time() - self.seconds["start"])
+            self.log(f"online: sampling took {share:.0%} of this rank's time since the start")
+        path = os.path.join(self.args.out_dir, "online_eval.json")
+        history = self.history or [h for h in read_json(path, []) if h["step"] <= step]
+        if self.rank == 0 and history:
+            save_png(chart(history), os.path.join(self.args.out_dir, "online_eval.png"))
+            self.log(verdict(history))
 
 
 def load_scorers(specs, dev, dtype) -> dict:

@@ -80,7 +80,8 @@ def relabel_file(args):
 
     def write(tmp):
         with open(tmp, "w") as f:
-            for p in relabel(rows, scorer, args.ties, args.score_batch, skipped):
+            checked = lambda x, prompts: reward.finite(kind, scorer(x, prompts), "on the pairs")  # noqa: E731
+            for p in relabel(rows, checked, args.ties, args.score_batch, skipped):
                 line = dict(caption=p["caption"], image_0=os.path.relpath(p["ref_0"], root),
                             image_1=os.path.relpath(p["ref_1"], root), label_0=p["label_0"], score_0=p["score_0"],
                             score_1=p["score_1"], scorer=kind, label_0_before=p["label_0_before"])
@@ -142,6 +143,7 @@ def parse_args(argv=None):
 
 def run(args):
     cli.check_output(args.out, reads=[args.pairs], replace=args.overwrite, make_folder=True)  # before scoring
+    cli.hold(args.out, folder=False)  # one command writes --out at a time
     relabel_file(args)
 
 

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import clip
 import kernels
 import toy
-from weights import Checkpoint, CheckpointError, find_weights, load_module, read_config, read_json, renamed
+from weights import (Checkpoint, CheckpointError, find_weights, load_module, read_config, read_json, renamed,
+                     torch_file)
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP's, all four use it
 # transformers' CLIPVisionConfig defaults (old configs leave some out).
@@ -166,15 +167,6 @@ class Scorer:
 # Loading
 
 
-def _torch_file(path, what):
-    """A .pt / .pth file of tensors (read without running pickled code)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, not a torch file, pickled objects other than tensors, ...
-        why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"cannot read {what} {path}: {why}") from None
-
-
 def _load_hf(path, device, dtype, kind):
     """A transformers CLIPModel folder: config.json and model.safetensors (or an older pytorch_model.bin)."""
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
@@ -190,7 +182,7 @@ def _load_hf(path, device, dtype, kind):
         model = CLIPModel(text, vision, cfg.get("projection_dim", 512))
     if os.path.isfile(os.path.join(path, "pytorch_model.bin")) and not any(
             f.startswith("model") and f.endswith(".safetensors") for f in os.listdir(path)):
-        ckpt = _torch_file(os.path.join(path, "pytorch_model.bin"), f"{kind} weights")
+        ckpt = torch_file(os.path.join(path, "pytorch_model.bin"), f"{kind} weights")
     else:
         ckpt = Checkpoint(find_weights(path, "model"))
     sources = {k: (lambda k=k: ckpt[k]) for k in ckpt.keys() if not k.endswith("position_ids")}  # an old buffer
@@ -240,7 +232,7 @@ def _load_open_clip(path, config, device, dtype):
     """An HPSv2 checkpoint: {"state_dict": open_clip model state dict}, strictly (every key used, none missing)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"hps: {path} is not a file (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt)")
-    obj = _torch_file(path, "hps checkpoint")
+    obj = torch_file(path, "hps checkpoint")
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
         raise CheckpointError(f"hps: {path} holds no 'state_dict' (not an HPSv2 checkpoint)")
     sd = obj["state_dict"]
@@ -303,7 +295,7 @@ def load(kind, path, device="cpu", dtype=torch.float32, **options):
     if kind == "aesthetic":
         with torch.device("meta"):
             head = Aesthetic(model.visual_projection.out_features)
-        sd = _torch_file(options["head"], "aesthetic head")
+        sd = torch_file(options["head"], "aesthetic head")
         if not isinstance(sd, dict):
             raise CheckpointError(f"aesthetic: {options['head']} is not a state dict (the LAION predictor's MLP)")
         head = load_module(head, sd, torch.float32, device, f"aesthetic head ({options['head']})")
@@ -351,6 +343,15 @@ def parse_flags(p, flags) -> list:
     if len(set(kinds)) < len(kinds):
         p.error(f"--score: each kind once (scores are keyed by kind), got {', '.join(kinds)}")
     return specs
+
+
+def finite(kind, scores, where):
+    """scores, unless some are NaN or infinite: then one line naming the scorer (a NaN ranks nothing, and would
+    be written into JSON files that are then not JSON)."""
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:
+        raise ValueError(f"--score {kind} gave {bad} non-finite score(s) {where}: check the scorer and its weights")
+    return scores
 
 
 def load_all(specs, device="cpu", dtype=torch.float32) -> dict:

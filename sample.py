@@ -251,6 +251,7 @@ def run(args):
     paths = [os.path.join(args.out, it["name"] + ".png") for it in items]
     for p in paths:  # before the model is loaded: the input image, and an earlier run's images unless --overwrite
         cli.check_output(p, reads=[args.init_image, args.prompts], replace=args.overwrite, make_folder=True)
+    cli.hold(args.out)  # one command writes into --out at a time; a failed run leaves no empty --out (cli.finish)
     pipe = load(args.model, unet=args.unet, device=args.device, dtype=cli.DTYPES[args.dtype], tokenizer=args.tokenizer,
                 lora=args.lora)
     kw = sampling_options(args, pipe)

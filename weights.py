@@ -75,6 +75,19 @@ def read_json(path: str, default=None):
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
+def torch_file(path: str, what: str, mmap=False):
+    """A PyTorch file of tensors (a checkpoint, a .pt / .pth head), read without running pickled code. Any failure
+    is one CheckpointError line in our words: torch's own would advise loading it unsafely."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointError(f"cannot read {what} {path}: no such file") from None
+    except Exception as e:  # not a torch file, cut short, or pickled objects besides tensors
+        why = "it holds pickled objects besides tensors, which are not loaded" if "Unsupported global" in str(e) \
+            else f"not a PyTorch file of tensors ({type(e).__name__})"  # (torch's words would advise an unsafe load)
+        raise CheckpointError(f"cannot read {what} {path}: {why}") from None
+
+
 def read_config(folder: str) -> dict:
     """config.json of a diffusers/transformers component folder."""
     return read_json(os.path.join(folder, "config.json"))
@@ -299,7 +312,8 @@ def _cause(e: BaseException, path: str) -> str:
 def atomic(path: str, write: Callable[[str], None], suffix: str = ""):
     """write(tmp) to a temporary name beside path, then rename it over path: path holds its old bytes or the new
     ones, never a part. On any failure, Ctrl-C included, the temporary file is removed; a failure to write is one
-    WriteError line naming path and the cause (a full disk, a missing folder, ...)."""
+    WriteError line naming path and the cause (a full disk, a missing folder, ...); a ValueError of write's own (bad
+    content, not a bad disk) goes on as it is."""
     tmp = f"{path}.tmp{os.getpid()}{suffix}"
     try:
         write(tmp)
@@ -308,7 +322,8 @@ def atomic(path: str, write: Callable[[str], None], suffix: str = ""):
         cause = _cause(e, path) if isinstance(e, Exception) else None  # while the disk is still as full as it was
         if os.path.exists(tmp):
             os.remove(tmp)
-        if cause is not None and not isinstance(e, WriteError):
+        if cause is not None and not isinstance(e, WriteError) and \
+                not (isinstance(e, ValueError) and cause != "no space left on device"):
             raise WriteError(f"cannot write {path}: {cause}") from None
         raise
 

@@ -150,6 +150,9 @@ def test_labels_that_are_none_of_0_half_1_are_counted_and_said(tmp_path):
     f.write_text("".join(json.dumps(r) + "\n" for r in rows[2:5]))
     with pytest.raises(ValueError, match=r"no usable pairs: 1 ties, 2 with a label not 0, 0.5 or 1 \(first: "):
         data.Preferences(str(f))
+    empty = write_parquet(tmp_path / "empty.parquet", n=0)  # a shard of no rows: said so, not ""
+    with pytest.raises(ValueError, match=r"no usable pairs: it has no rows$"):
+        data.Preferences(empty)
     pq = write_parquet(tmp_path / "a.parquet")  # row 3 a tie; dreamlike_only leaves out the rest but rows 1, 2, 4, 5
     assert data.Preferences(pq, dreamlike_only=True).read.endswith("4 usable pairs; left out 1 ties, 5 not both from "
                                                                    "a dreamlike model (--dreamlike_only)")
@@ -219,3 +222,19 @@ def test_columns_flag_trains_and_refuses_a_missing_column(tmp_path, sd3_dir, cap
                                     str(tmp_path / "bad"), "--columns", "caption=prompt,jpg_0=chosen,jpg_1=lost"],
                          capsys)
     assert "no column lost" in err and not os.path.exists(tmp_path / "bad" / "checkpoint.pt")
+
+
+def test_prompt_files_bom_header_and_tables(tmp_path):
+    """A byte-order mark is not text, a Prompt header is found in any case, and a table naming no Prompt column is
+    refused in one line instead of training on its header and its whole rows."""
+    f = tmp_path / "p.tsv"
+    f.write_bytes("\ufeffPrompt\tCategory\na cat\tAnimals\na dog\tAnimals\n".encode("utf-8"))
+    assert data.read_prompts(str(f)) == [("a cat", "Animals"), ("a dog", "Animals")]
+    f.write_bytes("\ufeffa cat\na dog\n".encode("utf-8"))
+    assert data.read_prompts(str(f)) == [("a cat", ""), ("a dog", "")]
+    f.write_text("prompt\na cat\n")
+    assert data.read_prompts(str(f)) == [("a cat", "")]
+    f.write_text("Text\tCategory\na cat\tAnimals\n")
+    with pytest.raises(ValueError, match=r"^.*p.tsv: a tab-separated file whose first line \('Text\\tCategory'\) "
+                                         r"names no Prompt column"):
+        data.read_prompts(str(f))

@@ -426,3 +426,32 @@ def test_compare_keeps_what_it_made_and_refuses_what_would_mix(sd15_dir, tuned, 
     capsys.readouterr()
     assert cli_error(ev, capsys) == f"error: {tmp_path / 'ev' / 'eval.json'} exists: pass --overwrite to replace it"
     evaluate.main(ev + ["--overwrite"])
+
+
+def test_compare_stopped_before_its_first_image_reruns(sd15_dir, sdxl_dir, tuned, tmp_path, capsys, monkeypatch):
+    """Ctrl-C before the first image, or a --unet of another family: the rerun is not refused as a folder of
+    someone else's (the empty folders it made are gone), and makes every image; --out held by another command is
+    refused in one line."""
+    out = tmp_path / "cmp"
+    argv = ["--model", sd15_dir, "--compare", "--prompt", "a cat", "--steps", "2", "--out", str(out)]
+    monkeypatch.setattr(sample.Pipeline, "__call__", lambda self, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv + ["--unet", tuned])
+    monkeypatch.undo()
+    assert e.value.code == 130 and not os.path.exists(out)
+    capsys.readouterr()
+    assert "is SDXL, the model" in cli_error(argv + ["--unet", os.path.join(sdxl_dir, "unet")], capsys)
+    assert not os.path.exists(out)
+    evaluate.main(argv + ["--unet", tuned])
+    assert "images: 0 of 1 pairs reused, 1 to make" in capsys.readouterr().out
+    import fcntl
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another evaluate.py writing into it
+    assert cli_error(argv + ["--unet", tuned], capsys) == f"error: --out {out} is being written by another command " \
+        f"(it holds the lock on {out}): wait for it to end, or give another --out"
+    os.close(fd)
+    import toy
+    monkeypatch.setattr(toy, "area", lambda images, prompts=None: torch.full((len(images),), float("nan")))
+    err = cli_error(argv + ["--unet", tuned, "--score", "area"], capsys)
+    assert err.startswith("error: --score area gave 2 non-finite score(s) on the images of ")
+    assert not os.path.exists(out / "scores.json")

@@ -209,3 +209,97 @@ def test_fsdp_with_a_reference_refresh_matches_ddp(tmp_path, sdxl_dir, prompts):
             assert abs(x[k] - y[k]) <= 1e-4 * max(1.0, abs(x[k])), (k, x, y)
     rows = [[json.loads(line)["caption"] for line in open(tmp_path / d / "pairs.jsonl")] for d in ("ddp", "fsdp")]
     assert rows[0] == rows[1] and len(rows[0]) == 6
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs to trust (issue 32): bad rewards stop a run, flags that would be ignored or would break a resume are refused
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--score", "area,weight=nan"], "error: --score area: weight=nan is not a finite number"),
+    (["--score", "area,weight=0"], "error: --score: every weight is 0, so every image would score 0"),
+    (["--score", "area", "--score", "area,weight=2"], "error: --score / --eval_score: each kind once"),
+    (["--eval_score", "area"], "error: --score / --eval_score: each kind once (scores are keyed by kind), got area, "
+                               "area"),
+    (["--ref_update", "2", "--ckpt_every", "2"], "error: --max_steps 3 must be a multiple of --ref_update 2"),
+])
+def test_rewards_that_cannot_rank_are_refused(tmp_path, sdxl_dir, prompts, capsys, extra, message):
+    """A non-finite or all-zero weight, a scorer kind given twice (one would be dropped, or two columns merged), a
+    last checkpoint a longer run could not resume from: one line, nothing written."""
+    argv = flags(tmp_path / "out", sdxl_dir, prompts, steps=3)
+    if extra[0] == "--score":
+        i = argv.index("--score")
+        del argv[i:i + 2]
+    assert tiny.cli_error(dpo.main, argv + extra, capsys).startswith(message)
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("flag", [["--samples_per_prompt", "3"], ["--eval_n", "8"], ["--pairs", "margin"],
+                                  ["--sample_steps", "4"], ["--no-save_pairs"]])
+def test_online_flags_offline_are_refused(tmp_path, sdxl_dir, jsonl, capsys, flag):
+    """Set without --online they would be ignored without a word."""
+    argv = ["--model", sdxl_dir, "--data", jsonl, "--out_dir", str(tmp_path / "o"), *flag]
+    assert tiny.cli_error(dpo.main, argv, capsys) == f"error: {flag[0]} is an online flag: add --online (or drop it)" \
+        .replace("--no-save_pairs", "--save_pairs")
+
+
+def test_a_scorer_giving_nan_stops_the_run_and_flat_rewards_are_said(tmp_path, sdxl_dir, prompts, capsys,
+                                                                     monkeypatch, one_thread):
+    """Scores all alike for NO_SIGNAL_STEPS steps: the log says the reward no longer tells the samples apart. A
+    NaN score: one line naming the scorer, the last checkpoint kept, no NaN in any JSON file."""
+    import toy
+    monkeypatch.setattr(online, "NO_SIGNAL_STEPS", 2)
+    monkeypatch.setattr(toy, "area", lambda images, prompts: torch.ones(len(images)))
+    dpo.main(flags(tmp_path / "flat", sdxl_dir, prompts, steps=2))
+    assert "online: WARNING: for 2 steps every prompt's 3 samples scored alike" in capsys.readouterr().out
+    step = iter(range(10 ** 6))
+    monkeypatch.setattr(toy, "area", lambda images, prompts: torch.full((len(images),), 0.5 if next(step) < 4 else
+                                                                        float("nan")))
+    err = tiny.cli_error(dpo.main, flags(tmp_path / "nan", sdxl_dir, prompts, "--ckpt_every", "1", steps=4), capsys)
+    assert err.startswith("error: --score area gave ") and "non-finite score(s) in step 2: stopped (the last " \
+        "checkpoint is kept)" in err
+    assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)["step"] == 1
+    for name in ("online_eval.json", "pairs.jsonl"):
+        text = open(tmp_path / "nan" / name).read()
+        assert "NaN" not in text and "Infinity" not in text
+
+
+def test_resume_refuses_other_held_out_checks_and_says_prompts(tmp_path, sdxl_dir, prompts, capsys, one_thread):
+    """A resumed run's held-out history is one series: another --eval_score or --eval_n is refused up front; an
+    edited prompts file is named as --prompts. A finished run resumed writes its chart and verdict again (a run cut
+    short at its very end may not have)."""
+    out, prompts = tmp_path / "run", str(tmp_path / "prompts.txt")
+    open(prompts, "w").write("\n".join(PROMPTS) + "\n")
+    dpo.main(flags(out, sdxl_dir, prompts, "--ckpt_every", "1", steps=2))
+    os.remove(out / "online_eval.png")
+    capsys.readouterr()
+    dpo.main(flags(out, sdxl_dir, prompts, "--resume", steps=2))
+    said = capsys.readouterr().out
+    assert "nothing to do" in said and "held-out win rate vs base (step 0 -> 2): area" in said
+    assert os.path.isfile(out / "online_eval.png")
+    clip_dir = tiny.make_clip(str(tmp_path / "clip"), "gelu")[0]
+    capsys.readouterr()  # (transformers' progress bars)
+    for extra, message in ((["--eval_score", f"clip={clip_dir}"], "--eval_score [] -> ["), (["--eval_n", "2"],
+                                                                                          "--eval_n 3 -> 2")):
+        err = tiny.cli_error(dpo.main, flags(out, sdxl_dir, prompts, "--resume", *extra, steps=3), capsys)
+        assert err.startswith("error: --resume with flags that change the run: ") and message in err
+    open(prompts, "w").write("\n".join(PROMPTS[:2]) + "\n")  # the same file, edited
+    err = tiny.cli_error(dpo.main, flags(out, sdxl_dir, prompts, "--resume", steps=3), capsys)
+    assert err.startswith(f"error: --resume with other --prompts: {out / 'checkpoint.pt'} was trained on {prompts} "
+                          "(1 file(s), 3 prompts")
+
+
+def test_a_large_group_is_sampled_and_scored_in_calls_of_sample_batch(tmp_path, sdxl_dir, prompts, monkeypatch,
+                                                                      one_thread):
+    """K sets the group, --sample_batch the calls: K = 5 in calls of at most 2, the pairs as one call makes them."""
+    sizes = []
+    generate = online.Feed.generate
+    monkeypatch.setattr(online.Feed, "generate", lambda self, unet, p, noise: sizes.append(len(p)) or
+                        generate(self, unet, p, noise))
+    dpo.main(flags(tmp_path / "chunks", sdxl_dir, prompts, "--samples_per_prompt", "5", "--sample_batch", "2",
+                   steps=1))
+    assert max(sizes) == 2 and sum(sizes) >= 2 * 5
+    dpo.main(flags(tmp_path / "one", sdxl_dir, prompts, "--samples_per_prompt", "5", steps=1))
+    a, b = ([json.loads(line) for line in open(tmp_path / d / "pairs.jsonl")] for d in ("chunks", "one"))
+    assert [(r["caption"], r["image_0"]) for r in a] == [(r["caption"], r["image_0"]) for r in b]
+    assert all(abs(x["score_0"] - y["score_0"]) < 1e-3 for x, y in zip(a, b))

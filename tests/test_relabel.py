@@ -196,6 +196,12 @@ def test_relabel_never_writes_over_what_it_reads_or_an_earlier_file(tmp_path, ca
     assert err == f"error: {out} exists: pass --overwrite to replace it" and out.read_text() == "my edits"
     relabel.main([src, "--score", "area", "--out", str(out), "--overwrite"])
     assert out.read_text() == first
+    import fcntl
+    with open(f"{out}.lock", "w") as lock:  # another relabel.py writing the same --out
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        err = cli_error(relabel.main, [src, "--score", "area", "--out", str(out), "--overwrite"], capsys)
+    assert err == f"error: --out {out} is being written by another command (it holds the lock on {out}.lock): " \
+        "wait for it to end, or give another --out" and out.read_text() == first
 
 
 def test_unreadable_pairs_are_skipped_and_counted_and_bad_captions_too(tmp_path, capsys):
@@ -239,3 +245,13 @@ def test_a_failed_relabel_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
         assert e.value.code == 1 and err == [f"error: cannot write {out}: no space left on device"]
         assert not any(".tmp" in n for n in os.listdir(os.path.dirname(out)))
         assert not os.path.exists(out)
+
+
+def test_a_scorer_giving_nan_is_one_line_and_no_file(tmp_path, capsys, monkeypatch):
+    """A NaN would label every pair a tie without a word (and is not JSON): the scorer is named, nothing written."""
+    src = demo.write_pairs(str(tmp_path), "sft", 4, seed=3, biased=False)
+    monkeypatch.setattr(toy, "area", lambda images, prompts=None: torch.full((len(images),), float("nan")))
+    err = cli_error(relabel.main, [src, "--score", "area", "--out", str(tmp_path / "aif.jsonl")], capsys)
+    assert err.startswith("error: --score area gave ") and err.endswith("non-finite score(s) on the pairs: check "
+                                                                        "the scorer and its weights")
+    assert not os.path.exists(tmp_path / "aif.jsonl")

@@ -233,8 +233,12 @@ def test_bad_input(clip_model, hps_file, tmp_path, images, one_thread):
     with pytest.raises(CheckpointError, match="holds no 'state_dict'"):
         reward.load("hps", str(tmp_path / "other.pt"), tokenizer=folder, config=config)
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match="cannot read hps checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read hps checkpoint .*: not a PyTorch file of tensors") as e:
         reward.load("hps", str(tmp_path / "junk.pt"), tokenizer=folder, config=config)
+    torch.save({"state_dict": {"x": reward.Aesthetic}}, tmp_path / "pickled.pt")  # a class: unsafe to unpickle
+    with pytest.raises(CheckpointError, match="holds pickled objects besides tensors, which are not loaded$") as f:
+        reward.load("hps", str(tmp_path / "pickled.pt"), tokenizer=folder, config=config)
+    assert "weights_only" not in str(e.value) + str(f.value)  # never torch's advice to load it unsafely
     sd = torch.load(path, weights_only=True)["state_dict"]
     sd["visual.attnpool.weight"] = sd.pop("visual.ln_post.weight")
     torch.save({"state_dict": sd}, tmp_path / "hps_bad.pt")

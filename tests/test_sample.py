@@ -237,6 +237,8 @@ def test_cli_bad_input(sd15_dir, tmp_path, capsys):
     assert "invalid choice: 'foo'" in cli_error(["--model", sd15_dir, "--scheduler", "foo"] + out, capsys)
     assert "give --prompt" in cli_error(["--model", sd15_dir, "--out", str(tmp_path)], capsys)
     assert "UNet path does not exist" in cli_error(["--model", sd15_dir, "--unet", "/no/unet"] + out, capsys)
+    assert "LoRA" in cli_error(["--model", sd15_dir, "--lora", "/dev/null"] + out, capsys)
+    assert not os.path.exists(tmp_path / "o")  # a failed run leaves no empty --out behind
 
 
 def test_api_bad_input(models):
