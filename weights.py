@@ -84,7 +84,7 @@ def torch_file(path: str, what: str, mmap=False):
         raise CheckpointError(f"cannot read {what} {path}: no such file") from None
     except Exception as e:  # not a torch file, cut short, or pickled objects besides tensors
         why = "it holds pickled objects besides tensors, which are not loaded" if "Unsupported global" in str(e) \
-            else f"not a PyTorch file of tensors ({type(e).__name__})"  # (torch's words would advise an unsafe load)
+            else "not a PyTorch file of tensors"  # (torch's own words would advise an unsafe load)
         raise CheckpointError(f"cannot read {what} {path}: {why}") from None
 
 
