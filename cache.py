@@ -284,7 +284,7 @@ class Cache(torch.utils.data.Dataset):
                 self.where[i] = (k, r)
         self.index = EpochOrder(np.zeros(self.meta["pairs"], dtype=np.int64), seed)
         self.per_item = 1 if self.meta.get("singles") else 2  # images per item
-        self.empty = torch.load(os.path.join(cache_dir, "empty.pt"), weights_only=True)  # embeddings of ""
+        self.empty = weights.torch_file(os.path.join(cache_dir, "empty.pt"), "the cache's embeddings of \"\"")
 
     def __len__(self):
         return self.meta["pairs"]

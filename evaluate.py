@@ -127,7 +127,7 @@ def score_pairs(items, scorers, path, batch_size=16) -> Dict[str, Tuple[torch.Te
             pixels = torch.cat([images.load_image(path(sub, it)) for sub in ("base", "tuned") for it in chunk])
             with torch.no_grad():  # pixels (2B, 3, H, W)
                 scores = reward.finite(kind, scorer(pixels, [it["prompt"] for it in chunk] * 2).float().cpu(),
-                                       f"on the images of {chunk[0]['name']} on")
+                                       f"on the pairs {chunk[0]['name']} to {chunk[-1]['name']}")
             base.append(scores[:len(chunk)])
             tuned.append(scores[len(chunk):])
             cli.progress(f"scoring {kind}: {s + len(chunk)}/{len(items)} pairs")

@@ -227,14 +227,6 @@ class Feed(cache.Feed):
             total += weight * torch.nan_to_num(out[kind])  # a non-finite one: counted, stops the run
         return out, total
 
-    @staticmethod
-    def nonfinite(counts, where):
-        """Stop, in one line naming the scorer, when one gave NaN or infinite scores (counts: kind -> how many)."""
-        for kind, n in counts.items():
-            if n:
-                raise ValueError(f"--score {kind} gave {int(n)} non-finite score(s) {where}: stopped (the last "
-                                 "checkpoint is kept); check the scorer and its weights")
-
     def noise(self, key, n, stream):
         g = torch.Generator().manual_seed(data.seed_for(self.args.seed, key, stream))
         return torch.randn((n, *self.latent_shape), generator=g)  # (n, C, h, w)
@@ -327,8 +319,8 @@ class Feed(cache.Feed):
         prompts = [self.eval_prompts[e % len(self.eval_prompts)] for e in range(len(images))]
         scores, total = self.score(self.scorers, images, prompts)
         held = self.score(self.eval_scorers, images, prompts)[0]
-        self.nonfinite({k: int((~torch.isfinite(v)).sum()) for k, v in {**scores, **held}.items()},
-                       "on the held-out images")
+        for kind, v in {**scores, **held}.items():
+            reward.finite(kind, v, "on the held-out images")
         return {**scores, **({"reward": total} if len(scores) > 1 else {}), **held}
 
     def record(self, step, mine=None):
@@ -364,7 +356,10 @@ class Feed(cache.Feed):
         a, counts = self.args, self.counts.to(self.dev)
         dist.all_reduce(counts)
         self.counts = torch.zeros_like(self.counts)
-        self.nonfinite({kind: n for (kind, _), n in zip(self.scorers, counts.tolist())}, f"in step {step}")
+        for (kind, _), n in zip(self.scorers, counts.tolist()):  # every rank's samples: every rank stops, or none
+            if n:
+                raise ValueError(f"--score {kind} gave {int(n)} non-finite score(s) in step {step}: stopped (the last "
+                                 "checkpoint is kept); check the scorer and its weights")
         flat, groups = counts[-2:].tolist()
         self.flat_steps = self.flat_steps + 1 if flat == groups else 0
         if self.flat_steps == NO_SIGNAL_STEPS:

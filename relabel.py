@@ -21,6 +21,7 @@ import reward
 import weights
 from weights import CheckpointError
 
+
 def relabel(pairs, scorer, ties="drop", batch_size=1, skipped=None):
     """Yields a copy of each pair {caption, image_0, image_1, label_0, ...} labelled by the scorer: label_0 1.0 if
     image_0 scores higher, 0.0 if lower, with score_0, score_1 beside it and the former label as label_0_before.

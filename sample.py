@@ -127,8 +127,8 @@ def load(path, unet=None, device="cpu", dtype=torch.float32, tokenizer=None, lor
     if not os.path.exists(path):
         raise CheckpointError(f"model path does not exist: {path}")
     u = load_unet(path, unet, lora, device, dtype)
-    te, v = cache.encoders(path, device, dtype, tokenizer, vae_dtype=dtype)  # the VAE computes in fp32 where fp16
-    sched = diffusion.scheduler_config(path, te.family, u.prediction_type)  # would overflow
+    te, v = cache.encoders(path, device, dtype, tokenizer, vae_dtype=dtype)  # (VAE: fp32 where fp16 overflows)
+    sched = diffusion.scheduler_config(path, te.family, u.prediction_type)
     return Pipeline(u, v, te, sched, diffusion.zeros_for_empty(path, te.family), device, dtype)
 
 

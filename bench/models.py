@@ -48,15 +48,15 @@ def spec(model=None, resolution=None) -> dict:
         return read_config(os.path.join(root, sub)) if root and os.path.isdir(os.path.join(root, sub)) else default
     text = [folder(e.folder, e.config) for e in fam.text.encoders]
     vae = folder("vae", released_vae(fam))
-    native = config["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1) if config.get("sample_size") else None
+    native = config["sample_size"] * downsample(vae) if config.get("sample_size") else None
     name = os.path.basename(os.path.normpath(model))
     return dict(name=name, title=name, family=fam, config=config, text=text, lengths=fam.text.lengths(config), vae=vae,
                 resolution=resolution or native or fam.recipe.resolution, path=model)
 
 
-def downsample(s) -> int:
-    """How much the model's VAE downsamples (8 for the released ones)."""
-    return 2 ** (len(s["vae"]["block_out_channels"]) - 1)
+def downsample(vae) -> int:
+    """How much a VAE of this config downsamples (8 for the released ones)."""
+    return 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def settings(s, device, **flags):
@@ -74,7 +74,7 @@ def inputs(s, batch, dev="cpu", generator=None, sigma_density="logit_normal", gu
     denoiser's conditioning with 2B rows (its family's inputs; the model's text length, or tokens). generator:
     random values from it (the benchmark); None: empty tensors (the memory plan's shadows hold no values)."""
     fam, cfg, B, channels = s["family"], s["config"], batch, s["vae"]["latent_channels"]
-    h = s["resolution"] // downsample(s)
+    h = s["resolution"] // downsample(s["vae"])
     res = float(s["resolution"])
 
     def new(*shape):

@@ -30,6 +30,7 @@ import torch
 import diffusion
 import online
 import reward
+from bench import models
 from bench import plan as memplan
 from bench import shadow
 from bench.shadow import META, Counter, allocated, materialize
@@ -74,7 +75,7 @@ def sampler_timeline(model, mode, K=None, shadow=True, lora_rank=memplan.LORA_RA
     default = fam.sampling_defaults(cfg)[0]  # online.Feed's guidance: the family pipeline's
     cfg_scale, embed = diffusion.guidance_inputs(fam, cfg, default if flags.sample_guidance is None
                                                  else flags.sample_guidance)
-    h = res // 2 ** (len(model["vae"]["block_out_channels"]) - 1)
+    h = res // models.downsample(model["vae"])
     C, zeros = model["vae"]["latent_channels"], diffusion.zeros_for_empty("", fam)  # as online.Feed samples
     sched_cfg = diffusion.scheduler_config("", fam)
     sched = diffusion.sampler(fam, sched_cfg, "euler", 2, (C, h, h))  # made from data, before the counter

@@ -255,7 +255,7 @@ def main(argv=None):
     except (CheckpointError, ValueError) as e:
         cli.fail(str(e))
     fam, cfg, what = spec["family"], spec["config"], spec["family"].kind
-    h = args.resolution // models.downsample(spec)
+    h = args.resolution // models.downsample(spec["vae"])
     down = 2 if fam.flow else 2 ** (len(cfg["block_out_channels"]) - 1)  # a transformer's 2x2 patches, UNet levels
     if h % down:
         cli.fail(f"--resolution {args.resolution} gives {h}x{h} latents, not divisible by the {what}'s {down}")

@@ -453,5 +453,6 @@ def test_compare_stopped_before_its_first_image_reruns(sd15_dir, sdxl_dir, tuned
     import toy
     monkeypatch.setattr(toy, "area", lambda images, prompts=None: torch.full((len(images),), float("nan")))
     err = cli_error(argv + ["--unet", tuned, "--score", "area"], capsys)
-    assert err.startswith("error: --score area gave 2 non-finite score(s) on the images of ")
+    assert err == "error: --score area gave 2 non-finite score(s) on the pairs 0000_seed0 to 0000_seed0: check " \
+        "the scorer and its weights"
     assert not os.path.exists(out / "scores.json")
