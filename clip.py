@@ -43,7 +43,8 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
 class Tokenizer:
-    """CLIP's byte-level BPE, built as transformers' CLIPTokenizer builds it, from vocab.json + merges.txt.
+    """CLIP's byte-level BPE, built as transformers' CLIPTokenizer builds it, from vocab.json + merges.txt or from the
+    vocabulary and merges of a tokenizer.json (all that transformers 5 saves of a CLIP tokenizer).
 
     Text is NFC-normalized, whitespace-collapsed and lower-cased, split by CLIP's regex, byte-mapped, BPE'd
     with "</w>" marking word ends, wrapped in <|startoftext|> ... <|endoftext|>, cut to 77 (keeping the end
@@ -56,14 +57,15 @@ class Tokenizer:
         from tokenizers import Regex
         from tokenizers import Tokenizer as Tok
         from tokenizers import models, normalizers, pre_tokenizers, processors
-        vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-        if not (os.path.isfile(vocab) and os.path.isfile(merges)):
-            raise CheckpointError(f"{folder} is not a CLIP tokenizer folder (no vocab.json and merges.txt)")
+        bpe = _bpe(folder)
+        if bpe is None:
+            raise CheckpointError(f"{folder} is not a CLIP tokenizer folder (no vocab.json and merges.txt, no "
+                                  "tokenizer.json of a BPE model)")
         special = special_tokens(folder, dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                                               unk_token="<|endoftext|>", pad_token="<|endoftext|>"))
         special["pad_token"] = pad_token or special["pad_token"]
         bos, eos, unk, pad = (special[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token"))
-        tok = Tok(models.BPE(*models.BPE.read_file(vocab, merges), continuing_subword_prefix="",
+        tok = Tok(models.BPE(*bpe, continuing_subword_prefix="",
                              end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk))
         tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
                                                normalizers.Lowercase()])
@@ -282,6 +284,19 @@ def _file_family(ckpt, path, t5_file):
     return fam
 
 
+def _bpe(folder):
+    """(vocab, merges) of a CLIP tokenizer folder: vocab.json + merges.txt, else a tokenizer.json's BPE model (its
+    merges as "a b" strings or [a, b] pairs); None when the folder holds neither (e.g. T5's Unigram tokenizer.json)."""
+    from tokenizers import models
+    vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    if os.path.isfile(vocab) and os.path.isfile(merges):
+        return models.BPE.read_file(vocab, merges)
+    model = read_json(os.path.join(folder, "tokenizer.json"), {}).get("model", {})
+    if model.get("type") != "BPE":
+        return None
+    return model["vocab"], [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+
+
 def _clip_tokenizers(folder, specs, encoders, what):
     """The CLIP encoders' tokenizers: their subfolders of a diffusers model folder (tokenizer/, tokenizer_2/), one
     tokenizer folder, or (folder None) the vocabulary shipped in clip_bpe/, which every full-size CLIP here uses."""
@@ -295,10 +310,9 @@ def _clip_tokenizers(folder, specs, encoders, what):
         return [Tokenizer(VOCAB, pad_token=s.pad) for s in specs]
     if all(os.path.isdir(s) for s in subs):
         return [Tokenizer(s) for s in subs]
-    if len(specs) == 1 and os.path.isfile(os.path.join(folder, "vocab.json")):
+    if len(specs) == 1 and os.path.isdir(folder) and _bpe(folder) is not None:
         return [Tokenizer(folder)]
-    other = os.path.isfile(os.path.join(folder, "tokenizer.json"))  # another encoder's folder (T5's)
-    if other and not os.path.isfile(os.path.join(folder, "vocab.json")):
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):  # another encoder's folder (T5's)
         return [Tokenizer(VOCAB, pad_token=s.pad) for s in specs]  # CLIP's from clip_bpe/
     raise CheckpointError(f"{what}: no tokenizer in {folder}: pass {need}")
 

@@ -55,7 +55,10 @@ def test_tokenizer_matches_hf(sub, pad, sdxl_dir, tmp_path):
     bare = tmp_path / sub  # as a hub snapshot: no tokenizer.json
     shutil.copytree(folder, bare)
     os.remove(bare / "tokenizer.json")
-    for f in (folder, str(bare)):
+    fast = tmp_path / (sub + "_json")  # as transformers 5 saves it: tokenizer.json (+ its config) alone
+    CLIPTokenizer.from_pretrained(folder).save_pretrained(fast)
+    assert not (fast / "vocab.json").exists() and not (fast / "merges.txt").exists()
+    for f in (folder, str(bare), str(fast)):
         ref = CLIPTokenizer.from_pretrained(f)
         expected = torch.tensor(ref(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids)
         ours = clip.Tokenizer(f)
@@ -369,3 +372,22 @@ def test_shipped_vocabulary():
     assert len(ref) == clip.CLIP_VOCAB_SIZE
     want = ref(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
     assert tok(PROMPTS).tolist() == want
+
+
+@pytest.mark.parametrize("which", ["sdxl", "sd3", "flux"])
+def test_pipeline_saved_by_transformers_5_loads(which, sdxl_dir, sd3_dir, flux_dir, tmp_path):
+    """A model folder that diffusers' current pipeline saved (its CLIP tokenizers as tokenizer.json alone) gives the
+    same text embeddings and samples as the folder it came from."""
+    from diffusers import DiffusionPipeline
+    src = {"sdxl": sdxl_dir, "sd3": sd3_dir, "flux": flux_dir}[which]
+    out = str(tmp_path / which)
+    DiffusionPipeline.from_pretrained(src).save_pretrained(out)
+    toks = [d for d in os.listdir(out) if d.startswith("tokenizer")]
+    assert toks and not any(os.path.exists(os.path.join(out, d, "vocab.json")) for d in toks)
+    prompts = ["a photo of a cat", "", "a red cube on a blue sphere"]
+    with torch.no_grad():
+        for a, b in zip(clip.load(src).encode(prompts), clip.load(out).encode(prompts)):
+            assert torch.equal(a, b)
+    import sample
+    x = [sample.load(p)(prompts[:1], steps=2, height=32, width=32, seed=0) for p in (src, out)]
+    assert torch.equal(x[0], x[1])
