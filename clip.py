@@ -57,15 +57,15 @@ class Tokenizer:
         from tokenizers import Regex
         from tokenizers import Tokenizer as Tok
         from tokenizers import models, normalizers, pre_tokenizers, processors
-        bpe = _bpe(folder)
-        if bpe is None:
+        vocab_merges = bpe(folder)
+        if vocab_merges is None:
             raise CheckpointError(f"{folder} is not a CLIP tokenizer folder (no vocab.json and merges.txt, no "
                                   "tokenizer.json of a BPE model)")
         special = special_tokens(folder, dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                                               unk_token="<|endoftext|>", pad_token="<|endoftext|>"))
         special["pad_token"] = pad_token or special["pad_token"]
         bos, eos, unk, pad = (special[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token"))
-        tok = Tok(models.BPE(*bpe, continuing_subword_prefix="",
+        tok = Tok(models.BPE(*vocab_merges, continuing_subword_prefix="",
                              end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk))
         tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
                                                normalizers.Lowercase()])
@@ -284,7 +284,7 @@ def _file_family(ckpt, path, t5_file):
     return fam
 
 
-def _bpe(folder):
+def bpe(folder):
     """(vocab, merges) of a CLIP tokenizer folder: vocab.json + merges.txt, else a tokenizer.json's BPE model (its
     merges as "a b" strings or [a, b] pairs); None when the folder holds neither (e.g. T5's Unigram tokenizer.json)."""
     from tokenizers import models
@@ -310,7 +310,7 @@ def _clip_tokenizers(folder, specs, encoders, what):
         return [Tokenizer(VOCAB, pad_token=s.pad) for s in specs]
     if all(os.path.isdir(s) for s in subs):
         return [Tokenizer(s) for s in subs]
-    if len(specs) == 1 and os.path.isdir(folder) and _bpe(folder) is not None:
+    if len(specs) == 1 and os.path.isdir(folder) and bpe(folder) is not None:
         return [Tokenizer(folder)]
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):  # another encoder's folder (T5's)
         return [Tokenizer(VOCAB, pad_token=s.pad) for s in specs]  # CLIP's from clip_bpe/

@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 import cli
-from images import cell_image, check_ref, parquet_layout, parquet_ref, parse_ref, pyarrow_parquet, read_cell
+import hub
+from images import cell_image, check_ref, parquet_file, parquet_layout, parquet_ref, parse_ref, read_cell
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "model_0", "model_1")  # Pick-a-Pic v2 parquet
 COLUMN_MAP = COLUMNS[:4] + COLUMNS[5:]  # what --columns maps to another set's names (label_1 follows label_0)
@@ -71,7 +72,9 @@ def parquet_files(path: str, split: str = "train"):
     """A .parquet file, a folder or a glob -> (sorted files, what was read). Where the shards name their split
     (Pick-a-Pic's folder), only `split`'s are read; a folder with no recognisable split is read whole."""
     pattern = any(c in path for c in "*?[")
-    if os.path.isdir(path):
+    if hub.remote(path):  # a hub dataset's shards, listed and read where they lie
+        files, pattern = hub.find(path), True
+    elif os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
     elif pattern:
         files = sorted(glob.glob(path))
@@ -81,7 +84,8 @@ def parquet_files(path: str, split: str = "train"):
         raise FileNotFoundError(f"no data at {path} (expected a .parquet file, a folder or glob of them, or .jsonl)")
     if not (os.path.isdir(path) or pattern):
         return files, f"{path}"
-    root = path if os.path.isdir(path) else os.path.dirname(path.split("*")[0].split("?")[0].split("[")[0])
+    stem = path.split("*")[0].split("?")[0].split("[")[0]
+    root = path if os.path.isdir(path) or hub.remote(path) else os.path.dirname(stem)
     splits = {f: _split(f, root) for f in files}
     named = Counter(s for s in splits.values() if s)
     if not named:
@@ -200,12 +204,13 @@ class Preferences:
         self._cells = OrderedDict()  # (file, row group, column) -> decoded column, an LRU like _groups
 
     def _index_parquet(self, files, dreamlike_only):
-        pq = pyarrow_parquet()
         self.files, fi, gi, ri, win = files, [], [], [], []
         self.group_start = []  # per file: the first row of each row group, for messages
         for k, f in enumerate(files):
+            if hub.remote(f):  # footers and small columns by byte ranges: the images wait for the loader
+                cli.progress(f"indexing {k + 1}/{len(files)} shards of {hub.commit(f)} (labels only)")
             try:
-                pf = pq.ParquetFile(f)
+                pf = parquet_file(f)
             except Exception as e:
                 why = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise ValueError(f"cannot read parquet file {f}: {why}") from None
@@ -274,7 +279,8 @@ class Preferences:
         if self.columns:
             h.update(f"columns {sorted(self.columns.items())}\n".encode())
         for f in files:
-            h.update(f"{os.path.relpath(os.path.abspath(f), root) if root else ''}:{os.path.getsize(f)}\n".encode())
+            size = hub.size(f) if hub.remote(f) else os.path.getsize(f)
+            h.update(f"{os.path.relpath(os.path.abspath(f), root) if root else ''}:{size}\n".encode())
         if self.jsonl:
             with open(self.path, "rb") as fh:
                 h.update(fh.read())
@@ -289,7 +295,7 @@ class Preferences:
             return _text(caption), tuple(self._image(im) for im in images), label
         key = (int(self.file[i]), int(self.rg[i]))
         if key not in self._groups:
-            f = pyarrow_parquet().ParquetFile(self.files[key[0]])
+            f = parquet_file(self.files[key[0]])
             self._groups[key] = f.read_row_group(key[1], columns=[self.col(c) for c in ("caption", "jpg_0", "jpg_1")])
             while len(self._groups) > self.window_groups + 1:
                 self._groups.popitem(last=False)
@@ -357,7 +363,7 @@ class PairRows:
     def _parquet(self):
         c = self.c
         for f, (starts, names) in zip(self.files, self.layouts):
-            pf = pyarrow_parquet().ParquetFile(f)
+            pf = parquet_file(f)
             cols = [c["caption"], c["jpg_0"], c["jpg_1"]] + ([c["label_0"]] if c["label_0"] in names else [])
             for g in range(len(starts) - 1):
                 t = pf.read_row_group(g, columns=cols).to_pydict()

@@ -30,6 +30,7 @@ import cli
 import data
 import diffusion
 import families
+import hub
 import kernels
 import lora
 import objectives
@@ -378,6 +379,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max_bad_frac", 0.01, "stop when more than this fraction of pairs is unreadable", type=float)
     a("--save_single", False, "also write out_dir/unet.safetensors (original single-file layout)", action="store_true")
     a("--tokenizer", None, "tokenizer folder override for clip.load")
+    a("--revision", None, "hub revision (commit, branch, tag) of --model when it is a hub id ORG/NAME [the newest]")
     a("--num_workers", None, "data loader processes [4 on cuda, 0 on cpu]", type=int)
     a("--sigma_density", "logit_normal", "flow models: sigma's density", choices=["logit_normal", "mode", "uniform"])
     a("--guidance", None, "a guidance input's value in training (FLUX-dev) [the family's: 3.5]", type=float)
@@ -406,6 +408,8 @@ def main(argv=None):
             parallel.setup("cpu")
             demo.run(args, train)
         else:
+            hub.resolve(args, dict(model={}, unet_init=dict(only=families.SUBFOLDERS), data=dict(repo_type="dataset"),
+                                   rpo_clip={}, tokenizer=dict(tokenizer=True)), args.revision)  # hub ids
             train(args)
     except (CheckpointError, ValueError, OSError, cli.Interrupted, KeyboardInterrupt) as e:
         status = 130 if isinstance(e, (cli.Interrupted, KeyboardInterrupt)) else 1  # 130: Ctrl-C, as shells say

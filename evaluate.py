@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 import cli
 import data
 import diffusion
+import families
 import images
 import objectives
 import reward
@@ -323,6 +324,8 @@ def parse_args(argv=None):
 
 
 def run(args):
+    denoiser = dict(only=families.SUBFOLDERS)
+    sample.fetch(args, dict(eval_ref=denoiser, eval_baseline=denoiser, eval_pairs=dict(repo_type="dataset")))
     dtype = cli.DTYPES[args.dtype]
     if args.init_image and not os.path.isfile(args.init_image):
         raise ValueError(f"init image not found: {args.init_image}")

@@ -353,3 +353,4 @@ def released(name):
 
 
 RELEASED = [name for f in FAMILIES for name in f.released]  # every released model's name
+SUBFOLDERS = tuple(dict.fromkeys(f.subfolder + "/" for f in FAMILIES))  # where a diffusers model keeps its denoiser

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import hub
 import weights
 
 # ----------------------------------------------------------------------------------------------------
@@ -22,6 +23,12 @@ def pyarrow_parquet():
     except ImportError:
         raise ValueError("reading parquet needs pyarrow (pip install pyarrow), or give a JSONL file") from None
     return pq
+
+
+def parquet_file(file: str):
+    """A pyarrow ParquetFile of a local path or a hf:// shard of a hub dataset (read by byte ranges: the footer, then
+    only the column chunks of the row groups read)."""
+    return pyarrow_parquet().ParquetFile(hub.open_file(file) if hub.remote(file) else file)
 
 
 REF = re.compile(r"^(?P<file>.+\.parquet)#row=(?P<row>\d+)&col=(?P<col>\w+)$")
@@ -42,7 +49,7 @@ def parse_ref(src):
 def parquet_layout(file: str):
     """(first row of each row group with the row count last (groups + 1,), column names) of a parquet file."""
     try:
-        pf = pyarrow_parquet().ParquetFile(file)
+        pf = parquet_file(file)
     except Exception as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"cannot read parquet file {file}: {why}") from None
@@ -71,7 +78,7 @@ def read_cell(file: str, row: int, col: str, cache=None, layout=None):
         cache.move_to_end(key)
         column = cache[key]
     else:
-        column = pyarrow_parquet().ParquetFile(file).read_row_group(g, columns=[col]).column(col)
+        column = parquet_file(file).read_row_group(g, columns=[col]).column(col)
         if cache is not None:
             cache[key] = column
     return cell_image(column[row - int(starts[g])].as_py())  # an image's bytes, from a Hugging Face struct too
@@ -149,6 +156,13 @@ def transform(img: Image.Image, res: int, rng: np.random.Generator, random_crop:
 def to_pil(x: torch.Tensor) -> Image.Image:
     """[3,H,W] in [0,1] -> 8-bit RGB image (rounded as diffusers' numpy_to_pil)."""
     return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def png_bytes(x: torch.Tensor) -> bytes:
+    """[3,H,W] in [0,1] -> the bytes of its 8-bit PNG file, as a sample is saved (what a reward server receives)."""
+    buf = io.BytesIO()
+    to_pil(x.clamp(0, 1)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def save_png(img: Image.Image, path):

@@ -16,6 +16,7 @@ import torch
 
 import cli
 import data
+import hub
 import images
 import reward
 import weights
@@ -143,6 +144,7 @@ def parse_args(argv=None):
 
 
 def run(args):
+    hub.resolve(args, dict(pairs=dict(repo_type="dataset")))
     cli.check_output(args.out, reads=[args.pairs], replace=args.overwrite, make_folder=True)  # before scoring
     cli.hold(args.out, folder=False)  # one command writes --out at a time
     relabel_file(args)

@@ -24,8 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip
+import hub
 import kernels
 import toy
+from images import png_bytes
 from weights import (Checkpoint, CheckpointError, find_weights, load_module, read_config, read_json, renamed,
                      torch_file)
 
@@ -254,14 +256,62 @@ def _load_open_clip(path, config, device, dtype):
 
 
 def _tokenizer(folder, model, kind):
-    if not (os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt"))):
-        raise CheckpointError(f"{kind}: no tokenizer in {folder} (vocab.json, merges.txt): pass tokenizer=FOLDER, "
+    if clip.bpe(folder) is None:
+        raise CheckpointError(f"{kind}: no tokenizer in {folder} (vocab.json + merges.txt, or tokenizer.json): pass "
+                              "tokenizer=FOLDER, "
                               "e.g. the CLIP-ViT-H-14-laion2B-s32B-b79K folder")
     return clip.Tokenizer(folder, max_length=model.config["max_position_embeddings"])
 
 
 OPTIONS = {"pickscore": ("tokenizer",), "clip": ("tokenizer",), "hps": ("tokenizer", "config"), "aesthetic": ("head",),
-           "area": ()}
+           "area": (), "http": ("timeout", "retries")}
+FILES = ("tokenizer", "config", "head")  # the options that name files (or folders, or hub ids)
+
+
+class Http:
+    """A reward server's scores (the protocol in docs/evaluation.md): POST {"prompts": [str], "images": [base64 PNG]}
+    to url, read 200 {"scores": [one number per image, in order]}. A request is tried `retries` times, `timeout`
+    seconds each; then, or on any other answer, one line naming the URL."""
+
+    def __init__(self, url, timeout=120.0, retries=3):
+        self.kind, self.url, self.timeout, self.retries = "http", url, float(timeout), int(retries)
+        if not url.startswith(("http://", "https://")) or self.timeout <= 0 or self.retries < 1:
+            raise ValueError(f"--score http={url}: needs an http:// or https:// URL, timeout > 0 and retries >= 1")
+
+    def __call__(self, images, prompts=None):
+        import base64
+        import json
+        import time
+        import urllib.error
+        import urllib.request
+        if prompts is None or len(prompts) != len(images):
+            raise ValueError(f"http: needs one prompt per image, got {len(images)} images")
+        body = json.dumps({"prompts": list(prompts), "images": [base64.b64encode(png_bytes(x)).decode()
+                                                                for x in images.detach().float().cpu()]}).encode()
+        where = f"the reward server {self.url}"
+        for attempt in range(1, self.retries + 1):
+            request = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as r:
+                    answer = r.read()
+                break
+            except urllib.error.HTTPError as e:  # it answered, with an error: retried only when it may pass
+                why = f"answered HTTP {e.code}: {e.read()[:200].decode(errors='replace').strip()}"
+                if e.code < 500:
+                    raise ValueError(f"{where} {why}") from None
+            except (OSError, TimeoutError) as e:  # refused, unreachable, or slower than timeout
+                why = f"did not answer ({getattr(e, 'reason', None) or e})"
+            if attempt == self.retries:
+                raise ValueError(f"{where} {why}, {self.retries} tries of {self.timeout:g} s") from None
+            time.sleep(min(2.0 ** attempt, 30.0))
+        try:
+            scores = json.loads(answer)["scores"]
+            out = torch.tensor([float(v) for v in scores], dtype=torch.float32)
+        except Exception:
+            raise ValueError(f"{where} answered {answer[:100]!r}..., not JSON {{\"scores\": [number, ...]}}") from None
+        if len(out) != len(images):
+            raise ValueError(f"{where} gave {len(out)} scores for {len(images)} images")
+        return out.to(images.device)
 
 
 def load(kind, path, device="cpu", dtype=torch.float32, **options):
@@ -279,6 +329,8 @@ def load(kind, path, device="cpu", dtype=torch.float32, **options):
     if extra:
         takes = ", ".join(OPTIONS[kind]) or "none"
         raise ValueError(f"{kind}: unknown option(s) {', '.join(extra)} (it takes {takes})")
+    if kind == "http":
+        return Http(path or "", **options)
     if kind == "area":
         if path is not None:
             raise ValueError(f"area: the demo's rule has no weights, so no path (got {path})")
@@ -359,7 +411,10 @@ def load_all(specs, device="cpu", dtype=torch.float32) -> dict:
     file fails in seconds, not after hours of sampling. config= names an open_clip model-config JSON file."""
     out = {}
     for kind, path, options in specs:
-        if kind != "area" and path is not None and not os.path.exists(path):  # (area takes no path: load says so)
+        if kind != "http":  # hub ids: the scorer's files fetched (a path wins)
+            path = hub.local(path, f"--score {kind}=")
+            options = {k: hub.local(v, f"--score {kind}: {k}=") if k in FILES else v for k, v in options.items()}
+        if kind not in ("area", "http") and path is not None and not os.path.exists(path):  # (area: load says so)
             raise CheckpointError(f"{kind}: no such file or folder: {path}")
         if "config" in options:
             options = dict(options, config=read_json(options["config"]))

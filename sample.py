@@ -21,6 +21,7 @@ import cli
 import data
 import diffusion
 import families
+import hub
 import images
 import lora as loralib
 from weights import CheckpointError
@@ -197,6 +198,7 @@ def add_flags(p, what="generate"):
     add("--lora", help="a LoRA on top of the UNet: dpo.py --lora's out_dir, its lora/ folder, or a diffusers "
         "pytorch_lora_weights.safetensors")
     add("--tokenizer", help="tokenizer folder(s) for a single-file checkpoint")
+    add("--revision", help="the hub revision (commit, branch or tag) of --model when it is a hub id ORG/NAME")
     add("--prompt", action="append", default=[], help="a prompt (repeatable)")
     add("--prompts", help="a text file (one prompt per line), a TSV file with Prompt and Category columns, or parti: "
         "the built-in PartiPrompts (1,632 prompts, 12 categories)")
@@ -221,6 +223,13 @@ def add_flags(p, what="generate"):
         "evaluate.py: an eval.json, or write into a folder it did not make)")
 
 
+def fetch(args, more=None):
+    """The flags that name models (and more's), resolved where they hold hub ids (hub.py); --revision pins --model."""
+    denoiser = dict(only=families.SUBFOLDERS)
+    hub.resolve(args, dict(model={}, unet=denoiser, lora={}, tokenizer=dict(tokenizer=True), **(more or {})),
+                args.revision)
+
+
 def check_flags(p, args):
     """The checks of add_flags' values (p.error exits with one line)."""
     if min(args.steps or 1, args.batch_size, args.per_prompt, args.per_category or 1) < 1:
@@ -243,6 +252,7 @@ def parse_args(argv=None):
 
 
 def run(args):
+    fetch(args)
     if args.init_image and not os.path.isfile(args.init_image):
         raise ValueError(f"init image not found: {args.init_image}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
