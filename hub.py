@@ -165,7 +165,8 @@ def _why(e, flag, spec, repo_type):
     if isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
         return (f"{flag} {spec}: no such local path, and the hub {kind}repository is not in the cache "
                 f"({_cache()}) while offline (HF_HUB_OFFLINE): download it first with `{fetch}`")
-    return f"{flag} {spec}: cannot fetch it from the hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    why = str(e).splitlines()[0] if str(e) else ""
+    return f"{flag} {spec}: cannot fetch it from the hub ({type(e).__name__}: {why})"
 
 
 def _cache():

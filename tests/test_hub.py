@@ -17,16 +17,19 @@ import sample
 import tiny
 
 SDXL_REPO = """model_index.json sd_xl_base_1.0.safetensors sd_xl_base_1.0_0.9vae.safetensors README.md 01.png
-scheduler/scheduler_config.json text_encoder/config.json text_encoder/model.safetensors text_encoder/model.fp16.safetensors
-text_encoder/flax_model.msgpack text_encoder/openvino_model.bin text_encoder/model.onnx text_encoder_2/config.json
-text_encoder_2/model.safetensors text_encoder_2/model.fp16.safetensors tokenizer/merges.txt tokenizer/vocab.json
-tokenizer/special_tokens_map.json tokenizer/tokenizer_config.json unet/config.json unet/diffusion_pytorch_model.safetensors
-unet/diffusion_pytorch_model.fp16.safetensors unet/diffusion_flax_model.msgpack unet/model.onnx unet/model.onnx_data
-vae/config.json vae/diffusion_pytorch_model.safetensors vae/diffusion_pytorch_model.fp16.safetensors vae_1_0/config.json
+scheduler/scheduler_config.json text_encoder/config.json text_encoder/model.safetensors
+text_encoder/model.fp16.safetensors text_encoder/flax_model.msgpack text_encoder/openvino_model.bin
+text_encoder/model.onnx text_encoder_2/config.json text_encoder_2/model.safetensors text_encoder_2/model.fp16.safetensors
+tokenizer/merges.txt tokenizer/vocab.json tokenizer/special_tokens_map.json tokenizer/tokenizer_config.json
+unet/config.json unet/diffusion_pytorch_model.safetensors unet/diffusion_pytorch_model.fp16.safetensors
+unet/diffusion_flax_model.msgpack unet/model.onnx unet/model.onnx_data vae/config.json
+vae/diffusion_pytorch_model.safetensors vae/diffusion_pytorch_model.fp16.safetensors vae_1_0/config.json
 vae_1_0/diffusion_pytorch_model.safetensors safety_checker/model.safetensors safety_checker/config.json""".split()
 FLUX_REPO = """model_index.json flux1-dev.safetensors ae.safetensors transformer/config.json
-transformer/diffusion_pytorch_model-00001-of-00003.safetensors transformer/diffusion_pytorch_model-00002-of-00003.safetensors
-transformer/diffusion_pytorch_model-00003-of-00003.safetensors transformer/diffusion_pytorch_model.safetensors.index.json
+transformer/diffusion_pytorch_model-00001-of-00003.safetensors
+transformer/diffusion_pytorch_model-00002-of-00003.safetensors
+transformer/diffusion_pytorch_model-00003-of-00003.safetensors
+transformer/diffusion_pytorch_model.safetensors.index.json
 text_encoder_2/model-00001-of-00002.safetensors text_encoder_2/model-00002-of-00002.safetensors
 text_encoder_2/model.safetensors.index.json text_encoder_2/config.json vae/config.json
 vae/diffusion_pytorch_model.safetensors""".split()
@@ -168,7 +171,8 @@ def test_a_hub_dataset_is_read_where_it_lies(tmp_path, sdxl_dir, monkeypatch, on
     root = tmp_path / "set"
     (root / "data").mkdir(parents=True)
     for k in range(2):
-        tiny.write_parquet(root / "data" / f"train-0000{k}-of-00002.parquet", n=120, rg=30)  # (footer: 2 images per column and group)
+        # (the footer holds each row group's min and max image per column: 30 rows a group keep it small)
+        tiny.write_parquet(root / "data" / f"train-0000{k}-of-00002.parquet", n=120, rg=30)
     tiny.write_parquet(root / "data" / "test-00000-of-00001.parquet", n=8)
     total = sum(os.path.getsize(root / "data" / f) for f in os.listdir(root / "data"))
     monkeypatch.setattr(hub, "_fs", [Hub(root)])

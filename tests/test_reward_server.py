@@ -15,7 +15,14 @@ import relabel
 import reward
 import reward_server
 import tiny
-from test_online import flags, prompts  # noqa: F401  (prompts: the module's fixture)
+from test_online import PROMPTS, flags
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return str(path)
 
 
 @pytest.fixture
@@ -106,8 +113,7 @@ def test_a_server_down_slow_or_answering_garbage_is_one_line(serve):
         reward.load_all([reward.parse_spec("http=localhost:8000")])
 
 
-def test_an_online_run_stops_when_its_server_fails(serve, tmp_path, sdxl_dir, prompts, capsys,  # noqa: F811
-                                                   one_thread):
+def test_an_online_run_stops_when_its_server_fails(serve, tmp_path, sdxl_dir, prompt_file, capsys, one_thread):
     """Scores from the server until it breaks: one line naming it, the last checkpoint kept."""
     import toy
     calls = []
@@ -119,7 +125,7 @@ def test_an_online_run_stops_when_its_server_fails(serve, tmp_path, sdxl_dir, pr
         return toy.area(images, prompts)
     url = serve(area)
     out = tmp_path / "run"
-    argv = flags(out, sdxl_dir, prompts, "--ckpt_every", "1", steps=4)
+    argv = flags(out, sdxl_dir, prompt_file, "--ckpt_every", "1", steps=4)
     argv[argv.index("area")] = f"http={url},retries=1"
     err = tiny.cli_error(dpo.main, argv, capsys)
     assert err.startswith(f"error: the reward server {url} answered HTTP 500: ") and "the scorer broke" in err, err
