@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import cli
+import dashboard
 import families
 import kernels
 import lora
@@ -72,7 +73,7 @@ def fingerprints(args, data) -> dict:
             "unet_init": weights.fingerprint(args.unet_init) if args.unet_init else None}
 
 
-def _flags(args) -> dict:
+def flags(args) -> dict:
     """args as the checkpoint stores them: JSON values (dtypes and paths as strings)."""
     return json.loads(json.dumps(vars(args), default=str))
 
@@ -97,7 +98,7 @@ def load(path, args, fingerprints, policy, opt, rank, world, log):
             log(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
         return 0, 0
     ck = weights.torch_file(path, "the checkpoint", mmap=True)  # ranks share the page cache
-    now, then = _resolved(_flags(args)), _resolved(ck["args"])
+    now, then = _resolved(flags(args)), _resolved(ck["args"])
     same = [k for k in RESUME_SAME if not (k == "lora_alpha" and then.get("lora") != now.get("lora"))]  # said once
     changed = [f"--{k} {then[k]} -> {now[k]}" for k in same if k in then and then[k] != now[k]]
     if changed:  # data position, draws and schedule would silently mean something else
@@ -146,6 +147,7 @@ def log_step(args, step, rec, lr, grad_norm, bad_all, clock, flops, log):
     log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items() if v is not None))
     if dist.get_rank() == 0:
         weights.append_jsonl([last], os.path.join(args.out_dir, "metrics.jsonl"))  # resume drops a cut last line
+        dashboard.scalars(step, last)  # --report_to: the same numbers
     return last
 
 
@@ -170,7 +172,7 @@ def save(path, policy, opt, step, position, args, fingerprints, rank, log):
     model_state, opt_state = parallel.gathered(trainable(policy)), parallel.gathered(opt.state_dict())
     if rank == 0:
         state = dict(policy=model_state, optimizer=opt_state, step=step, position=position, rng=rngs,
-                     schedule=dict(lr=args.lr, warmup=args.warmup), args=_flags(args), fingerprints=fingerprints)
+                     schedule=dict(lr=args.lr, warmup=args.warmup), args=flags(args), fingerprints=fingerprints)
         weights.atomic(path, lambda tmp: torch.save(state, tmp))  # a full disk: one line, the old file kept
         finals = [f.subfolder for f in families.FAMILIES] + ["lora", "unet.safetensors"]
         for old in [os.path.join(args.out_dir, n) for n in dict.fromkeys(finals)]:

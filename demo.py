@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip
+import dashboard
 import families
 import flux
 import images
@@ -364,17 +365,20 @@ def run(args, train):
     base = os.path.join(root, "base")
     if demo == "online":
         log("online dpo: the reference samples its own pairs, the rule scores them (no labels)")
-        train(_train_args(args, user=args.given, model=base, out_dir=out,
-                          prompts=os.path.join(root, "prompts.txt"), **ONLINE_DEFAULTS, **ONLINE))
+        done = train(_train_args(args, user=args.given, model=base, out_dir=out,
+                                 prompts=os.path.join(root, "prompts.txt"), **ONLINE_DEFAULTS, **ONLINE))
     else:
         log("dpo: fine-tuning the reference on the rule-labelled pairs")
-        train(_train_args(args, user=args.given, model=base, data=os.path.join(root, "data", "dpo.jsonl"),
+        done = train(_train_args(args, user=args.given, model=base, data=os.path.join(root, "data", "dpo.jsonl"),
                           out_dir=out, cache_dir=os.path.join(root, "data", "dpo_cache"), **DEMOS[demo][2]))
     if rank != 0:
         return
     log("eval: sampling reference and DPO model from the same prompts and noise")
     grid = "grid_online.png" if demo == "online" else "grid.png"
     r = side_by_side(root, os.path.join(out, families.of(base).subfolder), demo, grid)
+    dashboard.start(dashboard.parse(args.report_to), out, {}, resume=True)  # --report_to: the grid too
+    dashboard.image(done["step"], "demo/grid", Image.open(os.path.join(root, grid)))
+    dashboard.close()
     log(f"mean shape area: reference {r['area_ref']:.3f}, DPO {r['area_dpo']:.3f}; grid: {root}/{grid} "
         f"(rows = prompts, columns = reference | DPO pairs); held-out pairs: {root}/data/heldout.jsonl")
     print(f"demo win_rate={r['win_rate']:.3f} fidelity_ref={r['fidelity_ref']:.3f} "

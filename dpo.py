@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import cache
 import checkpoint
 import cli
+import dashboard
 import data
 import diffusion
 import families
@@ -228,6 +229,7 @@ def train(args) -> dict:
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
         checkpoint.start_log(args.out_dir, step, log)
+        dashboard.start(dashboard.parse(args.report_to), args.out_dir, checkpoint.flags(args), step, step > 0)
     if args.compile:
         model = torch.compile(model)
     scaler = torch.amp.GradScaler(device, enabled=args.amp_dtype == torch.float16)  # a no-op unless fp16
@@ -278,6 +280,7 @@ def train(args) -> dict:
         raise cli.Interrupted(f"interrupted at step {step} of {args.max_steps}; last checkpoint: {kept}") from None
     checkpoint.save_outputs(policy, fam, args, step, log)
     feed.finish(step)  # online: the last line, the held-out trend
+    dashboard.close()
     return dict(step=step, metrics=last, out_dir=args.out_dir)
 
 
@@ -379,6 +382,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max_bad_frac", 0.01, "stop when more than this fraction of pairs is unreadable", type=float)
     a("--save_single", False, "also write out_dir/unet.safetensors (original single-file layout)", action="store_true")
     a("--tokenizer", None, "tokenizer folder override for clip.load")
+    a("--report_to", None, "also log to these dashboards: tensorboard, wandb (comma-separated) [metrics.jsonl only]")
     a("--revision", None, "hub revision (commit, branch, tag) of --model when it is a hub id ORG/NAME [the newest]")
     a("--num_workers", None, "data loader processes [4 on cuda, 0 on cpu]", type=int)
     a("--sigma_density", "logit_normal", "flow models: sigma's density", choices=["logit_normal", "mode", "uniform"])
@@ -395,6 +399,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.demo and args.model:
         p.error(f"--demo {args.demo} builds its own toy model: drop --model (or --demo to train {args.model})")
     online.check(p, args)
+    try:
+        dashboard.parse(args.report_to)
+    except ValueError as e:
+        p.error(str(e))
     if args.rpo_clip is not None and args.loss != "rpo":
         p.error(f"--rpo_clip weights RPO's matrix: it needs --loss rpo (got --loss {args.loss})")
     return args
@@ -417,6 +425,7 @@ def main(argv=None):
             sys.exit(status)  # rank 0 says it
         cli.fail(str(e) if str(e) else "interrupted", status)
     finally:
+        dashboard.close()  # (a run that failed: what it logged, flushed)
         cli.finish()  # the run folder's lock released; a folder made and left empty removed
 
 

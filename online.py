@@ -32,11 +32,12 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 import cache
+import dashboard
 import data
 import diffusion
 import lora
 import reward
-from images import save_png, to_pil, transform
+from images import grid, save_png, to_pil, transform
 from weights import append_jsonl, load_jsonl, read_json, save_json, save_jsonl
 
 SAVE_PAIRS_UP_TO = 20000  # a run that makes at most this many pairs writes them (out_dir/pairs.jsonl) by default
@@ -325,7 +326,11 @@ class Feed(cache.Feed):
 
     def record(self, step, mine=None):
         """One held-out check: the policy's images against the base's, a win rate per scorer (ties 0.5)."""
-        mine = mine or self.held_out_scores(self.held_out(self.policy))
+        if mine is None:
+            images = self.held_out(self.policy)
+            mine = self.held_out_scores(images)
+            if self.rank == 0:  # --report_to: the policy's first held-out images, one row
+                dashboard.image(step, "held_out/samples", grid([list(images[:8].float().cpu())]))
         r = torch.tensor([sum(self.rewards), float(len(self.rewards))], dtype=torch.float64, device=self.dev)
         dist.all_reduce(r)  # the training reward since the last check, every rank's samples
         self.rewards = []
@@ -337,6 +342,8 @@ class Feed(cache.Feed):
                  f"{'-' if h['train_reward'] is None else '%.4g' % h['train_reward']}")
         if self.rank == 0:
             save_json(self.history, os.path.join(self.args.out_dir, "online_eval.json"))
+            dashboard.scalars(step, {"held_out/train_reward": h["train_reward"],
+                                     **{f"held_out/win_rate/{k}": v for k, v in h["win"].items()}})
 
     @torch.no_grad()
     def refresh(self):
