@@ -7,6 +7,9 @@ into one embedding space. They differ in the weights and in the formula on the t
   hps        cos(image, prompt)                           HPSv2 / v2.1 (an open_clip ViT-H-14 state dict in a .pt file)
   aesthetic  MLP(image embedding / its norm); no prompt   LAION aesthetic predictor v2 on CLIP ViT-L/14
 
+A fifth kind, http, is a client: the scores of a reward server that speaks the protocol in docs/evaluation.md
+(reward_server.py serves any of the four that way), for rewards that live in another environment.
+
 Modules are named after transformers' CLIPModel (vision_model.*, text_model.*, visual_projection, text_projection,
 logit_scale), so its folders load key for key; open_clip's layout is renamed by one table (open_clip_table).
 
