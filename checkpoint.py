@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import cli
 import dashboard
+import hub
 import families
 import kernels
 import lora
@@ -69,7 +70,8 @@ def prepare(args, rank, log) -> str:
 
 def fingerprints(args, data) -> dict:
     """What --resume checks besides the flags: the data (data.Preferences.fingerprint) and the starting weights."""
-    return {"data": data, "model": weights.fingerprint(args.model),
+    model = dict(weights.fingerprint(args.model), hub=hub.commit(args.model))  # hub: ORG/NAME@COMMIT, or None
+    return {"data": data, "model": model,
             "unet_init": weights.fingerprint(args.unet_init) if args.unet_init else None}
 
 

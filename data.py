@@ -123,7 +123,7 @@ def read_jsonl(path: str, labelled: bool = True):
                     images = (r["image_0"], r["image_1"])
                     label = None if not labelled and r.get("label_0") is None else float(r["label_0"])
                 caption = r["caption"]  # text; anything else is a bad row, met (and counted) when it is read
-                images = tuple(os.path.join(root, im) for im in images)
+                images = tuple(im if hub.remote(im) else os.path.join(root, im) for im in images)  # (hf:// refs)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
                 raise ValueError(f"{path}:{n}: not a JSON object with caption, image_0, image_1, label_0 (a pair) or "
                                  f"caption, image, label (one image) ({e})") from None

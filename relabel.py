@@ -84,9 +84,9 @@ def relabel_file(args):
         with open(tmp, "w") as f:
             checked = lambda x, prompts: reward.finite(kind, scorer(x, prompts), "on the pairs")  # noqa: E731
             for p in relabel(rows, checked, args.ties, args.score_batch, skipped):
-                line = dict(caption=p["caption"], image_0=os.path.relpath(p["ref_0"], root),
-                            image_1=os.path.relpath(p["ref_1"], root), label_0=p["label_0"], score_0=p["score_0"],
-                            score_1=p["score_1"], scorer=kind, label_0_before=p["label_0_before"])
+                ref = [x if hub.remote(x) else os.path.relpath(x, root) for x in (p["ref_0"], p["ref_1"])]
+                line = dict(caption=p["caption"], image_0=ref[0], image_1=ref[1], label_0=p["label_0"],
+                            score_0=p["score_0"], score_1=p["score_1"], scorer=kind, label_0_before=p["label_0_before"])
                 f.write(json.dumps(line) + "\n")
                 count["pairs"] += 1
                 labels[p["label_0"]] += 1

@@ -3,6 +3,7 @@ machine holds it; only the files a run reads; a local path wins; one line when t
 dataset's shards read by byte ranges, only the row groups the loader reaches."""
 import hashlib
 import io
+import json
 import os
 import shutil
 
@@ -188,3 +189,10 @@ def test_a_hub_dataset_is_read_where_it_lies(tmp_path, sdxl_dir, monkeypatch, on
     assert [m["loss"] for m in streamed] == [m["loss"] for m in by_path]
     assert torch.load(tmp_path / "hf" / "checkpoint.pt", weights_only=True)["fingerprints"]["data"]["digest"] == \
         torch.load(tmp_path / "path" / "checkpoint.pt", weights_only=True)["fingerprints"]["data"]["digest"]
+    # AI feedback on it: the JSONL points into the shards where they lie, and trains as the shards' own labels do
+    import relabel
+    relabel.main(["hf://datasets/org/pairs", "--score", "area", "--out", str(tmp_path / "aif.jsonl")])
+    rows = [json.loads(line) for line in open(tmp_path / "aif.jsonl")]
+    assert len(rows) == 240 and all(r["image_0"].startswith("hf://datasets/org/pairs/data/train-") for r in rows)
+    assert len(data.Preferences(str(tmp_path / "aif.jsonl"))) == sum(r["label_0"] != 0.5 for r in rows)
+    tiny.run(tmp_path / "aif", sdxl_dir, str(tmp_path / "aif.jsonl"), steps=1)
