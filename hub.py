@@ -2,7 +2,8 @@
 
 A local path always wins over an id of the same spelling. For an id, only the files a run reads are fetched: a
 diffusers model's components without the safety checker, one set of weights per component (the plain safetensors,
-else the fp16 variant; no .bin / .ckpt / flax / onnx twins, no single-file copy of the same model at the root). A
+else the fp16 variant; no .bin / .ckpt / flax / onnx twins, no single-file copy of the same model at the root; a
+transformers folder's pytorch_model.bin only where it has no safetensors). A
 file inside a repository is named by its path (ORG/NAME/HPS_v2.1_compressed.pt). A dataset's parquet shards are
 listed, not fetched: data.py reads the row groups it reaches (stream).
 
@@ -41,19 +42,22 @@ def choose(files, inside="", only=None, tokenizer=False):
     diffusers = pre + "model_index.json" in files
     if only is not None and diffusers:
         files = [f for f in files if "/" not in f[len(pre):] or f[len(pre):].startswith(tuple(only))]
-    small, sets = [], {}
+    small, sets, bins = [], {}, {}
     for f in files:
         folder, name = os.path.split(f)
         m = WEIGHTS.match(name)
         if m is None:
             if not name.lower().endswith(OTHER_WEIGHTS):
                 small.append(f)
+            elif re.match(r"^pytorch_model(-\d{5}-of-\d{5})?\.bin$", name) and not tokenizer:
+                bins.setdefault(folder, []).append(f)  # transformers 4's weights (PickScore_v1): read if alone
         elif not tokenizer and not (diffusers and folder == pre.rstrip("/")):  # (root: single-file twins)
             variant = m.group("variant") or m.group("ivariant")
             sets.setdefault((folder, m.group("stem")), {}).setdefault(variant, []).append(f)
     chosen = []
     for variants in sets.values():
         chosen += variants.get(None) or variants.get("fp16") or variants[sorted(variants, key=str)[0]]
+    chosen += [f for folder, fs in bins.items() if not any(k[0] == folder for k in sets) for f in fs]
     return sorted(small + chosen)
 
 

@@ -55,6 +55,10 @@ def test_only_the_files_a_run_reads():
     assert sum(f.startswith("transformer/diffusion_pytorch_model") for f in flux) == 4  # 3 shards + index
     only_fp16 = ["unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors"]
     assert hub.choose(only_fp16) == only_fp16
+    pickscore = ["config.json", "pytorch_model.bin", "preprocessor_config.json", "training_args.bin"]  # PickScore_v1
+    assert hub.choose(pickscore) == ["config.json", "preprocessor_config.json", "pytorch_model.bin"]
+    assert hub.choose(pickscore + ["model.safetensors"]) == ["config.json", "model.safetensors",
+                                                              "preprocessor_config.json"]
     for spec, parsed in [("org/name", ("org/name", None, "")), ("org/name@abc123/unet", ("org/name", "abc123", "unet")),
                          ("xswu/HPSv2/HPS_v2.1_compressed.pt", ("xswu/HPSv2", None, "HPS_v2.1_compressed.pt")),
                          ("pickapic_v2/", None), ("a/b/../c", None), ("runs", None), ("hf://datasets/a/b", None)]:
@@ -196,3 +200,35 @@ def test_a_hub_dataset_is_read_where_it_lies(tmp_path, sdxl_dir, monkeypatch, on
     assert len(rows) == 240 and all(r["image_0"].startswith("hf://datasets/org/pairs/data/train-") for r in rows)
     assert len(data.Preferences(str(tmp_path / "aif.jsonl"))) == sum(r["label_0"] != 0.5 for r in rows)
     tiny.run(tmp_path / "aif", sdxl_dir, str(tmp_path / "aif.jsonl"), steps=1)
+
+
+def test_online_fetches_only_what_it_chose(tmp_path, monkeypatch):
+    """Online (a stand-in for the hub's API): the listing, model_index.json's components, then one download of
+    exactly the chosen files; a data set's shards are not downloaded but opened where they lie (hf://)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    index = tmp_path / "model_index.json"
+    index.write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                                 "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                                 "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None],
+                                 "scheduler": ["diffusers", "EulerDiscreteScheduler"], "force_zeros": True}))
+    listings = {"org/sdxl": SDXL_REPO, "org/pairs": ["README.md", "data/train-00000-of-00002.parquet",
+                                                     "data/train-00001-of-00002.parquet"]}
+    fetched = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, **k: listings[repo])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **k: str(index))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, allow_patterns=None, **k: fetched.append((repo, allow_patterns)) or str(tmp_path))
+    assert hub.local("org/sdxl", "--model") == str(tmp_path)
+    got = set(fetched[-1][1])
+    assert got == {"README.md", "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+                   "text_encoder/model.safetensors", "tokenizer/merges.txt", "tokenizer/vocab.json",
+                   "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "unet/config.json",
+                   "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                   "vae/diffusion_pytorch_model.safetensors"}  # not text_encoder_2/ or vae_1_0/: not in the index
+    hub.local("org/sdxl", "--unet_init", only=("unet/", "transformer/"))
+    assert [f for f in fetched[-1][1] if "/" in f] == ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+    assert hub.local("org/pairs@v2", "--data", repo_type="dataset") == "hf://datasets/org/pairs@v2"
+    assert fetched[-1] == ("org/pairs", ["README.md"])
+    assert hub.local(str(tmp_path), "--model") == str(tmp_path) and len(fetched) == 3  # a path: nothing fetched

@@ -159,6 +159,21 @@ def test_old_folder_layout(clip_model, images, tmp_path, one_thread):
     assert torch.equal(reward.load("pickscore", str(old), tokenizer=folder)(images, PROMPTS), want)
 
 
+def test_a_folder_saved_by_transformers_5(clip_model, images, tmp_path, one_thread):
+    """A CLIPModel folder whose tokenizer transformers 5 saved (tokenizer.json alone) scores as the original."""
+    from transformers import CLIPTokenizer
+    folder, _, _, _ = clip_model
+    new = tmp_path / "t5"
+    shutil.copytree(folder, new)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        if os.path.exists(new / name):
+            os.remove(new / name)
+    CLIPTokenizer.from_pretrained(folder).save_pretrained(new)
+    assert not (new / "vocab.json").exists() and (new / "tokenizer.json").exists()
+    assert torch.equal(reward.load("pickscore", str(new))(images, PROMPTS),
+                       reward.load("pickscore", folder)(images, PROMPTS))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Preprocessing and the scorer interface
 
