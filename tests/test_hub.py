@@ -20,7 +20,8 @@ import tiny
 SDXL_REPO = """model_index.json sd_xl_base_1.0.safetensors sd_xl_base_1.0_0.9vae.safetensors README.md 01.png
 scheduler/scheduler_config.json text_encoder/config.json text_encoder/model.safetensors
 text_encoder/model.fp16.safetensors text_encoder/flax_model.msgpack text_encoder/openvino_model.bin
-text_encoder/model.onnx text_encoder_2/config.json text_encoder_2/model.safetensors text_encoder_2/model.fp16.safetensors
+text_encoder/model.onnx text_encoder_2/config.json text_encoder_2/model.safetensors
+text_encoder_2/model.fp16.safetensors
 tokenizer/merges.txt tokenizer/vocab.json tokenizer/special_tokens_map.json tokenizer/tokenizer_config.json
 unet/config.json unet/diffusion_pytorch_model.safetensors unet/diffusion_pytorch_model.fp16.safetensors
 unet/diffusion_flax_model.msgpack unet/model.onnx unet/model.onnx_data vae/config.json
@@ -209,8 +210,9 @@ def test_online_fetches_only_what_it_chose(tmp_path, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     index = tmp_path / "model_index.json"
-    index.write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-                                 "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+    index.write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
+                                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                                 "text_encoder": ["transformers", "CLIPTextModel"],
                                  "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None],
                                  "scheduler": ["diffusers", "EulerDiscreteScheduler"], "force_zeros": True}))
     listings = {"org/sdxl": SDXL_REPO, "org/pairs": ["README.md", "data/train-00000-of-00002.parquet",
