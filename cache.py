@@ -168,7 +168,7 @@ class Feed:
 
     def __init__(self, args, family, pairs, channels, dev, rank, world, log, source=None):
         """source: (dataset, encoders, empty, VAE downsampling) made elsewhere (online.py), else training_set's."""
-        self.args, self.family, self.dev = args, family, dev
+        self.args, self.family, self.dev, self.ema = args, family, dev, None  # ema: dpo.train's --ema, if any
         self.dataset, self.encoders, self.empty, down = source or training_set(args, pairs, dev, rank, world, log)
         self.per_item = self.dataset.per_item  # images per item: a pair's two, or one labelled image
         self.items = "pairs"  # what the dataset holds, for the log

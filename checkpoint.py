@@ -33,7 +33,12 @@ RESUME_SAME = ("loss", "beta", "pairs_per_step", "lr", "warmup", "optimizer", "w
                "resolution", "random_crop", "no_flip", "prompt_dropout", "dreamlike_only", "rpo_tau", "split",
                "time_ids", "latents", "lora", "lora_alpha", "rpo_clip", "rpo_form", "sigma_density", "guidance",
                "columns", "online", "score", "prompts", "samples_per_prompt", "pairs", "min_margin", "ref_update",
-               "sample_steps", "sample_guidance", "eval_score", "eval_prompts", "eval_n")  # (a held-out history of one)
+               "sample_steps", "sample_guidance", "eval_score", "eval_prompts", "eval_n",  # (a held-out history of one)
+               "ema", "sample_from", "sampler", "noise_level", "clip_range", "adv_clip", "kl", "train_steps",
+               "sde_window", "old_decay", "eval_steps")
+# rl.py's: the samples' reward, the share of groups whose K rewards are equal (no signal), GRPO's clipped share of
+# ratios, approximate KL to the sampler and KL to the reference, NFT's deviation from its old policy
+RL_METRICS = ("reward_mean", "reward_std", "zero_std_groups", "clip_frac", "approx_kl", "kl", "old_deviation")
 TEMP = re.compile(r"\.tmp\d*(\.png)?$")  # what weights.save_*, torch.save here and save_png write first
 
 
@@ -92,9 +97,10 @@ def _describe(fp) -> str:
     return f"{fp['path']} ({fp['files']} file(s), {what}, fingerprint {fp['digest']})"
 
 
-def load(path, args, fingerprints, policy, opt, rank, world, log):
+def load(path, args, fingerprints, policy, opt, rank, world, log, extra=None):
     """(step, data position) to start from: (0, 0), or the checkpoint's, with its weights, optimizer state and RNG
-    loaded. Refuses (ValueError, one line) a checkpoint of another run: other flags, data or weights."""
+    loaded, and extra's tensors (name -> {tensor name -> tensor}: an EMA's) in place. Refuses (ValueError, one line) a
+    checkpoint of another run: other flags, data or weights."""
     if not (args.resume and os.path.exists(path)):
         if args.resume:
             log(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
@@ -118,6 +124,9 @@ def load(path, args, fingerprints, policy, opt, rank, world, log):
                          f"differing: {sorted(set(ck['policy']) ^ set(want))[0]}); use a new --out_dir")
     policy.load_state_dict(parallel.scatter(ck["policy"], want), strict=False)  # FSDP: each rank takes its shard
     opt.load_state_dict(parallel.scatter(ck["optimizer"], parallel.optimizer_like(opt, ck["optimizer"])))
+    for name, tensors in (extra or {}).items():  # (in place: a sharded tensor takes its own shard)
+        for k, v in parallel.scatter(ck["extra"][name], tensors).items():
+            tensors[k].copy_(v)
     if len(ck["rng"]) == world:
         set_rng_state(ck["rng"][rank])
     log(f"resumed {path} at step {ck['step']}")
@@ -140,9 +149,9 @@ def log_step(args, step, rec, lr, grad_norm, bad_all, clock, flops, log):
     clock.update(tic=time.time(), logged=step)
     cuda = torch.cuda.is_available() and args.device != "cpu"
     last = dict(step=step, loss=rec["loss"], implicit_acc=rec.get("implicit_acc"),
-                reward_margin=rec.get("reward_margin"), model_mse=rec["model_mse"], ref_mse=rec.get("ref_mse"),
+                reward_margin=rec.get("reward_margin"), model_mse=rec.get("model_mse"), ref_mse=rec.get("ref_mse"),
                 score_mean=rec.get("score_mean"), score_margin=rec.get("score_margin"),  # online: the samples' reward
-                pairs_kept=rec.get("pairs_kept"),
+                pairs_kept=rec.get("pairs_kept"), **{k: rec.get(k) for k in RL_METRICS},
                 lr=lr, grad_norm=grad_norm, pairs_per_s=pairs_per_s, bad_pairs=bad_all,
                 mfu=flops * pairs_per_s / dist.get_world_size() / kernels.H100_BF16_PEAK if flops else None,
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
@@ -165,18 +174,20 @@ def trainable(policy) -> dict:
     return {k: v for k, v in policy.state_dict().items() if k in names}
 
 
-def save(path, policy, opt, step, position, args, fingerprints, rank, log):
+def save(path, policy, opt, step, position, args, fingerprints, rank, log, extra=None):
     """Everything --resume needs, in one file written atomically; every rank takes part (RNG states, FSDP shards
-    gathered to rank 0). A final UNet of an earlier step (unet/, lora/, unet.safetensors) is removed: the run
-    rewrites them at its end."""
+    gathered to rank 0); extra: more tensors by name (an EMA's). A final UNet of an earlier step (unet/, lora/,
+    unet.safetensors, ema/) is removed: the run rewrites them at its end."""
     rngs = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, rng_state())  # every rank's RNG state, restored rank by rank
     model_state, opt_state = parallel.gathered(trainable(policy)), parallel.gathered(opt.state_dict())
+    extra = parallel.gathered(extra or {})
     if rank == 0:
         state = dict(policy=model_state, optimizer=opt_state, step=step, position=position, rng=rngs,
-                     schedule=dict(lr=args.lr, warmup=args.warmup), args=flags(args), fingerprints=fingerprints)
+                     schedule=dict(lr=args.lr, warmup=args.warmup), args=flags(args), fingerprints=fingerprints,
+                     extra=extra)
         weights.atomic(path, lambda tmp: torch.save(state, tmp))  # a full disk: one line, the old file kept
-        finals = [f.subfolder for f in families.FAMILIES] + ["lora", "unet.safetensors"]
+        finals = [f.subfolder for f in families.FAMILIES] + ["lora", "unet.safetensors", "ema"]
         for old in [os.path.join(args.out_dir, n) for n in dict.fromkeys(finals)]:
             if os.path.isdir(old):
                 shutil.rmtree(old)

@@ -312,7 +312,7 @@ def _clip_tokenizers(folder, specs, encoders, what):
         return [Tokenizer(s) for s in subs]
     if len(specs) == 1 and os.path.isdir(folder) and bpe(folder) is not None:
         return [Tokenizer(folder)]
-    if os.path.isfile(os.path.join(folder, "tokenizer.json")):  # another encoder's folder (T5's)
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")) and bpe(folder) is None:  # another encoder's (T5's)
         return [Tokenizer(VOCAB, pad_token=s.pad) for s in specs]  # CLIP's from clip_bpe/
     raise CheckpointError(f"{what}: no tokenizer in {folder}: pass {need}")
 

@@ -248,6 +248,63 @@ class FlowEuler:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Stochastic steps with their log-probabilities (online RL: Flow-GRPO's SDE, DDPO's DDIM with eta > 0)
+
+
+LOG_SQRT_2PI = float(torch.log(torch.sqrt(2 * torch.tensor(math.pi))))  # in fp32, as flow_grpo's and DDPO's code
+
+
+def gaussian_log_prob(prev, mean, std):
+    """log N(prev; mean, std^2) per element, then the mean over all but the batch dim (as flow_grpo and DDPO
+    average it: a per-pixel log-likelihood, comparable across image sizes): (B, C, h, w) -> (B,)."""
+    lp = -((prev.detach() - mean) ** 2) / (2 * std ** 2) - torch.log(std) - LOG_SQRT_2PI
+    return lp.mean(dim=tuple(range(1, lp.ndim)))
+
+
+def sde_step(v, x, sigmas, i, noise_level=0.7, prev=None, generator=None, noise=None):
+    """One step of Flow-GRPO's SDE (Liu et al. 2025, eq. 9) from sigmas[i] to sigmas[i+1] with the same marginals as
+    the flow ODE: x' = x + [v + s^2 / (2 sigma) (x + (1 - sigma) v)] dt + s sqrt(-dt) z, s = a sqrt(sigma /
+    (1 - sigma)), a = noise_level, dt = sigmas[i+1] - sigmas[i] < 0. At sigma = 1 the ratio uses sigmas[1] for sigma
+    in the denominator (as flow_grpo: 1 - 1 would divide by zero). prev given: the log-probability of that step (training), else a new
+    draw (sampling) of z from generator, or z = noise. v, x (B, C, h, w); sigmas 1-D (the schedule, 0 last).
+    -> (prev, log_prob (B,), mean, std)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 would overflow in the mean (fp64 stays fp64)
+    v, x = v.to(dtype), x.to(dtype)
+    sigma, nxt = sigmas[i].to(x), sigmas[i + 1].to(x)
+    below = torch.where(sigma == 1, sigmas[1].to(x), sigma)
+    std = torch.sqrt(sigma / (1 - below)) * noise_level  # s: the SDE's diffusion coefficient at sigma
+    dt = nxt - sigma
+    mean = x * (1 + std ** 2 / (2 * sigma) * dt) + v * (1 + std ** 2 * (1 - sigma) / (2 * sigma)) * dt
+    if prev is None:
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype) if noise is None else noise
+        prev = mean + std * torch.sqrt(-dt) * z.to(x)
+    return prev, gaussian_log_prob(prev.to(dtype), mean, std * torch.sqrt(-dt)), mean, std
+
+
+def ddim_step(sched, out, i, x, eta=1.0, prev=None, generator=None, noise=None):
+    """DDIM with eta > 0 (Song et al. 2021, eq. 12 and 16) on a DDIM scheduler, with the log-probability of the step
+    as DDPO computes it (Black et al. 2024): the mean a_prev^.5 x0 + (1 - a_prev - s^2)^.5 eps, the std
+    s = eta sqrt((1 - a_prev) / (1 - a) (1 - a / a_prev)). -> (prev, log_prob (B,), mean, std)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    out, x = out.to(dtype), x.to(dtype)
+    t = int(sched.timesteps[i])
+    a = sched.ac[t].to(x)
+    a_prev = (sched.ac[t - sched.gap] if t - sched.gap >= 0 else sched.final).to(x)
+    if sched.cfg["prediction_type"] == "v_prediction":
+        x0, eps = a ** 0.5 * x - (1 - a) ** 0.5 * out, a ** 0.5 * out + (1 - a) ** 0.5 * x
+    else:
+        x0, eps = (x - (1 - a) ** 0.5 * out) / a ** 0.5, out
+    if sched.cfg["clip_sample"]:
+        x0 = x0.clamp(-1, 1)
+    std = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+    mean = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
+    if prev is None:
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype) if noise is None else noise
+        prev = mean + std * z.to(x)
+    return prev, gaussian_log_prob(prev.to(dtype), mean, std), mean, std
+
+
+# ----------------------------------------------------------------------------------------------------
 # The sampling loop: text side -> guided denoising from noise (or a noised image) -> VAE
 
 

@@ -38,6 +38,7 @@ import objectives
 import online
 import optim
 import parallel
+import rl
 import vae
 from weights import CheckpointError
 
@@ -64,8 +65,13 @@ def dpo(pred, ref_pred, eps, inputs, beta):
 OBJECTIVES = {"dpo": dpo, "sft": objectives.sft, "rpo": objectives.rpo, "ipo": objectives.ipo,
               "hinge": objectives.hinge, "mapo": objectives.mapo, "kto": objectives.kto}
 REFERENCE_FREE = ("sft", "mapo")  # no reference model at all
+# --lr's default per run kind, (online, lora) -> lr, as the references train (docs/training.md): offline full, None =
+# 1e-8 x pairs per step (the official launchers' --scale_lr); offline LoRA 1e-5 (diffusers' Diffusion-DPO LoRA
+# scripts); online LoRA 3e-4 (flow_grpo, DiffusionNFT); online full 1e-5 (Flow-Factory)
+LR = {(False, False): None, (False, True): 1e-5, (True, True): 3e-4, (True, False): 1e-5}
 # beta as their authors use it; a family's record may say otherwise (flow models: families.FLOW_BETA)
-BETA = {"dpo": 5000.0, "rpo": 5000.0, "ipo": 5000.0, "hinge": 5000.0, "kto": 1000.0, "mapo": 0.1}
+BETA = {"dpo": 5000.0, "rpo": 5000.0, "ipo": 5000.0, "hinge": 5000.0, "kto": 1000.0, "mapo": 0.1,
+        "nft": 1.0, "grpo": 0.0}  # (NFT's: its policies' mixing strength; GRPO's KL weight is --kl)
 
 
 def objective(loss, beta, rpo_tau=0.5, rpo_form="logit"):
@@ -210,8 +216,12 @@ def train(args) -> dict:
         if isinstance(m, torch.nn.Module):
             m.to(memory_format=torch.channels_last)
     # data (or the policy's own samples, online.py) -> the denoiser's inputs
-    feed = online.Feed(args, fam, policy, ref, policy.latent_channels, dev, rank, world, log) if args.online else \
-        cache.Feed(args, fam, pairs, policy.latent_channels, dev, rank, world, log)
+    rl_run = args.loss in rl.LOSSES  # GRPO, NFT (rl.py): one denoising step of a sampled batch per micro-step
+    if args.online:  # the policy's own samples, scored (online.py, rl.py)
+        kind = rl.Feed if rl_run else online.Feed
+        feed = kind(args, fam, policy, ref, policy.latent_channels, dev, rank, world, log)
+    else:
+        feed = cache.Feed(args, fam, pairs, policy.latent_channels, dev, rank, world, log)
     sched = diffusion.scheduler_config(args.model, fam, policy.prediction_type)  # single files: their metadata
     T, prediction = sched["num_train_timesteps"], "flow" if fam.flow else sched["prediction_type"]
     flow = (args.sigma_density, sched) if fam.flow else None  # a flow model draws sigma, not t
@@ -221,8 +231,13 @@ def train(args) -> dict:
         parallel.shard(ref, args.amp_dtype, fam.blocks)  # the same bf16 weights as the policy: log 2 at step 0
     trained = [p for p in policy.parameters() if p.requires_grad]  # FSDP2 swapped in sharded parameters
     opt = optim.build(args.optimizer, trained, args.lr, args.weight_decay, fused=device == "cuda")
+    ema = optim.EMA(policy) if args.ema else None  # --ema: the trained weights' average, evaluated and saved too
+    feed.ema, extra = ema, ({"ema": ema.values} if ema else {})
+    if args.loss == "nft":  # DiffusionNFT's old policy: an average of the trained weights too (rl.Feed.after_step)
+        feed.old = optim.EMA(policy)
+        extra["old"] = feed.old.values
     fingerprints = checkpoint.fingerprints(args, feed.fingerprint)
-    step, position = checkpoint.load(ck_path, args, fingerprints, policy, opt, rank, world, log)
+    step, position = checkpoint.load(ck_path, args, fingerprints, policy, opt, rank, world, log, extra)
     if checkpoint.finished(ck_path, policy, fam, args, step, log):  # said, not done: nothing is rewritten
         feed.finish(step)  # (online: the held-out trend, which a run cut short at its end may not have written)
         return dict(step=step, metrics={}, out_dir=args.out_dir)
@@ -233,8 +248,8 @@ def train(args) -> dict:
     if args.compile:
         model = torch.compile(model)
     scaler = torch.amp.GradScaler(device, enabled=args.amp_dtype == torch.float16)  # a no-op unless fp16
-    loss_fn = objective(args.loss, args.beta, args.rpo_tau, args.rpo_form)
-    B, G, A = args.batch_size, args.pairs_per_step, args.grad_accum
+    loss_fn = None if rl_run else objective(args.loss, args.beta, args.rpo_tau, args.rpo_form)
+    B, G, A = args.batch_size, args.pairs_per_step, args.grad_accum * (feed.micro if rl_run else 1)
     loader = feed.loader(position, step, world, rank, device)
     log(f"{fam.title} {args.loss} beta={args.beta} lr={args.lr:.3g} {args.optimizer} {world} rank(s) x {B} pairs x "
         f"{A} accum = {G} pairs/step, {len(feed.dataset)} {feed.items}, {args.resolution}px")
@@ -248,13 +263,19 @@ def train(args) -> dict:
             acc = {}
             for m in range(A):
                 batch = next(loader)
-                inputs = micro_batch(batch, feed, args.seed, args.prompt_dropout, T, dev, flow, args.loss == "sft")
-                if flops is None and device == "cuda":
+                if not rl_run:
+                    inputs = micro_batch(batch, feed, args.seed, args.prompt_dropout, T, dev, flow, args.loss == "sft")
+                if flops is None and device == "cuda" and not rl_run:
                     flops = checkpoint.step_flops(policy, ref, inputs)
                 # DDP all-reduces gradients once per optimizer step, on its last micro-step; FSDP reduce-scatters
                 # every micro-step into the sharded gradients (holding whole ones between would cost their memory)
                 with contextlib.nullcontext() if m == A - 1 or args.fsdp else model.no_sync():
-                    loss, numbers = pair_loss(model, ref, inputs, loss_fn, prediction, alphas_cumprod, args.amp_dtype)
+                    if rl_run:
+                        loss, numbers = feed.loss(model, ref, batch)
+                    else:
+                        loss, numbers = pair_loss(model, ref, inputs, loss_fn, prediction, alphas_cumprod,
+                                                  args.amp_dtype)
+                    loss = loss * 0 if batch.get("skip") else loss  # online: every pair a tie, nothing to learn
                     scale = world if args.loss == "rpo" else 1  # RPO's loss covers every rank's pairs
                     scaler.scale(loss * scale / A).backward()
                 for k, val in {"loss": loss, **numbers, **batch.get("stats", {})}.items():  # online: rewards too
@@ -267,18 +288,25 @@ def train(args) -> dict:
                                  f"(step {last_ckpt}) is kept in {ck_path if last_ckpt else 'none written yet'}")
             bad_all = bad.check(seen_all)  # every rank's unreadable pairs so far, each counted once
             lr, grad_norm = optim.update(opt, scaler, trained, args.lr, args.warmup, args.grad_clip, step)
+            if ema:
+                ema.update(policy, args.ema)
             step += 1
             if step % args.log_every == 0 or step == args.max_steps:
                 last = checkpoint.log_step(args, step, rec, lr, grad_norm.item(), bad_all, clock, flops, log)
             feed.after_step(step)  # online: its pairs written, the reference refreshed, the held-out check
             if step % args.ckpt_every == 0 or step == args.max_steps:
                 checkpoint.save(ck_path, policy, opt, step, position + (step - clock["first"]) * G, args, fingerprints,
-                                rank, log)
+                                rank, log, extra)
                 last_ckpt = step
     except KeyboardInterrupt:  # Ctrl-C: one line; files being written removed on the way (weights.atomic)
         kept = f"step {last_ckpt} in {ck_path}" if last_ckpt else "none written yet"
         raise cli.Interrupted(f"interrupted at step {step} of {args.max_steps}; last checkpoint: {kept}") from None
     checkpoint.save_outputs(policy, fam, args, step, log)
+    if ema:  # out_dir/ema/: the average in the same layout (evaluate.py and sample.py take it for the run folder)
+        with ema.swapped(policy):
+            checkpoint.save_outputs(policy, fam, argparse.Namespace(**{**vars(args), "save_single": False,
+                                                                      "out_dir": os.path.join(args.out_dir, "ema")}),
+                                    step, log)
     feed.finish(step)  # online: the last line, the held-out trend
     dashboard.close()
     return dict(step=step, metrics=last, out_dir=args.out_dir)
@@ -319,12 +347,17 @@ def resolve(args, family, world, device="cpu", native=None, config=None):
         args.guidance = family.recipe.guidance
     if args.lora and args.optimizer is None:
         args.optimizer = "adamw"  # the adapters are small: no need for Adafactor's factored moments
+    if args.online and args.warmup is None:
+        args.warmup = 0  # a constant rate, as flow_grpo and DiffusionNFT train
+    if args.prompt_dropout is None:  # the offline UNet recipes drop 20% of prompts; online and flow references none
+        args.prompt_dropout = 0.0 if args.online else family.recipe.prompt_dropout
     for k in ("resolution", "warmup", "optimizer", "gradient_checkpointing"):
         if getattr(args, k) is None:
             setattr(args, k, getattr(family.recipe, k))
     args.grad_accum = args.grad_accum or max(1, 2048 // (args.batch_size * world))  # the paper's 2048 pairs per step
     args.pairs_per_step = args.batch_size * args.grad_accum * world
-    args.lr = 1e-8 * args.pairs_per_step if args.lr is None else args.lr
+    if args.lr is None:
+        args.lr = LR[(args.online, bool(args.lora))] or 1e-8 * args.pairs_per_step
     args.cache_dir = args.cache_dir or os.path.join(args.out_dir, "cache")
     args.amp_dtype = cli.DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     return args
@@ -345,20 +378,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--split", "train", "which split's shards a Pick-a-Pic folder gives (others are not read)")
     a("--columns", None, "another parquet set's columns, OURS=THEIRS, e.g. caption=prompt,jpg_0=chosen,jpg_1=rejected")
     a("--beta", None, "eq. 14's beta [5000 (diffusers' SD1.5 script's: half); kto 1000, mapo .1; flow 100]", type=float)
-    a("--loss", "dpo", "rpo: Diffusion-RPO; mapo, sft: no reference; kto: single images", choices=list(OBJECTIVES))
+    a("--loss", "dpo", "rpo: Diffusion-RPO; mapo, sft: no reference; kto: single images; online only: grpo, nft "
+      "(rl.py)", choices=list(OBJECTIVES) + list(rl.LOSSES))
     a("--out_dir", "out", "unet/ (transformer/), metrics.jsonl, checkpoint.pt")
     a("--batch_size", 1, "pairs per rank per micro-step", type=int)
     a("--grad_accum", None, "micro-steps per optimizer step [2048 / (batch_size*world): the paper's 2048]", type=int)
     a("--max_steps", 2000, "optimizer steps", type=int)
-    a("--lr", None, "[1e-8 * batch_size*grad_accum*world: the official launchers' --scale_lr]", type=float)
-    a("--warmup", None, "linear warmup steps, then constant [the family's: 200 SDXL, 500 SD1.5]", type=int)
+    a("--lr", None, "[by run kind: offline full 1e-8 * pairs per step, LoRA 1e-5; online LoRA 3e-4, full 1e-5]",
+      type=float)
+    a("--warmup", None, "linear warmup steps, then constant [the family's: 200 SDXL, 500 SD1.5; online 0]", type=int)
     a("--optimizer", None, "[the family's: adafactor for SDXL, adamw otherwise]", choices=["adamw", "adafactor"])
     a("--weight_decay", 1e-2, "decoupled weight decay (AdamW and Adafactor)", type=float)
     a("--grad_clip", 1.0, "max gradient norm", type=float)
     a("--resolution", None, "square training size in pixels [the model's own: 1024 SDXL, 512 SD1.5]", type=int)
     a("--random_crop", False, "random instead of center crop", action="store_true")
     a("--no_flip", False, "no random horizontal flips", action="store_true")
-    a("--prompt_dropout", 0.2, "P(prompt -> empty string), drawn once per pair", type=float)
+    a("--prompt_dropout", None, "P(prompt -> empty string), drawn once per pair [SDXL, SD1.5 offline 0.2; else 0]",
+      type=float)
     a("--dreamlike_only", False, "keep pairs whose model_0 and model_1 contain 'dream' (official)", action="store_true")
     a("--rpo_tau", 0.5, "RPO temperature of the similarity weights", type=float)
     a("--rpo_clip", None, "RPO weights from this CLIP folder's prompt and image embeddings [the prompts' embeddings]")
@@ -382,6 +418,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max_bad_frac", 0.01, "stop when more than this fraction of pairs is unreadable", type=float)
     a("--save_single", False, "also write out_dir/unet.safetensors (original single-file layout)", action="store_true")
     a("--tokenizer", None, "tokenizer folder override for clip.load")
+    a("--ema", None, "keep an exponential moving average of the trained weights with this decay (e.g. 0.99): "
+      "checkpointed, used by the held-out checks, saved in out_dir/ema/", type=float)
     a("--report_to", None, "also log to these dashboards: tensorboard, wandb (comma-separated) [metrics.jsonl only]")
     a("--revision", None, "hub revision (commit, branch, tag) of --model when it is a hub id ORG/NAME [the newest]")
     a("--num_workers", None, "data loader processes [4 on cuda, 0 on cpu]", type=int)
@@ -389,8 +427,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--guidance", None, "a guidance input's value in training (FLUX-dev) [the family's: 3.5]", type=float)
     a("--demo", None, "without --model: a CPU demo (toy SDXL, FLUX, online)", choices=["sdxl", "flow", "online"])
     online.add_flags(p)  # --online, --score, --prompts, --samples_per_prompt, ... (their defaults: online.py)
+    rl.add_flags(p)  # --loss grpo / nft's: --sampler, --noise_level, --clip_range, --kl, ... (rl.py)
     valid = {"beta": lambda v: v is None or 0 < v < math.inf, "lr": lambda v: v is None or 0 < v < math.inf,
-             "prompt_dropout": lambda v: 0 <= v <= 1, "max_bad_frac": lambda v: 0 <= v <= 1,
+             "prompt_dropout": lambda v: v is None or 0 <= v <= 1, "ema": lambda v: v is None or 0 < v < 1,
+             "max_bad_frac": lambda v: 0 <= v <= 1,
              "rpo_tau": lambda v: v > 0, "warmup": lambda v: v is None or v >= 0, "grad_clip": lambda v: v > 0,
              "lora_alpha": lambda v: v is None or 0 < v < math.inf}
     positive = ("batch_size", "grad_accum", "max_steps", "resolution", "ckpt_every", "log_every", "lora")
@@ -398,6 +438,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.check_flags(p, args.data, "split" in args.given, args.columns)
     if args.demo and args.model:
         p.error(f"--demo {args.demo} builds its own toy model: drop --model (or --demo to train {args.model})")
+    rl.check(p, args)  # (first: it fills --sampler and --eval_steps, which online.check's refusals read)
     online.check(p, args)
     try:
         dashboard.parse(args.report_to)

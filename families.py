@@ -94,6 +94,7 @@ class Recipe:
     gradient_checkpointing: bool
     beta: dict = field(default_factory=dict)  # beta per objective where not the objective's own (dpo.BETA)
     guidance: float = None  # the guidance input in training, for a config that has one (FLUX-dev)
+    prompt_dropout: float = 0.0  # P(prompt -> ""), offline: the official launchers' 0.2 for the UNets; no flow recipe
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,7 @@ SD15 = Family(
                                                                     "text_encoder_config")),),
               sd15_text, lambda lengths: lengths[0]),
     vae=VAE(4, 0.18215), sampling=Sampling(7.5, 30),
-    recipe=Recipe(512, 500, "adamw", False), released={"sd15": ("SD1.5", unet.SD15)})
+    recipe=Recipe(512, 500, "adamw", False, prompt_dropout=0.2), released={"sd15": ("SD1.5", unet.SD15)})
 
 SDXL = Family(
     "sdxl", "SDXL", **UNET, recognise=lambda config: config.get("addition_embed_type") == "text_time",
@@ -250,7 +251,7 @@ SDXL = Family(
                        single=("conditioner.embedders.1.model.", "open_clip", "text_encoder_2_config"))),
               sdxl_text, lambda lengths: lengths[0]),  # both CLIPs' states side by side
     vae=VAE(4, 0.13025), sampling=Sampling(5.0, 30, zeros_for_empty=True),
-    recipe=Recipe(1024, 200, "adafactor", True), released={"sdxl": ("SDXL", unet.SDXL)})
+    recipe=Recipe(1024, 200, "adafactor", True, prompt_dropout=0.2), released={"sdxl": ("SDXL", unet.SDXL)})
 
 SD3 = Family(
     "sd3", "SD3", **TRANSFORMER, module=mmdit, model=mmdit.MMDiT, diffusers_class="SD3Transformer2DModel",

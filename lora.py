@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import families
+import optim
 import weights
 
 FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -98,14 +99,25 @@ def disabled(unet):
             m.enabled = True
 
 
+class Reference:
+    """The reference of a LoRA run as a callable like a UNet, under no_grad: the policy with its adapters off (the
+    base), or with `adapters` (the policy's adapters at a --ref_update refresh) in place of the trained ones."""
+
+    def __init__(self, unet):
+        self.unet, self.adapters = unet, None
+
+    def __call__(self, *args):
+        if self.adapters is None:
+            run = disabled(self.unet)
+        else:
+            run = optim.swapped([p for p in self.unet.parameters() if p.requires_grad], self.adapters)
+        with torch.no_grad(), run:
+            return self.unet(*args)
+
+
 def reference(unet):
-    """The reference of a LoRA run as a callable like a UNet: the policy with its adapters off, under no_grad."""
-
-    def forward(*args):
-        with torch.no_grad(), disabled(unet):
-            return unet(*args)
-
-    return forward
+    """The reference of a LoRA run: the base (the policy with its adapters off) until a refresh gives it adapters."""
+    return Reference(unet)
 
 
 def state_dict(unet) -> dict:

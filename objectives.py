@@ -166,3 +166,60 @@ def rpo(pred, ref_pred, eps, inputs, beta, tau=0.5, form="logit"):
         context, pooled = inputs["cond"][:2]
         emb = (context.mean(1) if pooled is None else pooled)[:eps.shape[0]]  # (B, E)
     return rpo_loss(pred, ref_pred, eps, beta, emb, tau, form)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Online RL on the policy's own samples: group-relative advantages, Flow-GRPO / DDPO's clipped ratio, DiffusionNFT
+
+
+def group_advantages(rewards, groups, eps=1e-4):
+    """GRPO's advantages (Shao et al. 2024, as flow_grpo's per-prompt tracker): each reward against its group (the
+    samples of one prompt), (r - mean) / (std + 1e-4), std with ddof 0. rewards (N,), groups (N,) ints -> (N,)."""
+    r = rewards.double()
+    out = torch.empty_like(r)
+    for g in torch.unique(groups):
+        k = groups == g
+        out[k] = (r[k] - r[k].mean()) / (r[k].std(unbiased=False) + eps)
+    return out.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+def grpo_loss(log_prob, old_log_prob, adv, clip_range, adv_clip, kl_beta=0.0, mean=None, ref_mean=None, std=None):
+    """Flow-GRPO's loss on one denoising step (Liu et al. 2025; DDPO's with the KL): the PPO-clipped ratio of the
+    step's probability under the policy to the sampler's, times the clipped advantage, and kl_beta times the KL to
+    the reference of two Gaussians of the same std, |mean - ref_mean|^2 / (2 std^2) (pixel-averaged). log_prob,
+    old_log_prob, adv (B,); mean, ref_mean (B, C, h, w) -> (loss, stats: clip fraction, approximate KL, KL)."""
+    adv = adv.clamp(-adv_clip, adv_clip)
+    ratio = torch.exp(log_prob - old_log_prob)
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    stats = {"clip_frac": ((ratio - 1).abs() > clip_range).float().mean().detach(),
+             "approx_kl": (0.5 * (log_prob - old_log_prob) ** 2).mean().detach()}
+    if kl_beta > 0:
+        kl = ((mean - ref_mean) ** 2).mean(dim=tuple(range(1, mean.ndim)), keepdim=True) / (2 * std ** 2)
+        loss = loss + kl_beta * kl.mean()
+        stats["kl"] = kl.mean().detach()
+    return loss, stats
+
+
+def nft_loss(v, v_old, v_ref, x_t, x0, sigma, adv, beta, adv_clip, kl_beta=0.0):
+    """DiffusionNFT's loss (Zheng et al. 2025) as its code computes it, on the forward process: the implicit positive
+    and negative policies v+ = beta v + (1 - beta) v_old and v- = (1 + beta) v_old - beta v, each turned into its x0
+    prediction x_t - sigma v+-, weighted by its own mean absolute error (adaptive weighting, no gradient), mixed by
+    the reward r = clip(adv) / adv_clip / 2 + 1/2 in [0, 1], scaled by adv_clip / beta; plus kl_beta |v - v_ref|^2
+    (v_ref None: no reference).
+    v, v_old, v_ref, x_t, x0 (B, C, h, w); sigma, adv (B,) -> (loss, stats: the old policy's deviation, KL)."""
+    dims = tuple(range(1, x0.ndim))
+    r = (adv.clamp(-adv_clip, adv_clip) / adv_clip / 2 + 0.5).clamp(0, 1)
+    s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+    v_old = v_old.detach()
+    losses = []
+    for implicit in (beta * v + (1 - beta) * v_old, (1 + beta) * v_old - beta * v):
+        x0_pred = x_t - s * implicit
+        with torch.no_grad():
+            w = (x0_pred.double() - x0.double()).abs().mean(dim=dims, keepdim=True).clip(min=1e-5)
+        losses.append(((x0_pred - x0) ** 2 / w).mean(dim=dims))
+    loss = ((r * losses[0] / beta + (1 - r) * losses[1] / beta) * adv_clip).mean()
+    stats = {"old_deviation": ((v - v_old) ** 2).mean().detach()}
+    if v_ref is not None:
+        kl = ((v - v_ref) ** 2).mean(dim=dims).mean()
+        loss, stats["kl"] = loss + kl_beta * kl, kl.detach()
+    return loss, stats

@@ -21,6 +21,7 @@ are scored by --score and --eval_score: their win rates against the step in the 
 online_eval.png; the run's last line says when the training reward rose while a held-out win rate fell.
 """
 import argparse
+import contextlib
 import hashlib
 import math
 import os
@@ -59,6 +60,8 @@ def add_flags(p):
       "as kept for best_worst)")
     a("--ref_update", type=int, help="online: copy the policy into the reference every N steps [frozen base]")
     a("--sample_steps", type=int, default=20, help="online: Euler steps per sample")
+    a("--sample_from", choices=["policy", "ref"], default="policy", help="online: the model that samples: the policy "
+      "(on-policy), or the reference (flow_grpo's online DPO; with --ref_update, the policy of the last refresh)")
     a("--sample_batch", type=int, default=8, help="online: images per sampling and scoring call (a prompt's K "
       "images are made in calls of this many)")
     a("--sample_guidance", type=float, help="online: guidance of the samples [the family pipeline's]")
@@ -72,7 +75,7 @@ def add_flags(p):
 
 
 # add_flags' flags besides --online itself
-FLAGS = ("score", "prompts", "samples_per_prompt", "pairs", "min_margin", "ref_update", "sample_steps",
+FLAGS = ("score", "prompts", "samples_per_prompt", "pairs", "min_margin", "ref_update", "sample_steps", "sample_from",
          "sample_batch", "sample_guidance", "eval_every", "eval_prompts", "eval_score", "eval_n", "save_pairs")
 
 
@@ -96,11 +99,10 @@ def check(p, args):
             p.error(f"--{k} must be >= 1, got {getattr(args, k)}")
     if args.cache:
         p.error("--cache stores a fixed data set's latents; --online makes new images every step: drop --cache")
+    if args.sample_from == "ref" and args.loss in ("sft", "mapo"):
+        p.error(f"--sample_from ref samples the reference; --loss {args.loss} has none: drop --sample_from")
     if args.loss == "kto":
         p.error("--loss kto trains single labelled images; --online makes pairs: use dpo, ipo, hinge, rpo, mapo or sft")
-    if args.ref_update and args.lora:
-        p.error("--ref_update copies the policy into a second model; a --lora run's reference is its base with the "
-                "adapters off: drop --ref_update (or --lora)")
     for k in ("ckpt_every", "max_steps"):  # (the last checkpoint is at --max_steps: where a longer run resumes)
         if args.ref_update and getattr(args, k) % args.ref_update:
             p.error(f"--{k} {getattr(args, k)} must be a multiple of --ref_update {args.ref_update}: a resumed run "
@@ -181,6 +183,7 @@ class Feed(cache.Feed):
         super().__init__(args, family, None, channels, dev, rank, world, log, source=source)
         self.policy, self.ref, self.rank, self.world, self.log = policy, ref, rank, world, log
         self.K, self.items = args.samples_per_prompt, "prompts"
+        self.sampler = ref if args.sample_from == "ref" else policy  # (flow_grpo's online DPO samples its reference)
         self.sched_cfg = diffusion.scheduler_config(args.model, family, policy.prediction_type)
         self.force_zeros = diffusion.zeros_for_empty(args.model, family)  # as sample.py's pipeline guides
         default = family.sampling_defaults(policy.config)[0]
@@ -201,8 +204,9 @@ class Feed(cache.Feed):
     # -- sampling and scoring
 
     @torch.no_grad()
-    def generate(self, unet, prompts, noise):
-        """Images (B, 3, H, W) in [0, 1] of unet for prompts from noise (B, C, h, w), as sample.py's pipeline."""
+    def generate(self, unet, prompts, noise, steps=None):
+        """Images (B, 3, H, W) in [0, 1] of unet for prompts from noise (B, C, h, w), as sample.py's pipeline, in
+        `steps` Euler steps (--sample_steps)."""
         a, (te, v) = self.args, self.encoders
         cfg_scale, embed = diffusion.guidance_inputs(self.family, self.policy.config, self.guidance)
         res = (a.resolution, a.resolution)
@@ -212,7 +216,7 @@ class Feed(cache.Feed):
         tic = time.time()
         with amp:
             cond = diffusion.conditions(te, prompts, None, cfg_scale > 1, self.force_zeros, res, embed)
-            sched = diffusion.sampler(self.family, self.sched_cfg, "euler", a.sample_steps, noise.shape[1:])
+            sched = diffusion.sampler(self.family, self.sched_cfg, "euler", steps or a.sample_steps, noise.shape[1:])
             x = diffusion.denoise(unet, sched, noise * sched.init_sigma, cond, cfg_scale, torch.float32)
         img = torch.cat([diffusion.decode(v, z[None]) for z in x])  # one at a time: the fp32 decode's peak is 1 image
         self.seconds["sampling"] += time.time() - tic
@@ -234,12 +238,12 @@ class Feed(cache.Feed):
 
     def batch(self, positions, step):
         """The micro-batch of these global positions: K samples per prompt, scored, paired, as data.collate makes."""
-        a, items, rewards, margins, kept = self.args, [], [], [], []
+        a, items, ties, rewards, margins, kept = self.args, [], [], [], [], []
         for p in positions:
             i = self.dataset.index(p)
             prompt = self.dataset.prompts[i]
             noise = self.noise(p, self.K, 0x5A3).split(a.sample_batch)  # K noises, made in calls of sample_batch
-            pil = [to_pil(x) for n in noise for x in self.generate(self.policy, [prompt] * len(n), n)]
+            pil = [to_pil(x) for n in noise for x in self.generate(self.sampler, [prompt] * len(n), n)]
             x = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in pil]) / 255.0
             each, s = self.score(self.scorers, x, [prompt] * self.K)  # (K,) on the 8-bit images, as saved
             self.counts += torch.tensor([float((~torch.isfinite(v)).sum()) for v in each.values()] +
@@ -252,12 +256,14 @@ class Feed(cache.Feed):
                 key = p if a.pairs == "best_worst" else p * self.K ** 2 + j  # the pair's (t, eps) and crop key
                 rng = np.random.default_rng(data.seed_for(a.seed, key, 0, 0xC409))
                 out = [transform(pil[k], a.resolution, rng, a.random_crop, not a.no_flip) for k in (w, l)]
-                items.append(dict(pos=key, index=i, caption=prompt, pixels=torch.stack([o for o, _ in out]),
-                                  time_ids=torch.stack([ids for _, ids in out]), bad=[]))
+                item = dict(pos=key, index=i, caption=prompt, pixels=torch.stack([o for o, _ in out]),
+                            time_ids=torch.stack([ids for _, ids in out]), bad=[])
+                (items if s[w] > s[l] else ties).append(item)  # a tie: label 0.5, trained by neither path
                 if self.save:
                     self.rows.append(self.write_pair(key, step, prompt, pil[w], pil[l], float(s[w]), float(s[l])))
         self.rewards.extend(rewards)
-        b = data.collate(items)
+        b = data.collate(items or ties[:1])  # every pair a tie: one of them, its loss counted 0 (the loop's skip)
+        b["skip"] = not items
         b["stats"] = {k: torch.tensor(sum(v) / len(v), dtype=torch.float64, device=self.dev)  # the loop logs them
                       for k, v in (("score_mean", rewards), ("score_margin", margins), ("pairs_kept", kept))}
         return b
@@ -312,7 +318,7 @@ class Feed(cache.Feed):
         for s in range(0, n, chunk):
             idx = list(range(s, min(n, s + chunk)))
             noise = torch.cat([self.noise(e, 1, 0xE7A1) for e in idx])
-            out.append(self.generate(unet, [P[e % len(P)] for e in idx], noise))
+            out.append(self.generate(unet, [P[e % len(P)] for e in idx], noise, self.args.eval_steps))
         return torch.cat(out)
 
     def held_out_scores(self, images):
@@ -327,7 +333,8 @@ class Feed(cache.Feed):
     def record(self, step, mine=None):
         """One held-out check: the policy's images against the base's, a win rate per scorer (ties 0.5)."""
         if mine is None:
-            images = self.held_out(self.policy)
+            with self.ema.swapped(self.policy) if self.ema else contextlib.nullcontext():  # --ema: the average
+                images = self.held_out(self.policy)
             mine = self.held_out_scores(images)
             if self.rank == 0:  # --report_to: the policy's first held-out images, one row
                 dashboard.image(step, "held_out/samples", grid([list(images[:8].float().cpu())]))
@@ -348,7 +355,11 @@ class Feed(cache.Feed):
     @torch.no_grad()
     def refresh(self):
         """--ref_update: the reference becomes the policy (each tensor cast to the reference's dtype; under FSDP
-        shard by shard, both models resharded first: a root keeps its gathered parameters after a forward)."""
+        shard by shard, both models resharded first: a root keeps its gathered parameters after a forward). A LoRA
+        run's reference is the same model: it takes a copy of the adapters (lora.Reference)."""
+        if isinstance(self.ref, lora.Reference):
+            self.ref.adapters = [p.detach().clone() for p in self.policy.parameters() if p.requires_grad]
+            return
         for m in (*self.policy.modules(), *self.ref.modules()):
             if hasattr(m, "reshard"):
                 m.reshard()

@@ -1,5 +1,7 @@
 """The optimizers of the official Diffusion-DPO recipes (Adafactor for SDXL, AdamW for SD1.5) and the update that
-steps them (warmup, clipping)."""
+steps them (warmup, clipping); an average of the trained weights (EMA) and running a model with other weights."""
+import contextlib
+
 import torch
 
 import parallel
@@ -63,3 +65,38 @@ class Adafactor(torch.optim.Optimizer):
                 if g["weight_decay"]:
                     p.add_(p, alpha=-g["weight_decay"] * g["lr"])
                 p.add_(update, alpha=-g["lr"])
+
+
+class EMA:
+    """An exponential moving average of the trained tensors, named as the model names them (sharded as they are):
+    --ema's weights, and DiffusionNFT's old policy (Zheng et al. 2025: the trained weights' EMA, decay ramped)."""
+
+    def __init__(self, model):
+        self.values = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model, decay):
+        """values <- decay * values + (1 - decay) * the model's trained tensors."""
+        for n, p in model.named_parameters():
+            if n in self.values:
+                self.values[n].lerp_(p.detach(), 1 - decay)
+
+    def swapped(self, model):
+        """Run the model with the average in place of its trained tensors (they come back after)."""
+        return swapped([p for n, p in model.named_parameters() if n in self.values], list(self.values.values()))
+
+
+@contextlib.contextmanager
+def swapped(params, values):
+    """params hold values for the block, then their own again: a second set of weights in the same model (an EMA,
+    a LoRA run's reference adapters), with no second model in memory."""
+    with torch.no_grad():
+        kept = [p.detach().clone() for p in params]
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, kept):
+                p.copy_(v)

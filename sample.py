@@ -11,6 +11,7 @@ the PNG files.
 Comparisons scored by reward models and preference accuracy are evaluate.py's; AI feedback is relabel.py's.
 """
 import os
+import sys
 from collections import Counter
 from typing import List
 
@@ -109,11 +110,23 @@ class Pipeline:
         return diffusion.decode(self.vae, x)
 
 
+def run_weights(path):
+    """A dpo.py run folder trained with --ema stands for its average (out_dir/ema/, as flow_grpo evaluates); any other
+    path for itself (out_dir/unet, out_dir/lora for the last weights)."""
+    ema = os.path.join(path, "ema") if path and os.path.isdir(path) else None
+    if ema and os.path.isdir(ema) and os.path.isfile(os.path.join(path, "checkpoint.pt")):
+        print(f"{path}: its --ema average ({ema}); {path}/{{unet,transformer,lora}} for the last weights",
+              file=sys.stderr)
+        return ema
+    return path
+
+
 def load_unet(path, unet=None, lora=None, device="cpu", dtype=torch.float32):
     """The denoiser to sample with: path's own or a fine-tuned one (unet), with a LoRA (a dpo.py --lora run's
     out_dir, its lora/ folder, or a diffusers LoRA file) merged in. A fine-tuned one of another family is refused."""
     if unet is not None and not os.path.exists(unet):
         raise CheckpointError(f"UNet path does not exist: {unet}")
+    unet, lora = (run_weights(p) for p in (unet, lora))
     fam = families.of(path)
     if unet is not None and families.of(unet) is not fam:
         raise CheckpointError(f"--unet {unet} is {families.of(unet).title}, the model {path} is {fam.title}: give "
