@@ -275,14 +275,19 @@ def train(args) -> dict:
                     else:
                         loss, numbers = pair_loss(model, ref, inputs, loss_fn, prediction, alphas_cumprod,
                                                   args.amp_dtype)
-                    loss = loss * 0 if batch.get("skip") else loss  # online: every pair a tie, nothing to learn
+                    w = batch.get("weight", 1.0)  # online: the share of the micro-batch's pairs that are not ties
+                    loss = loss * w  # (ties train nothing; so 2 ranks still train as 1 rank does)
                     scale = world if args.loss == "rpo" else 1  # RPO's loss covers every rank's pairs
                     scaler.scale(loss * scale / A).backward()
-                for k, val in {"loss": loss, **numbers, **batch.get("stats", {})}.items():  # online: rewards too
+                numbers = {k: torch.as_tensor(v, dtype=torch.float64, device=dev) * w for k, v in numbers.items()}
+                for k, val in {"loss": loss, **numbers, **batch.get("stats", {}),
+                               **({"weight": w} if "weight" in batch else {})}.items():
                     acc[k] = acc.get(k, 0.0) + torch.as_tensor(val, dtype=torch.float64, device=dev).detach() / A
                 bad.add(batch["bad"])
                 seen += len(batch["pos"])
             rec, seen_all = parallel.mean_over_ranks(acc, seen, dev)
+            if rec.get("weight"):  # online: the loss's numbers as means over the pairs that are not ties
+                rec.update({k: rec[k] / rec["weight"] for k in numbers})
             if not math.isfinite(rec["loss"]):
                 raise ValueError(f"loss is {rec['loss']} at step {step + 1}: stopped; the last good checkpoint "
                                  f"(step {last_ckpt}) is kept in {ck_path if last_ckpt else 'none written yet'}")
@@ -425,7 +430,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--num_workers", None, "data loader processes [4 on cuda, 0 on cpu]", type=int)
     a("--sigma_density", "logit_normal", "flow models: sigma's density", choices=["logit_normal", "mode", "uniform"])
     a("--guidance", None, "a guidance input's value in training (FLUX-dev) [the family's: 3.5]", type=float)
-    a("--demo", None, "without --model: a CPU demo (toy SDXL, FLUX, online)", choices=["sdxl", "flow", "online"])
+    a("--demo", None, "without --model: a CPU demo (toy SDXL, FLUX, online DPO, GRPO, NFT)",
+      choices=["sdxl", "flow", "online", "grpo", "nft"])
     online.add_flags(p)  # --online, --score, --prompts, --samples_per_prompt, ... (their defaults: online.py)
     rl.add_flags(p)  # --loss grpo / nft's: --sampler, --noise_level, --clip_range, --kl, ... (rl.py)
     valid = {"beta": lambda v: v is None or 0 < v < math.inf, "lr": lambda v: v is None or 0 < v < math.inf,

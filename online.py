@@ -262,8 +262,8 @@ class Feed(cache.Feed):
                 if self.save:
                     self.rows.append(self.write_pair(key, step, prompt, pil[w], pil[l], float(s[w]), float(s[l])))
         self.rewards.extend(rewards)
-        b = data.collate(items or ties[:1])  # every pair a tie: one of them, its loss counted 0 (the loop's skip)
-        b["skip"] = not items
+        b = data.collate(items or ties[:1])  # every pair a tie: one of them, its loss counted 0
+        b["weight"] = len(items) / (len(items) + len(ties))  # the loop weighs the loss and its numbers by it
         b["stats"] = {k: torch.tensor(sum(v) / len(v), dtype=torch.float64, device=self.dev)  # the loop logs them
                       for k, v in (("score_mean", rewards), ("score_margin", margins), ("pairs_kept", kept))}
         return b

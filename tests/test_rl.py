@@ -316,3 +316,20 @@ def test_ref_update_with_lora_and_ema(tmp_path, sdxl_dir, prompts, one_thread):
     again = safetensors.torch.load_file(str(tmp_path / "cut" / "ema" / "lora" / f))
     assert all(torch.equal(avg[k], again[k]) for k in avg) and not all(torch.equal(avg[k], last[k]) for k in avg)
     assert sample.run_weights(str(tmp_path / "full")) == os.path.join(str(tmp_path / "full"), "ema")
+
+
+def test_ties_are_trained_by_neither_path_and_sample_from_ref(tmp_path, sdxl_dir, prompts, monkeypatch, one_thread):
+    """A group whose K images all score alike is written with label 0.5 (the offline reader drops it) and trains
+    nothing online either; --sample_from ref samples the frozen reference, whatever the policy learns."""
+    import json
+    import toy
+    monkeypatch.setattr(toy, "area", lambda images, prompts: torch.full((len(images),), 0.5))
+    m = run(tmp_path / "ties", sdxl_dir, prompts, steps=1)
+    assert m[0]["grad_norm"] == 0
+    assert {json.loads(line)["label_0"] for line in open(tmp_path / "ties" / "pairs.jsonl")} == {0.5}
+    monkeypatch.undo()
+    rows = []
+    for lr in ("1e-3", "1e-6"):
+        run(tmp_path / lr, sdxl_dir, prompts, "--sample_from", "ref", "--lr", lr, steps=2)
+        rows.append([(r["score_0"], r["score_1"]) for r in map(json.loads, open(tmp_path / lr / "pairs.jsonl"))])
+    assert rows[0] == rows[1]
