@@ -297,13 +297,18 @@ def test_cli_errors_subprocess(tmp_path):
 
 def test_parse_args_defaults_and_given():
     a = dpo.parse_args(["--model", "m", "--beta", "2000"])
-    assert a.given == ["beta", "model"] and a.loss == "dpo" and a.prompt_dropout == 0.2 and a.resolution is None
+    assert a.given == ["beta", "model"] and a.loss == "dpo" and a.prompt_dropout is None and a.resolution is None
     r = dpo.resolve(a, families.SDXL, world=8)
-    got = (r.resolution, r.warmup, r.optimizer, r.gradient_checkpointing, r.grad_accum)
-    assert got == (1024, 200, "adafactor", True, 256)
+    got = (r.resolution, r.warmup, r.optimizer, r.gradient_checkpointing, r.grad_accum, r.prompt_dropout)
+    assert got == (1024, 200, "adafactor", True, 256, 0.2)
     assert r.lr == pytest.approx(1e-8 * 2048)
     r = dpo.resolve(dpo.parse_args(["--grad_accum", "4", "--batch_size", "2"]), families.SD15, world=1)
     assert (r.resolution, r.warmup, r.optimizer, r.lr) == (512, 500, "adamw", pytest.approx(8e-8))
+    # by run kind (dpo.LR): offline LoRA, and the flow families and online runs drop no prompts
+    r = dpo.resolve(dpo.parse_args(["--lora", "8"]), families.SDXL, world=1)
+    assert (r.lr, r.warmup, r.prompt_dropout) == (1e-5, 200, 0.2)
+    r = dpo.resolve(dpo.parse_args([]), families.FLUX, world=1)
+    assert r.prompt_dropout == 0.0 and r.lr == pytest.approx(1e-8 * 2048)
 
 
 @pytest.mark.parametrize("pred_type", ["epsilon", "v_prediction"])
