@@ -235,20 +235,24 @@ ONLINE_DEFAULTS = dict(lr=2e-6, max_steps=100, batch_size=8, grad_accum=1, warmu
 # (the other online flags keep online.py's defaults, or the user's values)
 ONLINE = dict(online=True, score=["area"], score_specs=online.specs(["area"]), eval_specs=[], sample_steps=10,
               sample_guidance=EVAL["guidance"], eval_every=25, eval_n=24, save_pairs=True, data=None, cache=False)
-# Flow-GRPO and DiffusionNFT from the flow demo's reference (its toy FLUX.1-dev), the rule as the reward, no labels:
-# 4 prompts x 4 samples a step, 10 sampling steps (GRPO: the SDE), 3 of them trained per step (rl.py)
-RL_DEFAULTS = dict(lr=1e-4, max_steps=40, batch_size=4, grad_accum=1, warmup=0)
+# Flow-GRPO, DiffusionNFT and online DPO from the flow demo's reference (its toy FLUX.1-dev), the rule as the reward,
+# no labels, the same 640 sampled images: 40 steps x 4 prompts x 4 samples, 10 sampling steps (GRPO: the SDE; 3 of
+# them trained per step, rl.py), each loss at the learning rate that keeps the shapes (NFT at 1e-4 turns every
+# sample into a full-frame square; online DPO is eq. 14 on each prompt's best vs worst, flow beta)
+RL_DEFAULTS = dict(max_steps=40, batch_size=4, grad_accum=1, warmup=0)
 RL = dict(online=True, score=["area"], score_specs=online.specs(["area"]), eval_specs=[], sample_steps=10,
           eval_steps=FLOW_EVAL["steps"], sample_guidance=FLOW_EVAL["guidance"], eval_every=10, eval_n=24,
-          save_pairs=False, data=None, cache=False, train_steps=0.3, samples_per_prompt=4)
-RL_LOSSES = {"grpo": dict(loss="grpo", sampler="sde", kl=0.04, beta=0.0), "nft": dict(loss="nft", sampler="ode",
-                                                                                      kl=1e-4, beta=1.0)}
+          save_pairs=False, data=None, cache=False, samples_per_prompt=4)
+RL_LOSSES = {"grpo": dict(loss="grpo", sampler="sde", kl=0.04, beta=0.0, lr=1e-4, train_steps=0.3),
+             "nft": dict(loss="nft", sampler="ode", kl=1e-4, beta=1.0, lr=1e-5, train_steps=0.3),
+             "online_flow": dict(loss="dpo", sampler="ode", beta=families.FLOW_BETA["dpo"], lr=2e-5)}
 # The demos: (world, model builder, DPO defaults, evaluation, default out_dir, what the model is)
 DEMOS = {"sdxl": (WORLD, build_model, DPO_DEFAULTS, EVAL, "demo_out", "SDXL-architecture"),
          "flow": (FLOW_WORLD, build_flux, FLOW_DPO_DEFAULTS, FLOW_EVAL, "demo_out_flow", "FLUX.1-dev-architecture"),
          "online": (WORLD, build_model, ONLINE_DEFAULTS, EVAL, "demo_out", "SDXL-architecture"),
          "grpo": (FLOW_WORLD, build_flux, RL_DEFAULTS, FLOW_EVAL, "demo_out_flow", "FLUX.1-dev-architecture"),
-         "nft": (FLOW_WORLD, build_flux, RL_DEFAULTS, FLOW_EVAL, "demo_out_flow", "FLUX.1-dev-architecture")}
+         "nft": (FLOW_WORLD, build_flux, RL_DEFAULTS, FLOW_EVAL, "demo_out_flow", "FLUX.1-dev-architecture"),
+         "online_flow": (FLOW_WORLD, build_flux, RL_DEFAULTS, FLOW_EVAL, "demo_out_flow", "FLUX.1-dev-architecture")}
 
 
 def _train_args(args, user=(), **kw):
@@ -368,7 +372,7 @@ def run(args, train):
             f.write("\n".join(PROMPTS) + "\n")
     dist.barrier()
     build_world(root, args, train, log, demo)
-    out = os.path.join(root, demo if demo in ("online", "grpo", "nft") else "dpo")
+    out = os.path.join(root, "dpo" if demo in ("sdxl", "flow") else demo)
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)  # the demo's own previous result
     dist.barrier()
@@ -378,7 +382,8 @@ def run(args, train):
         done = train(_train_args(args, user=args.given, model=base, out_dir=out,
                                  prompts=os.path.join(root, "prompts.txt"), **ONLINE_DEFAULTS, **ONLINE))
     elif demo in RL_LOSSES:
-        log(f"online {demo}: the policy's own samples, scored by the rule, advantages within each prompt's group")
+        name = {"grpo": "Flow-GRPO", "nft": "DiffusionNFT", "online_flow": "online DPO"}[demo]
+        log(f"{name}: the policy's own samples of the flow demo's reference, scored by the rule (no labels)")
         done = train(_train_args(args, user=args.given, model=base, out_dir=out, prompt_dropout=0.0,
                                  prompts=os.path.join(root, "prompts.txt"), **RL_DEFAULTS, **RL, **RL_LOSSES[demo]))
     else:
@@ -388,7 +393,7 @@ def run(args, train):
     if rank != 0:
         return
     log("eval: sampling reference and DPO model from the same prompts and noise")
-    grid = f"grid_{demo}.png" if demo in ("online", "grpo", "nft") else "grid.png"
+    grid = "grid.png" if demo in ("sdxl", "flow") else f"grid_{demo}.png"
     r = side_by_side(root, os.path.join(out, families.of(base).subfolder), demo, grid)
     dashboard.start(dashboard.parse(args.report_to), out, {}, resume=True)  # --report_to: the grid too
     dashboard.image(done["step"], "demo/grid", Image.open(os.path.join(root, grid)))

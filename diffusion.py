@@ -265,8 +265,9 @@ def sde_step(v, x, sigmas, i, noise_level=0.7, prev=None, generator=None, noise=
     """One step of Flow-GRPO's SDE (Liu et al. 2025, eq. 9) from sigmas[i] to sigmas[i+1] with the same marginals as
     the flow ODE: x' = x + [v + s^2 / (2 sigma) (x + (1 - sigma) v)] dt + s sqrt(-dt) z, s = a sqrt(sigma /
     (1 - sigma)), a = noise_level, dt = sigmas[i+1] - sigmas[i] < 0. At sigma = 1 the ratio uses sigmas[1] for sigma
-    in the denominator (as flow_grpo: 1 - 1 would divide by zero). prev given: the log-probability of that step (training), else a new
-    draw (sampling) of z from generator, or z = noise. v, x (B, C, h, w); sigmas 1-D (the schedule, 0 last).
+    in the denominator (as flow_grpo: 1 - 1 would divide by zero). prev given: the log-probability of that step
+    (training), else a new draw (sampling) of z from generator, or z = noise. v, x (B, C, h, w); sigmas 1-D (the
+    schedule, 0 last).
     -> (prev, log_prob (B,), mean, std)."""
     dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 would overflow in the mean (fp64 stays fp64)
     v, x = v.to(dtype), x.to(dtype)

@@ -1,6 +1,7 @@
 """demo.py: the data set in dpo.py's --data format, the toy model folder (loadable by every tool, its VAE
 reconstructing the world), and (slow) the whole `python dpo.py` demo."""
 import os
+import re
 import subprocess
 import sys
 
@@ -221,3 +222,17 @@ def test_online_demo_end_to_end_prints_the_readme_numbers(tmp_path):
     assert os.path.isfile(tmp_path / "on" / "online" / "pairs.jsonl")
     assert os.path.isfile(tmp_path / "on" / "online" / "online_eval.png")
     assert f"`python dpo.py --demo online` prints `{last}`" in readme, last
+
+
+@pytest.mark.slow
+def test_rl_demos_end_to_end_print_the_readme_numbers(tmp_path):
+    """`python dpo.py --demo grpo` and `--demo nft` (and online DPO at the same budget, `--demo online_flow`), from
+    the flow demo's reference, the area rule as the reward: their last lines are the README's, with the issue's
+    bounds (win rate >= 0.9, fidelity not below the reference's, the training reward up)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for name in ("grpo", "nft", "online_flow"):
+        out, last, w, f_ref, f_dpo = run_demo(tmp_path / "rl", "--demo", name)
+        assert w >= 0.9 and f_dpo >= f_ref, last
+        first, final = map(float, re.search(r"training reward ([\d.]+) -> ([\d.]+)", out).groups())
+        assert final > first, out[-2000:]
+        assert f"`python dpo.py --demo {name}` prints `{last}`" in readme, last
