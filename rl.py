@@ -185,7 +185,9 @@ class Feed(online.Feed):
                                     [sum(flat), float(len(positions))], dtype=torch.float64)
         self.rewards.extend(r.view(-1, self.K).mean(1).tolist())
         adv = objectives.group_advantages(r, groups)
-        stats = {"reward_mean": r.mean(), "reward_std": r.std(unbiased=False), "zero_std_groups": sum(flat) / len(flat)}
+        spread = torch.stack([r[groups == g].std(unbiased=False) for g in range(len(positions))]).mean()
+        stats = {"reward_mean": r.mean(), "reward_std": spread, "zero_std_groups": sum(flat) / len(flat)}  # (a
+        # group's std, averaged: what the advantages divide by, the same on any number of ranks)
         return dict(lats=torch.stack(lats), lps=torch.stack(lps), cond=cond, adv=adv.float(), scale=scale,
                     sched=sched, step=stochastic, pos=torch.tensor(positions),
                     stats={k: torch.as_tensor(float(v), dtype=torch.float64, device=self.dev)

@@ -190,3 +190,51 @@ def summary(rows):
                  ", ".join(f"{names.get(k, k)} {v:.1f}" for k, v in parts)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Online RL (rl.py): GRPO and NFT
+
+
+def rl_rows(models, online_rows, training_rows=(), modes=("full", "lora"), log=print):
+    """GRPO and NFT rows beside online DPO's: rl.py samples as online.py does (the trajectories and their
+    log-probabilities are kept on the CPU, the SDE adds one noise tensor a step), so the sampling phase is online
+    DPO's row; each micro-step then trains one denoising step of the K x batch_size samples (twice the images
+    with classifier-free guidance) with the reference's forward beside it (GRPO's KL, NFT's), which the training
+    plan counts as its own step at that many images (half as many pairs); NFT adds its old policy, a copy of the
+    trained tensors, and one more forward without grad (transient, as the reference's)."""
+    out = []
+    for model in models:
+        for mode in modes:
+            tic = time.time()
+            dpo_row = next(r for r in online_rows if (r["model"], r["mode"]) == (model["name"], mode)
+                           and not whatif(r))
+            tl = sampler_timeline(model, mode)
+            images = tl["batch"]  # K x batch_size (1 prompt, dpo.py's default), x2 with CFG: one trained step's
+            pairs = max(1, images // 2)
+            train = training_row(model, mode, dict(tl, batch_size=pairs), training_rows)
+            for loss in ("grpo", "nft"):
+                old = tl["trained"] if loss == "nft" else 0  # NFT's old policy: the trained tensors again
+                training = train["peak_bytes"] + tl["scorer"] + old
+                top = max(dpo_row["sampling_bytes"] + old, training)
+                out.append(dict(model=model["name"], mode=mode, loss=loss, samples=tl["samples"], images=images,
+                                sampling_gb=round((dpo_row["sampling_bytes"] + old) / GiB, 3),
+                                training_gb=round(training / GiB, 3), old_policy_gb=round(old / GiB, 3),
+                                peak_bytes=int(top), peak_gb=round(top / GiB, 3),
+                                at="sampling" if dpo_row["sampling_bytes"] + old >= training else "training",
+                                fits={str(g): memplan.fits(top, g) for g in memplan.GPUS}))
+            log(f"# {model['name']} {mode} online RL rows in {time.time() - tic:.1f} s")
+    return out
+
+
+def rl_summary(rows):
+    """docs/memory.md's online RL table."""
+    lines = ["| model | mode | loss | samples (images a trained step) | sampling peak GiB | training step GiB (+ scorer"
+             ", + old policy) | old policy GiB | peak GiB | fits |", "|---" * 9 + "|"]
+    for r in rows:
+        mode = f"LoRA {memplan.LORA_RANK}" if r["mode"] == "lora" else "full"
+        cells = [memplan.title(r["model"]), mode, r["loss"], f"{r['samples']} ({r['images']})",
+                 f"{r['sampling_gb']:.1f}", f"{r['training_gb']:.1f}", f"{r['old_policy_gb']:.1f}",
+                 f"{r['peak_gb']:.1f} ({r['at']})", memplan.smallest_gpu(r)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)

@@ -227,6 +227,12 @@ def plan(opts, argv):
     print("\nOnline DPO (dpo.py --online): the peak while sampling inside a step (bench/plan_online.py), beside the "
           "training step's:")
     print(plan_online.summary(online))
+    rl_models = [s for s in specs if s["name"] in ("sdxl", "flux-dev")]  # the two: a UNet and a transformer
+    if rl_models:
+        rl = plan_online.rl_rows(rl_models, online, rows, log=lambda msg: print(msg, flush=True))
+        print("\nOnline RL (dpo.py --online --loss grpo|nft, rl.py): sampling as online DPO's, one trained denoising "
+              "step of the K samples per micro-step, NFT's old policy:")
+        print(plan_online.rl_summary(rl))
     print(f"# {len(rows)} configurations in {time.time() - tic:.0f} s; GiB = 2^30 bytes; a GPU of G GiB fits a peak P "
           f"when 1.05 P + 0.75 GiB <= G")
     if opts.plan_out:

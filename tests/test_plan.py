@@ -345,3 +345,21 @@ def test_the_flow_rows_of_the_real_models():
         assert full["breakdown_gb"]["weights"] == pytest.approx(fp32, abs=1e-3)
         assert fsdp["peak_bytes"] < full["peak_bytes"] and lo["peak_bytes"] < full["peak_bytes"]
         assert by[(m, "lora", 1, True, "cache")]["peak_bytes"] < lo["peak_bytes"]
+
+
+@pytest.mark.slow
+def test_rl_rows_are_online_dpos_phases_with_the_trained_step_and_nfts_old_policy():
+    """GRPO and NFT sample as online DPO does; a micro-step trains K x batch images (the training plan's step at half
+    as many pairs); NFT holds its old policy, a copy of the trained tensors, through both phases."""
+    online = plan_online.plan([ONLINE], log=lambda msg: None)
+    rows = plan_online.rl_rows([ONLINE], online, log=lambda msg: None)
+    assert {(r["mode"], r["loss"]) for r in rows} == {(m, x) for m in ("full", "lora") for x in ("grpo", "nft")}
+    for mode in ("full", "lora"):
+        grpo, nft = (next(r for r in rows if (r["mode"], r["loss"]) == (mode, x)) for x in ("grpo", "nft"))
+        tl = plan_online.sampler_timeline(ONLINE, mode)
+        train = plan_online.training_row(ONLINE, mode, dict(tl, batch_size=max(1, tl["batch"] // 2)))
+        assert grpo["training_gb"] == round((train["peak_bytes"] + tl["scorer"]) / 2 ** 30, 3)
+        assert grpo["old_policy_gb"] == 0 and nft["old_policy_gb"] == round(tl["trained"] / 2 ** 30, 3) > 0
+        assert nft["peak_bytes"] - grpo["peak_bytes"] == tl["trained"]
+        dpo_row = next(r for r in online if r["mode"] == mode and not plan_online.whatif(r))
+        assert grpo["sampling_gb"] == dpo_row["sampling_gb"] and grpo["peak_bytes"] >= dpo_row["sampling_bytes"]

@@ -333,3 +333,39 @@ def test_ties_are_trained_by_neither_path_and_sample_from_ref(tmp_path, sdxl_dir
         run(tmp_path / lr, sdxl_dir, prompts, "--sample_from", "ref", "--lr", lr, steps=2)
         rows.append([(r["score_0"], r["score_1"]) for r in map(json.loads, open(tmp_path / lr / "pairs.jsonl"))])
     assert rows[0] == rows[1]
+
+
+def test_two_ranks_match_one_rank_and_fsdp_matches_ddp(tmp_path, flux_dir, prompts):
+    """GRPO with 2 prompts per step: 1 rank x 2 and 2 ranks x 1 (DDP, then FSDP2 over FLUX's blocks, in one torchrun:
+    tests/ddp_runs.py) sample the same groups and train the same steps; NFT's old policy too under DDP."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import dpo
+    from test_online import ENV, flags
+    from tiny import ROOT
+    keys = ("loss", "reward_mean", "reward_std", "clip_frac", "kl")
+    for loss, modes in (("grpo", ("ddp", "fsdp")), ("nft", ("ddp",))):
+        common = flags(tmp_path / "x", flux_dir, prompts, "--loss", loss, "--samples_per_prompt", "3",
+                       "--sample_steps", "3", steps=2)
+        dpo.main(common[:common.index("--out_dir")] + ["--out_dir", str(tmp_path / f"{loss}_one")] +
+                 common[common.index("--out_dir") + 2:])
+        common[common.index("--batch_size") + 1] = "1"
+        i = common.index("--out_dir")
+        del common[i:i + 2]
+        argv = [a for m in modes for a in ("::", "--out_dir", str(tmp_path / f"{loss}_{m}"),
+                                           *(["--fsdp"] if m == "fsdp" else []))]
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            os.path.join(ROOT, "tests", "ddp_runs.py"), *common, *argv], env=ENV, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        one = [json.loads(line) for line in open(tmp_path / f"{loss}_one" / "metrics.jsonl")]
+        for m in modes:
+            two = [json.loads(line) for line in open(tmp_path / f"{loss}_{m}" / "metrics.jsonl")]
+            assert len(one) == len(two) == 2
+            for a, b in zip(one, two):
+                for k in keys:
+                    if a.get(k) is not None:
+                        assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (loss, m, k, a, b)
+                assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-3 * max(1e-6, a["grad_norm"]), (loss, m, a, b)
