@@ -336,6 +336,9 @@ def resolve(args, family, world, device="cpu", native=None, config=None):
         raise ValueError(f"--channels_last is for a UNet's convolutions; {name} is a {family.kind}: drop it")
     if "guidance" in given and not config.get("guidance_embeds"):
         raise ValueError(f"--guidance feeds FLUX-dev's guidance embedding; this {name} model has none: drop it")
+    if args.loss == "nft" and not family.flow:
+        raise ValueError(f"--loss nft (DiffusionNFT) trains a flow model's velocity; {name} is a {family.kind}: use "
+                         "--loss grpo (DDPO's, with DDIM) or online dpo")
     if "sigma_density" in given and not family.flow:
         raise ValueError(f"--sigma_density draws a flow model's sigma; {name} draws integer timesteps: drop it")
     if args.fsdp and world == 1:

@@ -66,8 +66,6 @@ def check(p, args):
         p.error(f"--{named[0]} is a flag of --loss grpo / nft")
     if not args.online:
         return
-    if args.loss == "nft" and "old_decay" not in args.given:
-        args.old_decay = 0.5
     args.sampler = args.sampler or ("sde" if args.loss == "grpo" else "ode")
     if args.loss == "grpo" and args.sampler == "ode":
         p.error("--loss grpo needs the step probabilities of a stochastic sampler: --sampler sde (or drop it)")

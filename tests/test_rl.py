@@ -267,6 +267,7 @@ def test_rl_losses_train_and_resume_exactly(loss, family, extra, tmp_path, promp
     (["--loss", "grpo", "--sde_window", "30"], "--sde_window 30 must be at most --sample_steps 2"),
     (["--clip_range", "0.1"], "--clip_range is a flag of --loss grpo / nft"),
     (["--loss", "nft", "--train_steps", "1.5"], "--train_steps is a share of the steps in (0, 1], got 1.5"),
+    (["--loss", "nft"], "--loss nft (DiffusionNFT) trains a flow model's velocity; SDXL is a UNet"),
 ])
 def test_bad_rl_input_is_one_line(extra, message, tmp_path, sdxl_dir, prompts, capsys):
     import tiny
