@@ -129,15 +129,20 @@ class DDIM:
         a = self.ac[self.timesteps[i]]
         return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
 
-    def step(self, out, i, x):
+    def predicted(self, out, i, x):
+        """(x0, eps, a, a_prev) at step i: the clean sample and the noise the model's output stands for (eq. 12)."""
         t = int(self.timesteps[i])
-        a, a_prev = self.ac[t], (self.ac[t - self.gap] if t - self.gap >= 0 else self.final)
+        a, a_prev = self.ac[t].to(x), (self.ac[t - self.gap] if t - self.gap >= 0 else self.final).to(x)
         if self.cfg["prediction_type"] == "v_prediction":
             x0, eps = a ** 0.5 * x - (1 - a) ** 0.5 * out, a ** 0.5 * out + (1 - a) ** 0.5 * x
         else:
             x0, eps = (x - (1 - a) ** 0.5 * out) / a ** 0.5, out
         if self.cfg["clip_sample"]:
             x0 = x0.clamp(-1, 1)
+        return x0, eps, a, a_prev
+
+    def step(self, out, i, x):
+        x0, eps, _, a_prev = self.predicted(out, i, x)
         return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
 
 
@@ -288,15 +293,7 @@ def ddim_step(sched, out, i, x, eta=1.0, prev=None, generator=None, noise=None):
     s = eta sqrt((1 - a_prev) / (1 - a) (1 - a / a_prev)). -> (prev, log_prob (B,), mean, std)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     out, x = out.to(dtype), x.to(dtype)
-    t = int(sched.timesteps[i])
-    a = sched.ac[t].to(x)
-    a_prev = (sched.ac[t - sched.gap] if t - sched.gap >= 0 else sched.final).to(x)
-    if sched.cfg["prediction_type"] == "v_prediction":
-        x0, eps = a ** 0.5 * x - (1 - a) ** 0.5 * out, a ** 0.5 * out + (1 - a) ** 0.5 * x
-    else:
-        x0, eps = (x - (1 - a) ** 0.5 * out) / a ** 0.5, out
-    if sched.cfg["clip_sample"]:
-        x0 = x0.clamp(-1, 1)
+    x0, eps, a, a_prev = sched.predicted(out, i, x)
     std = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
     mean = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
     if prev is None:
