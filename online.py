@@ -243,8 +243,7 @@ class Feed(cache.Feed):
             i = self.dataset.index(p)
             prompt = self.dataset.prompts[i]
             noise = self.noise(p, self.K, 0x5A3).split(a.sample_batch)  # K noises, made in calls of sample_batch
-            pil = [to_pil(x) for n in noise for x in self.generate(self.sampler, [prompt] * len(n), n)]
-            x = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in pil]) / 255.0
+            pil, x = eight_bit(torch.cat([self.generate(self.sampler, [prompt] * len(n), n) for n in noise]))
             each, s = self.score(self.scorers, x, [prompt] * self.K)  # (K,) on the 8-bit images, as saved
             self.counts += torch.tensor([float((~torch.isfinite(v)).sum()) for v in each.values()] +
                                         [float(s.max() == s.min()), 1.0], dtype=torch.float64)
@@ -406,6 +405,13 @@ class Feed(cache.Feed):
         if self.rank == 0 and history:
             save_png(chart(history), os.path.join(self.args.out_dir, "online_eval.png"))
             self.log(verdict(history))
+
+
+def eight_bit(images):
+    """Images (B, 3, H, W) in [0, 1] -> (their 8-bit PIL images, as saved, and those as (B, 3, H, W) in [0, 1]): what
+    the scorers rank and the training reads, the same as a run's pairs.jsonl gives offline."""
+    pil = [to_pil(x) for x in images]
+    return pil, torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in pil]) / 255.0
 
 
 def load_scorers(specs, dev, dtype) -> dict:

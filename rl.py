@@ -23,14 +23,12 @@ The held-out check, its chart, the reward-hacking warning and every other online
 """
 import time
 
-import numpy as np
 import torch
 
 import data
 import diffusion
 import objectives
 import online
-from images import to_pil
 
 LOSSES = ("grpo", "nft")
 KL = {"grpo": 0.04, "nft": 1e-4}  # flow_grpo's SD3.5 config; DiffusionNFT's
@@ -174,9 +172,7 @@ class Feed(online.Feed):
             lps.append(lp.float())
         images = torch.cat([diffusion.decode(v, z[None]) for z in x])
         self.seconds["sampling"] += time.time() - tic
-        pil = [to_pil(im) for im in images]
-        x8 = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in pil])
-        each, r = self.score(self.scorers, x8 / 255.0, prompts)  # (N,) on the 8-bit images, as saved
+        each, r = self.score(self.scorers, online.eight_bit(images)[1], prompts)  # (N,) on the 8-bit images
         groups = torch.arange(len(positions)).repeat_interleave(self.K)
         flat = [float(r[groups == g].max() == r[groups == g].min()) for g in range(len(positions))]
         self.counts += torch.tensor([float((~torch.isfinite(t)).sum()) for t in each.values()] +
