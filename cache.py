@@ -6,6 +6,7 @@ The cache holds scaled VAE latents (and with --latents sample their posterior st
 and, for Diffusion-RPO with --rpo_clip, CLIP's prompt and image embeddings, in safetensors shards of 1024 items per
 rank, with meta.json saying what was cached. One crop/flip per item is frozen into it (drawn as in epoch 0).
 """
+import contextlib
 import json
 import os
 
@@ -26,10 +27,11 @@ from weights import atomic, save_json, save_safetensors
 # A batch -> the denoiser's inputs
 
 
-def encoders(model, dev, dtype, tokenizer=None, vae_dtype=torch.float32):
+def encoders(model, dev, dtype, tokenizer=None, vae_dtype=torch.float32, quantize=None):
     """(text encoders in dtype, VAE in vae_dtype) of a model path: what turns prompts and images into the denoiser's
-    inputs (training keeps the VAE in fp32, as the official code)."""
-    return clip.load(model, dev, dtype, tokenizer=tokenizer), vaelib.load(model, dev, vae_dtype)
+    inputs (training keeps the VAE in fp32, as the official code). quantize: the text encoders' Linear layers in that
+    format, as the base's (--quantize; the VAE, small and convolutional, stays as it is)."""
+    return clip.load(model, dev, dtype, tokenizer=tokenizer, quantize=quantize), vaelib.load(model, dev, vae_dtype)
 
 
 def model_inputs(batch, drop, dev, family, encoders=None, empty=None, latent_noise=None, bf16=False,
@@ -133,8 +135,9 @@ def training_set(args, pairs, dev, rank, world, log):
     singles = pairs.singles if pairs is not None else bool(meta and meta.get("singles"))
     if singles and args.loss != "kto":  # one image has no second to compare with; refused before anything is written
         raise ValueError(f"{args.data or args.cache_dir} holds single labelled images: train them with --loss kto")
-    if not args.cache and pairs is not None:
-        te, v = encoders(args.model, dev, args.amp_dtype, args.tokenizer)
+    if not args.cache and pairs is not None:  # (--offload_encoders: kept on the CPU, Feed brings them for each batch)
+        where = torch.device("cpu") if args.offload_encoders else dev
+        te, v = encoders(args.model, where, args.amp_dtype, args.tokenizer, quantize=args.quantize)
         dataset = PreferenceDataset(pairs, args.resolution, args.seed, args.random_crop, not args.no_flip)
         return dataset, (te, v), None, v.downsample
     if meta is None and pairs is None:
@@ -159,6 +162,19 @@ def training_set(args, pairs, dev, rank, world, log):
     dataset = Cache(args.cache_dir, args.seed)
     empty = {k: None if v is None else v.to(dev) for k, v in dataset.empty.items()}
     return dataset, None, empty, dataset.meta["downsample"]
+
+
+@contextlib.contextmanager
+def on_device(models, dev):
+    """--offload_encoders: models (the text encoders and the VAE) on dev only inside, on the CPU again after
+    (diffusers' model CPU offload): the training step's peak does not hold them, for a copy each way per batch."""
+    for m in models or ():
+        m.to(dev)
+    try:
+        yield
+    finally:
+        for m in models or ():
+            m.to("cpu")
 
 
 class Feed:
@@ -208,9 +224,11 @@ class Feed:
     def __call__(self, batch, drop, latent_noise=None):
         """(z, cond) of a batch: model_inputs with this run's encoders or cache."""
         a = self.args
-        return model_inputs(batch, drop, self.dev, self.family, self.encoders, self.empty, latent_noise,
-                            a.amp_dtype == torch.bfloat16, a.resolution if a.time_ids == "official" else None,
-                            a.guidance)
+        with on_device(self.encoders if a.offload_encoders else (), self.dev):
+            return model_inputs(batch, drop, self.dev, self.family, self.encoders, self.empty, latent_noise,
+                                a.amp_dtype == torch.bfloat16, a.resolution if a.time_ids == "official" else None,
+                                a.guidance)
+
 
     def after_step(self, step):
         """What a feed does after optimizer step `step` (online.Feed: its pairs, the reference, the held-out check)."""

@@ -35,7 +35,7 @@ RESUME_SAME = ("loss", "beta", "pairs_per_step", "lr", "warmup", "optimizer", "w
                "columns", "online", "score", "prompts", "samples_per_prompt", "pairs", "min_margin", "ref_update",
                "sample_steps", "sample_guidance", "eval_score", "eval_prompts", "eval_n",  # (a held-out history of one)
                "ema", "sample_from", "sampler", "noise_level", "clip_range", "adv_clip", "kl", "train_steps",
-               "sde_window", "old_decay", "eval_steps")
+               "sde_window", "old_decay", "eval_steps", "quantize")
 # rl.py's: the samples' reward, the share of groups whose K rewards are equal (no signal), GRPO's clipped share of
 # ratios, approximate KL to the sampler and KL to the reference, NFT's deviation from its old policy
 RL_METRICS = ("reward_mean", "reward_std", "zero_std_groups", "clip_frac", "approx_kl", "kl", "old_deviation")

@@ -221,16 +221,16 @@ def _hf_name(key):
     return key if key.startswith(("text_model.", "text_projection")) else "text_model." + key
 
 
-def _load_folder(folder, device, dtype):
+def _load_folder(folder, device, dtype, quantize=None):
     ckpt = Checkpoint(find_weights(folder, "model"))
     keys = [k for k in ckpt.keys() if not k.endswith("position_ids")]  # a buffer older files saved
     with torch.device("meta"):
         model = TextTransformer(read_config(folder), projection="text_projection.weight" in keys)
     return load_module(model, {_hf_name(k): (lambda k=k: ckpt[k]) for k in keys}, dtype, device,
-                       f"text encoder ({folder})")
+                       f"text encoder ({folder})", quantize)
 
 
-def _load_single(ckpt, prefix, layout, cfg, device, dtype, projection):
+def _load_single(ckpt, prefix, layout, cfg, device, dtype, projection, quantize=None):
     keys = [k for k in ckpt.keys() if k.startswith(prefix) and not k.startswith("text_encoders.t5xxl")]
     with torch.device("meta"):
         model = TextTransformer(cfg, projection=projection)
@@ -250,7 +250,7 @@ def _load_single(ckpt, prefix, layout, cfg, device, dtype, projection):
                 sources[name] = lambda src=src, a=part * n: ckpt[src][a:a + n].clone()
             else:
                 sources[name] = lambda src=src: ckpt[src]
-    return load_module(model, sources, dtype, device, f"text encoder ({ckpt.files[0]}, {prefix}*)")
+    return load_module(model, sources, dtype, device, f"text encoder ({ckpt.files[0]}, {prefix}*)", quantize)
 
 
 def _clip_prefix(fam):
@@ -331,13 +331,14 @@ def _tokenizer(spec, folder, length, what, capped=True):
     return spec.module.Tokenizer(where, max_length=length)
 
 
-def load(path, device="cpu", dtype=torch.float32, tokenizer=None, t5_file=None, max_length=None):
+def load(path, device="cpu", dtype=torch.float32, tokenizer=None, t5_file=None, max_length=None, quantize=None):
     """Tokenizers + text encoders of the model in path, as its family's record lists them (families.py): a diffusers
     root (or its text_encoder/ folder), a single SDXL / SD1.5 / SD3.5 .safetensors file, or FLUX's split
     clip_l.safetensors with t5_file=t5xxl_fp16.safetensors. Single files hold no tokenizer: CLIP's comes from
     clip_bpe/ unless tokenizer= names a diffusers model folder (tokenizer/, tokenizer_2/) or a tokenizer folder; T5's
     from tokenizer= (its tokenizer_3/ or tokenizer_2/, or a folder with tokenizer.json). max_length: T5's token count
-    (default: the family pipeline's, or the tokenizer's model_max_length where smaller)."""
+    (default: the family pipeline's, or the tokenizer's model_max_length where smaller). quantize: the encoders'
+    Linear layers stored in that format (fp8, int8, nf4: kernels.quantized_linear), as a quantized run's base."""
     kind, where = component(path, "text_encoder")
     if kind == "file":
         ckpt, config = Checkpoint(path), {}
@@ -354,15 +355,15 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None, t5_file=None, 
         if kind == "folder":
             folder = os.path.join(root, spec.folder)
             here = not spec.optional or os.path.isdir(folder)
-            enc = None if not here else _load_folder(folder, device, dtype) if spec.module is None else \
-                spec.module.load(folder, device, dtype)
+            enc = None if not here else _load_folder(folder, device, dtype, quantize) if spec.module is None else \
+                spec.module.load(folder, device, dtype, quantize)
         elif spec.module is None:  # a stored config (save() writes one) wins over the released encoder's
             prefix, layout, meta = spec.single
             cfg = json.loads(ckpt.metadata[meta]) if meta in ckpt.metadata else spec.config
-            enc = _load_single(ckpt, prefix, layout, cfg, device, dtype, spec.projection)
+            enc = _load_single(ckpt, prefix, layout, cfg, device, dtype, spec.projection, quantize)
         else:  # t5_file, or the file itself (SD3.5's hold T5 under a prefix; without it, as diffusers allows: None)
             here = t5_file is not None or spec.module.in_file(ckpt)
-            enc = spec.module.load(t5_file or path, device, dtype) if here else None
+            enc = spec.module.load(t5_file or path, device, dtype, quantize) if here else None
         present.append(enc is not None)
         if enc is not None:
             (clips if spec.module is None else others).append((spec, enc))

@@ -159,12 +159,13 @@ def reference(model, dtype):
 
 
 def build_models(source, dtype, lora_rank=None, lora_alpha=None, lora_targets=None, seed=0, reference_free=False,
-                 gradient_checkpointing=False):
-    """(policy, reference or None, trained parameters). source(dtype): the starting denoiser in dtype, norms in fp32
-    (train: --unet_init or --model). Full fine-tune: fp32 master weights for the policy, a frozen reference in the
-    compute dtype. LoRA: one frozen base in the compute dtype with fp32 adapters, the reference with them off."""
+                 gradient_checkpointing=False, quantize=None):
+    """(policy, reference or None, trained parameters). source(dtype, quantize): the starting denoiser in dtype, norms
+    in fp32 (train: --unet_init or --model). Full fine-tune: fp32 master weights for the policy, a frozen reference in
+    the compute dtype. LoRA: one frozen base in the compute dtype (its Linears in the quantize format, if given) with
+    fp32 adapters, the reference with them off: the same quantized base, so eq. 14 still starts at log 2."""
     if lora_rank:
-        policy = reference(source(dtype), dtype)
+        policy = reference(source(dtype, quantize), dtype)
         trained = lora.add(policy, lora_rank, lora_alpha, lora_targets, seed=seed)
         ref = None if reference_free else lora.reference(policy)
     else:
@@ -209,9 +210,10 @@ def train(args) -> dict:
     torch.manual_seed(data.seed_for(args.seed, rank, 0x5EED))
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
-    policy, ref, trained = build_models(lambda dtype: fam.load(args.unet_init or args.model, dev, dtype, torch.float32),
+    policy, ref, trained = build_models(lambda dtype, q=None: fam.load(args.unet_init or args.model, dev, dtype,
+                                                                       torch.float32, q),
                                         args.amp_dtype, args.lora, args.lora_alpha, fam.lora_targets, args.seed,
-                                        args.loss in REFERENCE_FREE, args.gradient_checkpointing)
+                                        args.loss in REFERENCE_FREE, args.gradient_checkpointing, args.quantize)
     for m in (policy, ref) if args.channels_last else ():
         if isinstance(m, torch.nn.Module):
             m.to(memory_format=torch.channels_last)
@@ -344,6 +346,12 @@ def resolve(args, family, world, device="cpu", native=None, config=None):
     if args.fsdp and world == 1:
         raise ValueError("--fsdp shards the model over ranks: start with torchrun --nproc_per_node N, N > 1 "
                          "(on one rank drop --fsdp)")
+    if args.quantize and not args.lora:
+        raise ValueError("--quantize stores a LoRA run's frozen base; a full fine-tune trains every weight, and its "
+                         "reference must equal the starting policy (eq. 14: log 2 at step 0): add --lora RANK")
+    if args.quantize == "fp8" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        raise ValueError(f"--quantize fp8 needs a GPU with float8 (sm_89+: Ada, Hopper); this one is sm_"
+                         f"{''.join(map(str, torch.cuda.get_device_capability()))}: use int8 or nf4")
     if args.fsdp and args.dtype == "fp16":
         raise ValueError("--fsdp takes --dtype bf16 or fp32 (fp16 would need a sharded gradient scaler)")
     args = argparse.Namespace(**vars(args))
@@ -418,11 +426,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--gradient_checkpointing", None, "[the family's: on for SDXL]", action=argparse.BooleanOptionalAction)
     a("--lora", None, "train rank-N LoRA adapters on a frozen base, the reference [full fine-tune]", type=int)
     a("--lora_alpha", None, "LoRA scale alpha/rank [alpha = rank]", type=float)
+    a("--quantize", None, "LoRA runs: the frozen base and text encoders stored in this format", choices=kernels.FORMATS)
     a("--fsdp", False, "FSDP2: shard weights, gradients, optimizer state, the reference", action="store_true")
     a("--compile", False, "torch.compile the policy", action="store_true")
     a("--channels_last", False, "channels_last memory format for the UNets", action="store_true")
     a("--cache", False, "precompute latents and text embeddings, train without the encoders", action="store_true")
     a("--cache_dir", None, "[out_dir/cache]")
+    a("--offload_encoders", False, "text encoders and VAE on the CPU, on the GPU only to encode a batch (no --cache)",
+      action="store_true")
     a("--max_bad_frac", 0.01, "stop when more than this fraction of pairs is unreadable", type=float)
     a("--save_single", False, "also write out_dir/unet.safetensors (original single-file layout)", action="store_true")
     a("--tokenizer", None, "tokenizer folder override for clip.load")

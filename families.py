@@ -122,9 +122,10 @@ class Family:
     layouts: tuple = ("diffusers",)  # how a trained denoiser can be saved ("single": the original single file)
     time_ids: bool = False  # SDXL's size and crop conditioning
 
-    def load(self, path, device="cpu", dtype=torch.float32, norm_dtype=None):
-        """The denoiser of a model path, straight into dtype (norms and other non-layer tensors into norm_dtype)."""
-        return self.module.load(path, device, dtype, norm_dtype=norm_dtype)
+    def load(self, path, device="cpu", dtype=torch.float32, norm_dtype=None, quantize=None):
+        """The denoiser of a model path, straight into dtype (norms and other non-layer tensors into norm_dtype; its
+        Linear layers into a quantize format, kernels.quantized_linear)."""
+        return self.module.load(path, device, dtype, norm_dtype=norm_dtype, quantize=quantize)
 
     def save(self, model, path, layout="diffusers", metadata=None):
         """path/ config.json + diffusion_pytorch_model.safetensors that diffusers loads; "single": one original file."""
@@ -338,9 +339,9 @@ def of(path) -> Family:
                           "folder")
 
 
-def load(path, device="cpu", dtype=torch.float32, norm_dtype=None):
-    """The denoiser of a model path, whatever its family (of), straight into dtype."""
-    return of(path).load(path, device, dtype, norm_dtype)
+def load(path, device="cpu", dtype=torch.float32, norm_dtype=None, quantize=None):
+    """The denoiser of a model path, whatever its family (of), straight into dtype (its Linears into quantize)."""
+    return of(path).load(path, device, dtype, norm_dtype, quantize)
 
 
 def of_model(model) -> Family:

@@ -338,9 +338,10 @@ def read_config(path) -> dict:
     return _open(path)[0]
 
 
-def load(path, device="cpu", dtype=torch.float32, norm_dtype=None):
+def load(path, device="cpu", dtype=torch.float32, norm_dtype=None, quantize=None):
     """A FLUX transformer from a diffusers folder (root or transformer/) or a BFL single file, straight into dtype
-    (norm scales and position tables into norm_dtype when given: weights.layer_dtypes)."""
+    (norm scales and position tables into norm_dtype when given: weights.layer_dtypes; quantize: its Linear layers
+    in that format, weights.load_module)."""
     config, ckpt, prefix = _open(path)
     try:
         with torch.device("meta"):
@@ -353,7 +354,7 @@ def load(path, device="cpu", dtype=torch.float32, norm_dtype=None):
     else:
         dim = m.config["num_attention_heads"] * m.config["attention_head_dim"]
         sources = converted(ckpt, m.state_dict(), prefix, dim, what)
-    return weights.load_module(m, sources, weights.layer_dtypes(m, dtype, norm_dtype), device, what)
+    return weights.load_module(m, sources, weights.layer_dtypes(m, dtype, norm_dtype), device, what, quantize)
 
 
 def save(m, path, layout="diffusers", metadata=None):

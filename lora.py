@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import families
+import kernels
 import optim
 import weights
 
@@ -39,17 +40,25 @@ def _kind(prefix) -> str:
 
 
 class LoRALinear(nn.Linear):
-    """A Linear plus a switchable low-rank update; weight and bias keep their names, so base checkpoints load."""
+    """A Linear plus a switchable low-rank update; weight and bias keep their names, so base checkpoints load. A
+    quantized base (kernels.QuantLinear, --quantize) stays one: its codes in `quantized`, the bias here."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base, rank: int, alpha: float):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-        self.weight, self.bias = base.weight, base.bias  # the base parameters themselves, not copies
+        self.quantized = base if isinstance(base, kernels.QuantLinear) else None
+        self.weight = base.weight if self.quantized is None else None  # the base parameters themselves, not copies
+        self.bias = base.bias
+        if self.quantized is not None:
+            self.quantized.bias = None  # (the bias lives here, under its checkpoint name)
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
         self.scale, self.enabled = alpha / rank, True
 
     def forward(self, x):  # x (..., in)
-        y = F.linear(x, self.weight, self.bias)  # (..., out) the base layer, exactly as nn.Linear
+        if self.quantized is None:
+            y = F.linear(x, self.weight, self.bias)  # (..., out) the base layer, exactly as nn.Linear
+        else:
+            y = kernels.qlinear(x, self.quantized.weight, self.bias)  # (..., out) W dequantized in the matmul
         if not self.enabled:
             return y
         return y + self.scale * self.lora_B(self.lora_A(x))
@@ -64,7 +73,8 @@ def add(unet: nn.Module, rank: int, alpha: float = None, targets=None, seed: int
     alpha = float(rank if alpha is None else alpha)
     targets = families.of_model(unet).lora_targets if targets is None else targets
     unet.requires_grad_(False)
-    names = [n for n, m in unet.named_modules() if type(m) is nn.Linear and n.endswith(tuple(targets))]
+    names = [n for n, m in unet.named_modules() if type(m) in (nn.Linear, kernels.QuantLinear)
+             and n.endswith(tuple(targets))]
     if not names:
         raise ValueError(f"LoRA: no Linear layer of the UNet ends in any of {', '.join(targets)}")
     g = torch.Generator().manual_seed(seed)

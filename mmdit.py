@@ -395,9 +395,10 @@ def read_config(path) -> dict:
     return _open(path)[0]
 
 
-def load(path, device="cpu", dtype=torch.float32, norm_dtype=None):
+def load(path, device="cpu", dtype=torch.float32, norm_dtype=None, quantize=None):
     """An MMDiT from a diffusers folder (root or transformer/) or an original single file, straight into dtype
-    (norm scales and position tables into norm_dtype when given: weights.layer_dtypes)."""
+    (norm scales and position tables into norm_dtype when given: weights.layer_dtypes; quantize: its Linear layers
+    in that format, weights.load_module)."""
     config, ckpt, prefix = _open(path)
     try:
         with torch.device("meta"):
@@ -409,7 +410,7 @@ def load(path, device="cpu", dtype=torch.float32, norm_dtype=None):
         sources = converted(ckpt, prefix, m.state_dict(), m.config["num_layers"] - 1, what)
     else:
         sources = {k: (lambda k=k: ckpt[k]) for k in ckpt.keys()}
-    return weights.load_module(m, sources, weights.layer_dtypes(m, dtype, norm_dtype), device, what)
+    return weights.load_module(m, sources, weights.layer_dtypes(m, dtype, norm_dtype), device, what, quantize)
 
 
 def save(m, path, layout="diffusers", metadata=None):

@@ -88,6 +88,9 @@ def check(p, args):
         return
     if args.data:
         p.error("--online makes its own pairs: drop --data (or --online to train on it)")
+    if args.offload_encoders:
+        p.error("--offload_encoders is for offline runs: an online run samples with its encoders every step, which "
+                "keep them on the GPU (with --quantize they are quantized as the base)")
     if not args.prompts:
         p.error("--online needs --prompts FILE (one prompt per line) or --prompts parti")
     if not args.score:
@@ -178,7 +181,7 @@ class Feed(cache.Feed):
         self.eval_scorers = load_scorers(args.eval_specs, dev, args.amp_dtype)
         prompts = [p for p, _ in data.read_prompts(args.prompts)]
         self.eval_prompts = [p for p, _ in data.read_prompts(args.eval_prompts or args.prompts)]
-        te, v = cache.encoders(args.model, dev, args.amp_dtype, args.tokenizer)
+        te, v = cache.encoders(args.model, dev, args.amp_dtype, args.tokenizer, quantize=args.quantize)
         source = (Prompts(prompts, args.seed), (te, v), None, v.downsample)  # (dataset, encoders, empty, downsampling)
         super().__init__(args, family, None, channels, dev, rank, world, log, source=source)
         self.policy, self.ref, self.rank, self.world, self.log = policy, ref, rank, world, log

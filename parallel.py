@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
+import kernels
+
 
 def setup(device):
     """torchrun's env:// rendezvous, or a 1-process group of our own, so the loop is the same for 1 and N."""
@@ -53,7 +55,12 @@ def wrap(policy, fsdp, dtype, dev, blocks):
     if fsdp:
         return shard(policy, dtype, blocks)
     ids = [dev.index] if dev.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(policy, device_ids=ids, gradient_as_bucket_view=True)
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # a quantized base's codes and scales (kernels.QuantLinear's buffers) are each rank's own load of the same file:
+    # DDP neither broadcasts them at the start (gigabytes for FLUX; fp8 has no collective) nor before each forward
+    codes = [f"{n}.{b}" for n, m in policy.named_modules() if isinstance(m, kernels.QuantLinear) for b in m._buffers]
+    ddp._set_params_and_buffers_to_ignore_for_model(policy, codes)
+    return ddp(policy, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def full(t):

@@ -256,11 +256,12 @@ def in_file(ckpt) -> bool:
     return any(k.endswith(REL) for k in ckpt.keys())
 
 
-def load(path, device="cpu", dtype=torch.float32):
+def load(path, device="cpu", dtype=torch.float32, quantize=None):
     """T5 encoder from a transformers folder (config.json + model*.safetensors, sharded or not) or one .safetensors
     file in transformers' key names (ComfyUI's t5xxl_fp16.safetensors; keys may sit under a prefix such as
     text_encoders.t5xxl.transformer.). Built on the meta device, read one tensor at a time straight into dtype;
-    in fp16 each DenseReluDense.wo stays fp32, as transformers keeps it (_keep_in_fp32_modules, fp16 only)."""
+    in fp16 each DenseReluDense.wo stays fp32, as transformers keeps it (_keep_in_fp32_modules, fp16 only).
+    quantize: its Linear layers in that format (weights.load_module)."""
     if not os.path.exists(path):
         raise CheckpointError(f"T5 encoder path does not exist: {path}")
     if os.path.isdir(path):
@@ -280,4 +281,4 @@ def load(path, device="cpu", dtype=torch.float32):
         model = T5Encoder(cfg)
     dtypes = {name: torch.float32 if dtype == torch.float16 and name.endswith(".wo.weight") else dtype
               for name in model.state_dict()}
-    return load_module(model, _sources(ckpt, prefix), dtypes, device, f"T5 encoder ({path})").eval()
+    return load_module(model, _sources(ckpt, prefix), dtypes, device, f"T5 encoder ({path})", quantize).eval()

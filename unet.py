@@ -389,9 +389,10 @@ def read_config(path) -> dict:
     return _open(path)[0]
 
 
-def load(path, device="cpu", dtype=torch.float32, norm_dtype=None):
+def load(path, device="cpu", dtype=torch.float32, norm_dtype=None, quantize=None):
     """A UNet from a diffusers folder (root or unet/) or an original single .safetensors, straight into dtype
-    (norm layers into norm_dtype when given: the frozen models keep fp32 norms, see dpo.reference)."""
+    (norm layers into norm_dtype when given: the frozen models keep fp32 norms, see dpo.reference); quantize: its
+    Linear layers stored in that format (weights.load_module)."""
     config, ckpt, table, pred = _open(path)
     try:
         with torch.device("meta"):
@@ -406,7 +407,7 @@ def load(path, device="cpu", dtype=torch.float32, norm_dtype=None):
     norms = {f"{n}.{p}" for n, m in u.named_modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))
              for p in ("weight", "bias")}
     dtypes = {name: norm_dtype if norm_dtype is not None and name in norms else dtype for name in names}
-    weights.load_module(u, sources, dtypes, device, f"UNet {path}")
+    weights.load_module(u, sources, dtypes, device, f"UNet {path}", quantize)
     u.prediction_type = pred
     return u
 

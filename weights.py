@@ -16,6 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import kernels
+
 
 class CheckpointError(Exception):
     """A problem with a user's checkpoint, worded as one line the user can act on."""
@@ -181,12 +183,14 @@ def _names(keys, limit=8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_module(module: torch.nn.Module, sources: Mapping[str, Source], dtype, device, what: str):
+def load_module(module: torch.nn.Module, sources: Mapping[str, Source], dtype, device, what: str, quantize=None):
     """Strict key-for-key load of a (meta-built) module; each tensor goes straight to dtype/device (dtype: one
     for all, or a dict name -> dtype).
 
     sources maps the module's own state_dict names to tensors or to thunks that produce them, so a
-    converted layout is read one tensor at a time and never held twice in memory.
+    converted layout is read one tensor at a time and never held twice in memory. quantize ("fp8", "int8", "nf4"):
+    every Linear whose weight the format can store becomes a frozen kernels.QuantLinear, its weight quantized as it
+    is read (one layer in dtype at a time: the model never exists whole in dtype).
     """
     expected = module.state_dict()
     missing = expected.keys() - sources.keys()
@@ -198,7 +202,10 @@ def load_module(module: torch.nn.Module, sources: Mapping[str, Source], dtype, d
         if unexpected:
             msg.append(f"unexpected keys: {_names(unexpected)}")
         raise CheckpointError("; ".join(msg))
-    state = {}
+    linears = {} if quantize is None else {
+        f"{n}.weight": n for n, m in module.named_modules()
+        if type(m) is torch.nn.Linear and kernels.quantizable(quantize, m.weight.shape)}
+    state, quantized = {}, {}
     for name, ref in expected.items():
         src = sources[name]
         t = src() if callable(src) else src
@@ -206,7 +213,16 @@ def load_module(module: torch.nn.Module, sources: Mapping[str, Source], dtype, d
             raise CheckpointError(f"{what}: shape mismatch for {name}: checkpoint {tuple(t.shape)}, "
                                   f"model {tuple(ref.shape)}")
         want = dtype[name] if isinstance(dtype, dict) else dtype
-        state[name] = t.to(device=device, dtype=want if t.is_floating_point() else t.dtype)
+        t = t.to(device=device, dtype=want if t.is_floating_point() else t.dtype)
+        if name in linears:
+            quantized[linears[name]] = kernels.quantize(t, quantize)  # (t, this layer in dtype, is freed here)
+        elif quantize and t.device.type == "cpu":  # safetensors hands out views of the whole mapped file: one kept
+            state[name] = t.clone()  # view would keep every weight's pages resident beside their codes
+        else:
+            state[name] = t
+    for layer, q in quantized.items():  # the Linears become QuantLinears, their biases kept as they are
+        parent, _, child = layer.rpartition(".")
+        setattr(module.get_submodule(parent), child, kernels.QuantLinear(q, state.get(f"{layer}.bias")))
     module.load_state_dict(state, strict=True, assign=True)
     for name, b in module.named_buffers():
         if b.is_meta:

@@ -7,11 +7,13 @@ Steps, in order of what matters most if time runs out, each in its own process w
 so one failure or hang costs only its step; together 535, within --budget's 540):
   kernel_tests 100          the GPU kernel tests (bf16 forward and every gradient against the fp32 references)
   step_sdxl 60              bench/step.py: an SDXL DPO step at 1024^2, ours vs a diffusers-UNet trainer, same run
-  kernel_bench 110          kernels/bench.py --quick: attention vs every SDPA backend (the SDXL, SD1.5, SD3.5-medium
-                            and FLUX-dev shapes), the loss kernel vs eager / torch.compile and copy bandwidth
+  kernel_bench 95           kernels/bench.py --quick: attention vs every SDPA backend (the SDXL, SD1.5, SD3.5-medium
+                            and FLUX-dev shapes), the loss kernel vs eager / torch.compile and copy bandwidth, the
+                            quantized linear (fp8, int8, nf4) vs dequantize-then-F.linear
   step_flux_dev_lora64 80   FLUX.1-dev's LoRA-64 DPO step at 1024^2, ours vs diffusers' transformer with peft's LoRA
   step_sd35m_lora64 55      the same for SD3.5-medium
-  step_sdxl_lora64 30, step_sdxl_nockpt_b2 30, step_sdxl_sdpa 30, step_sd15_b4 40: the memory tiers and the
+  step_flux_dev_lora64_nf4 50  ours on an nf4 base (dpo.py --quantize nf4): time and memory beside the bf16 base's
+  step_sdxl_lora64 30, step_sdxl_nockpt_b2 20, step_sdxl_sdpa 20, step_sd15_b4 25: the memory tiers and the
                             attention backends, measured torch.cuda.max_memory_allocated beside `bench/step.py
                             --plan`'s prediction
 Every bench/step.py step runs fewer timed steps than its default (its flags in STEPS) to fit the 9 minutes.
@@ -38,12 +40,14 @@ SHORT = ["--steps", "4", "--warmup", "1"]
 STEPS = [("sdxl", "sdxl", ["--steps", "6", "--warmup", "2"], {}, 60),
          ("flux_dev_lora64", "flux-dev", ["--lora", "64", "--steps", "3", "--warmup", "1"], {}, 80),
          ("sd35m_lora64", "sd35-medium", ["--lora", "64", "--steps", "3", "--warmup", "1"], {}, 55),
+         ("flux_dev_lora64_nf4", "flux-dev", ["--impl", "ours", "--lora", "64", "--quantize", "nf4", "--steps", "3",
+                                              "--warmup", "1"], {}, 50),
          ("sdxl_lora64", "sdxl", ["--impl", "ours", "--lora", "64", *SHORT], {}, 30),
          ("sdxl_nockpt_b2", "sdxl", ["--impl", "ours", "--no-gradient_checkpointing", "--batch_size", "2", *SHORT], {},
-          30),
-         ("sdxl_sdpa", "sdxl", ["--impl", "ours", *SHORT], {"DPO_KERNELS": "torch"}, 30),
-         ("sd15_b4", "sd15", ["--batch_size", "4", *SHORT], {}, 40)]
-BUDGET = {"tests": 100, "bench": 110}  # seconds of the kernel tests and kernels/bench.py --quick
+          20),
+         ("sdxl_sdpa", "sdxl", ["--impl", "ours", *SHORT], {"DPO_KERNELS": "torch"}, 20),
+         ("sd15_b4", "sd15", ["--batch_size", "4", *SHORT], {}, 25)]
+BUDGET = {"tests": 100, "bench": 95}  # seconds of the kernel tests and kernels/bench.py --quick
 
 
 def plan(args, out):
@@ -142,6 +146,14 @@ def tables(out) -> list:
             pct = "-" if gbs is None else f"{100 * gbs / float(r['copy_gbs']):.0f}%"
             lines.append(f"| {r['shape']} | {r['impl']} | {num(r['ms'], '.3f')} | {num(r['gbs'], '.0f')} | {pct} |")
         lines.append("")
+    qlin = read_csv(os.path.join(out, "quantized_linear.csv"))
+    if qlin:
+        lines += ["### Quantized linear, bf16 activations, ms (kernels/bench.py --quick)", "",
+                  "| shape (M, N, K) | format | impl | fwd ms | fwd + dx ms |", "|---|---|---|---|---|"]
+        for r in qlin:
+            lines.append(f"| {r['shape']} ({r['M']}, {r['N']}, {r['K']}) | {r['format']} | {r['impl']} | "
+                         f"{num(r['fwd_ms'], '.3f')} | {num(r['fwddx_ms'], '.3f')} |")
+        lines.append("")
     step = read_csv(os.path.join(out, "step.csv"))
     if step:
         lines += ["### One DPO optimizer step (bench/step.py)", "",
@@ -171,7 +183,7 @@ def main(argv=None):
         args.budget = 1800 if args.dry_run else 540
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    for f in ("attention.csv", "dpo_loss.csv", "step.csv"):  # this run's numbers only
+    for f in ("attention.csv", "dpo_loss.csv", "quantized_linear.csv", "step.csv"):  # this run's numbers only
         if os.path.exists(os.path.join(out, f)):
             os.remove(os.path.join(out, f))
     import torch

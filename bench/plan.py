@@ -65,11 +65,28 @@ from bench import models
 from bench.shadow import Counter, allocated, materialize
 
 GiB = 2 ** 30
-GPUS = (12, 16, 24, 32, 40, 48, 80)  # GiB of the GPUs each row is checked against
+GPUS = (8, 12, 16, 24, 32, 40, 48, 80)  # GiB of the GPUs each row is checked against
 LORA_RANK = 64
-# What the tiers are for: (model, mode, FSDP ranks (1: DDP), encoders ("gpu", "cache"; None: either), GPU GiB)
+# What the tiers are for: (model, mode, FSDP ranks (1: DDP), encoders ("gpu", "cache"; None: either), GPU GiB); a mode
+# "lora-FMT" is a LoRA run with --quantize FMT (its text encoders quantized too: "gpu" is encoders in the run itself)
+RUN = ("gpu", "offload")  # the encoders in the run itself (on the GPU throughout, or only while encoding): no --cache
 GOALS = (("flux-dev", "lora", 1, "gpu", 40), ("flux-dev", "lora", 1, "cache", 24), ("sd35-large", "lora", 1, None, 24),
-         ("sd35-medium", "lora", 1, None, 16), ("flux-dev", "full", 8, None, 80), ("flux-dev", "full", 8, None, 40))
+         ("sd35-medium", "lora", 1, None, 16), ("flux-dev", "full", 8, None, 80), ("flux-dev", "full", 8, None, 40),
+         ("flux-dev", "lora-fp8", 1, RUN, 24), ("flux-dev", "lora-nf4", 1, RUN, 16),
+         ("sd35-large", "lora-nf4", 1, RUN, 16), ("sdxl", "lora-nf4", 1, RUN, 8))
+QUANTIZED = ("fp8", "int8", "nf4")  # the --quantize formats planned (kernels.FORMATS)
+
+
+def modes(mode):
+    """(LoRA rank or None, --quantize format or None) of a plan mode: "full", "lora" or "lora-FMT"."""
+    kind, _, fmt = mode.partition("-")
+    return (LORA_RANK if kind == "lora" else None), (fmt or None)
+
+
+def mode_title(mode) -> str:
+    """A plan mode in the tables' words."""
+    rank, fmt = modes(mode)
+    return "full" if rank is None else f"LoRA {rank}" + (f", {fmt} base" if fmt else "")
 
 
 def title(name) -> str:
@@ -117,25 +134,32 @@ def cuda_like():
 # The step on shadow tensors
 
 
-def settings(model, batch_size, gradient_checkpointing, lora_rank=None):
+def settings(model, batch_size, gradient_checkpointing, lora_rank=None, quantize=None):
     """dpo.py's resolved arguments on CUDA for this model (optimizer, lr, beta, bf16, ...) and these choices."""
     return models.settings(model, "cuda", batch_size=batch_size, gradient_checkpointing=gradient_checkpointing,
-                           lora=lora_rank)
+                           lora=lora_rank, quantize=quantize)
+
+
+def codes(module):
+    """The tensors of module's quantized layers (their codes and scales), to tag as weights."""
+    return [b for m in module.modules() if isinstance(m, kernels.QuantLinear) for b in m.buffers()]
 
 
 def build(model, args, counter):
     """(policy, reference, trained parameters) as dpo.train builds them (dpo.build_models), tagged for the counter."""
     fam = model["family"]
 
-    def source(dtype):  # a fresh fp32 denoiser of the model, its tensors made under the counter (fp32, as
-        with torch.device("meta"):  # dpo.reference casts its layers to the compute dtype)
+    def source(dtype, quantize=None):  # a fresh fp32 denoiser of the model, its tensors made under the counter (fp32,
+        with torch.device("meta"):  # as dpo.reference casts its layers to the compute dtype), its Linears quantized
             u = fam.model(model["config"])
-        return materialize(u, torch.float32)
+        u = materialize(u, torch.float32)
+        return kernels.quantize_linears(u, quantize, dtype) if quantize else u  # (on shadows: shapes, no values)
     policy, ref, trained = dpo.build_models(source, args.amp_dtype, args.lora, args.lora_alpha, fam.lora_targets,
-                                            args.seed, args.loss in dpo.REFERENCE_FREE, args.gradient_checkpointing)
+                                            args.seed, args.loss in dpo.REFERENCE_FREE, args.gradient_checkpointing,
+                                            args.quantize)
     if not args.lora:
         counter.tag(ref.parameters(), "reference")
-    counter.tag(policy.parameters(), "weights")
+    counter.tag([*policy.parameters(), *codes(policy)], "weights")
     counter.casting = {counter.serial(p) for p in policy.parameters() if p.dtype == torch.float32 and p.requires_grad}
     policy.train()
     return policy, ref, trained
@@ -165,14 +189,16 @@ def ready(model, args, counter, scaler):
 
 
 def family_timelines(model, mode, configs, args=None, shadow=True, lora_rank=LORA_RANK, autocast_cache=False):
-    """Steps of one model and mode ("full" or "lora") on one pair of models: the optimizer's window once, then one
+    """Steps of one model and mode ("full", "lora", "lora-FMT": modes) on one pair of models: the optimizer's window
+    once, then one
     window (inputs .. end of backward) per (gradient_checkpointing, batch_size) in configs. args: dpo.py's resolved
     arguments (default: dpo.py's on CUDA for this model); shadow=False runs on real CPU tensors (to check counts);
     autocast_cache: as if dpo.pair_loss's autocast had this cache_enabled (False: dpo.py's run)."""
     counter = Counter(shadow)
     out = dict(counter=counter, windows={})
     if args is None:
-        args = settings(model, configs[0][1], configs[0][0], lora_rank if mode == "lora" else None)
+        rank, fmt = modes(mode)
+        args = settings(model, configs[0][1], configs[0][0], lora_rank if rank else None, fmt)
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # dpo.py's, unless fp16
     fam = model["family"]
     with cuda_like(), counter:
@@ -236,8 +262,9 @@ def tokenizer(n):
     return lambda prompts: torch.zeros((len(prompts), n), dtype=torch.long)
 
 
-def encoders(model, amp_dtype, counter):
-    """(text encoders, VAE) made under the counter as clip.load(amp_dtype) and vae.load(fp32) make them, tagged."""
+def encoders(model, amp_dtype, counter, quantize=None):
+    """(text encoders, VAE) made under the counter as clip.load(amp_dtype, quantize=) and vae.load(fp32) make them,
+    tagged."""
     fam = model["family"]
     with torch.device("meta"):
         text = [clip.TextTransformer(c, projection=e.projection) if e.module is None else e.model(c)
@@ -245,18 +272,19 @@ def encoders(model, amp_dtype, counter):
         v = vaelib.AutoencoderKL(model["vae"], fam.vae.scaling_factor, shift_factor=fam.vae.shift_factor)
     tokenizers = [tokenizer(n) for n in model["lengths"]]
     te = materialize(clip.TextEncoders(text, tokenizers, fam), amp_dtype)
+    te = kernels.quantize_linears(te, quantize, amp_dtype) if quantize else te
     v = materialize(v, torch.float32)  # as cache.training_set: vae.load(..., torch.float32)
-    counter.tag([*te.parameters(), *v.parameters()], "encoders")
+    counter.tag([*te.parameters(), *codes(te), *v.parameters()], "encoders")
     return te, v
 
 
-def encode(model, batch_size):
+def encode(model, batch_size, quantize=None):
     """(encoder weights, cache.model_inputs's peak above them) in bytes, built as clip.load and vae.load build them."""
     args = settings(model, batch_size, True)
     res = model["resolution"]
     counter = Counter()
     with cuda_like(), counter:
-        te, v = encoders(model, args.amp_dtype, counter)
+        te, v = encoders(model, args.amp_dtype, counter, quantize)
         first = counter.mark("encode")
         B = batch_size
         batch = {"pixels": torch.empty(B, 2, 3, res, res), "caption": ["a photo"] * B, "time_ids": torch.empty(B, 2, 6)}
@@ -280,9 +308,10 @@ def fsdp_units(tl):
     return {"forward": root + pairs, "reference": 2 * root + pairs, "backward": root + back}
 
 
-def peak(tl, window, wrapper="none", world=1, enc=None):
+def peak(tl, window, wrapper="none", world=1, enc=None, offload=False):
     """One rank's peak (bytes), the phase it is in, and what is alive then (bytes per kind, plus "wrapper": the DDP
-    buckets or the gathered FSDP units) for one window of a family's timeline. enc: (encoder weights, encode peak)."""
+    buckets or the gathered FSDP units) for one window of a family's timeline. enc: (encoder weights, encode peak);
+    offload: the encoders on the GPU only while they encode (--offload_encoders)."""
     scale, extra, const = {}, {}, 0
     if wrapper == "ddp":
         scale, const, extra = {"grads": 0.0}, tl["trained"], {"backward": tl["largest"]}
@@ -290,12 +319,13 @@ def peak(tl, window, wrapper="none", world=1, enc=None):
         scale = {k: 1.0 / world for k in ("weights", "reference", "optimizer", "grads")} | {"casts": 0.0}
         extra = fsdp_units(tl)
     phases = {p for _, p in tl["counter"].marks}
-    total = {p: extra.get(p, 0) + const + (enc[0] if enc else 0) for p in phases}
+    total = {p: extra.get(p, 0) + const + (enc[0] if enc and not offload else 0) for p in phases}
     if enc is not None:
-        total["inputs"] += enc[1]  # the encode phase, before the step's inputs exist
+        total["inputs"] += enc[1] + (enc[0] if offload else 0)  # the encode phase, before the step's inputs exist
     value, phase, live = tl["counter"].replay(*window, scale, total)
     parts = {k: scale.get(k, 1.0) * v for k, v in live.items()}
-    parts["encoders"] = (enc[0] + (enc[1] if phase == "inputs" else 0)) if enc else 0
+    parts["encoders"] = (enc[0] * (not offload or phase == "inputs") + (enc[1] if phase == "inputs" else 0)) \
+        if enc else 0
     parts["wrapper"] = extra.get(phase, 0) + const
     return value, phase, parts
 
@@ -305,30 +335,33 @@ def fits(peak_bytes, gpu_gib):
     return peak_bytes * 1.05 + 0.75 * GiB <= gpu_gib * GiB
 
 
-def best(tl, window, wrapper="none", world=1, enc=None):
+def best(tl, window, wrapper="none", world=1, enc=None, offload=False):
     """The peak of a step: its window's (inputs .. backward) or the optimizer's, whichever is higher."""
-    step, update = peak(tl, window, wrapper, world, enc), peak(tl, tl["optimizer"], wrapper, world, enc)
+    step, update = peak(tl, window, wrapper, world, enc, offload), peak(tl, tl["optimizer"], wrapper, world, enc,
+                                                                        offload)
     return step if step[0] >= update[0] else update
 
 
 def row(model, mode, world, ckpt, B, encoders, tl, enc):
-    """One configuration of the training plan (dpo.py: DDP on one rank or more, FSDP over world ranks)."""
+    """One configuration of the training plan (dpo.py: DDP on one rank or more, FSDP over world ranks); encoders:
+    "gpu", "offload" (--offload_encoders) or "cache"."""
     value, phase, parts = best(tl, tl["windows"][(ckpt, B)], "fsdp" if world > 1 else "ddp", world,
-                               enc if encoders == "gpu" else None)
+                               enc if encoders in ("gpu", "offload") else None, encoders == "offload")
     return dict(model=model["name"], mode=mode, fsdp_world=world, gradient_checkpointing=ckpt, batch_size=B,
                 resolution=model["resolution"], encoders=encoders, parallel="fsdp" if world > 1 else "ddp",
                 peak_gb=round(value / GiB, 3),
                 peak_bytes=int(value), phase=phase, optimizer=tl["optimizer_name"],
-                lora_rank=LORA_RANK if mode == "lora" else None,
+                lora_rank=modes(mode)[0], quantize=modes(mode)[1],
                 autocast_cache=tl["autocast_cache"],
                 breakdown_gb={k: round(v / GiB, 3) for k, v in parts.items()},
                 fits={str(g): fits(value, g) for g in GPUS})
 
 
-def plan(specs, batches=(1, 2, 4), log=print):
+def plan(specs, batches=(1, 2, 4), log=print, formats=QUANTIZED):
     """Every row of the README's table: model x (full + DDP, LoRA + DDP, full + FSDP over 8 ranks) x checkpointing
-    on/off x batch x encoders (on the GPU, or --cache); then, for the first model, the full fine-tune at batch 1
-    with checkpointing as if dpo.pair_loss's autocast cached its bf16 weight copies (what-if rows). specs: the models
+    on/off x batch x encoders (on the GPU, or --cache), and LoRA on a quantized base in each of formats (the first
+    batch size, encoders quantized with it); then, for the first model, the full fine-tune at batch 1 with
+    checkpointing as if dpo.pair_loss's autocast cached its bf16 weight copies (what-if rows). specs: the models
     (bench/models.py's spec)."""
     rows, whatif = [], []
     for model in specs:
@@ -347,14 +380,22 @@ def plan(specs, batches=(1, 2, 4), log=print):
                 for ckpt, B in configs:
                     for encoders in ("gpu", "cache"):
                         rows.append(row(model, mode, world, ckpt, B, encoders, tl, enc[B]))
+        for fmt in formats:
+            tic, B = time.time(), batches[0]
+            configs, enc_q = [(True, B), (False, B)], encode(model, B, fmt)
+            tl = family_timelines(model, f"lora-{fmt}", configs)
+            log(f"# {model['name']} lora, {fmt} base: {len(configs)} steps on shadow tensors in "
+                f"{time.time() - tic:.1f} s")
+            rows += [row(model, f"lora-{fmt}", 1, ckpt, B, e, tl, enc_q) for ckpt, B in configs
+                     for e in ("gpu", "offload", "cache")]
     return rows + whatif
 
 
 def predict(model, args):
     """The peak of the step bench/step.py times (one process, no wrapper, inputs on the device): bytes, phase,
     parts."""
-    tl = family_timelines(model, "lora" if args.lora else "full", [(args.gradient_checkpointing, args.batch_size)],
-                          args)
+    mode = "full" if not args.lora else f"lora-{args.quantize}" if args.quantize else "lora"
+    tl = family_timelines(model, mode, [(args.gradient_checkpointing, args.batch_size)], args)
     return best(tl, tl["windows"][(args.gradient_checkpointing, args.batch_size)])
 
 
@@ -389,17 +430,19 @@ def smallest_gpu(r):
 
 
 def summary(rows):
-    """The README's table: one line per configuration, encoders on the GPU beside --cache, and what fills the peak."""
-    lines = ["| model | mode | ranks | ckpt | pairs/rank | peak GiB (encoders on GPU) | fits | peak GiB (`--cache`) | "
-             "fits | largest parts at the peak (encoders on GPU), GiB |", "|---" * 10 + "|"]
+    """The README's table: one line per configuration, encoders on the GPU beside --offload_encoders (planned for the
+    quantized bases) and --cache, and what fills the peak."""
+    lines = ["| model | mode | ranks | ckpt | pairs/rank | peak GiB (encoders on GPU) | fits | peak GiB "
+             "(`--offload_encoders`) | fits | peak GiB (`--cache`) | fits | largest parts at the peak (encoders on "
+             "GPU), GiB |", "|---" * 12 + "|"]
     by = {(r["model"], r["mode"], r["fsdp_world"], r["gradient_checkpointing"], r["batch_size"], r["encoders"]): r
           for r in rows}
     for key in dict.fromkeys(k[:5] for k in by):
-        gpu, cached = by.get(key + ("gpu",)), by.get(key + ("cache",))
+        gpu, off, cached = (by.get(key + (e,)) for e in ("gpu", "offload", "cache"))
         model, mode, world, ckpt, B = key
-        cells = [title(model), f"LoRA {LORA_RANK}" if mode == "lora" else mode,
+        cells = [title(model), mode_title(mode),
                  f"FSDP {world}" if world > 1 else "DDP", "on" if ckpt else "off", B]
-        for r in (gpu, cached):
+        for r in (gpu, off, cached):
             cells += [f"{r['peak_gb']:.1f}", smallest_gpu(r)] if r else ["-", "-"]
         cells.append(largest(gpu or cached))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -414,15 +457,15 @@ def goals(rows, wanted=GOALS):
                 f"pair{'s' if r['batch_size'] > 1 else ''}/rank: {P:.2f} GiB (1.05 P + 0.75 = {1.05 * P + 0.75:.2f})")
     lines = []
     for model, mode, world, encoders, gpu in wanted:
-        what = (f"{title(model)} {'LoRA ' + str(LORA_RANK) if mode == 'lora' else 'full fine-tune'}, "
+        what = (f"{title(model)} {'full fine-tune' if mode == 'full' else mode_title(mode)}, "
                 f"{'FSDP over ' + str(world) + ' ranks' if world > 1 else 'DDP'}, <= {gpu} GB")
         parts = []
-        for enc in (encoders,) if encoders else ("gpu", "cache"):
+        for enc in (encoders if isinstance(encoders, tuple) else (encoders,)) if encoders else ("gpu", "cache"):
             mine = [r for r in rows if not r["autocast_cache"]
                     and (r["model"], r["mode"], r["fsdp_world"], r["encoders"]) == (model, mode, world, enc)]
             if not mine:
                 continue
-            where = "encoders on the GPU" if enc == "gpu" else "--cache"
+            where = {"gpu": "encoders on the GPU", "offload": "--offload_encoders", "cache": "--cache"}[enc]
             small = min(mine, key=lambda r: r["peak_bytes"])
             ok = [r for r in mine if fits(r["peak_bytes"], gpu)]
             if ok:

@@ -70,7 +70,8 @@ def sampler_timeline(model, mode, K=None, shadow=True, lora_rank=memplan.LORA_RA
     """online.Feed.generate counted on shadows (shadow=False: on real tensors, to check them); the rest: what-ifs."""
     flags = online_defaults()
     K = K or flags.samples_per_prompt
-    args = memplan.settings(model, 1, None, lora_rank if mode == "lora" else None)
+    rank, fmt = memplan.modes(mode)
+    args = memplan.settings(model, 1, None, lora_rank if rank else None, fmt)
     fam, res, cfg = model["family"], model["resolution"], model["config"]
     default = fam.sampling_defaults(cfg)[0]  # online.Feed's guidance: the family pipeline's
     cfg_scale, embed = diffusion.guidance_inputs(fam, cfg, default if flags.sample_guidance is None
@@ -85,7 +86,7 @@ def sampler_timeline(model, mode, K=None, shadow=True, lora_rank=memplan.LORA_RA
             if isinstance(val, torch.Tensor):
                 setattr(sched, k, val.clone())
         policy, ref, trained, opt = memplan.ready(model, args, counter, torch.amp.GradScaler("cpu", enabled=False))
-        te, v = memplan.encoders(model, args.amp_dtype, counter)
+        te, v = memplan.encoders(model, args.amp_dtype, counter, fmt)
         score = scorer_model(scorer, args.amp_dtype, counter)
         prompts, noise = ["a photo"] * K, torch.randn(K, C, h, h)
         first = counter.mark("conditions")
@@ -131,7 +132,7 @@ def training_row(model, mode, tl, rows=()):
                 r["autocast_cache"]) == (model["name"], mode, 1, ckpt, B, "gpu", False):
             return r
     train = memplan.family_timelines(model, mode, [(ckpt, B)])
-    return memplan.row(model, mode, 1, ckpt, B, "gpu", train, memplan.encode(model, B))
+    return memplan.row(model, mode, 1, ckpt, B, "gpu", train, memplan.encode(model, B, memplan.modes(mode)[1]))
 
 
 def row(model, mode, tl, train):
@@ -142,7 +143,7 @@ def row(model, mode, tl, train):
     return dict(model=model["name"], mode=mode, resolution=model["resolution"], samples=tl["samples"],
                 denoiser_batch=tl["batch"], guidance=tl["guidance"], sample_steps=tl["steps"], scorer=SCORER[0],
                 optimizer=tl["optimizer_name"], gradient_checkpointing=tl["gradient_checkpointing"],
-                lora_rank=memplan.LORA_RANK if mode == "lora" else None, autocast_cache=tl["autocast_cache"],
+                lora_rank=memplan.modes(mode)[0], quantize=memplan.modes(mode)[1], autocast_cache=tl["autocast_cache"],
                 vae_batch=tl["vae_batch"], sampling_bytes=int(value), sampling_gb=round(value / GiB, 3),
                 sampling_phase=phase, sampling_breakdown_gb={k: round(v / GiB, 3) for k, v in parts.items()},
                 training_bytes=int(training), training_gb=round(training / GiB, 3), training_phase=train["phase"],
@@ -153,8 +154,9 @@ def row(model, mode, tl, train):
 WHATIFS = ((True, None), (True, 1))  # (autocast cache, latents per VAE decode: None all K) other than online.py's
 
 
-def plan(models, training_rows=(), modes=("full", "lora"), log=print):
-    """The online rows (full, LoRA; DDP) reusing the training plan's rows, and the first model's WHATIFS as well."""
+def plan(models, training_rows=(), modes=("full", "lora", "lora-nf4"), log=print):
+    """The online rows (full, LoRA, LoRA on an nf4 base; DDP) reusing the training plan's rows, and the first model's
+    WHATIFS as well."""
     out = []
     for i, model in enumerate(models):
         for mode in modes:
@@ -162,7 +164,7 @@ def plan(models, training_rows=(), modes=("full", "lora"), log=print):
             tl = sampler_timeline(model, mode)
             train = training_row(model, mode, tl, training_rows)
             out.append(row(model, mode, tl, train))
-            for cache, n in WHATIFS if i == 0 else ():
+            for cache, n in WHATIFS if i == 0 and mode != "lora-nf4" else ():
                 out.append(row(model, mode, sampler_timeline(model, mode, autocast_cache=cache, vae_batch=n), train))
             log(f"# {model['name']} {mode} online sampling on shadow tensors in {time.time() - tic:.1f} s")
     return out
@@ -183,7 +185,7 @@ def summary(rows):
         how = "" if not whatif(r) else "; " + ", ".join(
             (["autocast cache on"] if r["autocast_cache"] else [])
             + ([f"decode {r['vae_batch']} at a time"] if r["vae_batch"] != 1 else []))
-        mode = (f"LoRA {r['lora_rank']}" if r["lora_rank"] else "full") + how
+        mode = memplan.mode_title(r["mode"]) + how
         cells = [memplan.title(r["model"]), mode, f"{r['samples']} ({r['denoiser_batch']})",
                  f"{r['sampling_gb']:.1f}", r["sampling_phase"], f"{r['training_gb']:.1f}",
                  f"{r['peak_gb']:.1f} ({r['at']})", memplan.smallest_gpu(r),

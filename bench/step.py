@@ -77,6 +77,8 @@ def parse_args(argv):
     a("--csv", help="append one row per impl to this CSV file")
     a("--lora", type=int, help="a LoRA step of this rank (dpo.py --lora): frozen base, fp32 adapters (diffusers' "
       "through peft)")
+    a("--quantize", choices=kernels.FORMATS, help="with --lora: the frozen base in this format (dpo.py --quantize); "
+      "--impl ours only")
     a("--predict", action=argparse.BooleanOptionalAction, default=True,
       help="print bench/plan.py's predicted peak memory beside the measured one")
     a("--plan", action="store_true", help="no timing: the predicted peak GPU memory of every training "
@@ -94,6 +96,8 @@ def parse_args(argv):
             p.error(f"--{k} must be >= 1, got {getattr(opts, k)}")
     if opts.warmup < 0:
         p.error(f"--warmup must be >= 0, got {opts.warmup}")
+    if opts.quantize and (not opts.lora or "diffusers" in opts.impl):
+        p.error("--quantize times our LoRA step on a quantized base: add --lora RANK and --impl ours")
     given = opts.plan_batches
     try:
         opts.plan_batches = [int(b) for b in given.split(",")]
@@ -112,7 +116,7 @@ def settings(opts, spec, device):
     resolution and guidance input, as dpo.train), the bench flags on top."""
     return models.settings(spec, device, resolution=opts.resolution, batch_size=opts.batch_size,
                            optimizer=opts.optimizer, gradient_checkpointing=opts.gradient_checkpointing,
-                           compile=opts.compile, lora=opts.lora, dtype=opts.dtype)
+                           compile=opts.compile, lora=opts.lora, dtype=opts.dtype, quantize=opts.quantize)
 
 
 def build(impl, spec, dev, args):
@@ -122,13 +126,14 @@ def build(impl, spec, dev, args):
     acp = None if fam.flow else diffusion.alphas_cumprod(diffusion.scheduler_config("", fam)).to(dev)
     if impl == "ours":  # exactly dpo.py's models (dpo.build_models), from random weights
 
-        def source(dtype):  # the same random denoiser at every call: the reference starts as the policy
+        def source(dtype, quantize=None):  # the same random denoiser at every call: the reference starts as the policy
             torch.manual_seed(0)
             with torch.device(dev):
-                return fam.model(cfg)
+                u = fam.model(cfg)
+            return kernels.quantize_linears(u, quantize, dtype) if quantize else u  # --quantize: as loaded
         policy, ref, trained = dpo.build_models(source, args.amp_dtype, args.lora, args.lora_alpha, fam.lora_targets,
                                                 args.seed, args.loss in dpo.REFERENCE_FREE,
-                                                args.gradient_checkpointing)
+                                                args.gradient_checkpointing, args.quantize)
     else:
         policy, ref, trained = baseline.models(fam, cfg, dev, args)
     policy.train()

@@ -1,10 +1,10 @@
-"""Triton kernels for Diffusion-DPO: FlashAttention-2 and a fused paired-noise DPO loss.
+"""Triton kernels for Diffusion-DPO: FlashAttention-2, a fused paired-noise DPO loss and a quantized linear.
 
 Each kernel file holds the Triton kernel(s), the launcher, the autograd.Function, a plain-PyTorch
 `*_ref` used as the correctness oracle, the kernel's allocation model (what bench/plan.py counts), and
 a self-check (`python kernels/flash_attention.py`). `DPO_KERNELS` picks the path at call time:
   DPO_KERNELS=triton  -> Triton kernels (on a CPU-only machine they run in the Triton interpreter)
-  DPO_KERNELS=torch   -> plain PyTorch (SDPA for attention, dpo_loss_ref for the loss)
+  DPO_KERNELS=torch   -> plain PyTorch (SDPA, dpo_loss_ref, qlinear_ref: dequantize, then F.linear)
   unset               -> Triton on CUDA tensors, PyTorch on CPU tensors
 """
 import os
@@ -20,6 +20,9 @@ if not torch.cuda.is_available():
 from .dispatch import H100_BF16_PEAK, allocation_models, flops, references, use_triton  # noqa: E402
 from .flash_attention import attention, attention_ref, sdpa  # noqa: E402
 from .fused_dpo_loss import dpo_loss, dpo_loss_ref  # noqa: E402
+from .quantized_linear import (FORMATS, Quantized, QuantLinear, qlinear, qlinear_ref, quantizable,  # noqa: E402
+                               quantize, quantize_linears)
 
-__all__ = ["H100_BF16_PEAK", "allocation_models", "attention", "attention_ref", "dpo_loss", "dpo_loss_ref", "flops",
+__all__ = ["FORMATS", "H100_BF16_PEAK", "QuantLinear", "Quantized", "allocation_models", "attention", "attention_ref",
+           "dpo_loss", "dpo_loss_ref", "flops", "qlinear", "qlinear_ref", "quantizable", "quantize", "quantize_linears",
            "references", "sdpa", "use_triton"]

@@ -4,7 +4,8 @@ The interpreter tests prove the kernels compute the right thing; they cannot pro
 kernels compile, fit in shared memory or keep their tiles in registers. This script compiles
 every kernel x autotune config for a CUDA target (default sm_90, the H100) on any machine,
 using Triton's bundled ptxas, with the exact argument specialization the JIT would use at the
-real SDXL / SD1.5 call (strides of 1 become constants, multiples of 16 are marked divisible),
+real SDXL / SD1.5 call (strides of 1 become constants, multiples of 16 are marked divisible) and,
+for the quantized linear, at FLUX.1's and SDXL's linears in each weight format,
 then reads registers, spill (stack) bytes and shared memory off the cubin:
 
     python kernels/aot.py [--arch 90] [--quick] [--csv out.csv]
@@ -38,6 +39,7 @@ except ImportError as e:
 import cli  # noqa: E402
 from kernels import flash_attention as A  # noqa: E402
 from kernels import fused_dpo_loss as L  # noqa: E402
+from kernels import quantized_linear as Q  # noqa: E402
 
 # max dynamic shared memory per block (bytes) by compute capability; registers are 255 / thread
 SMEM = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
@@ -54,6 +56,20 @@ SHAPES = [
     ("flux joint 1024^2", 1, 24, 4096 + 512, 4096 + 512, 128, False),
 ]
 QUICK = {"sdxl self 64x64", "sd15 self 16x16", "sd3 joint 1024^2", "flux joint 1024^2"}
+
+# (name, M, N, K): the quantized linear (x (M, K) -> (M, N)) at FLUX.1's linears at 1024^2 (4096 image + 512 text
+# tokens, width 3072) and SDXL's (4096 tokens at 640 channels, 1024 at 1280, the feed-forwards 4x wide)
+QLINEAR_SHAPES = [
+    ("flux linear", 4608, 3072, 3072),
+    ("flux qkv", 4608, 9216, 3072),
+    ("flux mlp up", 4608, 12288, 3072),
+    ("flux mlp down", 4608, 3072, 12288),
+    ("sdxl 640", 4096, 640, 640),
+    ("sdxl 1280", 1024, 1280, 1280),
+    ("sdxl ff up", 1024, 5120, 1280),
+    ("sdxl ff down", 1024, 1280, 5120),
+]
+QLINEAR_QUICK = {"flux qkv", "sdxl 640"}
 
 
 def compile_for(fn, args, kwargs, arch):
@@ -116,6 +132,34 @@ def simple_launches(B, H, Lq, D, dtype):
     ]
 
 
+def empty_quantized(fmt, N, K):
+    """A Quantized (N, K) weight in fmt's layout, its tensors empty: what the compiler sees is dtypes and sizes."""
+    if fmt == "nf4":
+        blocks = N * K // Q.BLOCK
+        tensors = {"codes": torch.empty(N * K // 2, dtype=torch.uint8), "absmax_codes": torch.empty(blocks,
+                   dtype=torch.uint8), "absmax_scales": torch.empty(-(-blocks // Q.ABSMAX_BLOCK)),
+                   "absmax_mean": torch.empty(())}
+    else:
+        tensors = {"codes": torch.empty(N, K, dtype=torch.float8_e4m3fn if fmt == "fp8" else torch.int8),
+                   "scales": torch.empty(N)}
+    return Q.Quantized(fmt, (N, K), torch.bfloat16, tensors)
+
+
+def qlinear_launches(M, N, K, fmt, dtype):
+    """The (kernel, args, meta) of the quantized linear's forward (with a bias) and dx launches, as its launchers make
+    them (captured by swapping out `_launch`)."""
+    launches = []
+    real = Q._launch
+    Q._launch = lambda kernel, M, C, *args, **meta: launches.append((kernel, args, meta))
+    try:
+        q = empty_quantized(fmt, N, K)
+        Q._qlinear_forward(torch.empty(M, K, dtype=dtype), q, torch.empty(N, dtype=dtype))
+        Q._qlinear_dx(torch.empty(M, N, dtype=dtype), q)
+    finally:
+        Q._launch = real
+    return launches
+
+
 def report(arch=90, quick=False, dtype=torch.bfloat16, ieee=False, log=print):
     """Compile everything; returns one row per (shape, kernel, config). fp32: TF32 dots unless ieee."""
     names = {A._attn_fwd_kernel: "fwd", A._attn_bwd_dkdv_kernel: "bwd_dkdv", A._attn_bwd_dq_kernel: "bwd_dq"}
@@ -133,11 +177,11 @@ def report(arch=90, quick=False, dtype=torch.bfloat16, ieee=False, log=print):
         err = r.get("error", "")[:60]
         spill = "-" if r["spill_bytes"] is None else r["spill_bytes"]
         smem = "-" if r["shared"] is None else r["shared"] // 1024
-        log(f"{shape:<18} {kernel:<15} {config:<14} {r['regs'] or '-':>5} {spill:>6} {smem:>7} {fits:>5} {err}")
+        log(f"{shape:<18} {kernel:<16} {config:<17} {r['regs'] or '-':>5} {spill:>6} {smem:>7} {fits:>5} {err}")
 
     dots = "exact fp32" if ieee and dtype == torch.float32 else "tensor-core"
     log(f"sm_{arch} (shared memory limit {limit // 1024} KiB/block), {dtype}, {dots} dots, triton {triton.__version__}")
-    log(f"{'shape':<18} {'kernel':<15} {'config':<14} {'regs':>5} {'spill':>6} {'smem KiB':>7} {'fits':>5}")
+    log(f"{'shape':<18} {'kernel':<16} {'config':<17} {'regs':>5} {'spill':>6} {'smem KiB':>7} {'fits':>5}")
     for shape, B, H, Lq, Lk, D, causal in SHAPES:
         if quick and shape not in QUICK:
             continue
@@ -147,6 +191,17 @@ def report(arch=90, quick=False, dtype=torch.bfloat16, ieee=False, log=print):
                 blocks = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 tag = "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**blocks)
                 add(shape, names[fn], tag, fn, args, {**meta, **blocks})
+    for shape, M, N, K in QLINEAR_SHAPES:
+        if quick and shape not in QLINEAR_QUICK:
+            continue
+        for fmt in Q.FORMATS:
+            for fn, args, meta in qlinear_launches(M, N, K, fmt, dtype):
+                meta["PRECISION"] = "ieee" if ieee else "tf32"
+                kernel = f"qlinear_{'fwd' if fn is Q._qlinear_fwd_kernel else 'dx'}_{fmt}"
+                for cfg in Q._prune(Q._configs(fn), {}, **meta):
+                    blocks = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    tag = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**blocks)
+                    add(shape, kernel, tag, fn, args, {**meta, **blocks})
     for kernel, fn, args, meta in simple_launches(1, 10, 4096, 64, dtype):
         add("fixed", kernel, "default", fn, args, meta)
     return rows
@@ -155,8 +210,8 @@ def report(arch=90, quick=False, dtype=torch.bfloat16, ieee=False, log=print):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10: 80 A100, 90 H100, 100 B200")
-    p.add_argument("--quick", action="store_true",
-                   help="four shapes: SDXL self-attention, SD1.5 D=160, SD3 and FLUX joint")
+    p.add_argument("--quick", action="store_true", help="four attention shapes (SDXL self-attention, SD1.5 D=160, "
+                   "SD3 and FLUX joint) and two quantized-linear ones (FLUX qkv, SDXL at 640 channels)")
     p.add_argument("--dtype", choices=list(cli.DTYPES), default="bf16")
     p.add_argument("--ieee", action="store_true", help="fp32: exact fp32 dots, as with torch's TF32 off")
     p.add_argument("--csv", help="also write the rows to this CSV file")

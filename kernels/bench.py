@@ -8,7 +8,10 @@ among them) in bf16, vs torch SDPA with each backend it offers ('n/a' where a ba
 DPO loss: time and GB/s of forward+backward vs eager dpo_loss_ref and torch.compile(dpo_loss_ref);
   bytes = the minimum traffic: read model_pred, ref_pred, noise once, write the gradient once;
   ceiling = this device's measured copy bandwidth (a large tensor .copy_, read + write).
-Writes attention.csv, dpo_loss.csv and (if matplotlib is installed) bench.png to --out.
+Quantized linear (fp8, int8, nf4 weights; bf16 activations): forward and forward + input-gradient time of qlinear vs
+  dequantize-then-F.linear (qlinear_ref) and vs a plain bf16 F.linear, at FLUX.1's and SDXL's linears (--quick: two);
+  FLOPs: forward = 2 * M * N * K, forward + dx = 2x that (no weight gradient: the base is frozen).
+Writes attention.csv, dpo_loss.csv, quantized_linear.csv and (if matplotlib is installed) bench.png to --out.
 """
 import argparse
 import csv
@@ -44,6 +47,20 @@ ATTN_SHAPES = [
 QUICK_SHAPES = {"sdxl self 64x64", "sdxl cross 64x64", "sd15 self 16x16", "sd3 joint 1024^2", "flux joint 1024^2"}
 LOSS_LATENT = (4, 128, 128)  # SDXL latents at 1024^2: (C, H, W) of one image
 COPY_NUMEL = 256 * 2**20  # fp32 elements (1 GiB) copied to measure the bandwidth ceiling
+# (name, M, N, K): the quantized linear, x (M, K) -> (M, N). FLUX.1 at 1024^2: 4096 image + 512 text tokens, width 3072
+# (attention out / modulated projections, fused qkv, MLP up, MLP down); SDXL at 1024^2: 4096 tokens at 640 channels,
+# 1024 at 1280, and the 1280-wide feed-forward's up (to 4x, GEGLU's half) and down projections
+QLINEAR_SHAPES = [
+    ("flux linear", 4608, 3072, 3072),
+    ("flux qkv", 4608, 9216, 3072),
+    ("flux mlp up", 4608, 12288, 3072),
+    ("flux mlp down", 4608, 3072, 12288),
+    ("sdxl 640", 4096, 640, 640),
+    ("sdxl 1280", 1024, 1280, 1280),
+    ("sdxl ff up", 1024, 5120, 1280),
+    ("sdxl ff down", 1024, 1280, 5120),
+]
+QLINEAR_QUICK = {"flux qkv", "sdxl ff up"}
 COMPILE = torch.compile  # the compiled baseline of the loss
 
 
@@ -133,6 +150,47 @@ def bench_dpo_loss(args, do_bench, header):
     return rows
 
 
+def bench_qlinear(args, do_bench, header):
+    """qlinear (Triton) vs qlinear_ref (dequantize, then F.linear) per format, and a bf16 F.linear, at each shape."""
+    import torch.nn.functional as F
+
+    import kernels
+    print(f"\n{'quantized linear (bf16 x)':<26} {'M':>5} {'N':>6} {'K':>6} {'fmt':<5} {'impl':<12} {'fwd ms':>8} "
+          f"{'f+dx ms':>8} {'fwd TF/s':>9} {'f+dx TF/s':>9}")
+    rows = []
+    for name, M, N, K in QLINEAR_SHAPES:
+        if args.quick and name not in QLINEAR_QUICK:
+            continue
+        gen = torch.Generator().manual_seed(0)
+        w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(DEVICE)
+        x = torch.randn(M, K, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+        dy = torch.randn(M, N, generator=gen).to(DEVICE, torch.bfloat16)
+        impls = [("bf16", "F.linear", lambda wb=w.bfloat16(): F.linear(x, wb))]  # the unquantized matmul
+        for fmt in kernels.FORMATS:
+            q = kernels.quantize(w, fmt)
+            impls += [(fmt, "triton", lambda q=q: kernels.qlinear(x, q)),
+                      (fmt, "dequant_ref", lambda q=q: kernels.qlinear_ref(x, q))]
+        flops = 2 * M * N * K
+        for fmt, impl, fn in impls:
+            try:
+                t_fwd = do_bench(fn)
+                t_all = do_bench(lambda: fn().backward(dy), grad_to_none=[x])
+                tf = [flops * m / (t * 1e-3) / 1e12 for m, t in ((1, t_fwd), (2, t_all))]
+                cells = f"{t_fwd:8.3f} {t_all:8.3f} {tf[0]:9.1f} {tf[1]:9.1f}"
+            except Exception as e:  # say so and go on: the other formats' and shapes' numbers still count
+                t_fwd = t_all = None
+                tf, cells = [None] * 2, f"{'n/a':>8} {'n/a':>8} {'n/a':>9} {'n/a':>9}"
+                print(f"  {fmt} {impl}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            print(f"{name:<26} {M:>5} {N:>6} {K:>6} {fmt:<5} {impl:<12} {cells}")
+            rows.append({**header, "shape": name, "M": M, "N": N, "K": K, "format": fmt, "impl": impl,
+                         "flops_fwd": flops, "fwd_ms": t_fwd, "fwddx_ms": t_all, "fwd_tflops": tf[0],
+                         "fwddx_tflops": tf[1]})
+        impls = q = None  # free this shape's weights before the next
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def write_csv(path, rows):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
@@ -175,12 +233,14 @@ def stub_timer(fn, grad_to_none=None):
 
 def dry_run():
     """Tiny CPU shapes for --dry_run (needs TRITON_INTERPRET=1 set before triton is imported)."""
-    global DEVICE, ATTN_SHAPES, QUICK_SHAPES, LOSS_LATENT, COPY_NUMEL, COMPILE
+    global DEVICE, ATTN_SHAPES, QUICK_SHAPES, LOSS_LATENT, COPY_NUMEL, COMPILE, QLINEAR_SHAPES, QLINEAR_QUICK
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--dry_run runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1")
     DEVICE, LOSS_LATENT, COPY_NUMEL = "cpu", (4, 8, 8), 4096
     ATTN_SHAPES = [("tiny cross", 2, 37, 77, 40), ("tiny joint", 2, 24 + 9, 24 + 9, 128)]  # FLUX's head dim too
     QUICK_SHAPES = {"tiny cross", "tiny joint"}
+    QLINEAR_SHAPES = [("tiny linear", 37, 70, 128)]  # ragged M and N; K a multiple of 64 for nf4
+    QLINEAR_QUICK = {"tiny linear"}
     COMPILE = lambda fn: fn  # noqa: E731  inductor on CPU takes minutes; not what a dry run checks
 
 
@@ -209,8 +269,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     attn_rows = bench_attention(args, do_bench, header)
     loss_rows = bench_dpo_loss(args, do_bench, header)
+    qlinear_rows = bench_qlinear(args, do_bench, header)
     write_csv(os.path.join(args.out, "attention.csv"), attn_rows)
     write_csv(os.path.join(args.out, "dpo_loss.csv"), loss_rows)
+    write_csv(os.path.join(args.out, "quantized_linear.csv"), qlinear_rows)
     if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib not installed: skipping bench.png")
     else:

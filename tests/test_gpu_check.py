@@ -23,18 +23,21 @@ def test_dry_run_runs_every_step_and_writes_every_table(tmp_path):
              line.startswith("| step_")]
     names = [s[0][2:] for s in steps]
     assert names == ["kernel_tests", "step_sdxl", "kernel_bench", "step_flux_dev_lora64", "step_sd35m_lora64",
-                     "step_sdxl_lora64", "step_sdxl_nockpt_b2", "step_sdxl_sdpa", "step_sd15_b4"]
+                     "step_flux_dev_lora64_nf4", "step_sdxl_lora64", "step_sdxl_nockpt_b2", "step_sdxl_sdpa",
+                     "step_sd15_b4"]
     assert all(s[1] == "ok" for s in steps), steps
-    for title in ("### Attention, fwd+bwd TFLOP/s", "### DPO loss fwd+bwd, GB/s", "### One DPO optimizer step"):
+    for title in ("### Attention, fwd+bwd TFLOP/s", "### DPO loss fwd+bwd, GB/s", "### One DPO optimizer step",
+                  "### Quantized linear, bf16 activations, ms"):
         assert title in summary
     assert "| tiny joint |" in summary  # the flow models' attention (head dim 128) in the --quick benchmark
     rows = [line for line in summary.splitlines() if line.startswith("| `")]
-    assert len(rows) == 11  # two impls for SDXL, SD1.5 and the two flow LoRA steps, ours for the other three
+    assert len(rows) == 12  # two impls for SDXL, SD1.5 and the two flow LoRA steps, ours for the other four
     unets = [line.split(" | ") for line in rows if " | ours | " in line and "tiny_flux" not in line and
              "tiny_sd3" not in line]
+    assert any("--quantize nf4" in line for line in rows)  # FLUX's LoRA step on an nf4 base
     assert len(unets) == 5 and all(float(cells[6]) > 0 for cells in unets)  # the plan's prediction of each of ours
     for tiny in ("tiny_flux", "tiny_sd3"):  # ours and diffusers' transformer, with LoRA 64, same run
-        flow = [line for line in rows if f"{tiny} --lora 64 " in line]
+        flow = [line for line in rows if f"{tiny} --lora 64 " in line and "--quantize" not in line]
         assert [line.split(" | ")[1] for line in flow] == ["ours", "diffusers"], flow
     assert any(line.startswith("| `DPO_KERNELS=torch ") for line in rows)  # the SDPA step says what it changed
     assert all(line.endswith("| 0.6931 |") for line in rows)  # loss@0 = log 2 everywhere
@@ -42,13 +45,13 @@ def test_dry_run_runs_every_step_and_writes_every_table(tmp_path):
     with open(tmp_path / "gc" / "step.csv") as f:  # the rows behind the table: one per step and impl
         step = list(csv.DictReader(f))
     assert [(r["impl"], r["resolution"], r["batch_size"]) for r in step if "tiny_flux" in r["command"]] == [
-        ("ours", "32", "1"), ("diffusers", "32", "1")]
+        ("ours", "32", "1"), ("diffusers", "32", "1"), ("ours", "32", "1")]
 
 
 def test_budget_spent_skips_the_rest_and_says_so(tmp_path):
     r, summary = _check(tmp_path / "gc", "--budget", "0")
     assert r.returncode == 1
-    assert summary.count("| skipped (--budget 0 s spent) |") == 9
+    assert summary.count("| skipped (--budget 0 s spent) |") == 10
 
 
 def test_step_limits_fit_nine_minutes():

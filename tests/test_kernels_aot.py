@@ -36,6 +36,8 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     quick = ("sdxl self 64x64", "sd15 self 16x16", "sd3 joint 1024^2", "flux joint 1024^2")  # the flow models' too
     expected = {(s, k) for s in quick for k in ("fwd", "bwd_dkdv", "bwd_dq")}
     expected |= {("fixed", k) for k in ("bwd_preprocess", "dpo_sse", "dpo_grad")}
+    expected |= {(s, f"qlinear_{k}_{fmt}") for s in ("flux qkv", "sdxl 640") for k in ("fwd", "dx")
+                 for fmt in ("fp8", "int8", "nf4")}  # the quantized linear at a FLUX.1 and an SDXL shape
     assert set(groups) == expected
     for key, rs in groups.items():  # the autotuner always has a config that fits and keeps tiles in registers
         assert any(r["fits"] == "True" and r["spill_bytes"] == "0" for r in rs), key
@@ -43,5 +45,8 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     sdxl = [r for r in rows if r["shape"] == "sdxl self 64x64"]
     assert len(sdxl) == 24 and all(r["fits"] == "True" and not r["error"] for r in sdxl), sdxl
     assert all(int(r["regs"]) <= 255 and int(r["shared"]) <= 232448 for r in sdxl)
+    # the quantized linear: every candidate compiles and fits (nf4 keeps 3 of the 4 configs of each kernel)
+    qlinear = [r for r in rows if r["kernel"].startswith("qlinear_")]
+    assert len(qlinear) == 2 * (3 * 8 - 2) and all(r["fits"] == "True" and not r["error"] for r in qlinear)
     # the memory-bound kernels are simple enough that they must never spill
     assert all(r["spill_bytes"] == "0" for r in rows if r["shape"] == "fixed")

@@ -1,7 +1,8 @@
 """GPU tests of the compiled (autotuned) Triton kernels at real SDXL / SD1.5 / SD3.5 / FLUX shapes, in bf16.
 
-Skipped without CUDA. Rule for bf16: kernel error <= 2x the error of PyTorch's own bf16 SDPA,
-both measured against an fp32 reference (plus a small absolute floor, see _check).
+Skipped without CUDA. Rule for bf16: kernel error <= 2x the error of PyTorch's own bf16 SDPA (the quantized linear:
+of dequantize-then-F.linear in bf16), both measured against an fp32 (fp64) reference (plus a small absolute floor,
+see _check).
 """
 import pytest
 import torch
@@ -108,3 +109,30 @@ def test_dpo_loss_bf16_sdxl_latents():
     torch.testing.assert_close(m1.grad.float(), m2.grad, rtol=1e-2, atol=1e-2 * m2.grad.abs().max().item())
     for key in stats_ref:
         torch.testing.assert_close(stats[key], stats_ref[key], rtol=1e-4, atol=1e-6)
+
+
+def _qlinear_fwd_dx(fn, x, q, b, dy, dtype):
+    x = x.detach().to(dtype).requires_grad_()
+    y = fn(x, q, b.to(dtype))
+    (dx,) = torch.autograd.grad(y, x, dy.to(dtype))
+    return y.detach().double(), dx.double()
+
+
+# FLUX.1's MLP down projection at 1024^2 (4096 + 512 tokens, 12288 -> 3072), SDXL's feed-forward up projection at
+# 32x32 latents (1024 tokens, 1280 -> 5120), CLIP-L's MLP on a batch of two prompts (2 x 77 tokens: ragged tiles)
+@pytest.mark.parametrize("lead,N,K", [((4608,), 3072, 12288), ((1024,), 5120, 1280), ((2, 77), 3072, 768)])
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "nf4"])
+def test_qlinear_bf16(fmt, lead, N, K):
+    """y and dx of the kernels in bf16 against fp64 math on the same quantized weight."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = kernels.quantize(torch.randn(N, K, device="cuda", generator=gen) / K ** 0.5, fmt)
+    x = torch.randn(*lead, K, device="cuda", generator=gen)
+    b, dy = torch.randn(N, device="cuda", generator=gen), torch.randn(*lead, N, device="cuda", generator=gen)
+    ref = _qlinear_fwd_dx(kernels.qlinear_ref, x, q, b, dy, torch.float64)
+    out = _qlinear_fwd_dx(kernels.qlinear, x, q, b, dy, torch.bfloat16)
+    eager = _qlinear_fwd_dx(kernels.qlinear_ref, x, q, b, dy, torch.bfloat16)  # dequantize, then F.linear
+    for name, r, o, e in zip(("y", "dx"), ref, out, eager):
+        assert torch.isfinite(o).all(), name
+        err, torch_err = (o - r).abs().max().item(), (e - r).abs().max().item()
+        floor = 1e-3 * r.abs().max().item()
+        assert err <= 2 * torch_err + floor, f"{name}: kernel err {err:.3e} vs dequantize + F.linear {torch_err:.3e}"

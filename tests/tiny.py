@@ -331,8 +331,9 @@ def make_sd3(root, seed=0, qk_norm="rms_norm", dual=(0,)):
     return root
 
 
-def make_flux(root, seed=0, guidance=True):
-    """Write a tiny random FLUX.1 pipeline folder (dev; schnell with guidance=False) at root; returns root."""
+def make_flux(root, seed=0, guidance=True, head_dim=16):
+    """Write a tiny random FLUX.1 pipeline folder (dev; schnell with guidance=False) at root; returns root. head_dim
+    32: a width of 64, which nf4's blocks of 64 can store (kernels.quantized_linear)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast
     torch.manual_seed(seed)
@@ -341,8 +342,10 @@ def make_flux(root, seed=0, guidance=True):
     te1 = CLIPTextModel(_text_config(n, "quick_gelu", 32))
     te2 = _t5(n5, seed)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
-                                         pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
+                                         attention_head_dim=head_dim, num_attention_heads=2,
+                                         joint_attention_dim=T5_WIDTH,
+                                         pooled_projection_dim=32, guidance_embeds=guidance,
+                                         axes_dims_rope=(4, 6, 6) if head_dim == 16 else (8, 12, 12))
     vae = _vae16(0.3611, 0.1159)
     _randomize(te1, te2, transformer, vae, seed=seed)
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
