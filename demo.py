@@ -264,7 +264,7 @@ def _train_args(args, user=(), **kw):
     a = argparse.Namespace(**vars(args))
     settings = dict(dict(device="cpu", dtype="fp32", optimizer="adamw", weight_decay=0.0, cache=True,
                          gradient_checkpointing=False, num_workers=0, resume=False, tokenizer=None, prompt_dropout=0.1,
-                         log_every=25, ckpt_every=10 ** 9), **kw)
+                         log_every=25, ckpt_every=10 ** 9, lora=None, lora_alpha=None, quantize=None), **kw)
     for k in set(user) - {"model", "data", "out_dir", "cache_dir"}:
         settings.pop(k, None)
     a.__dict__.update(settings, resolution=SIZE, unet_init=None, cache_dir=kw.get("cache_dir"))

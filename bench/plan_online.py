@@ -198,7 +198,7 @@ def summary(rows):
 # Online RL (rl.py): GRPO and NFT
 
 
-def rl_rows(models, online_rows, training_rows=(), modes=("full", "lora"), log=print):
+def rl_rows(models, online_rows, training_rows=(), modes=("full", "lora", "lora-nf4"), log=print):
     """GRPO and NFT rows beside online DPO's: rl.py samples as online.py does (the trajectories and their
     log-probabilities are kept on the CPU, the SDE adds one noise tensor a step), so the sampling phase is online
     DPO's row; each micro-step then trains one denoising step of the K x batch_size samples (twice the images
@@ -234,7 +234,7 @@ def rl_summary(rows):
     lines = ["| model | mode | loss | samples (images a trained step) | sampling peak GiB | training step GiB (+ scorer"
              ", + old policy) | old policy GiB | peak GiB | fits |", "|---" * 9 + "|"]
     for r in rows:
-        mode = f"LoRA {memplan.LORA_RANK}" if r["mode"] == "lora" else "full"
+        mode = memplan.mode_title(r["mode"])
         cells = [memplan.title(r["model"]), mode, r["loss"], f"{r['samples']} ({r['images']})",
                  f"{r['sampling_gb']:.1f}", f"{r['training_gb']:.1f}", f"{r['old_policy_gb']:.1f}",
                  f"{r['peak_gb']:.1f} ({r['at']})", memplan.smallest_gpu(r)]

@@ -1,15 +1,16 @@
 """How much memory a quantized base really takes: the resident memory of a loaded FLUX transformer in bf16 and with
 --quantize fp8 / int8 / nf4, measured on the CPU, and the peak while it loads.
 
-    python bench/resident.py [--sizes tiny,wide] [--out DIR]
+    python bench/resident.py [--sizes tiny,wide] [--out FILE.json]
 
 Each load runs in a fresh process (python bench/resident.py --load FOLDER FMT), which reports its resident memory
 (/proc/self/status VmRSS) after import, after the load (every tensor read once, so that the pages of the memory-mapped
-checkpoint a bf16 load keeps, as safetensors hands tensors out, are resident; freed memory returned by malloc_trim), and
-the largest seen while loading (sampled every 5 ms). The models: FLUX.1-dev's own
+checkpoint a bf16 load keeps, as safetensors hands tensors out, are resident; freed memory returned by malloc_trim),
+and the largest seen while loading (sampled every 5 ms), in all and of its own allocations (RssAnon: without the
+pages of the mapped checkpoint, which the page cache holds and the kernel can drop). The models: FLUX.1-dev's own
 transformer config with fewer blocks, random bf16 weights written as a diffusers folder once:
-  tiny  width 256 (2 heads of 128), 1 double and 2 single blocks: a few million parameters
-  wide  FLUX.1-dev's width 3072 (24 heads of 128) and its MLPs, 2 double and 4 single blocks: 1.25 B parameters,
+  tiny  width 256 (2 heads of 128), 1 double and 2 single blocks: 6 M parameters
+  wide  FLUX.1-dev's width 3072 (24 heads of 128) and its MLPs, 2 double and 4 single blocks: 1.31 B parameters,
         every layer at its full-size shape (the released model has 19 and 38; its bytes are bench/plan.py's)
 Linear layers hold nearly all of FLUX's parameters, so the ratio to bf16 is what the format stores per weight:
 fp8 and int8 one byte and a scale per row, nf4 4.127 bits.
@@ -37,10 +38,10 @@ SIZES = {"tiny": dict(num_layers=1, num_single_layers=2, num_attention_heads=2),
          "wide": dict(num_layers=2, num_single_layers=4, num_attention_heads=24)}
 
 
-def rss() -> int:
-    """This process's resident bytes."""
+def rss(kind="VmRSS") -> int:
+    """This process's resident bytes: all (VmRSS) or its anonymous memory only (RssAnon: no mapped file pages)."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(kind + ":"))
 
 
 def write(folder, size, seed=0):
@@ -76,11 +77,11 @@ def load(folder, fmt):
     del_me = touched(families.load(folder, "cpu", torch.bfloat16, quantize=quantize))
     del del_me
     settle()
-    before, peak, done = rss(), [0], threading.Event()
+    before, anon, peak, done = rss(), rss("RssAnon"), [0, 0], threading.Event()
 
     def watch():
         while not done.is_set():
-            peak[0] = max(peak[0], rss())
+            peak[0], peak[1] = max(peak[0], rss()), max(peak[1], rss("RssAnon"))
             time.sleep(0.005)
     t = threading.Thread(target=watch, daemon=True)
     t.start()
@@ -93,8 +94,8 @@ def load(folder, fmt):
     settle()
     after = rss()
     n = sum(isinstance(x, kernels.QuantLinear) for x in m.modules())
-    print(json.dumps(dict(format=fmt, resident=after - before, peak=max(peak[0], after) - before, seconds=seconds,
-                          quantized_layers=n)))
+    print(json.dumps(dict(format=fmt, resident=after - before, peak=max(peak[0], after) - before,
+                          peak_anon=max(peak[1], rss("RssAnon")) - anon, seconds=seconds, quantized_layers=n)))
 
 
 def measure(folder, fmt):
@@ -126,7 +127,8 @@ def main(argv=None):
                 r["ratio"] = r["resident"] / base["resident"]
                 rows.append(r)
                 print(f"{size} ({params / 1e6:.1f} M parameters) {fmt}: resident {r['resident'] / 2 ** 20:.1f} MiB "
-                      f"({r['ratio']:.3f}x bf16), peak while loading {r['peak'] / 2 ** 20:.1f} MiB, "
+                      f"({r['ratio']:.3f}x bf16), peak while loading {r['peak'] / 2 ** 20:.1f} MiB (its own "
+                      f"allocations {r['peak_anon'] / 2 ** 20:.1f} MiB, the rest the mapped checkpoint's pages), "
                       f"{r['quantized_layers']} quantized Linears, {r['seconds']:.1f} s", flush=True)
     if a.out:
         weights.save_json(rows, a.out)

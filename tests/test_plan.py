@@ -363,8 +363,9 @@ def test_rl_rows_are_online_dpos_phases_with_the_trained_step_and_nfts_old_polic
     as many pairs); NFT holds its old policy, a copy of the trained tensors, through both phases."""
     online = plan_online.plan([ONLINE], log=lambda msg: None)
     rows = plan_online.rl_rows([ONLINE], online, log=lambda msg: None)
-    assert {(r["mode"], r["loss"]) for r in rows} == {(m, x) for m in ("full", "lora") for x in ("grpo", "nft")}
-    for mode in ("full", "lora"):
+    modes = ("full", "lora", "lora-nf4")
+    assert {(r["mode"], r["loss"]) for r in rows} == {(m, x) for m in modes for x in ("grpo", "nft")}
+    for mode in modes:
         grpo, nft = (next(r for r in rows if (r["mode"], r["loss"]) == (mode, x)) for x in ("grpo", "nft"))
         tl = plan_online.sampler_timeline(ONLINE, mode)
         train = plan_online.training_row(ONLINE, mode, dict(tl, batch_size=max(1, tl["batch"] // 2)))

@@ -106,21 +106,29 @@ def test_lora_of_a_quantized_base_loads_in_the_bf16_pipeline(tmp_path, flux64, j
 
 
 def test_two_ranks_match_one_rank(tmp_path, flux64, jsonl):
-    """DDP over 2 ranks x 1 pair = 1 rank x 2 pairs with an nf4 base (its codes are buffers: not broadcast)."""
+    """DDP and FSDP over 2 ranks x 1 pair = 1 rank x 2 pairs with an nf4 base (its codes are buffers, each rank's
+    own: DDP does not broadcast them, FSDP does not shard them), and the same adapters."""
     flags = ["--lora", "4", "--quantize", "nf4", "--device", "cpu"]
     one = run(tmp_path / "one", flux64, jsonl, *flags, steps=2)
+    common = ["--model", flux64, "--data", jsonl, "--resolution", "32", "--grad_accum", "2", "--max_steps", "2",
+              "--log_every", "1", "--lr", "1e-4", "--warmup", "0", "--batch_size", "1", *flags]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        os.path.join(tiny.ROOT, "dpo.py"), "--model", flux64, "--data", jsonl, "--resolution", "32",
-                        "--grad_accum", "2", "--max_steps", "2", "--log_every", "1", "--lr", "1e-4", "--warmup", "0",
-                        "--batch_size", "1", "--out_dir", str(tmp_path / "two"), *flags],
-                       env=tiny.ENV, capture_output=True, text=True, timeout=300)
+                        os.path.join(tiny.ROOT, "tests", "ddp_runs.py"), *common, "::", "--out_dir",
+                        str(tmp_path / "ddp"), "::", "--out_dir", str(tmp_path / "fsdp"), "--fsdp"],
+                       env=tiny.ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
-    assert len(two) == 2
-    for a, b in zip(one, two):
-        for k in ("loss", "model_mse", "ref_mse", "implicit_acc"):
-            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a, b)
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"]
+    for name in ("ddp", "fsdp"):
+        two = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        assert len(two) == 2
+        for a, b in zip(one, two):
+            for k in ("loss", "model_mse", "ref_mse", "implicit_acc"):
+                assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (name, k, a, b)
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], name
+        mine, theirs = (lora.read(str(tmp_path / n), "transformer.") for n in ("one", name))
+        assert mine.keys() == theirs.keys()
+        d = torch.cat([(mine[k][1] - theirs[k][1]).flatten() for k in mine])
+        ref = torch.cat([mine[k][1].flatten() for k in mine])
+        assert d.norm() <= 1e-3 * ref.norm(), name  # (Adam turns rounding-sized gradients into lr-sized steps)
 
 
 def test_bad_input_one_line(tmp_path, flux64, jsonl, capsys):
