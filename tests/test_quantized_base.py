@@ -179,3 +179,25 @@ def test_offload_encoders(tmp_path, flux64, jsonl, capsys, monkeypatch):
     err = cli_error(dpo.main, ["--model", flux64, "--online", "--prompts", str(tmp_path / "p.txt"), "--score",
                                "area", "--out_dir", str(tmp_path / "o"), "--offload_encoders"], capsys)
     assert "--offload_encoders" in err and "offline" in err
+
+
+@pytest.mark.parametrize("loss", ["dpo", "grpo"])
+def test_online_runs_on_a_quantized_base(tmp_path, flux64, loss):
+    """Online DPO and GRPO sample and train with the nf4 base (its text encoders quantized with it): at step 1 the
+    policy is its reference (online DPO: the same velocity errors; GRPO: every ratio 1, nothing clipped), and both
+    resume exactly."""
+    from test_online import PROMPTS
+    from test_rl import run as online_run
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    common = ("--loss", loss, "--lora", "4", "--quantize", "nf4", "--samples_per_prompt", "3", "--sample_steps", "3",
+              "--batch_size", "2", "--ckpt_every", "1")
+    full = online_run(tmp_path / "full", flux64, str(prompts), *common, steps=2)
+    if loss == "dpo":
+        assert full[0]["model_mse"] == full[0]["ref_mse"]
+    else:
+        assert full[0]["clip_frac"] == 0
+    assert full[-1]["loss"] != full[0]["loss"]
+    online_run(tmp_path / "cut", flux64, str(prompts), *common, steps=1)
+    cut = online_run(tmp_path / "cut", flux64, str(prompts), *common, "--resume", steps=2)
+    assert [r["loss"] for r in cut] == [r["loss"] for r in full]
