@@ -203,8 +203,8 @@ class Feed(online.Feed):
             return objectives.grpo_loss(lp, g["lps"][j].to(dev), g["adv"].to(dev), a.clip_range, a.adv_clip,
                                         a.kl if ref_mean is not None else 0.0, mean, ref_mean, std)
         x0, sigma = g["lats"][-1].to(dev), sched.sigmas[j].to(dev).expand(len(x))
-        eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
-            data.seed_for(a.seed, int(p), j, 0x4F7))) for p in g["pos"].repeat_interleave(self.K)]).to(dev)
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(  # each sample's own,
+            data.seed_for(a.seed, int(p), k, j, 0x4F7))) for p in g["pos"] for k in range(self.K)]).to(dev)  # (N, ...)
         x_t = diffusion.flow_forward(x0, eps, sigma)
         cond = tuple(None if c is None else c[len(c) // 2:] if g["scale"] > 1 else c for c in g["cond"])  # no CFG
         with torch.no_grad():  # first: the old policy's weights are swapped in and out, before a graph holds them
