@@ -364,6 +364,13 @@ def predict(unet, x, t, cond, dtype):
     return unet(x.to(dev, dtype), t, *cond).float()
 
 
+def cfg(out, guidance):
+    """Classifier-free guidance (Ho & Salimans 2022) on the output (2B, ...) of one forward of [x; x] whose conditioning
+    is [negatives; prompts]: uncond + guidance (cond - uncond), (B, ...)."""
+    uncond, c = out.chunk(2)
+    return uncond + guidance * (c - uncond)
+
+
 @torch.no_grad()
 def denoise(unet, sched, x, cond, guidance, dtype, start=0, progress=False):
     """The reverse process from x (B, C, h, w) at scheduler step `start` (0: pure noise, already scaled by
@@ -374,10 +381,7 @@ def denoise(unet, sched, x, cond, guidance, dtype, start=0, progress=False):
     for i in range(start, steps):
         xin = sched.scale_input(torch.cat([x, x]) if guided else x, i)
         out = predict(unet, xin, sched.timesteps[i], cond, dtype).cpu()
-        if guided:
-            uncond, c = out.chunk(2)
-            out = uncond + guidance * (c - uncond)
-        x = sched.step(out, i, x)
+        x = sched.step(cfg(out, guidance) if guided else out, i, x)
         if progress:
             cli.progress(f"sampling: step {i + 1 - start}/{steps - start}")
     if progress:  # otherwise the caller's own progress line stays open

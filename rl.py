@@ -104,10 +104,7 @@ def guided(model, x, t, cond, scale, dtype):
     t = t.to(x.device, torch.float32).expand(x.shape[0] * (2 if scale > 1 else 1))
     with amp:
         out = model(torch.cat([x, x]) if scale > 1 else x, t, *cond).float()
-    if scale > 1:
-        uncond, c = out.chunk(2)
-        out = uncond + scale * (c - uncond)
-    return out
+    return diffusion.cfg(out, scale) if scale > 1 else out
 
 
 def step_fn(family, sched, noise_level):
