@@ -166,6 +166,9 @@ def build_models(source, dtype, lora_rank=None, lora_alpha=None, lora_targets=No
     fp32 adapters, the reference with them off: the same quantized base, so eq. 14 still starts at log 2."""
     if lora_rank:
         policy = reference(source(dtype, quantize), dtype)
+        if quantize and not any(isinstance(m, kernels.QuantLinear) for m in policy.modules()):
+            raise ValueError(f"--quantize {quantize}: no Linear layer of this model can be stored in it (nf4: input "
+                             "widths that are multiples of 64); drop it or take fp8 / int8")
         trained = lora.add(policy, lora_rank, lora_alpha, lora_targets, seed=seed)
         ref = None if reference_free else lora.reference(policy)
     else:

@@ -201,3 +201,10 @@ def test_online_runs_on_a_quantized_base(tmp_path, flux64, loss):
     online_run(tmp_path / "cut", flux64, str(prompts), *common, steps=1)
     cut = online_run(tmp_path / "cut", flux64, str(prompts), *common, "--resume", steps=2)
     assert [r["loss"] for r in cut] == [r["loss"] for r in full]
+
+
+def test_a_format_that_stores_no_layer_of_the_model_is_refused():
+    import dpo
+    with pytest.raises(ValueError, match="--quantize nf4: no Linear layer of this model can be stored in it"):
+        dpo.build_models(lambda dtype, q=None: torch.nn.Sequential(torch.nn.Linear(48, 8)), torch.float32, 4,
+                         quantize="nf4")
