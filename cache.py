@@ -229,7 +229,6 @@ class Feed:
                                 a.amp_dtype == torch.bfloat16, a.resolution if a.time_ids == "official" else None,
                                 a.guidance)
 
-
     def after_step(self, step):
         """What a feed does after optimizer step `step` (online.Feed: its pairs, the reference, the held-out check)."""
 

@@ -74,7 +74,7 @@ GOALS = (("flux-dev", "lora", 1, "gpu", 40), ("flux-dev", "lora", 1, "cache", 24
          ("sd35-medium", "lora", 1, None, 16), ("flux-dev", "full", 8, None, 80), ("flux-dev", "full", 8, None, 40),
          ("flux-dev", "lora-fp8", 1, RUN, 24), ("flux-dev", "lora-nf4", 1, RUN, 16),
          ("sd35-large", "lora-nf4", 1, RUN, 16), ("sdxl", "lora-nf4", 1, RUN, 8))
-QUANTIZED = ("fp8", "int8", "nf4")  # the --quantize formats planned (kernels.FORMATS)
+QUANTIZED = kernels.FORMATS  # the --quantize formats planned
 
 
 def modes(mode):
@@ -190,10 +190,9 @@ def ready(model, args, counter, scaler):
 
 def family_timelines(model, mode, configs, args=None, shadow=True, lora_rank=LORA_RANK, autocast_cache=False):
     """Steps of one model and mode ("full", "lora", "lora-FMT": modes) on one pair of models: the optimizer's window
-    once, then one
-    window (inputs .. end of backward) per (gradient_checkpointing, batch_size) in configs. args: dpo.py's resolved
-    arguments (default: dpo.py's on CUDA for this model); shadow=False runs on real CPU tensors (to check counts);
-    autocast_cache: as if dpo.pair_loss's autocast had this cache_enabled (False: dpo.py's run)."""
+    once, then one window (inputs .. end of backward) per (gradient_checkpointing, batch_size) in configs. args:
+    dpo.py's resolved arguments (default: dpo.py's on CUDA for this model); shadow=False runs on real CPU tensors (to
+    check counts); autocast_cache: as if dpo.pair_loss's autocast had this cache_enabled (False: dpo.py's run)."""
     counter = Counter(shadow)
     out = dict(counter=counter, windows={})
     if args is None:
@@ -337,8 +336,8 @@ def fits(peak_bytes, gpu_gib):
 
 def best(tl, window, wrapper="none", world=1, enc=None, offload=False):
     """The peak of a step: its window's (inputs .. backward) or the optimizer's, whichever is higher."""
-    step, update = peak(tl, window, wrapper, world, enc, offload), peak(tl, tl["optimizer"], wrapper, world, enc,
-                                                                        offload)
+    step = peak(tl, window, wrapper, world, enc, offload)
+    update = peak(tl, tl["optimizer"], wrapper, world, enc, offload)
     return step if step[0] >= update[0] else update
 
 

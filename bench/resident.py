@@ -74,8 +74,7 @@ def load(folder, fmt):
     """(In a fresh process.) Load the folder in bf16 or fmt; print the resident bytes as one JSON line. A first load,
     then dropped, pays the one-time costs (libraries, allocator pools) so that the second one counts the model."""
     quantize = None if fmt == "bf16" else fmt
-    del_me = touched(families.load(folder, "cpu", torch.bfloat16, quantize=quantize))
-    del del_me
+    touched(families.load(folder, "cpu", torch.bfloat16, quantize=quantize))  # (dropped at once)
     settle()
     before, anon, peak, done = rss(), rss("RssAnon"), [0, 0], threading.Event()
 

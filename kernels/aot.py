@@ -40,6 +40,7 @@ import cli  # noqa: E402
 from kernels import flash_attention as A  # noqa: E402
 from kernels import fused_dpo_loss as L  # noqa: E402
 from kernels import quantized_linear as Q  # noqa: E402
+from kernels.bench import QLINEAR_SHAPES  # noqa: E402  (name, M, N, K)
 
 # max dynamic shared memory per block (bytes) by compute capability; registers are 255 / thread
 SMEM = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
@@ -57,18 +58,7 @@ SHAPES = [
 ]
 QUICK = {"sdxl self 64x64", "sd15 self 16x16", "sd3 joint 1024^2", "flux joint 1024^2"}
 
-# (name, M, N, K): the quantized linear (x (M, K) -> (M, N)) at FLUX.1's linears at 1024^2 (4096 image + 512 text
-# tokens, width 3072) and SDXL's (4096 tokens at 640 channels, 1024 at 1280, the feed-forwards 4x wide)
-QLINEAR_SHAPES = [
-    ("flux linear", 4608, 3072, 3072),
-    ("flux qkv", 4608, 9216, 3072),
-    ("flux mlp up", 4608, 12288, 3072),
-    ("flux mlp down", 4608, 3072, 12288),
-    ("sdxl 640", 4096, 640, 640),
-    ("sdxl 1280", 1024, 1280, 1280),
-    ("sdxl ff up", 1024, 5120, 1280),
-    ("sdxl ff down", 1024, 1280, 5120),
-]
+# the quantized linear at FLUX.1's and SDXL's linears: the shapes kernels/bench.py times
 QLINEAR_QUICK = {"flux qkv", "sdxl 640"}
 
 

@@ -67,6 +67,14 @@ def dynamic_code() -> torch.Tensor:
 
 
 DYNAMIC = dynamic_code()
+_TABLES = {}  # device -> (NF4, DYNAMIC) there: copied once per device, for the kernels and the reference alike
+
+
+def tables(device):
+    """(NF4, DYNAMIC) on device (a torch.device)."""
+    if device not in _TABLES:
+        _TABLES[device] = NF4.to(device), DYNAMIC.to(device)
+    return _TABLES[device]
 
 
 def _nearest(x, code):
@@ -95,7 +103,7 @@ class Quantized:
     def absmax(self) -> torch.Tensor:
         """nf4: each block's absmax a_b (fp32, (blocks,)) from its 8-bit code, its block's scale and the mean."""
         t = self.tensors
-        return DYNAMIC.to(t["absmax_codes"].device)[t["absmax_codes"].long()] * \
+        return tables(t["absmax_codes"].device)[1][t["absmax_codes"].long()] * \
             t["absmax_scales"].repeat_interleave(ABSMAX_BLOCK)[:t["absmax_codes"].numel()] + t["absmax_mean"]
 
     def dequantize(self, dtype=None) -> torch.Tensor:
@@ -104,13 +112,10 @@ class Quantized:
         if self.fmt == "nf4":
             packed = t["codes"]  # (n * k / 2,) uint8
             codes = torch.stack([packed >> 4, packed & 15], -1).flatten().long()  # (n * k,): high nibble first
-            w = NF4.to(packed.device)[codes].view(-1, BLOCK) * self.absmax()[:, None]  # (blocks, 64)
+            w = tables(packed.device)[0][codes].view(-1, BLOCK) * self.absmax()[:, None]  # (blocks, 64)
         else:
             w = t["codes"].float() * t["scales"][:, None]  # (n, k)
         return w.view(n, k).to(dtype or self.dtype)
-
-    def to(self, device):
-        return Quantized(self.fmt, self.shape, self.dtype, {k: v.to(device) for k, v in self.tensors.items()})
 
 
 def check_format(fmt, shape):
@@ -146,7 +151,7 @@ def quantize(w: torch.Tensor, fmt: str) -> Quantized:
         return Quantized(fmt, w.shape, w.dtype, {"codes": codes, "scales": scales})
     blocks = x.reshape(-1, BLOCK)  # (n * k / 64, 64)
     absmax = blocks.abs().amax(1)  # (blocks,)
-    idx = _nearest((blocks * (1 / torch.where(absmax > 0, absmax, 1.0))[:, None]).flatten(), NF4.to(x.device))
+    idx = _nearest((blocks * (1 / torch.where(absmax > 0, absmax, 1.0))[:, None]).flatten(), tables(x.device)[0])
     packed = (idx[0::2] << 4) | idx[1::2]  # (n * k / 2,) uint8, even positions in the high nibble
     mean = absmax.mean()
     centred = absmax - mean
@@ -154,7 +159,7 @@ def quantize(w: torch.Tensor, fmt: str) -> Quantized:
     groups = F.pad(centred, (0, pad)).view(-1, ABSMAX_BLOCK)  # (ceil(blocks / 256), 256)
     scales = groups.abs().amax(1)  # (groups,)
     normed = groups * (1 / torch.where(scales > 0, scales, 1.0))[:, None]  # (as bitsandbytes: x * (1 / a))
-    absmax_codes = _nearest(normed.flatten()[:len(centred)], DYNAMIC.to(x.device))  # (blocks,) uint8
+    absmax_codes = _nearest(normed.flatten()[:len(centred)], tables(x.device)[1])  # (blocks,) uint8
     return Quantized(fmt, w.shape, w.dtype, {"codes": packed, "absmax_codes": absmax_codes, "absmax_scales": scales,
                                             "absmax_mean": mean})
 
@@ -301,19 +306,14 @@ def _precision(x):
     return "tf32" if x.dtype != torch.float32 or (x.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
 
 
-_TABLES = {}  # device -> (NF4, DYNAMIC) on it, copied once per device: the kernels' lookup tables
-
-
 def _operands(q):
     """The pointer arguments both kernels take for q: codes, scales, absmax codes, absmax scales, absmax mean, NF4,
     DYNAMIC (those a format has no use for point at one of its tensors; the kernel never reads them)."""
-    if q.device not in _TABLES:
-        _TABLES[q.device] = NF4.to(q.device), DYNAMIC.to(q.device)
     t = q.tensors
     if q.fmt == "nf4":
         return t["codes"], t["absmax_scales"], t["absmax_codes"], t["absmax_scales"], t["absmax_mean"], \
-            *_TABLES[q.device]
-    return t["codes"], t["scales"], t["scales"], t["scales"], t["scales"], *_TABLES[q.device]
+            *tables(q.device)
+    return t["codes"], t["scales"], t["scales"], t["scales"], t["scales"], *tables(q.device)
 
 
 def _qlinear_forward(x, q, bias):
