@@ -58,7 +58,7 @@ def model_inputs(batch, drop, dev, family, encoders=None, empty=None, latent_noi
                 one = [v.encode(x[None], std=True) for x in px.flatten(0, 1)]  # an image at a time: 1/Bk the peak
             z, std = torch.cat([m for m, _ in one]), torch.cat([s for _, s in one])  # (Bk, C, h, w) each, unscaled
             z = v.scale(z.float().unflatten(0, px.shape[:2]))  # (B, k, C, h, w) scaled latent means
-            std = std.float().unflatten(0, px.shape[:2]) * v.scaling_factor
+            std = std.float().unflatten(0, px.shape[:2]) * torch.as_tensor(v.scaling_factor).to(std.device)
             ctx, pooled = te.encode(["" if d else c for c, d in zip(batch["caption"], drop.tolist())])
         if latent_noise is not None:
             z = z + std * latent_noise.to(dev)  # a sample of the posterior instead of its mean
@@ -340,7 +340,8 @@ def build_cache(args, pairs, dev, rank, world):
             out["index"].append(torch.tensor(mine[b:b + 8]))
             out["latents"].append(v.scale(z.float()).unflatten(0, px.shape[:2]).to(store).cpu())
             if args.latents == "sample":
-                out["latents_std"].append((std.float() * v.scaling_factor).unflatten(0, px.shape[:2]).to(store).cpu())
+                sf = torch.as_tensor(v.scaling_factor).to(std.device)  # a number, or per channel (1, C, 1, 1)
+                out["latents_std"].append((std.float() * sf).unflatten(0, px.shape[:2]).to(store).cpu())
             out["context"].append(ctx.cpu())
             if scorer is not None:
                 out["rpo_clip"].append(clip_triples(scorer, px, [d["caption"] for d in items]).cpu())

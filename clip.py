@@ -328,6 +328,8 @@ def _tokenizer(spec, folder, length, what, capped=True):
     cap = read_json(os.path.join(where, "tokenizer_config.json"), {}).get("model_max_length") if capped else None
     if isinstance(cap, int) and 1 < cap < length:
         length = cap
+    if spec.template is not None:  # a language model's: each prompt goes into the pipeline's template
+        return spec.module.Tokenizer(where, max_length=length, template=spec.template)
     return spec.module.Tokenizer(where, max_length=length)
 
 
@@ -356,17 +358,22 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None, t5_file=None, 
             folder = os.path.join(root, spec.folder)
             here = not spec.optional or os.path.isdir(folder)
             enc = None if not here else _load_folder(folder, device, dtype, quantize) if spec.module is None else \
-                spec.module.load(folder, device, dtype, quantize)
+                spec.module.load(folder, device, dtype, quantize, **dict(spec.options))
         elif spec.module is None:  # a stored config (save() writes one) wins over the released encoder's
             prefix, layout, meta = spec.single
             cfg = json.loads(ckpt.metadata[meta]) if meta in ckpt.metadata else spec.config
             enc = _load_single(ckpt, prefix, layout, cfg, device, dtype, spec.projection, quantize)
         else:  # t5_file, or the file itself (SD3.5's hold T5 under a prefix; without it, as diffusers allows: None)
             here = t5_file is not None or spec.module.in_file(ckpt)
-            enc = spec.module.load(t5_file or path, device, dtype, quantize) if here else None
+            enc = spec.module.load(t5_file or path, device, dtype, quantize, **dict(spec.options)) if here else None
         present.append(enc is not None)
         if enc is not None:
             (clips if spec.module is None else others).append((spec, enc))
+    if kind == "folder" and fam.text.width is not None:  # a language model of another size than the denoiser reads
+        got, want = others[0][1].config["hidden_size"], fam.text.width(config)
+        if got != want:
+            raise CheckpointError(f"{path}: its text encoder's hidden size {got} is not the {want} its {fam.title} "
+                                  f"{fam.kind} takes")
     folder = tokenizer or (root if kind == "folder" else None)
     toks = _clip_tokenizers(folder, [s for s, _ in clips], [e for _, e in clips], path)
     toks += [_tokenizer(s, folder, max_length or s.tokens(config), path, max_length is None) for s, _ in others]

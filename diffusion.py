@@ -154,7 +154,7 @@ SCHEDULERS = {"euler": Euler, "ddim": DDIM}
 
 # diffusers' FlowMatchEulerDiscreteScheduler defaults (SD3's and FLUX's records change the shift)
 FLOW_SCHEDULE = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
-                     max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+                     max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, shift_terminal=None)
 
 
 def flow_forward(x0, eps, sigma):
@@ -171,6 +171,12 @@ def flow_target(x0, eps):
 def shifted(sigma, shift):
     """SD3's timestep shift (Esser et al. 2024, eq. 23): more time at high noise for larger images."""
     return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def stretched(sigma, terminal):
+    """Qwen-Image's shift_terminal: the shifted sigmas stretched so that the last is `terminal`, the first unmoved."""
+    one_minus = 1 - sigma
+    return 1 - one_minus / (one_minus[-1] / (1 - terminal))
 
 
 def resolution_shift(mu, sigma):
@@ -217,9 +223,11 @@ def noised(x0, eps, t, prediction_type, alphas_cumprod=None):
 
 
 class FlowEuler:
-    """Euler steps on the flow ODE dx/dsigma = v (diffusers' FlowMatchEulerDiscreteScheduler as the SD3 and FLUX
-    pipelines run it): sigmas evenly spaced from 1 to the table's last, shifted (static, or by mu for FLUX), then 0.
-    sigmas: the unshifted sigmas to use instead (FLUX's pipeline gives linspace(1, 1/steps, steps))."""
+    """Euler steps on the flow ODE dx/dsigma = v (diffusers' FlowMatchEulerDiscreteScheduler as the SD3, FLUX,
+    Qwen-Image and Z-Image pipelines run it): sigmas evenly spaced from 1 to the table's last, shifted (static, or by
+    mu for FLUX and Qwen-Image; then stretched to end at shift_terminal where the schedule has one), then 0.
+    sigmas: the unshifted sigmas to use instead (the FLUX, Qwen-Image and Z-Image pipelines give
+    linspace(1, 1/steps, steps))."""
 
     def __init__(self, cfg, steps, mu=None, sigmas=None):
         n = cfg["num_train_timesteps"]
@@ -236,6 +244,8 @@ class FlowEuler:
             sig = resolution_shift(mu, sig)
         else:
             sig = shifted(sig, cfg["shift"])
+        if cfg.get("shift_terminal"):
+            sig = stretched(sig, cfg["shift_terminal"])
         sig = torch.from_numpy(sig).float()
         self.timesteps = sig * n  # (steps,) what the transformer is given: sigma * 1000
         self.sigmas = torch.cat([sig, torch.zeros(1)])  # (steps + 1,)
@@ -325,12 +335,34 @@ def sampler(family, sched_cfg, name, steps, shape):
     return FlowEuler(sched_cfg, steps, mu, sigmas)
 
 
-def guidance_inputs(family, config, guidance):
-    """(classifier-free guidance scale, the denoiser's guidance input): a family whose denoiser takes the scale as an
-    input (FLUX-dev) has no CFG; one of its configs without that input (schnell) takes neither."""
-    if family.sampling.guidance_input:
+def guidance_inputs(family, config, guidance, negative=True):
+    """(classifier-free guidance scale, the denoiser's guidance input) from the pipeline's own guidance number: a family
+    whose denoiser takes the scale as an input (FLUX-dev) has no CFG; one of its configs without that input (schnell)
+    takes neither. Z-Image's pipeline guides with cond + g (cond - uncond), that is CFG at scale g + 1 (its record's
+    cfg_offset); Qwen-Image's guides only when given a negative prompt (negative None: no CFG)."""
+    s = family.sampling
+    if s.guidance_input:
         return 1.0, (guidance if config.get("guidance_embeds") else None)
-    return guidance, None
+    if s.needs_negative and negative is None:
+        return 1.0, None
+    return guidance + s.cfg_offset, None
+
+
+def pad_text(context, second, length):
+    """(context (B, L, D), its second part) padded to `length` tokens: zero states, False mask. Only the families whose
+    text side gives each batch its own length (Qwen-Image, Z-Image: second is a (B, L) token mask) are padded; SD's,
+    SD3's and FLUX's fixed-length context and pooled vector come back as they are."""
+    if second is None or second.dtype != torch.bool or context.shape[1] == length:
+        return context, second
+    extra = length - context.shape[1]
+    return torch.nn.functional.pad(context, (0, 0, 0, extra)), torch.nn.functional.pad(second, (0, extra))
+
+
+def cat_text(parts):
+    """[(context, second), ...] -> one (context, second) along the batch, lengths made equal by pad_text."""
+    length = max(c.shape[1] for c, _ in parts)
+    parts = [pad_text(c, s, length) for c, s in parts]
+    return torch.cat([c for c, _ in parts]), (None if parts[0][1] is None else torch.cat([s for _, s in parts]))
 
 
 def conditions(te, prompts, negative=None, guided=True, zeros_for_empty=False, size=None, guidance_embed=None):
@@ -348,7 +380,7 @@ def conditions(te, prompts, negative=None, guided=True, zeros_for_empty=False, s
             raise ValueError(f"{len(neg)} negative prompts for {len(prompts)} prompts")
         nctx, npooled = te.encode(neg)
     if guided:
-        ctx, pooled = torch.cat([nctx, ctx]), (None if pooled is None else torch.cat([npooled, pooled]))
+        ctx, pooled = cat_text([(nctx, npooled), (ctx, pooled)])
     time_ids = None
     if te.family.time_ids and size is not None:
         h, w = size
@@ -364,24 +396,30 @@ def predict(unet, x, t, cond, dtype):
     return unet(x.to(dev, dtype), t, *cond).float()
 
 
-def cfg(out, guidance):
-    """Classifier-free guidance (Ho & Salimans 2022) on the output (2B, ...) of one forward of [x; x] whose conditioning
-    is [negatives; prompts]: uncond + guidance (cond - uncond), (B, ...)."""
+def cfg(out, guidance, renorm=False):
+    """Classifier-free guidance (Ho & Salimans 2022) on the output (2B, C, h, w) of one forward of [x; x] whose
+    conditioning is [negatives; prompts]: uncond + guidance (cond - uncond), (B, C, h, w). renorm (Qwen-Image's
+    true CFG): then rescaled to the conditional prediction's norm, per 2x2 latent patch (the pipeline's token)."""
     uncond, c = out.chunk(2)
-    return uncond + guidance * (c - uncond)
+    guided = uncond + guidance * (c - uncond)
+    if not renorm:
+        return guided
+    B, C, h, w = c.shape
+    patch_norm = lambda x: x.view(B, C, h // 2, 2, w // 2, 2).norm(dim=(1, 3, 5), keepdim=True)  # (B,1,h/2,1,w/2,1)
+    return (guided.view(B, C, h // 2, 2, w // 2, 2) * (patch_norm(c) / patch_norm(guided))).view(B, C, h, w)
 
 
 @torch.no_grad()
-def denoise(unet, sched, x, cond, guidance, dtype, start=0, progress=False):
+def denoise(unet, sched, x, cond, guidance, dtype, start=0, progress=False, renorm=False):
     """The reverse process from x (B, C, h, w) at scheduler step `start` (0: pure noise, already scaled by
     sched.init_sigma) to the clean latents (B, C, h, w), on the CPU in fp32. With guidance > 1, cond holds
-    [negatives; prompts] and each step is uncond + guidance * (cond - uncond) (Ho & Salimans 2022)."""
+    [negatives; prompts] and each step is uncond + guidance * (cond - uncond) (Ho & Salimans 2022; renorm: cfg's)."""
     guided = guidance > 1
     steps = len(sched.timesteps)
     for i in range(start, steps):
         xin = sched.scale_input(torch.cat([x, x]) if guided else x, i)
         out = predict(unet, xin, sched.timesteps[i], cond, dtype).cpu()
-        x = sched.step(cfg(out, guidance) if guided else out, i, x)
+        x = sched.step(cfg(out, guidance, renorm) if guided else out, i, x)
         if progress:
             cli.progress(f"sampling: step {i + 1 - start}/{steps - start}")
     if progress:  # otherwise the caller's own progress line stays open

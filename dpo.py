@@ -174,7 +174,9 @@ def build_models(source, dtype, lora_rank=None, lora_alpha=None, lora_targets=No
     else:
         policy = source(torch.float32)
         ref = None if reference_free else reference(source(dtype), dtype)
-        trained = list(policy.parameters())
+        for name in getattr(policy, "unused", list)():  # parameters that feed nothing (Qwen-Image's last text path)
+            policy.get_parameter(name).requires_grad_(False)
+        trained = [p for p in policy.parameters() if p.requires_grad]
     policy.gradient_checkpointing = gradient_checkpointing
     return policy, ref, trained
 

@@ -1,10 +1,12 @@
-"""One record per model family: everything the rest of the code asks about SD1.5, SDXL, SD3 / SD3.5 or FLUX.1.
+"""One record per model family: everything the rest of the code asks about SD1.5, SDXL, SD3 / SD3.5, FLUX.1,
+Qwen-Image or Z-Image.
 
-A family is its model files (the denoiser: unet.py, mmdit.py, flux.py; the text side: clip.py's CLIP, t5.py;
-the VAE: vae.py) and one record below: how a checkpoint of it is recognised, where diffusers keeps its parts,
-its text side and VAE, its noise schedule and sampler, its sampling and training defaults, its LoRA targets and
-FSDP units, and its released sizes. Code elsewhere asks the record (`families.of(path)`, then `fam.subfolder`,
-`fam.text`, `fam.recipe`, ...) and never compares a family's name. To add a family: docs/models.md's checklist.
+A family is its model files (the denoiser: unet.py, mmdit.py, flux.py, qwen_image.py, z_image.py; the text side:
+clip.py's CLIP, t5.py, llm.py's language models; the VAE: vae.py, qwen_vae.py) and one record below: how a
+checkpoint of it is recognised, where diffusers keeps its parts, its text side and VAE, its noise schedule and
+sampler, its sampling and training defaults, its LoRA targets and FSDP units, and its released sizes. Code
+elsewhere asks the record (`families.of(path)`, then `fam.subfolder`, `fam.text`, `fam.recipe`, ...) and never
+compares a family's name. To add a family: docs/models.md's checklist.
 
     fam = families.of("stable-diffusion-xl-base-1.0")    # the SDXL record (from unet/config.json)
     unet = fam.load(path, "cuda", torch.bfloat16)         # its denoiser, straight into the dtype
@@ -20,10 +22,14 @@ import torch.nn.functional as F
 
 import diffusion
 import flux
+import llm
 import mmdit
+import qwen_image
+import qwen_vae
 import t5
 import unet
 import weights
+import z_image
 from weights import CheckpointError
 
 # ----------------------------------------------------------------------------------------------------
@@ -43,6 +49,8 @@ class Encoder:
     projection: bool = False  # CLIP with its text_projection in a single file (a folder says it by its keys)
     pad: str = None  # the pad token of a single file's CLIP tokenizer (clip_bpe/): "!" for OpenCLIP-bigG
     optional: bool = False  # may be absent (SD3's T5): zeros of its width in its place, as diffusers does
+    template: str = None  # a language model's prompt template (the pipeline's: each prompt goes in its {})
+    options: tuple = ()  # (name, value) pairs its module's load takes besides (path, device, dtype, quantize)
 
     def tokens(self, config) -> int:
         return self.length(config) if callable(self.length) else self.length
@@ -54,6 +62,8 @@ class Text:
     encoders: tuple
     combine: Callable  # the encoders' outputs (a CLIP's dict, T5's states) -> (context, pooled)
     context: Callable  # the encoders' token counts -> the context's length (the plans' and benchmarks' shapes)
+    width: Callable = None  # a denoiser config -> the hidden size its text input has (checked against a language
+    # model encoder's when loading); None: fixed by the released encoders
 
     def lengths(self, config) -> list:
         """Each encoder's token count for a denoiser config, as the family's pipeline encodes prompts."""
@@ -83,6 +93,9 @@ class Sampling:
     without_guidance_input: tuple = None  # (guidance, steps) of a config without that input (FLUX-schnell)
     zeros_for_empty: bool = False  # no negative prompt: all-zero negative embeddings (SDXL, unless model_index says)
     sigmas: str = None  # "linspace": the pipeline's own sigmas, linspace(1, 1/steps) (FLUX), shifted
+    cfg_offset: float = 0.0  # the pipeline's guidance + this = the CFG scale (Z-Image: cond + g (cond - uncond))
+    needs_negative: bool = False  # the pipeline guides only when given a negative prompt (Qwen-Image)
+    renorm: bool = False  # the guided prediction rescaled to the conditional's norm per token (Qwen-Image)
 
 
 @dataclass(frozen=True)
@@ -107,7 +120,7 @@ class Family:
     file_keys: tuple  # key prefixes of its single files: a file is the family of the most specific (longest) it has
     subfolder: str  # where diffusers keeps the denoiser (unet/, transformer/), and its LoRA keys' prefix
     kind: str  # what the denoiser is, in messages
-    inputs: tuple  # what the denoiser takes after (x, t), in order: context, pooled, time_ids, guidance
+    inputs: tuple  # what the denoiser takes after (x, t), in order: context, pooled | mask, time_ids, guidance
     input_shapes: Callable  # (config, tokens) -> name -> shape of one row (the plans' and benchmarks' inputs)
     blocks: tuple  # the module types FSDP shards one by one and gradient checkpointing recomputes
     lora_targets: tuple  # the Linear layers LoRA adapts, matched as name suffixes (PEFT's target_modules)
@@ -140,9 +153,10 @@ class Family:
 
     def conditioning(self, context, pooled, time_ids=None, guidance=None) -> tuple:
         """What the denoiser takes after (x, t), from the text side's (context, pooled), SDXL's time ids and the
-        guidance input (a number, given to every row; None without one)."""
+        guidance input (a number, given to every row; None without one). A language model's text side gives its
+        token mask (B, L) where the CLIPs give a pooled vector: the denoiser's `mask` input."""
         g = None if guidance is None else torch.full((len(context),), float(guidance), device=context.device)
-        given = dict(context=context, pooled=pooled, time_ids=time_ids, guidance=g)
+        given = dict(context=context, pooled=pooled, mask=pooled, time_ids=time_ids, guidance=g)
         return tuple(given[k] for k in self.inputs)
 
     def sampling_defaults(self, config) -> tuple:
@@ -194,6 +208,33 @@ def flux_t5_tokens(config) -> int:
     return 512 if config.get("guidance_embeds", True) else 256
 
 
+QWEN_IMAGE_TOKENS = 512  # QwenImagePipeline's max_sequence_length: the prompt's states after the template, at most
+Z_IMAGE_TOKENS = llm.Z_IMAGE_MAX_LENGTH  # ZImagePipeline's: the chat-templated prompt, at most
+
+
+def masked_states(states, mask, cap):
+    """A language model's states with zeros at the padding (B, L, D) and its mask (B, L), cut to the batch's longest
+    prompt, at most cap tokens: what the pipelines' encode_prompt gives (QwenImagePipeline pads with zeros; Z-Image's
+    keeps each prompt's real tokens, the same rows without the padding)."""
+    n = min(int(mask.sum(1).max()) if mask.numel() else 0, cap)
+    states, mask = states[:, :n], mask[:, :n]
+    return states * mask[..., None].to(states.dtype), mask
+
+
+def qwen_image_text(outs):
+    """Qwen2.5-VL's final-normed states after the template's first 34 tokens, zeros at the padding, and their mask:
+    (B, L, 3584), (B, L) bool, L the batch's longest prompt (at most 512), as QwenImagePipeline.encode_prompt."""
+    states, mask = outs[0]
+    return masked_states(states[:, llm.QWEN_IMAGE_DROP:], mask[:, llm.QWEN_IMAGE_DROP:], QWEN_IMAGE_TOKENS)
+
+
+def z_image_text(outs):
+    """Qwen3's second-to-last hidden states of the chat-templated prompt, zeros at the padding, and their mask:
+    (B, L, 2560), (B, L) bool (ZImagePipeline's list of each prompt's real tokens, padded)."""
+    states, mask = outs[0]
+    return masked_states(states, mask, Z_IMAGE_TOKENS)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The denoisers' inputs at full size (the plans and the benchmarks make them)
 
@@ -212,6 +253,11 @@ def transformer_inputs(config, tokens) -> dict:
     """SD3's and FLUX's context and pooled vector (FLUX-dev's guidance input is a number per row)."""
     out = {"context": (tokens, config["joint_attention_dim"]), "pooled": (config["pooled_projection_dim"],)}
     return dict(out, guidance=()) if config.get("guidance_embeds") else out
+
+
+def llm_inputs(config, tokens) -> dict:
+    """Qwen-Image's and Z-Image's context (a language model's states) and its token mask, one row each."""
+    return {"context": (tokens, config.get("joint_attention_dim") or config["cap_feat_dim"]), "mask": (tokens,)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,6 +279,12 @@ UNET = dict(module=unet, model=unet.UNet, diffusers_class="UNet2DConditionModel"
             schedule=SD_SCHEDULE)
 TRANSFORMER = dict(subfolder="transformer", kind="transformer", input_shapes=transformer_inputs, lora_targets=FLOW_LORA,
                    flow=True)
+# a language model's states and their token mask in (Qwen-Image, Z-Image); LoRA on the attention, as diffusers'
+# Qwen-Image LoRA script (its last block's text-side projections feed nothing: qwen_image.QwenImage.unused)
+LLM_TRANSFORMER = dict(subfolder="transformer", kind="transformer", input_shapes=llm_inputs, inputs=("context", "mask"),
+                       flow=True)
+QWEN_IMAGE_LORA = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+Z_IMAGE_LORA = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
 
 SD15 = Family(
     "sd15", "SD1.5", **UNET, recognise=lambda config: config.get("addition_embed_type") != "text_time",
@@ -283,7 +335,36 @@ FLUX = Family(
     recipe=Recipe(1024, 200, "adamw", True, FLOW_BETA, guidance=flux.GUIDANCE),
     released={"flux-dev": ("FLUX.1-dev", flux.DEV), "flux-schnell": ("FLUX.1-schnell", flux.SCHNELL)})
 
-FAMILIES = (SD15, SDXL, SD3, FLUX)  # in the order they were released: how messages list them
+QWEN_IMAGE = Family(
+    "qwen-image", "Qwen-Image", **LLM_TRANSFORMER, lora_targets=QWEN_IMAGE_LORA, module=qwen_image,
+    model=qwen_image.QwenImage, diffusers_class=qwen_image.CLASS, blocks=(qwen_image.Block,),
+    file_keys=("img_in.", "txt_norm.", "model.diffusion_model.img_in.", "model.diffusion_model.txt_norm."),
+    schedule=dict(diffusion.FLOW_SCHEDULE, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                  max_image_seq_len=8192, shift_terminal=0.02),  # Qwen/Qwen-Image's scheduler_config.json
+    text=Text((Encoder("text_encoder", "tokenizer", llm.QWEN25_VL_7B, llm, llm.LanguageModel,
+                       length=llm.QWEN_IMAGE_MAX_LENGTH, template=llm.QWEN_IMAGE_TEMPLATE),),
+              qwen_image_text, lambda lengths: min(lengths[0] - llm.QWEN_IMAGE_DROP, QWEN_IMAGE_TOKENS),
+              width=lambda config: config["joint_attention_dim"]),
+    vae=VAE(16, 1.0, module=qwen_vae, diffusers_class=qwen_vae.CLASS, quant_conv=False),  # per channel: its config
+    sampling=Sampling(4.0, 50, sigmas="linspace", needs_negative=True, renorm=True),  # true_cfg_scale
+    recipe=Recipe(1024, 200, "adamw", True, FLOW_BETA),
+    released={"qwen-image": ("Qwen-Image", qwen_image.QWEN_IMAGE)})
+
+Z_IMAGE = Family(
+    "z-image", "Z-Image", **LLM_TRANSFORMER, lora_targets=Z_IMAGE_LORA, module=z_image, model=z_image.ZImage,
+    diffusers_class="ZImageTransformer2DModel", blocks=(z_image.Block,),
+    file_keys=("noise_refiner.", "context_refiner.", "model.diffusion_model.noise_refiner.",
+               "model.diffusion_model.context_refiner."),
+    schedule=dict(diffusion.FLOW_SCHEDULE, shift=3.0),  # Z-Image's scheduler_config.json
+    text=Text((Encoder("text_encoder", "tokenizer", llm.QWEN3_4B, llm, llm.LanguageModel,
+                       length=llm.Z_IMAGE_MAX_LENGTH, template=llm.Z_IMAGE_TEMPLATE, options=(("layer", -2),)),),
+              z_image_text, lambda lengths: lengths[0], width=lambda config: config["cap_feat_dim"]),
+    vae=VAE(16, 0.3611, 0.1159, quant_conv=False),  # FLUX.1's AutoencoderKL
+    sampling=Sampling(5.0, 50, sigmas="linspace", cfg_offset=1.0),  # guidance_scale
+    recipe=Recipe(1024, 200, "adamw", True, FLOW_BETA),
+    released={"z-image": ("Z-Image", z_image.Z_IMAGE)})
+
+FAMILIES = (SD15, SDXL, SD3, FLUX, QWEN_IMAGE, Z_IMAGE)  # in the order they were released: how messages list them
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -220,7 +220,8 @@ class Feed(cache.Feed):
         with amp:
             cond = diffusion.conditions(te, prompts, None, cfg_scale > 1, self.force_zeros, res, embed)
             sched = diffusion.sampler(self.family, self.sched_cfg, "euler", steps or a.sample_steps, noise.shape[1:])
-            x = diffusion.denoise(unet, sched, noise * sched.init_sigma, cond, cfg_scale, torch.float32)
+            x = diffusion.denoise(unet, sched, noise * sched.init_sigma, cond, cfg_scale, torch.float32,
+                                  renorm=self.family.sampling.renorm)
         img = torch.cat([diffusion.decode(v, z[None]) for z in x])  # one at a time: the fp32 decode's peak is 1 image
         self.seconds["sampling"] += time.time() - tic
         return img

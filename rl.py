@@ -97,14 +97,15 @@ def trained_steps(n, share, window, step, seed):
     return sorted(torch.randperm(n, generator=g)[:k].tolist()), set(range(n))
 
 
-def guided(model, x, t, cond, scale, dtype):
+def guided(model, x, t, cond, scale, dtype, renorm=False):
     """The velocity (eps) the sampler follows: with classifier-free guidance, uncond + scale (cond - uncond) from one
-    forward of [x; x] (cond holds [negatives; prompts]); else one forward. x (B, C, h, w) -> (B, C, h, w) fp32."""
+    forward of [x; x] (cond holds [negatives; prompts]); else one forward. x (B, C, h, w) -> (B, C, h, w) fp32.
+    renorm: Qwen-Image's rescaled guidance (diffusion.cfg)."""
     amp = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False)
     t = t.to(x.device, torch.float32).expand(x.shape[0] * (2 if scale > 1 else 1))
     with amp:
         out = model(torch.cat([x, x]) if scale > 1 else x, t, *cond).float()
-    return diffusion.cfg(out, scale) if scale > 1 else out
+    return diffusion.cfg(out, scale, renorm) if scale > 1 else out
 
 
 def step_fn(family, sched, noise_level):
@@ -158,7 +159,7 @@ class Feed(online.Feed):
         tic = time.time()
         for i in range(a.sample_steps):
             out = guided(self.policy, sched.scale_input(x, i).to(self.dev), sched.timesteps[i], cond, scale,
-                         a.amp_dtype).cpu()
+                         a.amp_dtype, self.family.sampling.renorm).cpu()
             if a.sampler == "sde" and i in sde:
                 z = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(
                     data.seed_for(a.seed, p, k, i, 0x5DE))) for p, k in keys])  # each image's own noise
@@ -190,13 +191,14 @@ class Feed(online.Feed):
         sched, x = g["sched"], g["lats"][j].to(dev)
         if a.loss == "grpo":
             t = sched.timesteps[j]
-            out = guided(model, sched.scale_input(x, j), t, g["cond"], g["scale"], a.amp_dtype)
+            renorm = self.family.sampling.renorm
+            out = guided(model, sched.scale_input(x, j), t, g["cond"], g["scale"], a.amp_dtype, renorm)
             _, lp, mean, std = g["step"](out, x, j, prev=g["lats"][j + 1].to(dev))
             ref_mean = None
             if a.kl > 0 and ref is not None:
                 with torch.no_grad():
-                    ref_mean = g["step"](guided(ref, sched.scale_input(x, j), t, g["cond"], g["scale"], a.amp_dtype),
-                                         x, j, prev=g["lats"][j + 1].to(dev))[2]
+                    ref_out = guided(ref, sched.scale_input(x, j), t, g["cond"], g["scale"], a.amp_dtype, renorm)
+                    ref_mean = g["step"](ref_out, x, j, prev=g["lats"][j + 1].to(dev))[2]
             return objectives.grpo_loss(lp, g["lps"][j].to(dev), g["adv"].to(dev), a.clip_range, a.adv_clip,
                                         a.kl if ref_mean is not None else 0.0, mean, ref_mean, std)
         x0, sigma = g["lats"][-1].to(dev), sched.sigmas[j].to(dev).expand(len(x))

@@ -93,7 +93,7 @@ class Pipeline:
             raise ValueError(f"latents must have shape {(B, *shape)}, got {tuple(latents.shape)}")
 
         # classifier-free guidance when guidance > 1; FLUX has none: dev is given the scale as an input instead
-        cfg_scale, embed = diffusion.guidance_inputs(self.family, self.unet.config, guidance)
+        cfg_scale, embed = diffusion.guidance_inputs(self.family, self.unet.config, guidance, negative)
         cond = self.conditions(prompts, negative, cfg_scale > 1, (height, width), embed)  # scale <= 1: no negatives
         sched = self.scheduler(scheduler, steps, shape)
         noise = (self.noise(B, shape, seed) if latents is None else latents).float()
@@ -105,7 +105,8 @@ class Pipeline:
                 raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
             z0 = self.encode_images(init_image).cpu().expand(B, -1, -1, -1)
             x = sched.add_noise(z0, noise, start)
-        x = diffusion.denoise(self.unet, sched, x, cond, cfg_scale, self.dtype, start, self.progress)
+        x = diffusion.denoise(self.unet, sched, x, cond, cfg_scale, self.dtype, start, self.progress,
+                              self.family.sampling.renorm)
         self.last_latents = x  # (B, C, h, w), scaled: what diffusers returns with output_type="latent" (unpacked)
         return diffusion.decode(self.vae, x)
 

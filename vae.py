@@ -257,6 +257,13 @@ def _single_file_layout(ckpt, path):
     raise CheckpointError(f"{path}: holds no VAE (no first_stage_model. keys and no encoder./decoder. keys)")
 
 
+def _own_module(cfg=None, ckpt=None):
+    """The module of a family's own VAE architecture (its record's VAE.module) whose class a vae/config.json names,
+    or whose layout a single file (weights.Checkpoint) has; None: an AutoencoderKL."""
+    return next((f.vae.module for f in families.FAMILIES if f.vae.module and (
+        f.vae.diffusers_class == cfg.get("_class_name") if cfg is not None else f.vae.module.in_file(ckpt))), None)
+
+
 def load(path, device="cpu", dtype=torch.float32, scaling_factor=None, shift_factor=None):
     """Load a VAE from a diffusers root, its vae/ folder, or a single .safetensors file.
 
@@ -268,8 +275,7 @@ def load(path, device="cpu", dtype=torch.float32, scaling_factor=None, shift_fac
     kind, where = component(path, "vae")
     if kind == "folder":
         cfg = read_config(where)
-        other = next((f.vae.module for f in families.FAMILIES if f.vae.module and f.vae.diffusers_class ==
-                      cfg.get("_class_name")), None)
+        other = _own_module(cfg)
         if other is not None:  # a family's own VAE architecture (its record names its module)
             return other.load(path, device, dtype, scaling_factor, shift_factor)
         ckpt = Checkpoint(find_weights(where))
@@ -277,6 +283,8 @@ def load(path, device="cpu", dtype=torch.float32, scaling_factor=None, shift_fac
         sf, shift = cfg.get("scaling_factor", SCALING_FACTOR), cfg.get("shift_factor")
     else:
         ckpt = Checkpoint(where)
+        if _own_module(ckpt=ckpt) is not None:
+            return _own_module(ckpt=ckpt).load(path, device, dtype, scaling_factor, shift_factor)
         prefix, is_ldm = _single_file_layout(ckpt, where)
         cfg = _single_file_config(ckpt, prefix)
         default = _factors(ckpt, prefix, cfg, where)
@@ -305,8 +313,13 @@ def downsample(path) -> int:
     kind, where = component(path, "vae")
     if kind == "folder":
         cfg = read_config(where)
+        other = _own_module(cfg)
+        if other is not None:
+            return other.downsample(path)
     else:
         ckpt = Checkpoint(where)
+        if _own_module(ckpt=ckpt) is not None:
+            return _own_module(ckpt=ckpt).downsample(path)
         cfg = _single_file_config(ckpt, _single_file_layout(ckpt, where)[0])
     return 2 ** (len(cfg.get("block_out_channels", FULL_CONFIG["block_out_channels"])) - 1)
 

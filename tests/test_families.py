@@ -35,7 +35,7 @@ def test_records_name_diffusers_classes_and_refuse_others(sdxl_dir, tmp_path):
     import diffusers
     for fam in families.FAMILIES:
         assert hasattr(diffusers, fam.diffusers_class), fam.name
-    with pytest.raises(CheckpointError, match="not the denoiser of SD1.5, SDXL, SD3 or FLUX"):
+    with pytest.raises(CheckpointError, match="not the denoiser of SD1.5, SDXL, SD3, FLUX, Qwen-Image or Z-Image"):
         families.of_config({"_class_name": "PixArtTransformer2DModel"}, "x")
     with pytest.raises(CheckpointError, match="not a checkpoint of"):
         families.of_keys({"something.else": 0}, "f")

@@ -291,7 +291,7 @@ def test_sample_refuses_a_lora_of_another_family(tmp_path, sd3_dir, capsys):
                "unet.down_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 2)}, str(tmp_path / "sdxl_lora"))
     err = cli_error(sample.main, ["--model", sd3_dir, "--lora", str(tmp_path / "sdxl_lora"), "--prompt", "a",
                                   "--out", str(tmp_path / "out")], capsys)
-    assert "a LoRA of a UNet (SD1.5 / SDXL)" in err and "transformer (SD3 / FLUX)" in err
+    assert "a LoRA of a UNet (SD1.5 / SDXL)" in err and "transformer (SD3 / FLUX / Qwen-Image / Z-Image)" in err
     assert not os.path.exists(tmp_path / "out" / "0000_seed0.png")
 
 
