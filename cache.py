@@ -16,6 +16,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 import clip
+import diffusion
 import reward
 import vae as vaelib
 import weights
@@ -47,10 +48,15 @@ def model_inputs(batch, drop, dev, family, encoders=None, empty=None, latent_noi
         if "latents" in batch:  # --cache: latents and text embeddings were computed once
             z = batch["latents"].to(dev).float()  # (B, k, C, h, w)
             std = batch["latents_std"].to(dev).float() if latent_noise is not None else None
-            ctx = torch.where(drop[:, None, None], empty["context"], batch["context"].to(dev))
-            pooled = batch.get("pooled")
+            ctx, pooled = batch["context"].to(dev), batch.get("pooled")
+            pooled = None if pooled is None else pooled.to(dev)
+            e_ctx, e_pooled = empty["context"][None], None if empty["pooled"] is None else empty["pooled"][None]
+            n = max(ctx.shape[1], e_ctx.shape[1])  # a language model's states: the cache's length or ""'s
+            ctx, pooled = diffusion.pad_text(ctx, pooled, n)
+            e_ctx, e_pooled = diffusion.pad_text(e_ctx, e_pooled, n)
+            ctx = torch.where(drop[:, None, None], e_ctx, ctx)
             if pooled is not None:
-                pooled = torch.where(drop[:, None], empty["pooled"], pooled.to(dev))
+                pooled = torch.where(drop[:, None], e_pooled, pooled)
         else:  # the VAE and the text encoders run here, on the GPU
             te, v = encoders
             px = batch["pixels"].to(dev)  # (B, k, 3, H, W)
@@ -302,6 +308,8 @@ class Cache(torch.utils.data.Dataset):
         self.index = EpochOrder(np.zeros(self.meta["pairs"], dtype=np.int64), seed)
         self.per_item = 1 if self.meta.get("singles") else 2  # images per item
         self.empty = weights.torch_file(os.path.join(cache_dir, "empty.pt"), "the cache's embeddings of \"\"")
+        # a language model's states are stored at each shard's longest: every item comes out at the longest of all
+        self.length = max(h.get_slice("context").get_shape()[1] for h in self.shards) if self.shards else 0
 
     def __len__(self):
         return self.meta["pairs"]
@@ -312,6 +320,9 @@ class Cache(torch.utils.data.Dataset):
         item = dict(pos=pos, bad=[], **{n: h.get_slice(n)[r:r + 1][0] for n in CACHE_KEYS if n in h.keys()})
         if "label" in item:
             item["label"] = int(item["label"])
+        if "pooled" in item and item["pooled"].dtype == torch.bool:  # (L, D) states, (L,) mask: padded to the longest
+            ctx, mask = diffusion.pad_text(item["context"][None], item["pooled"][None], self.length)
+            item["context"], item["pooled"] = ctx[0], mask[0]
         return item
 
 
@@ -349,6 +360,10 @@ def build_cache(args, pairs, dev, rank, world):
             out["pooled"].append(None if pooled is None else pooled.cpu())
             if pairs.singles:
                 out["label"].append(torch.tensor([d["label"] for d in items]))
+        if out["pooled"][0] is not None:  # a language model's states: each batch its own length, the shard's longest
+            longest = max(c.shape[1] for c in out["context"])
+            out["context"], out["pooled"] = zip(*[diffusion.pad_text(c, m, longest) for c, m in zip(out["context"],
+                                                                                                   out["pooled"])])
         save_safetensors({k: torch.cat(v) for k, v in out.items() if v and v[0] is not None},
                          os.path.join(args.cache_dir, f"r{rank:03d}_{s // 1024:05d}.safetensors"))
         if rank == 0:

@@ -405,7 +405,7 @@ def cfg(out, guidance, renorm=False):
     if not renorm:
         return guided
     B, C, h, w = c.shape
-    patch_norm = lambda x: x.view(B, C, h // 2, 2, w // 2, 2).norm(dim=(1, 3, 5), keepdim=True)  # (B,1,h/2,1,w/2,1)
+    patch_norm = lambda x: torch.linalg.vector_norm(x.view(B, C, h // 2, 2, w // 2, 2), dim=(1, 3, 5), keepdim=True)
     return (guided.view(B, C, h // 2, 2, w // 2, 2) * (patch_norm(c) / patch_norm(guided))).view(B, C, h, w)
 
 

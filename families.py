@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import diffusion
 import flux
+import kernels
 import llm
 import mmdit
 import qwen_image
@@ -82,6 +83,8 @@ class VAE:
     # class its vae/config.json names; no module: vae.py's AutoencoderKL
     module: ModuleType = None
     diffusers_class: str = "AutoencoderKL"
+    model: type = None  # that module's VAE class, built from config: the released one's (the plans' and benchmarks')
+    config: dict = None
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,8 @@ def masked_states(states, mask, cap):
     """A language model's states with zeros at the padding (B, L, D) and its mask (B, L), cut to the batch's longest
     prompt, at most cap tokens: what the pipelines' encode_prompt gives (QwenImagePipeline pads with zeros; Z-Image's
     keeps each prompt's real tokens, the same rows without the padding)."""
-    n = min(int(mask.sum(1).max()) if mask.numel() else 0, cap)
+    longest = mask.shape[1] if kernels.planning() else int(mask.sum(1).max()) if mask.numel() else 0  # (the plan:
+    n = min(longest, cap)  # shapes without values, every token real)
     states, mask = states[:, :n], mask[:, :n]
     return states * mask[..., None].to(states.dtype), mask
 
@@ -345,7 +349,8 @@ QWEN_IMAGE = Family(
                        length=llm.QWEN_IMAGE_MAX_LENGTH, template=llm.QWEN_IMAGE_TEMPLATE),),
               qwen_image_text, lambda lengths: min(lengths[0] - llm.QWEN_IMAGE_DROP, QWEN_IMAGE_TOKENS),
               width=lambda config: config["joint_attention_dim"]),
-    vae=VAE(16, 1.0, module=qwen_vae, diffusers_class=qwen_vae.CLASS, quant_conv=False),  # per channel: its config
+    vae=VAE(16, 1.0, quant_conv=False, module=qwen_vae, diffusers_class=qwen_vae.CLASS, model=qwen_vae.QwenVAE,
+            config=qwen_vae.QWEN_IMAGE_VAE),  # scaled per channel: its config's latents_mean / latents_std
     sampling=Sampling(4.0, 50, sigmas="linspace", needs_negative=True, renorm=True),  # true_cfg_scale
     recipe=Recipe(1024, 200, "adamw", True, FLOW_BETA),
     released={"qwen-image": ("Qwen-Image", qwen_image.QWEN_IMAGE)})

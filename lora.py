@@ -193,13 +193,16 @@ def merge(unet, adapters: dict):
     """W += B A for every layer of adapters (pairs()' dict): the plain UNet a LoRA run leaves, or a LoRA applied
     for sampling. A layer the UNet lacks, or whose shape differs, is an error naming it."""
     modules = dict(unet.named_modules())
+    fam = families.of_model(unet)
+    this = f"this {fam.title} {fam.kind}"  # (FLUX's, Qwen-Image's and Z-Image's LoRAs share the prefix transformer.)
     for name, (A, B) in adapters.items():
         m = modules.get(name)
         if not isinstance(m, nn.Linear):
-            raise weights.CheckpointError(f"LoRA layer {name}: the UNet has no Linear of that name")
+            raise weights.CheckpointError(f"LoRA layer {name}: {this} has no Linear of that name (a LoRA of another "
+                                          "model?)")
         if (B.shape[0], A.shape[1]) != tuple(m.weight.shape) or A.shape[0] != B.shape[1]:
             raise weights.CheckpointError(f"LoRA layer {name}: B {tuple(B.shape)} A {tuple(A.shape)} do not fit "
-                                          f"its weight {tuple(m.weight.shape)}")
+                                          f"the weight {tuple(m.weight.shape)} of {this} (a LoRA of another size?)")
         delta = B.to(m.weight.device) @ A.to(m.weight.device)  # (out, in) fp32
         m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
     return unet

@@ -3,8 +3,8 @@
 World: prompts "a <colour> <shape>" (red/green/blue x circle/square); 16x16 images of one shape at a random size
 and place on white. The rule (the demo's "human" preference): the larger shape wins, area = the fraction of
 pixels far from the background (`area`, a scorer like the real ones). Fidelity: the shape's dominant colour is
-the prompt's colour. Also here: small CLIP-style BPE and T5-style Unigram tokenizer folders that HF CLIPTokenizer /
-T5TokenizerFast load, for the toy models and the tests' tiny reference models.
+the prompt's colour. Also here: small CLIP-style BPE, T5-style Unigram and Qwen-style byte-level BPE tokenizer folders
+that HF CLIPTokenizer / T5TokenizerFast / Qwen2Tokenizer load, for the toy models and the tests' tiny reference models.
 """
 import json
 import os
@@ -85,6 +85,59 @@ def write_t5_tokenizer(folder, words=WORDS, model_max_length=512):
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=model_max_length), f)
     return len(vocab)
+
+
+# Qwen's byte-level BPE at toy size: the 256 byte symbols, then merges spelling each word below as one token ("Ġ":
+# a leading space in the byte-to-unicode map; the space-led forms first, so a bare word's merges never split them),
+# then the special tokens and Qwen3's <think>, </think> (added, not special): the prompts and the chat template.
+QWEN_WORDS = ["user", "assistant", "Ġa", "Ġred", "Ġgreen", "Ġblue", "Ġcircle", "Ġsquare", "red", "green", "blue",
+              "circle", "square"]
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_ADDED = ["<think>", "</think>"]
+
+
+def qwen_bpe(words=QWEN_WORDS):
+    """(vocabulary {token: id}: the 256 byte symbols, then the merges' products; merges [(left, right)]) spelling
+    each word by merging its first two symbols until one is left."""
+    vocab, merges = list(_bytes_to_unicode()), []
+    for w in words:
+        syms = list(w)
+        while len(syms) > 1:
+            if (syms[0], syms[1]) not in merges:
+                merges.append((syms[0], syms[1]))
+                vocab.append(syms[0] + syms[1])
+            syms = [syms[0] + syms[1]] + syms[2:]
+    return {t: i for i, t in enumerate(dict.fromkeys(vocab))}, merges
+
+
+def write_qwen_tokenizer(folder, split, words=QWEN_WORDS, chat_template=None):
+    """A Qwen-style tokenizer folder (tokenizer.json: byte-level BPE of qwen_bpe(words), NFC, the regex split, the
+    special and added tokens last; tokenizer_config.json: <|im_end|> eos, <|endoftext|> pad, the chat template when
+    given) that llm.Tokenizer reads and AutoTokenizer loads as Qwen2Tokenizer; returns the vocab size. split: the
+    pre-tokenizer's regex, llm.PRETOKENIZE_REGEX (passed in: toy.py imports no other file of the project)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    vocab, merges = qwen_bpe(words)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    added = {str(tok.token_to_id(t)): dict(content=t, lstrip=False, normalized=False, rstrip=False, single_word=False,
+                                           special=t in QWEN_SPECIAL) for t in QWEN_SPECIAL + QWEN_ADDED}
+    cfg = dict(tokenizer_class="Qwen2Tokenizer", added_tokens_decoder=added, additional_special_tokens=QWEN_SPECIAL[1:],
+               bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, errors="replace",
+               add_prefix_space=False, model_max_length=131072, split_special_tokens=False,
+               clean_up_tokenization_spaces=False)
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return tok.get_vocab_size()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ class ZImage(nn.Module):
         # the caption: real tokens first (any padding side), pad tokens up to each row's multiple of 32, then the
         # batch's own padding (masked) up to the longest row
         mask = mask.to(device=x.device, dtype=torch.bool)
-        counts = mask.sum(1).tolist()  # real tokens per row
+        counts = [mask.shape[1]] * B if kernels.planning() else mask.sum(1).tolist()  # real tokens per row (plan: all)
         if min(counts) == 0:
             raise ValueError("Z-Image needs at least one caption token per row (mask all False)")
         caps = [padded(k) for k in counts]  # each row's padded caption

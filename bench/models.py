@@ -19,8 +19,11 @@ DEFAULT = "sdxl"  # the model a benchmark or a plan takes without --model: the o
 
 
 def released_vae(family) -> dict:
-    """The family's VAE at full size: SD's AutoencoderKL with its latent channels (16, no quant convs: SD3, FLUX)."""
+    """The family's VAE at full size: SD's AutoencoderKL with its latent channels (16, no quant convs: SD3, FLUX), or
+    the family's own architecture's released config (Qwen-Image's)."""
     v = family.vae
+    if v.config is not None:
+        return dict(v.config)
     return dict(vaelib.FULL_CONFIG, latent_channels=v.channels, use_quant_conv=v.quant_conv,
                 use_post_quant_conv=v.quant_conv)
 
@@ -56,7 +59,7 @@ def spec(model=None, resolution=None) -> dict:
 
 def downsample(vae) -> int:
     """How much a VAE of this config downsamples (8 for the released ones)."""
-    return 2 ** (len(vae["block_out_channels"]) - 1)
+    return 2 ** (len(vae.get("block_out_channels") or vae["dim_mult"]) - 1)  # (dim_mult: Qwen-Image's levels)
 
 
 def settings(s, device, **flags):
@@ -89,6 +92,8 @@ def inputs(s, batch, dev="cpu", generator=None, sigma_density="logit_normal", gu
     shapes = fam.input_shapes(cfg, tokens or fam.text.context(s["lengths"]))
     ctx = new(2 * B, *shapes["context"])
     pooled = new(2 * B, *shapes["pooled"]) if "pooled" in shapes else None
+    if "mask" in shapes:  # a language model's states: every token real
+        pooled = torch.ones(2 * B, *shapes["mask"], dtype=torch.bool)
     time_ids = None
     if "time_ids" in shapes:  # SDXL: the image's size, uncropped
         time_ids = torch.tensor([[res, res, 0.0, 0.0, res, res]] * 2 * B) if generator else torch.empty(2 * B, 6)

@@ -268,7 +268,8 @@ def encoders(model, amp_dtype, counter, quantize=None):
     with torch.device("meta"):
         text = [clip.TextTransformer(c, projection=e.projection) if e.module is None else e.model(c)
                 for e, c in zip(fam.text.encoders, model["text"])]
-        v = vaelib.AutoencoderKL(model["vae"], fam.vae.scaling_factor, shift_factor=fam.vae.shift_factor)
+        v = fam.vae.model(model["vae"]) if fam.vae.model else vaelib.AutoencoderKL(
+            model["vae"], fam.vae.scaling_factor, shift_factor=fam.vae.shift_factor)
     tokenizers = [tokenizer(n) for n in model["lengths"]]
     te = materialize(clip.TextEncoders(text, tokenizers, fam), amp_dtype)
     te = kernels.quantize_linears(te, quantize, amp_dtype) if quantize else te

@@ -59,3 +59,17 @@ def clip_dir(tmp_path_factory):
     """A tiny transformers CLIPModel folder (32 px images) with its tokenizer, and the model itself."""
     folder, model, _ = tiny.make_clip(str(tmp_path_factory.mktemp("clip")), "quick_gelu")
     return folder, model
+
+
+@pytest.fixture(scope="session")
+def qwen_image_dir(tmp_path_factory):
+    """A tiny random Qwen-Image pipeline folder (QwenImagePipeline: Qwen2.5-VL, its transformer, its causal VAE)."""
+    import tiny_qwen
+    return tiny_qwen.make_qwen_image(str(tmp_path_factory.mktemp("qwen_image")))
+
+
+@pytest.fixture(scope="session")
+def z_image_dir(tmp_path_factory):
+    """A tiny random Z-Image pipeline folder (ZImagePipeline: Qwen3, its transformer, a 16-channel VAE)."""
+    import tiny_qwen
+    return tiny_qwen.make_z_image(str(tmp_path_factory.mktemp("z_image")))

@@ -176,9 +176,10 @@ def test_bad_online_input_is_one_line(tmp_path, sdxl_dir, prompts, capsys, extra
     assert not os.path.exists(tmp_path / "out" / "pairs")  # nothing sampled, nothing written
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "qwen_image", "z_image"])
 def test_online_trains_every_family(tmp_path, prompts, request, one_thread, family):
-    """SD1.5, SD3 (CFG with its negative) and FLUX-dev (its guidance input) sample through the same loop: a run
+    """SD1.5, SD3 (CFG with its negative), FLUX-dev (its guidance input), Qwen-Image and Z-Image (a language model's
+    states and their mask, Z-Image's own CFG) sample through the same loop: a run
     leaves its denoiser (unet/ or transformer/) and the pairs it trained on; step 0's loss is log 2 (0: a tie)."""
     model = request.getfixturevalue(f"{family}_dir")
     dpo.main(flags(tmp_path, model, prompts, "--samples_per_prompt", "2", "--batch_size", "1", steps=2))

@@ -236,6 +236,8 @@ LOSS_KEYS = ("step", "loss", "grad_norm", "reward_mean", "reward_std", "zero_std
     ("grpo", "flux", ("--sample_steps", "3")),
     ("grpo", "sdxl", ("--sample_steps", "3", "--lora", "2")),  # DDPO's: DDIM with eta 1
     ("nft", "flux", ("--sample_steps", "3", "--lora", "2")),
+    ("grpo", "qwen_image", ("--sample_steps", "3", "--lora", "2")),  # true CFG with its renorm needs a negative:
+    ("nft", "z_image", ("--sample_steps", "3")),  # none here; Z-Image's CFG (cond + g (cond - uncond)) on
 ])
 def test_rl_losses_train_and_resume_exactly(loss, family, extra, tmp_path, prompts, request, one_thread):
     """A run logs its reward and the loss's own numbers, moves the weights, and a run resumed from its checkpoint

@@ -33,7 +33,7 @@ def make_qwen_image_transformer(folder, seed=0, **config):
 QWEN_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
 
 
-def make_qwen_vae(folder, seed=0, **config):
+def make_qwen_vae(folder, seed=0, overshoot=True, **config):
     """Write a tiny random AutoencoderKLQwenImage folder (QWEN_VAE over config) at folder, with per-channel
     latents_mean / latents_std away from 0 and 1 (so a wrong channel order or formula shows), decoding a little past
     [-1, 1]; returns folder."""
@@ -46,7 +46,11 @@ def make_qwen_vae(folder, seed=0, **config):
     vae = AutoencoderKLQwenImage(**cfg).eval()
     _randomize(vae, seed=seed)
     with torch.no_grad():  # images a little past [-1, 1], as a real VAE decodes some pixels: diffusers clamps them
-        vae.decoder.conv_out.weight.mul_(3)
+        if overshoot:
+            vae.decoder.conv_out.weight.mul_(3)
+        else:  # a pipeline's: near-white images around the toy area rule's threshold, so its reward varies
+            vae.decoder.conv_out.weight.mul_(2)
+            vae.decoder.conv_out.bias.add_(0.7)
     vae.save_pretrained(folder)
     return folder
 
@@ -274,7 +278,7 @@ def make_qwen_image(root, seed=0):
     te = make_qwen25_vl_text_encoder(os.path.join(root, "text_encoder"), seed)
     make_qwen_image_transformer(os.path.join(root, "transformer"), seed,
                                 joint_attention_dim=QWEN25_VL_TINY["hidden_size"])
-    make_qwen_vae(os.path.join(root, "vae"), seed)
+    make_qwen_vae(os.path.join(root, "vae"), seed, overshoot=False)
     sched = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192,
                                             max_shift=0.9, shift=1.0, shift_terminal=0.02, use_dynamic_shifting=True,
                                             time_shift_type="exponential")
