@@ -377,7 +377,11 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None, t5_file=None, 
     folder = tokenizer or (root if kind == "folder" else None)
     toks = _clip_tokenizers(folder, [s for s, _ in clips], [e for _, e in clips], path)
     toks += [_tokenizer(s, folder, max_length or s.tokens(config), path, max_length is None) for s, _ in others]
-    return TextEncoders([e for _, e in clips + others], toks, fam, present).eval()
+    encs = [e for _, e in clips + others]
+    for enc, tok in zip(encs, toks):  # a language model finds its prompts' ends by its tokenizer's pad token
+        if getattr(enc, "pad_id", None) is not None:
+            enc.pad_id = tok.pad_id
+    return TextEncoders(encs, toks, fam, present).eval()
 
 
 def save(te, path, layout="single"):

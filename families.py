@@ -342,7 +342,8 @@ FLUX = Family(
 QWEN_IMAGE = Family(
     "qwen-image", "Qwen-Image", **LLM_TRANSFORMER, lora_targets=QWEN_IMAGE_LORA, module=qwen_image,
     model=qwen_image.QwenImage, diffusers_class=qwen_image.CLASS, blocks=(qwen_image.Block,),
-    file_keys=("img_in.", "txt_norm.", "model.diffusion_model.img_in.", "model.diffusion_model.txt_norm."),
+    file_keys=("img_in.", "txt_norm.", "model.diffusion_model.img_in.", "model.diffusion_model.txt_norm.",
+               "model.layers.0.self_attn.q_proj.bias"),  # and ComfyUI's split qwen_2.5_vl_7b (q/k/v biases)
     schedule=dict(diffusion.FLOW_SCHEDULE, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
                   max_image_seq_len=8192, shift_terminal=0.02),  # Qwen/Qwen-Image's scheduler_config.json
     text=Text((Encoder("text_encoder", "tokenizer", llm.QWEN25_VL_7B, llm, llm.LanguageModel,
@@ -359,7 +360,7 @@ Z_IMAGE = Family(
     "z-image", "Z-Image", **LLM_TRANSFORMER, lora_targets=Z_IMAGE_LORA, module=z_image, model=z_image.ZImage,
     diffusers_class="ZImageTransformer2DModel", blocks=(z_image.Block,),
     file_keys=("noise_refiner.", "context_refiner.", "model.diffusion_model.noise_refiner.",
-               "model.diffusion_model.context_refiner."),
+               "model.diffusion_model.context_refiner.", "model.layers.0.self_attn.q_norm."),  # (qwen_3_4b: qk-norm)
     schedule=dict(diffusion.FLOW_SCHEDULE, shift=3.0),  # Z-Image's scheduler_config.json
     text=Text((Encoder("text_encoder", "tokenizer", llm.QWEN3_4B, llm, llm.LanguageModel,
                        length=llm.Z_IMAGE_MAX_LENGTH, template=llm.Z_IMAGE_TEMPLATE, options=(("layer", -2),)),),

@@ -1,11 +1,13 @@
 """bench/step.py's baseline: the same DPO step as a diffusers-based trainer does it.
 
 The family's own diffusers model (its record's diffusers class: UNet2DConditionModel, SD3Transformer2DModel,
-FluxTransformer2DModel), built from the same config, with its default SDPA attention and its gradient checkpointing;
-the frozen reference a copy in the compute dtype (norms fp32, as dpo.reference). LoRA through peft on the family's
-LoRA targets (LoraConfig with gaussian init, as diffusers' LoRA scripts add it; the adapters in fp32, as their
-cast_training_params), the reference the same model with disable_adapters(), as diffusers' DPO example takes it.
-Eq. 14 written out in PyTorch on the pipelines' conventions (FLUX: packed latents, position ids, t / 1000).
+FluxTransformer2DModel, QwenImageTransformer2DModel, ZImageTransformer2DModel), built from the same config, with
+its default SDPA attention and its gradient checkpointing; the frozen reference a copy in the compute dtype (norms
+fp32, as dpo.reference). LoRA through peft on the family's LoRA targets (LoraConfig with gaussian init, as diffusers'
+LoRA scripts add it; the adapters in fp32, as their cast_training_params), the reference the same model with
+disable_adapters(), as diffusers' DPO example takes it.
+Eq. 14 written out in PyTorch on the pipelines' conventions (FLUX: packed latents, position ids, t / 1000; Qwen-Image
+packed, t / 1000; Z-Image lists of frames and captions, its reversed time, its negated output).
 """
 import torch
 import torch.nn.functional as F
@@ -44,8 +46,30 @@ def flux_call(net):
     return call
 
 
+def qwen_image_call(net):
+    """diffusers' Qwen-Image transformer behind our call signature (x, t = sigma * 1000, context, mask), with the
+    packing, image shapes and timestep scale of QwenImagePipeline."""
+    def call(x, t, ctx, mask):
+        B, C, h, w = x.shape
+        packed = x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, h // 2 * (w // 2), 4 * C)
+        out = net(hidden_states=packed, encoder_hidden_states=ctx, encoder_hidden_states_mask=mask, timestep=t / 1000,
+                  img_shapes=[[(1, h // 2, w // 2)]] * B, return_dict=False)[0]
+        return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)  # unpacked
+    return call
+
+
+def z_image_call(net):
+    """diffusers' Z-Image transformer behind our call signature (x, t = sigma * 1000, context, mask), as
+    ZImagePipeline calls it: one frame per image, each caption's real tokens, time (1000 - t) / 1000, negated."""
+    def call(x, t, ctx, mask):
+        out = net([f[:, None] for f in x], (1000 - t) / 1000, [c[m] for c, m in zip(ctx, mask)], return_dict=False)[0]
+        return -torch.stack(out)[:, :, 0]  # (B, C, h, w): the velocity eps - x0
+    return call
+
+
 # diffusers' model class -> how to call it as ours is called; a family whose class is not here has no baseline
-CALLS = {"UNet2DConditionModel": unet_call, "SD3Transformer2DModel": sd3_call, "FluxTransformer2DModel": flux_call}
+CALLS = {"UNet2DConditionModel": unet_call, "SD3Transformer2DModel": sd3_call, "FluxTransformer2DModel": flux_call,
+         "QwenImageTransformer2DModel": qwen_image_call, "ZImageTransformer2DModel": z_image_call}
 
 
 def add_peft_lora(model, rank, alpha, targets):

@@ -10,12 +10,13 @@ so one failure or hang costs only its step; together 535, within --budget's 540)
   kernel_bench 95           kernels/bench.py --quick: attention vs every SDPA backend (the SDXL, SD1.5, SD3.5-medium
                             and FLUX-dev shapes), the loss kernel vs eager / torch.compile and copy bandwidth, the
                             quantized linear (fp8, int8, nf4) vs dequantize-then-F.linear
-  step_flux_dev_lora64 80   FLUX.1-dev's LoRA-64 DPO step at 1024^2, ours vs diffusers' transformer with peft's LoRA
-  step_sd35m_lora64 55      the same for SD3.5-medium
-  step_flux_dev_lora64_nf4 50  ours on an nf4 base (dpo.py --quantize nf4): time and memory beside the bf16 base's
-  step_sdxl_lora64 30, step_sdxl_nockpt_b2 20, step_sdxl_sdpa 20, step_sd15_b4 25: the memory tiers and the
-                            attention backends, measured torch.cuda.max_memory_allocated beside `bench/step.py
-                            --plan`'s prediction
+  step_flux_dev_lora64 70   FLUX.1-dev's LoRA-64 DPO step at 1024^2, ours vs diffusers' transformer with peft's LoRA
+  step_qwen_image_lora64 50 Qwen-Image's (20B) LoRA-64 step at 1024^2, ours alone (no diffusers baseline: time)
+  step_z_image_lora64 35    Z-Image's (6B) LoRA-64 step at 1024^2, ours alone
+  step_sd35m_lora64 45      SD3.5-medium's LoRA-64 step, ours vs diffusers'
+  step_flux_dev_lora64_nf4 45  ours on an nf4 base (dpo.py --quantize nf4): time and memory beside the bf16 base's
+  step_sdxl_lora64 20, step_sdxl_sdpa 15: a memory tier and the attention backend, measured
+                            torch.cuda.max_memory_allocated beside `bench/step.py --plan`'s prediction
 Every bench/step.py step runs fewer timed steps than its default (its flags in STEPS) to fit the 9 minutes.
 
 Out: gpu_check/summary.md (tables that go straight into BENCHMARKS.md, with the date, GPU, torch and Triton
@@ -38,15 +39,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo
 # attention instead of the kernel. Fewer timed steps than bench/step.py's 10 after 3, so that all fit.
 SHORT = ["--steps", "4", "--warmup", "1"]
 STEPS = [("sdxl", "sdxl", ["--steps", "6", "--warmup", "2"], {}, 60),
-         ("flux_dev_lora64", "flux-dev", ["--lora", "64", "--steps", "3", "--warmup", "1"], {}, 80),
-         ("sd35m_lora64", "sd35-medium", ["--lora", "64", "--steps", "3", "--warmup", "1"], {}, 55),
+         ("flux_dev_lora64", "flux-dev", ["--lora", "64", "--steps", "3", "--warmup", "1"], {}, 70),
+         ("qwen_image_lora64", "qwen-image", ["--impl", "ours", "--lora", "64", "--steps", "3", "--warmup", "1"], {},
+          50),
+         ("z_image_lora64", "z-image", ["--impl", "ours", "--lora", "64", "--steps", "3", "--warmup", "1"], {}, 35),
+         ("sd35m_lora64", "sd35-medium", ["--lora", "64", "--steps", "3", "--warmup", "1"], {}, 45),
          ("flux_dev_lora64_nf4", "flux-dev", ["--impl", "ours", "--lora", "64", "--quantize", "nf4", "--steps", "3",
-                                              "--warmup", "1"], {}, 50),
-         ("sdxl_lora64", "sdxl", ["--impl", "ours", "--lora", "64", *SHORT], {}, 30),
-         ("sdxl_nockpt_b2", "sdxl", ["--impl", "ours", "--no-gradient_checkpointing", "--batch_size", "2", *SHORT], {},
-          20),
-         ("sdxl_sdpa", "sdxl", ["--impl", "ours", *SHORT], {"DPO_KERNELS": "torch"}, 20),
-         ("sd15_b4", "sd15", ["--batch_size", "4", *SHORT], {}, 25)]
+                                              "--warmup", "1"], {}, 45),
+         ("sdxl_lora64", "sdxl", ["--impl", "ours", "--lora", "64", *SHORT], {}, 20),
+         ("sdxl_sdpa", "sdxl", ["--impl", "ours", *SHORT], {"DPO_KERNELS": "torch"}, 15)]
 BUDGET = {"tests": 100, "bench": 95}  # seconds of the kernel tests and kernels/bench.py --quick
 
 
@@ -80,10 +81,11 @@ def tiny_model(out, released):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import families
     import tiny
-    name = families.released(released)[0].name
+    import tiny_qwen
+    name = families.released(released)[0].name.replace("-", "_")
     root = os.path.join(out, f"tiny_{name}")
     if not os.path.isfile(os.path.join(root, "model_index.json")):
-        getattr(tiny, f"make_{name}")(root)
+        (getattr(tiny, f"make_{name}", None) or getattr(tiny_qwen, f"make_{name}"))(root)
     return root
 
 

@@ -57,6 +57,11 @@ def spec(model=None, resolution=None) -> dict:
                 resolution=resolution or native or fam.recipe.resolution, path=model)
 
 
+def latent_channels(vae) -> int:
+    """The latent channels of a VAE of this config (z_dim: Qwen-Image's)."""
+    return vae.get("latent_channels") or vae["z_dim"]
+
+
 def downsample(vae) -> int:
     """How much a VAE of this config downsamples (8 for the released ones)."""
     return 2 ** (len(vae.get("block_out_channels") or vae["dim_mult"]) - 1)  # (dim_mult: Qwen-Image's levels)
@@ -76,7 +81,7 @@ def inputs(s, batch, dev="cpu", generator=None, sigma_density="logit_normal", gu
     first, the shared eps (B, C, h, h), one t per pair (B,) (a flow model's sigma, drawn as dpo.draw draws it), and the
     denoiser's conditioning with 2B rows (its family's inputs; the model's text length, or tokens). generator:
     random values from it (the benchmark); None: empty tensors (the memory plan's shadows hold no values)."""
-    fam, cfg, B, channels = s["family"], s["config"], batch, s["vae"]["latent_channels"]
+    fam, cfg, B, channels = s["family"], s["config"], batch, latent_channels(s["vae"])
     h = s["resolution"] // downsample(s["vae"])
     res = float(s["resolution"])
 

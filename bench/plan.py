@@ -73,7 +73,9 @@ RUN = ("gpu", "offload")  # the encoders in the run itself (on the GPU throughou
 GOALS = (("flux-dev", "lora", 1, "gpu", 40), ("flux-dev", "lora", 1, "cache", 24), ("sd35-large", "lora", 1, None, 24),
          ("sd35-medium", "lora", 1, None, 16), ("flux-dev", "full", 8, None, 80), ("flux-dev", "full", 8, None, 40),
          ("flux-dev", "lora-fp8", 1, RUN, 24), ("flux-dev", "lora-nf4", 1, RUN, 16),
-         ("sd35-large", "lora-nf4", 1, RUN, 16), ("sdxl", "lora-nf4", 1, RUN, 8))
+         ("sd35-large", "lora-nf4", 1, RUN, 16), ("sdxl", "lora-nf4", 1, RUN, 8),
+         ("qwen-image", "lora", 1, None, 80), ("qwen-image", "full", 8, None, 80), ("z-image", "lora", 1, None, 24),
+         ("qwen-image", "lora-nf4", 1, RUN, 24), ("z-image", "lora-nf4", 1, RUN, 16))
 QUANTIZED = kernels.FORMATS  # the --quantize formats planned
 
 
@@ -266,7 +268,7 @@ def encoders(model, amp_dtype, counter, quantize=None):
     tagged."""
     fam = model["family"]
     with torch.device("meta"):
-        text = [clip.TextTransformer(c, projection=e.projection) if e.module is None else e.model(c)
+        text = [clip.TextTransformer(c, projection=e.projection) if e.module is None else e.model(c, **dict(e.options))
                 for e, c in zip(fam.text.encoders, model["text"])]
         v = fam.vae.model(model["vae"]) if fam.vae.model else vaelib.AutoencoderKL(
             model["vae"], fam.vae.scaling_factor, shift_factor=fam.vae.shift_factor)

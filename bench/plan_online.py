@@ -77,7 +77,7 @@ def sampler_timeline(model, mode, K=None, shadow=True, lora_rank=memplan.LORA_RA
     cfg_scale, embed = diffusion.guidance_inputs(fam, cfg, default if flags.sample_guidance is None
                                                  else flags.sample_guidance)
     h = res // models.downsample(model["vae"])
-    C, zeros = model["vae"]["latent_channels"], diffusion.zeros_for_empty("", fam)  # as online.Feed samples
+    C, zeros = models.latent_channels(model["vae"]), diffusion.zeros_for_empty("", fam)  # as online.Feed samples
     sched_cfg = diffusion.scheduler_config("", fam)
     sched = diffusion.sampler(fam, sched_cfg, "euler", 2, (C, h, h))  # made from data, before the counter
     counter = SamplingCounter(shadow)

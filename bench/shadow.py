@@ -115,6 +115,8 @@ class Counter(TorchDispatchMode):
             if isinstance(a, Shadow):
                 inputs[id(a.meta)] = a
                 return a.meta
+            if isinstance(a, torch.Tensor) and a.device.type == "cpu":  # a real constant (Qwen-Image's VAE's
+                return a.to(META)  # per-channel latents_mean, kept outside its state dict): its shape
             return META if isinstance(a, torch.device) and a.type == "cpu" else a
 
         def up(t):

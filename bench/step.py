@@ -56,7 +56,7 @@ from bench import plan as memplan  # noqa: E402
 from weights import CheckpointError, save_json  # noqa: E402
 
 COMMAND = "python bench/step.py"
-PLANNED = ("sdxl", "sd15", "sd35-medium", "sd35-large", "flux-dev")  # the released models --plan plans by default
+PLANNED = ("sdxl", "sd15", "sd35-medium", "sd35-large", "flux-dev", "qwen-image", "z-image")  # --plan's default
 
 
 def parse_args(argv):
@@ -299,7 +299,7 @@ def main(argv=None):
     command = f"{env}{COMMAND} {shlex.join(argv)}"
     print(f"# {command}")
     text = f", {(h // 2) ** 2} image + {fam.text.context(spec['lengths'])} text tokens, " \
-        f"{cfg['num_attention_heads']} heads" \
+        f"{cfg.get('num_attention_heads') or cfg['n_heads']} heads" \
         if fam.flow else ""
     print(f"# {fam.title}-shaped {what}, {args.resolution}px ({h}x{h} latents{text}), {args.batch_size} pair(s)/step, "
           f"{f'LoRA rank {args.lora}, ' if args.lora else ''}{args.optimizer}, checkpointing "

@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .dispatch import H100_BF16_PEAK, allocation_models, flops, references, use_triton  # noqa: E402
+from .dispatch import H100_BF16_PEAK, allocation_models, flops, planning, references, use_triton  # noqa: E402
 from .flash_attention import attention, attention_ref, sdpa  # noqa: E402
 from .fused_dpo_loss import dpo_loss, dpo_loss_ref  # noqa: E402
 from .quantized_linear import (FORMATS, Quantized, QuantLinear, qlinear, qlinear_ref, quantizable,  # noqa: E402

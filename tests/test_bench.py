@@ -141,7 +141,7 @@ def _peft_names(sd, adapted):
     return out
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image", "z_image"])
 @pytest.mark.parametrize("rank", [None, 4])
 def test_ours_and_diffusers_do_the_same_flow_step(family, rank, request, one_thread):
     """Our transformer (dpo.pair_loss) and diffusers' (eq. 14 written out; LoRA through peft on the same layers), the
@@ -153,7 +153,7 @@ def test_ours_and_diffusers_do_the_same_flow_step(family, rank, request, one_thr
     opts = bench_step.parse_args(["--model", model, *TINY, *(["--lora", str(rank)] if rank else [])])
     spec = models.spec(model, 32)
     targs = bench_step.settings(opts, spec, "cpu")
-    assert spec["family"].name == family
+    assert spec["family"].name == family.replace("_", "-")
     assert (targs.optimizer, targs.gradient_checkpointing, targs.beta) == ("adamw", True, 100.0)
     assert targs.guidance == (3.5 if family == "flux" else None)  # FLUX-dev's guidance input, as dpo.py trains it
     targs.lr = 1e-3

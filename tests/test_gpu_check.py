@@ -22,20 +22,22 @@ def test_dry_run_runs_every_step_and_writes_every_table(tmp_path):
     steps = [line.split(" | ")[:2] for line in summary.splitlines() if line.startswith("| kernel_") or
              line.startswith("| step_")]
     names = [s[0][2:] for s in steps]
-    assert names == ["kernel_tests", "step_sdxl", "kernel_bench", "step_flux_dev_lora64", "step_sd35m_lora64",
-                     "step_flux_dev_lora64_nf4", "step_sdxl_lora64", "step_sdxl_nockpt_b2", "step_sdxl_sdpa",
-                     "step_sd15_b4"]
+    assert names == ["kernel_tests", "step_sdxl", "kernel_bench", "step_flux_dev_lora64", "step_qwen_image_lora64",
+                     "step_z_image_lora64", "step_sd35m_lora64", "step_flux_dev_lora64_nf4", "step_sdxl_lora64",
+                     "step_sdxl_sdpa"]
     assert all(s[1] == "ok" for s in steps), steps
     for title in ("### Attention, fwd+bwd TFLOP/s", "### DPO loss fwd+bwd, GB/s", "### One DPO optimizer step",
                   "### Quantized linear, bf16 activations, ms"):
         assert title in summary
     assert "| tiny joint |" in summary  # the flow models' attention (head dim 128) in the --quick benchmark
     rows = [line for line in summary.splitlines() if line.startswith("| `")]
-    assert len(rows) == 12  # two impls for SDXL, SD1.5 and the two flow LoRA steps, ours for the other four
-    unets = [line.split(" | ") for line in rows if " | ours | " in line and "tiny_flux" not in line and
-             "tiny_sd3" not in line]
+    assert len(rows) == 11  # two impls for SDXL, FLUX's and SD3.5's LoRA steps, ours for the other five
+    ours = [line.split(" | ") for line in rows if " | ours | " in line and "tiny_flux" not in line and
+            "tiny_sd3" not in line]
     assert any("--quantize nf4" in line for line in rows)  # FLUX's LoRA step on an nf4 base
-    assert len(unets) == 5 and all(float(cells[6]) > 0 for cells in unets)  # the plan's prediction of each of ours
+    assert any("tiny_qwen_image --impl ours --lora 64" in line for line in rows)  # Qwen-Image's and Z-Image's steps
+    assert any("tiny_z_image --impl ours --lora 64" in line for line in rows)
+    assert len(ours) == 5 and all(float(cells[6]) > 0 for cells in ours)  # the plan's prediction of each of ours
     for tiny in ("tiny_flux", "tiny_sd3"):  # ours and diffusers' transformer, with LoRA 64, same run
         flow = [line for line in rows if f"{tiny} --lora 64 " in line and "--quantize" not in line]
         assert [line.split(" | ")[1] for line in flow] == ["ours", "diffusers"], flow
@@ -55,12 +57,13 @@ def test_budget_spent_skips_the_rest_and_says_so(tmp_path):
 
 
 def test_step_limits_fit_nine_minutes():
-    """The steps' own time limits add up to at most 9 minutes (the default --budget), the flow steps right after the
-    headline and the kernel benchmark."""
+    """The steps' own time limits add up to at most 9 minutes (the default --budget), the FLUX, Qwen-Image and Z-Image
+    LoRA steps right after the headline and the kernel benchmark."""
     from bench import gpu_check
     steps = gpu_check.plan(gpu_check.argparse.Namespace(dry_run=False), "/tmp/gc")
     assert sum(seconds for _, _, seconds, _ in steps) <= 540
-    first = ["kernel_tests", "step_sdxl", "kernel_bench", "step_flux_dev_lora64", "step_sd35m_lora64"]
-    assert [name for name, *_ in steps][:5] == first
+    first = ["kernel_tests", "step_sdxl", "kernel_bench", "step_flux_dev_lora64", "step_qwen_image_lora64",
+             "step_z_image_lora64"]
+    assert [name for name, *_ in steps][:6] == first
     flux = next(argv for name, argv, _, _ in steps if name == "step_flux_dev_lora64")
     assert flux[flux.index("--model") + 1] == "flux-dev" and "--lora" in flux

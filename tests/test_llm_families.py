@@ -258,3 +258,19 @@ def test_what_does_not_fit_is_refused_in_one_line(qwen_image_dir, z_image_dir, f
         qwen_image.load(flux_dir)
     with pytest.raises(CheckpointError, match="QwenImageTransformer2DModel"):
         z_image.load(qwen_image_dir)
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "z-image"])
+def test_split_text_encoder_file_with_a_tokenizer_folder(request, tmp_path, family):
+    """ComfyUI's split text encoder files (qwen_2.5_vl_7b.safetensors, qwen_3_4b.safetensors: the language model's
+    keys, model.*) through clip.load(file, tokenizer=FOLDER): the family from its keys, the folder's encodings."""
+    from safetensors.torch import load_file, save_file
+    folder = folder_of(request, family)
+    sd = load_file(os.path.join(folder, "text_encoder", "model.safetensors"))
+    f = str(tmp_path / "te.safetensors")
+    save_file({k: v for k, v in sd.items() if not k.startswith("lm_head.")}, f)
+    te, ref = clip.load(f, tokenizer=folder), clip.load(folder)
+    assert te.family.name == family
+    with torch.no_grad():
+        (ctx, mask), (want, want_mask) = te.encode(PROMPTS), ref.encode(PROMPTS)
+    assert torch.equal(mask, want_mask) and torch.equal(ctx, want)

@@ -15,6 +15,8 @@ import parallel
 import t5
 import tiny
 import unet as unetlib
+import qwen_vae
+import tiny_qwen
 import vae as vaelib
 from bench import models, shadow
 from bench import plan
@@ -40,7 +42,16 @@ FLOW = {"sd3": dict(MODEL, name="tiny-sd3", title="tiny-sd3", family=families.SD
                      lengths=[77, 8], vae=VAE_TINY,
                      config=dict(in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
                                  num_attention_heads=2, joint_attention_dim=tiny.T5_WIDTH, pooled_projection_dim=32,
-                                 guidance_embeds=True, axes_dims_rope=(4, 6, 6)))}
+                                 guidance_embeds=True, axes_dims_rope=(4, 6, 6))),
+        # Qwen-Image's causal VAE downsamples by 8 (4 x 4 latents) and its template's 34 tokens are dropped (8 left)
+        "qwen-image": dict(MODEL, name="tiny-qwen-image", title="tiny-qwen-image", family=families.QWEN_IMAGE,
+                           text=[dict(tiny_qwen.QWEN25_VL_TINY, model_type="qwen2_5_vl")], lengths=[42],
+                           vae=dict(qwen_vae.DEFAULTS, **tiny_qwen.QWEN_VAE),
+                           config=dict(tiny_qwen.QWEN_IMAGE_TINY, joint_attention_dim=512)),
+        "z-image": dict(MODEL, name="tiny-z-image", title="tiny-z-image", family=families.Z_IMAGE,
+                        text=[dict(tiny_qwen.QWEN3_TINY, model_type="qwen3")], lengths=[8], vae=VAE_TINY,
+                        config=dict(tiny_qwen.Z_IMAGE_TINY, in_channels=16, cap_feat_dim=48))}
+LLM_FAMS = ["qwen-image", "z-image"]
 
 # The tiny SDXL with a VAE that decodes, and a tiny CLIP scorer (an open_clip config, as reward.VIT_H_14 is PickScore's)
 ONLINE = dict(MODEL, vae=dict(vaelib.FULL_CONFIG, block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8))
@@ -69,7 +80,7 @@ def test_shadow_tensors_count_what_real_tensors_allocate(timelines, mode):
     same_counts(timelines[(mode, True)], timelines[(mode, False)])
 
 
-@pytest.mark.parametrize("fam", ["sd3", "flux"])
+@pytest.mark.parametrize("fam", ["sd3", "flux"] + LLM_FAMS)
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_flow_step_on_shadows_counts_what_real_tensors_allocate(flow_timelines, fam, mode):
     """dpo.train's flow step (sigma, velocity, guidance) counts on shadows what it allocates on real tensors."""
@@ -257,7 +268,7 @@ def test_the_parts_of_the_plan(timelines):
     assert ddp[2]["wrapper"] >= weights and ddp[0] > none[0]
 
 
-@pytest.mark.parametrize("fam", ["sd3", "flux"])
+@pytest.mark.parametrize("fam", ["sd3", "flux"] + LLM_FAMS)
 def test_fsdp_units_of_flow_models_are_the_blocks_parallel_shard_wraps(flow_timelines, fam):
     """The units the plan gathers are the ones parallel.shard makes, once each, in forward order; the root the rest."""
     from torch.distributed.fsdp import FSDPModule
@@ -267,17 +278,18 @@ def test_fsdp_units_of_flow_models_are_the_blocks_parallel_shard_wraps(flow_time
     parallel.shard(model, torch.bfloat16, FLOW[fam]["family"].blocks)
     units = [name for name, m in model.named_modules() if isinstance(m, FSDPModule) and m is not model]
     tl = flow_timelines[(fam, "full", True)]
-    assert len(units) == {"sd3": 2, "flux": 4}[fam] and tl["unit_names"] == units
+    assert len(units) == {"sd3": 2, "flux": 4, "qwen-image": 2, "z-image": 4}[fam] and tl["unit_names"] == units
     assert tl["units"] == [sizes[n] for n in units] and tl["root"] == sizes[""] - sum(tl["units"])
 
 
-@pytest.mark.parametrize("fam", ["sd3", "flux"])
-def test_flow_encoders_are_what_clip_load_holds_and_none_with_cache(sd3_dir, flux_dir, fam, capsys):
+@pytest.mark.parametrize("fam", ["sd3", "flux"] + LLM_FAMS)
+def test_flow_encoders_are_what_clip_load_holds_and_none_with_cache(request, fam, capsys):
     """Encoders on the GPU weigh what clip.load + vae.load hold and give the step's input shapes; --cache has none."""
-    root = {"sd3": sd3_dir, "flux": flux_dir}[fam]
+    root = request.getfixturevalue({"sd3": "sd3_dir", "flux": "flux_dir", "qwen-image": "qwen_image_dir",
+                                    "z-image": "z_image_dir"}[fam])
     native = models.spec(root)["resolution"]  # SD3's sample_size x 8 (x 2 here); FLUX's: 1024, as dpo.py
     spec = models.spec(root, 32)  # bench/step.py --plan --model FOLDER: the folder's own configs
-    assert spec["family"].name == fam and native == {"sd3": 32, "flux": 1024}[fam]
+    assert spec["family"].name == fam and native == {"sd3": 32}.get(fam, 1024)
     te, v = clip.load(root, "cpu", torch.bfloat16), vaelib.load(root, "cpu", torch.float32)
     held = sum(shadow.allocated(p.numel() * p.element_size()) for p in [*te.parameters(), *v.parameters()])
     enc = plan.encode(spec, 2)
@@ -287,7 +299,8 @@ def test_flow_encoders_are_what_clip_load_holds_and_none_with_cache(sd3_dir, flu
     z, cond = cache.model_inputs(batch, torch.tensor([False, True]), torch.device("cpu"), spec["family"],
                                  (te.float(), v), guidance=args.guidance)
     mz, eps, t, mcond = models.inputs(spec, 2, guidance=args.guidance)
-    assert mz.shape == z.shape and [c.shape for c in mcond] == [c.shape for c in cond]
+    lengths = (lambda c: c.shape[:1] + c.shape[2:]) if fam in LLM_FAMS else (lambda c: c.shape)  # (a language
+    assert mz.shape == z.shape and [lengths(c) for c in mcond] == [lengths(c) for c in cond]  # model's: the batch's)
     assert eps.shape == (2, *z.shape[1:]) and t.dtype == torch.float32  # one sigma per pair
     tl = plan.family_timelines(spec, "lora", [(True, 2)], lora_rank=4)
     for wrapper, world in (("ddp", 1), ("fsdp", 8)):
