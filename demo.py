@@ -1,12 +1,12 @@
-"""The CPU demos behind `python dpo.py` (SDXL's architecture) and `python dpo.py --demo flow` (FLUX.1-dev's):
-Diffusion-DPO in a toy world where the preference is visible by eye.
+"""The CPU demos behind `python dpo.py` (SDXL's architecture), `python dpo.py --demo flow` (FLUX.1-dev's) and
+`--demo zimage` (Z-Image's): Diffusion-DPO in a toy world where the preference is visible by eye.
 
 World (toy.py): prompts "a <colour> <shape>" (red/green/blue x circle/square); 16x16 images of one shape at a
 random size and place on white. Rule (the "human" preference): the larger shape wins, area = pixels far from the
 background (toy.area, a scorer like reward.py's real ones: `--score area`). Fidelity: the shape's dominant colour
 is the prompt's colour.
 
-Steps (all with the repo's own code, results in demo_out/, or demo_out_flow/ for --demo flow):
+Steps (all with the repo's own code, results in demo_out/, or demo_out_flow/, demo_out_zimage/ for the others):
   1. data/: JSONL + PNG pairs in dpo.py's --data format: 1536 unbiased pairs (random labels) for the reference,
      1536 rule-labelled pairs for DPO, 96 held-out rule-labelled pairs (for `evaluate.py --eval_pairs`).
   2. init/: a diffusers-layout model with random frozen text encoders and a vae.py VAE trained 300 steps to
@@ -14,15 +14,18 @@ Steps (all with the repo's own code, results in demo_out/, or demo_out_flow/ for
      sdxl: a 3-level UNet with text_time embedding, two CLIP text encoders, pooled embedding, time ids.
      flow: FLUX.1-dev's transformer (double and single blocks, RoPE, the guidance input) with CLIP-L's pooled
      embedding and a T5 encoder whose tokenizer caps prompts at 8 tokens; FLUX's flow-matching scheduler.
+     zimage: Z-Image's single-stream transformer (refiners, then joint blocks over [image; caption]) reading a
+     Qwen3 language model's second-to-last states of the chat-templated prompt; Z-Image's scheduler (shift 3).
   3. base/: the reference = init with its denoiser pretrained by dpo.train(loss="sft") on the unbiased pairs
-     (noise prediction for the UNet, flow matching for the transformer).
-  4. dpo/: dpo.train(loss="dpo") from base/ on the rule-labelled pairs (latent cache, CPU, fp32; the flow model
-     with its family's beta, families.FLOW_BETA, eq. 14 on the velocity errors).
+     (noise prediction for the UNet, flow matching for the transformers).
+  4. dpo/: dpo.train(loss="dpo") from base/ on the rule-labelled pairs (latent cache, CPU, fp32; the flow models
+     with their family's beta, families.FLOW_BETA, eq. 14 on the velocity errors).
   5. Reference and DPO model sample the same prompts from the same initial noise with sample.py's pipeline
      (16 per prompt, Euler 20 steps; the UNet with guidance 3, FLUX-dev with its guidance input 3.5, no CFG, as
-     its pipeline); win rate = how often the DPO sample's shape is larger (ties 0.5); grid.png shows the pairs
-     side by side (rows = prompts, columns = reference | DPO for 4 noises). prompts.txt lists the prompts
-     for evaluate.py (`--compare --prompts demo_out/prompts.txt --score area` is the same evaluation, other noise).
+     its pipeline, Z-Image with guidance 0: no CFG); win rate = how often the DPO sample's shape is larger (ties
+     0.5); grid.png shows the pairs side by side (rows = prompts, columns = reference | DPO for 4 noises).
+     prompts.txt lists the prompts for evaluate.py (`--compare --prompts demo_out/prompts.txt --score area` is
+     the same evaluation, other noise).
 
 The defaults (beta, lr) are the settings that move the samples without losing their colours; the README has the
 measured numbers of the demos, their beta and lr sweeps and times. A second run reuses base/ and data/ (the stamp
@@ -45,13 +48,16 @@ import dashboard
 import families
 import flux
 import images
+import llm
 import online
 import sample
 import t5
 import unet as unetlib
 import vae as vaelib
+import z_image
 from reward import win_rate
-from toy import PROMPTS, RADIUS, SIZE, area, fidelity, random_image, write_t5_tokenizer, write_tokenizer
+from toy import (PROMPTS, RADIUS, SIZE, area, fidelity, random_image, write_qwen_tokenizer, write_t5_tokenizer,
+                 write_tokenizer)
 from weights import save_json, save_jsonl, save_safetensors
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,6 +220,49 @@ def build_flux(root: str, vae_steps: int, seed: int, log=print) -> str:
     return root
 
 
+# The Z-Image toy: its single-stream transformer (a refiner block each for the image's 2x2 patches and the caption,
+# then joint blocks over both, sequences padded to 32 tokens) reading a random frozen Qwen3's second-to-last states
+# of the chat-templated prompt (11 tokens), Z-Image's scheduler; the flow toy's VAE
+
+# the text encoder's config.json in transformers' Qwen3 names, less vocab_size (the tokenizer's)
+QWEN3_TOY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, hidden_act="silu", rms_norm_eps=1e-6, attention_bias=False,
+                 max_position_embeddings=512, rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+                 tie_word_embeddings=True, model_type="qwen3", architectures=["Qwen3ForCausalLM"])
+Z_CONFIG = dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=4, dim=64, n_layers=2, n_refiner_layers=1,
+                n_heads=4, n_kv_heads=4, norm_eps=1e-5, qk_norm=True, cap_feat_dim=QWEN3_TOY["hidden_size"],
+                rope_theta=256.0, t_scale=1000.0, axes_dims=[4, 6, 6], axes_lens=[1536, 512, 512])  # head dim 16
+Z_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0,
+                   use_dynamic_shifting=False)  # Z-Image's
+# Qwen3's chat template for plain turns: one user message with add_generation_prompt renders llm.Z_IMAGE_TEMPLATE
+# (what ZImagePipeline asks apply_chat_template for)
+CHAT_TEMPLATE = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+                 "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def build_z_image(root: str, vae_steps: int, seed: int, log=print) -> str:
+    """A complete diffusers-layout Z-Image-architecture folder (random transformer, trained VAE with a shift, a random
+    frozen Qwen3 language model and its byte-level BPE tokenizer, Z-Image's scheduler, model_index.json), written with
+    the repo's own code; ZImagePipeline.from_pretrained loads it."""
+    torch.manual_seed(seed)
+    cfg = dict(QWEN3_TOY, vocab_size=write_qwen_tokenizer(os.path.join(root, "tokenizer"), llm.PRETOKENIZE_REGEX,
+                                                          chat_template=CHAT_TEMPLATE))
+    lm = llm.LanguageModel(cfg)  # every layer and the final norm, keyed as Qwen3ForCausalLM saves them (lm_head tied)
+    save_safetensors({"model." + k: v for k, v in lm.state_dict().items()},
+                     os.path.join(root, "text_encoder", "model.safetensors"))
+    save_json(cfg, os.path.join(root, "text_encoder", "config.json"))
+    z_image.save(z_image.ZImage(dict(Z_CONFIG)), os.path.join(root, "transformer"))
+    vaelib.save(train_vae(vae_steps, seed, log, shift=True), os.path.join(root, "vae"), layout="diffusers")
+    os.makedirs(os.path.join(root, "scheduler"), exist_ok=True)
+    save_json(Z_SCHEDULER, os.path.join(root, "scheduler", "scheduler_config.json"))
+    index = dict(_class_name="ZImagePipeline", _diffusers_version="0.42.1",
+                 scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                 transformer=["diffusers", "ZImageTransformer2DModel"], vae=["diffusers", "AutoencoderKL"],
+                 text_encoder=["transformers", "Qwen3ForCausalLM"], tokenizer=["transformers", "Qwen2Tokenizer"])
+    save_json(index, os.path.join(root, "model_index.json"))
+    return root
+
+
 # ----------------------------------------------------------------------------------------------------
 # The run: world -> reference (SFT) -> DPO -> side-by-side evaluation
 
@@ -223,13 +272,19 @@ WORLD = dict(size=SIZE, radius=RADIUS, prompts=PROMPTS, unet=UNET_CONFIG, vae=VA
 FLOW_WORLD = dict(size=SIZE, radius=RADIUS, prompts=PROMPTS, transformer=FLUX_CONFIG, t5_tokens=T5_TOKENS,
                   vae=VAE_CONFIG, vae_steps=300, sft_pairs=1536,
                   sft=dict(max_steps=1500, batch_size=32, lr=1e-3, warmup=20), seed=0, version=1)
+Z_WORLD = dict(size=SIZE, radius=RADIUS, prompts=PROMPTS, transformer=Z_CONFIG, text_encoder=QWEN3_TOY,
+               vae=VAE_CONFIG, vae_steps=300, sft_pairs=1536,
+               sft=dict(max_steps=1500, batch_size=32, lr=1e-3, warmup=20), seed=0, version=1)
 # DPO defaults (each one overridden by the same dpo.py flag when given); batch_size counts pairs over all ranks;
-# beta is the loss's own default (dpo.BETA: 5000 for eq. 14; families.FLOW_BETA for the flow model)
+# beta is the loss's own default (dpo.BETA: 5000 for eq. 14; families.FLOW_BETA for the flow models)
 DPO_DEFAULTS = dict(lr=5e-6, max_steps=100, batch_size=16, grad_accum=1, warmup=10)
 FLOW_DPO_DEFAULTS = dict(lr=2e-5, max_steps=100, batch_size=16, grad_accum=1, warmup=10)
+Z_DPO_DEFAULTS = dict(lr=5e-5, max_steps=100, batch_size=16, grad_accum=1, warmup=10)  # (2e-5 wins less often)
 DPO_PAIRS, HELDOUT_PAIRS = 1536, 96
 EVAL = dict(noises=16, steps=20, guidance=3.0, seed=1234)  # guidance: the UNet's CFG scale
 FLOW_EVAL = dict(noises=16, steps=20, guidance=flux.GUIDANCE, seed=1234)  # FLUX-dev's guidance input, no CFG
+# ZImagePipeline's guidance_scale: 0 = no CFG (CFG grows the reference's shapes too, and DPO wins less often)
+Z_EVAL = dict(noises=16, steps=20, guidance=0.0, seed=1234)
 # Online DPO from the same reference, no labels: the policy's own samples scored by the rule (dpo.py --online)
 ONLINE_DEFAULTS = dict(lr=2e-6, max_steps=100, batch_size=8, grad_accum=1, warmup=10)  # 8 prompts x 4 samples a step
 # (the other online flags keep online.py's defaults, or the user's values)
@@ -249,10 +304,12 @@ RL_LOSSES = {"grpo": dict(loss="grpo", sampler="sde", kl=0.04, beta=0.0, lr=1e-4
 # The demos: (world, model builder, DPO defaults, evaluation, default out_dir, what the model is)
 DEMOS = {"sdxl": (WORLD, build_model, DPO_DEFAULTS, EVAL, "demo_out", "SDXL-architecture"),
          "flow": (FLOW_WORLD, build_flux, FLOW_DPO_DEFAULTS, FLOW_EVAL, "demo_out_flow", "FLUX.1-dev-architecture"),
+         "zimage": (Z_WORLD, build_z_image, Z_DPO_DEFAULTS, Z_EVAL, "demo_out_zimage", "Z-Image-architecture"),
          "online": (WORLD, build_model, ONLINE_DEFAULTS, EVAL, "demo_out", "SDXL-architecture"),
          "grpo": (FLOW_WORLD, build_flux, RL_DEFAULTS, FLOW_EVAL, "demo_out_flow", "FLUX.1-dev-architecture"),
          "nft": (FLOW_WORLD, build_flux, RL_DEFAULTS, FLOW_EVAL, "demo_out_flow", "FLUX.1-dev-architecture"),
          "online_flow": (FLOW_WORLD, build_flux, RL_DEFAULTS, FLOW_EVAL, "demo_out_flow", "FLUX.1-dev-architecture")}
+OFFLINE = ("sdxl", "flow", "zimage")  # the offline DPO demos: dpo/ and grid.png in their own out_dir
 
 
 def _train_args(args, user=(), **kw):
@@ -349,7 +406,7 @@ def side_by_side(root: str, tuned: str, demo="sdxl", grid="grid.png"):
 
 
 def run(args, train):
-    """`python dpo.py [--demo flow]` with no --model: build the toy world (cached in its out_dir), DPO-tune,
+    """`python dpo.py [--demo flow|zimage|...]` with no --model: build the toy world (cached in its out_dir), DPO-tune,
     evaluate, print. args: dpo.parse_args(); train: dpo.train, which runs both training stages in the process
     group dpo.py set up."""
     t0 = time.time()
@@ -372,7 +429,7 @@ def run(args, train):
             f.write("\n".join(PROMPTS) + "\n")
     dist.barrier()
     build_world(root, args, train, log, demo)
-    out = os.path.join(root, "dpo" if demo in ("sdxl", "flow") else demo)
+    out = os.path.join(root, "dpo" if demo in OFFLINE else demo)
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)  # the demo's own previous result
     dist.barrier()
@@ -393,7 +450,7 @@ def run(args, train):
     if rank != 0:
         return
     log("eval: sampling reference and DPO model from the same prompts and noise")
-    grid = "grid.png" if demo in ("sdxl", "flow") else f"grid_{demo}.png"
+    grid = "grid.png" if demo in OFFLINE else f"grid_{demo}.png"
     r = side_by_side(root, os.path.join(out, families.of(base).subfolder), demo, grid)
     dashboard.start(dashboard.parse(args.report_to), out, {}, resume=True)  # --report_to: the grid too
     dashboard.image(done["step"], "demo/grid", Image.open(os.path.join(root, grid)))

@@ -1,6 +1,6 @@
 """Diffusion-DPO (Wallace et al. 2023, arXiv:2311.12908): fine-tune SDXL / SD1.5 / SD3 / FLUX on preference pairs.
 
-    python dpo.py [--demo flow|online]                              # CPU demos (demo.py), no downloads
+    python dpo.py [--demo flow|zimage|online]                       # CPU demos (demo.py), no downloads
     python dpo.py --online --model SDXL_DIR --prompts parti --score pickscore=DIR ...   # online DPO (online.py)
     torchrun --nproc_per_node 8 dpo.py --model SDXL_DIR --data pickapic_v2/ --beta 5000 --out_dir runs/sdxl
 
@@ -449,8 +449,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--num_workers", None, "data loader processes [4 on cuda, 0 on cpu]", type=int)
     a("--sigma_density", "logit_normal", "flow models: sigma's density", choices=["logit_normal", "mode", "uniform"])
     a("--guidance", None, "a guidance input's value in training (FLUX-dev) [the family's: 3.5]", type=float)
-    a("--demo", None, "without --model: a CPU demo (toy SDXL, FLUX, online DPO, GRPO, NFT; online_flow: online DPO "
-      "on the toy FLUX)", choices=["sdxl", "flow", "online", "grpo", "nft", "online_flow"])
+    a("--demo", None, "without --model: a CPU demo (toy SDXL, FLUX, Z-Image; online DPO, GRPO, NFT; online_flow: "
+      "online DPO on the toy FLUX)", choices=["sdxl", "flow", "zimage", "online", "grpo", "nft", "online_flow"])
     online.add_flags(p)  # --online, --score, --prompts, --samples_per_prompt, ... (their defaults: online.py)
     rl.add_flags(p)  # --loss grpo / nft's: --sampler, --noise_level, --clip_range, --kl, ... (rl.py)
     valid = {"beta": lambda v: v is None or 0 < v < math.inf, "lr": lambda v: v is None or 0 < v < math.inf,

@@ -87,11 +87,12 @@ def write_t5_tokenizer(folder, words=WORDS, model_max_length=512):
     return len(vocab)
 
 
-# Qwen's byte-level BPE at toy size: the 256 byte symbols, then merges spelling each word below as one token ("Ġ":
-# a leading space in the byte-to-unicode map; the space-led forms first, so a bare word's merges never split them),
-# then the special tokens and Qwen3's <think>, </think> (added, not special): the prompts and the chat template.
-QWEN_WORDS = ["user", "assistant", "Ġa", "Ġred", "Ġgreen", "Ġblue", "Ġcircle", "Ġsquare", "red", "green", "blue",
-              "circle", "square"]
+# Qwen's byte-level BPE at toy size: the 256 byte symbols, then merges spelling each word below as one token, then
+# the special tokens and Qwen3's <think>, </think> (added, not special). The chat template's words and the prompts',
+# "Ġ" (a leading space in the byte-to-unicode map) forms first; in this order no word's merge splits a later word
+# (red's "r e" would split a later "green" or "square").
+QWEN_WORDS = ["user", "assistant", "Ġa", "Ġred", "Ġgreen", "Ġblue", "Ġcircle", "Ġsquare", "green", "square", "red",
+              "blue", "circle"]
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN_ADDED = ["<think>", "</think>"]
 

@@ -236,3 +236,37 @@ def test_rl_demos_end_to_end_print_the_readme_numbers(tmp_path):
         first, final = map(float, re.search(r"training reward ([\d.]+) -> ([\d.]+)", out).groups())
         assert final > first, out[-2000:]
         assert f"`python dpo.py --demo {name}` prints `{last}`" in readme, last
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Z-Image demo (`python dpo.py --demo zimage`): a toy Z-Image
+
+
+def test_zimage_demo_builds_a_z_image_pipeline_and_runs_sft_then_dpo(tmp_path, monkeypatch, capsys):
+    """The zimage demo in a small world (20 VAE steps, 48 pairs, 3 SFT and 2 DPO steps, one noise per prompt): its
+    reference is a Z-Image folder whose tokenizer spells each prompt word as one token and which diffusers'
+    ZImagePipeline samples as ours does (CFG on and off); the DPO transformer is saved and the demo's line is last."""
+    import dpo
+    import llm
+    import sample
+    from diffusers import ZImagePipeline
+    world = dict(demo.Z_WORLD, vae_steps=20, sft_pairs=48, sft=dict(demo.Z_WORLD["sft"], max_steps=3, batch_size=4))
+    _, build, defaults, ev, *rest = demo.DEMOS["zimage"]
+    monkeypatch.setitem(demo.DEMOS, "zimage", (world, build, defaults, dict(ev, noises=1, steps=2), *rest))
+    monkeypatch.setattr(demo, "DPO_PAIRS", 48)
+    monkeypatch.setattr(demo, "HELDOUT_PAIRS", 8)
+    dpo.main(["--demo", "zimage", "--out_dir", str(tmp_path), "--max_steps", "2", "--batch_size", "4"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("demo win_rate=")
+    base = str(tmp_path / "base")
+    assert families.of(base) is families.of(str(tmp_path / "dpo" / "transformer")) is families.Z_IMAGE
+    ids = llm.Tokenizer(os.path.join(base, "tokenizer"), llm.Z_IMAGE_MAX_LENGTH, llm.Z_IMAGE_TEMPLATE)(toy.PROMPTS)
+    assert ids.shape == (6, 11)  # the chat template's 8 tokens and 3 words
+    ours, theirs = sample.load(base), ZImagePipeline.from_pretrained(base)
+    ours.progress = False
+    theirs.set_progress_bar_config(disable=True)
+    latents = torch.randn((2, *ours.latent_shape(toy.SIZE, toy.SIZE)), generator=torch.Generator().manual_seed(0))
+    for g in (0.0, 1.5):
+        mine = ours(toy.PROMPTS[:2], steps=3, guidance=g, latents=latents, height=toy.SIZE, width=toy.SIZE)
+        want = theirs(toy.PROMPTS[:2], num_inference_steps=3, guidance_scale=g, latents=latents, height=toy.SIZE,
+                      width=toy.SIZE, output_type="pt").images
+        assert (mine - want).abs().max().item() < 1e-4, g

@@ -274,3 +274,35 @@ def test_split_text_encoder_file_with_a_tokenizer_folder(request, tmp_path, fami
     with torch.no_grad():
         (ctx, mask), (want, want_mask) = te.encode(PROMPTS), ref.encode(PROMPTS)
     assert torch.equal(mask, want_mask) and torch.equal(ctx, want)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The other tools
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "z-image"])
+def test_sdedit_implicit_accuracy_and_a_quantized_base(request, tmp_path, jsonl, family):
+    """SDEdit (noised on the straight path, then denoised: a lower strength stays nearer the image), evaluate.py's
+    implicit accuracy (the model against itself ties every pair), a LoRA run on an int8 base (the language model
+    quantized with it) starting at log 2."""
+    import numpy as np
+    from PIL import Image
+
+    import data
+    import evaluate
+    folder = folder_of(request, family)
+    img = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(img)
+    pipe = sample.load(folder)
+    pipe.progress = False
+    x = torch.from_numpy(np.array(Image.open(img))).permute(2, 0, 1).float()[None] / 255
+    z0 = pipe.encode_images(x)  # (the random tiny models' images are not near x whatever the start; their latents are)
+    ends = []
+    for strength in (0.25, 1.0):
+        pipe("a cat", steps=4, init_image=str(img), strength=strength)
+        ends.append(pipe.last_latents)
+    assert (ends[0] - z0).abs().mean() < (ends[1] - z0).abs().mean()
+    acc, diffs = evaluate.implicit_accuracy(pipe, families.load(folder), data.read_pairs(jsonl), k=2, size=32)
+    assert acc == 0.5 and all(d == 0 for d in diffs)
+    m = tiny.run(tmp_path / "q", folder, jsonl, "--lora", "4", "--quantize", "int8", steps=1)
+    assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -1,12 +1,12 @@
 """The tiny Qwen-Image and Z-Image parts (transformers, VAE, language-model text encoders, the byte-level BPE
 tokenizer) and whole pipelines, built with the reference implementations (diffusers, transformers) and saved as real
 folders, as tiny.py does for the other families."""
-import json
 import os
 
 import torch
 
 from tiny import _randomize, _vae16
+from toy import QWEN_ADDED, QWEN_SPECIAL, qwen_bpe, write_qwen_tokenizer
 
 # ----------------------------------------------------------------------------------------------------
 # Qwen-Image: a tiny transformer (in_channels = 16 latent channels x 2x2; head dim 16 split (4, 6, 6) by the RoPE axes)
@@ -82,7 +82,6 @@ def make_z_image_transformer(folder, seed=0, **config):
 # Words the tiny BPE spells as single tokens ("Ġ": a leading space, "Ċ": a newline, in the byte-to-unicode map).
 QWEN_WORDS = ["user", "assistant", "system", "Describe", "Ġthe", "Ġa", "Ġphoto", "Ġof", "Ġcat", "Ġdog", "Ġred",
               "Ġimage", "Ġcolor", "Ġshape", "Ġon", "Ġmat", ":", "Ċ", "ĊĊ"]
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # then <think>, </think> (added, not special)
 
 # Qwen3's chat template (Qwen3-4B's tokenizer_config.json at release), for apply_chat_template; its long lines
 # are broken with a trailing backslash here, joined back on load.
@@ -179,52 +178,17 @@ QWEN3_CHAT_TEMPLATE = r'''{%- if tools %}
 {%- endif %}'''.replace("\\\n", "")
 
 
-def _qwen_bpe():
-    """The tiny vocabulary (the 256 byte symbols, then the merges' products) and merges spelling QWEN_WORDS."""
-    from toy import _bytes_to_unicode
-    vocab, merges = list(_bytes_to_unicode()), []
-    for w in QWEN_WORDS:
-        syms = list(w)
-        while len(syms) > 1:
-            if (syms[0], syms[1]) not in merges:
-                merges.append((syms[0], syms[1]))
-                vocab.append(syms[0] + syms[1])
-            syms = [syms[0] + syms[1]] + syms[2:]
-    return {t: i for i, t in enumerate(dict.fromkeys(vocab))}, merges
-
-
-QWEN_VOCAB = len(_qwen_bpe()[0]) + len(QWEN_SPECIAL) + 2  # the tiny tokenizer's size, added tokens included
+QWEN_VOCAB = len(qwen_bpe(QWEN_WORDS)[0]) + len(QWEN_SPECIAL) + len(QWEN_ADDED)  # the tiny tokenizer's size
 
 
 def make_qwen_tokenizer(folder, chat_template=QWEN3_CHAT_TEMPLATE):
-    """A Qwen-style tokenizer folder (tokenizer.json: byte-level BPE, NFC, Qwen2's regex split; tokenizer_config.json
-    with the added tokens, <|im_end|> as eos, <|endoftext|> as pad, a chat template) that AutoTokenizer loads as
+    """A Qwen-style tokenizer folder spelling QWEN_WORDS (toy.write_qwen_tokenizer, the demo's writer: byte-level BPE,
+    NFC, Qwen2's regex split, <|im_end|> as eos, <|endoftext|> as pad, a chat template) that AutoTokenizer loads as
     Qwen2Tokenizer; returns the vocab size (QWEN_VOCAB)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
     import llm
-    vocab, merges = _qwen_bpe()
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(llm.PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
-    os.makedirs(folder, exist_ok=True)
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    added = {str(tok.token_to_id(t)): dict(content=t, lstrip=False, normalized=False, rstrip=False, single_word=False,
-                                           special=t in QWEN_SPECIAL) for t in QWEN_SPECIAL + ["<think>", "</think>"]}
-    cfg = dict(tokenizer_class="Qwen2Tokenizer", added_tokens_decoder=added, additional_special_tokens=QWEN_SPECIAL[1:],
-               bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, errors="replace",
-               add_prefix_space=False, model_max_length=131072, split_special_tokens=False,
-               clean_up_tokenization_spaces=False, chat_template=chat_template)
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f)
-    assert tok.get_vocab_size() == QWEN_VOCAB
-    return QWEN_VOCAB
+    n = write_qwen_tokenizer(folder, llm.PRETOKENIZE_REGEX, QWEN_WORDS, chat_template)
+    assert n == QWEN_VOCAB
+    return n
 
 
 # Qwen2.5-VL's text model at toy size. Heads of 128 as the released model's (a single file's head count is read off
