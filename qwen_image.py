@@ -6,7 +6,7 @@ and projected to the model width. Each block is FLUX's double-stream block (MMDi
 their own weights (AdaLN-Zero modulation, q/k/v and output projections, RMS qk-norms, a 4x tanh-GELU MLP) and meet
 in one attention over [text; image]. Unlike FLUX there are no single-stream blocks, no pooled text vector and no
 guidance embedding: the timestep alone modulates every block. The last block's text stream past its keys and values
-feeds nothing (as in diffusers): those weights get no gradient.
+feeds nothing (as in diffusers): those weights get no gradient, and a full fine-tune leaves them out (unused()).
 
 Prompts of a batch come padded to the longest one (mask (B, L), True = a real token, any pattern); the joint attention
 masks the padded text keys, so neither image nor real text tokens ever see them. Without padding it runs

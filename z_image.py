@@ -154,9 +154,7 @@ def check_config(config):
     if len(cfg["all_patch_size"]) != 1 or cfg["all_f_patch_size"] != (1,):
         raise ValueError(f"unsupported Z-Image config: one image patch size and all_f_patch_size (1,), got "
                          f"{cfg['all_patch_size']} and {cfg['all_f_patch_size']}")
-    if cfg["n_kv_heads"] != n_heads:
-        raise ValueError(f"unsupported Z-Image config: n_kv_heads {cfg['n_kv_heads']} != n_heads {n_heads} "
-                         "(grouped-query attention is not built)")
+    # n_kv_heads: diffusers takes it and builds every k / v head anyway (n_heads of them); so does this
     if dim % n_heads or len(axes) != 3 or any(d % 2 for d in axes) or sum(axes) != dim // n_heads:
         raise ValueError(f"unsupported Z-Image config: axes_dims {axes} must be 3 even sizes summing to the head dim "
                          f"dim / n_heads = {dim}/{n_heads}")
