@@ -85,6 +85,9 @@ def check(p, args):
         named = [f for f in FLAGS if f in args.given]
         if named:
             p.error(f"--{named[0]} is an online flag: add --online (or drop it)")
+        if args.offload_encoders and (args.cache or not args.data):  # (where the offline refusal can be said first)
+            p.error("--offload_encoders moves the encoders of a run that encodes each batch; with --cache (or no "
+                    "--data) the run loads none: drop --offload_encoders")
         return
     if args.data:
         p.error("--online makes its own pairs: drop --data (or --online to train on it)")

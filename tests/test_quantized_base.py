@@ -179,6 +179,10 @@ def test_offload_encoders(tmp_path, flux64, jsonl, capsys, monkeypatch):
     err = cli_error(dpo.main, ["--model", flux64, "--online", "--prompts", str(tmp_path / "p.txt"), "--score",
                                "area", "--out_dir", str(tmp_path / "o"), "--offload_encoders"], capsys)
     assert "--offload_encoders" in err and "offline" in err
+    err = cli_error(dpo.main, ["--model", flux64, "--data", jsonl, "--cache", "--out_dir", str(tmp_path / "c"),
+                               "--offload_encoders"], capsys)  # a cached run loads no encoder: nothing to move
+    assert "with --cache (or no --data) the run loads none: drop --offload_encoders" in err
+    assert not os.path.exists(tmp_path / "c")
 
 
 @pytest.mark.parametrize("loss", ["dpo", "grpo"])
