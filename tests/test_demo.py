@@ -213,6 +213,17 @@ def test_flow_demo_end_to_end_prints_the_readme_numbers(tmp_path):
 
 
 @pytest.mark.slow
+def test_zimage_demo_end_to_end_prints_the_readme_numbers(tmp_path):
+    """`python dpo.py --demo zimage`: a toy Z-Image (a Qwen3 text encoder) trained by flow matching, then flow-DPO;
+    its last line is the README's, the issue's bounds (win rate >= 0.9, fidelity not below the reference's)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    _, last, w, f_ref, f_dpo = run_demo(tmp_path / "zimage", "--demo", "zimage")
+    assert w >= 0.9 and f_dpo >= f_ref, last
+    assert os.path.isfile(tmp_path / "zimage" / "dpo" / "transformer" / "config.json")
+    assert f"`{last}`" in readme, last
+
+
+@pytest.mark.slow
 def test_online_demo_end_to_end_prints_the_readme_numbers(tmp_path):
     """`python dpo.py --demo online`: from the reference, no labels, the area rule as the reward; its last line is
     the README's, with the issue's bounds (win rate >= 0.95, fidelity not below the reference's)."""
