@@ -1,4 +1,4 @@
-"""Diffusion-DPO (Wallace et al. 2023, arXiv:2311.12908): fine-tune SDXL / SD1.5 / SD3 / FLUX on preference pairs.
+"""Diffusion-DPO (Wallace et al. 2023, arXiv:2311.12908): fine-tune SDXL, SD1.5, SD3, FLUX, Qwen-Image, Z-Image on pairs
 
     python dpo.py [--demo flow|zimage|online]                       # CPU demos (demo.py), no downloads
     python dpo.py --online --model SDXL_DIR --prompts parti --score pickscore=DIR ...   # online DPO (online.py)

@@ -1,5 +1,5 @@
-"""Image generation with the from-scratch models: text-to-image and SDEdit, as diffusers' SDXL / SD1.5 / SD3 / FLUX
-pipelines.
+"""Image generation with the from-scratch models: text-to-image and SDEdit, as diffusers' SDXL / SD1.5 / SD3 / FLUX /
+Qwen-Image / Z-Image pipelines.
 
     python sample.py --model PATH --prompt "a photo of a cat" --out samples/
     python sample.py --model PATH --unet runs/dpo --prompts parti --per_category 4 --out samples/
@@ -32,8 +32,9 @@ from weights import CheckpointError
 
 
 class Pipeline:
-    """Text encoder + denoiser (UNet, or SD3's / FLUX's transformer: self.unet all the same) + VAE + a scheduler
-    config; call it like diffusers' StableDiffusion(XL)Pipeline, StableDiffusion3Pipeline or FluxPipeline."""
+    """Text encoder + denoiser (UNet, or a transformer: self.unet all the same) + VAE + a scheduler config; call it
+    like diffusers' StableDiffusion(XL)Pipeline, StableDiffusion3Pipeline, FluxPipeline, QwenImagePipeline or
+    ZImagePipeline."""
 
     def __init__(self, unet, vae, te, sched_cfg, force_zeros=False, device="cpu", dtype=torch.float32):
         self.unet, self.vae, self.te, self.sched_cfg = unet, vae, te, sched_cfg
@@ -191,7 +192,8 @@ def initial_noise(pipe: Pipeline, items, height, width) -> torch.Tensor:
 
 def sampling_options(args, pipe: Pipeline) -> dict:
     """The pipeline's keyword arguments from the flags, guidance and steps by family as diffusers' pipelines: 5.0 SDXL,
-    7.5 SD1.5 (30 steps here), SD3 7.0 and FLUX-dev 3.5 (28 steps), FLUX-schnell 0 (4 steps)."""
+    7.5 SD1.5 (30 steps here), SD3 7.0 and FLUX-dev 3.5 (28 steps), FLUX-schnell 0 (4 steps), Qwen-Image 4.0 and
+    Z-Image 5.0 (50 steps)."""
     default = pipe.family.sampling_defaults(pipe.unet.config)
     guidance = args.guidance if args.guidance is not None else default[0]
     steps = args.steps if args.steps is not None else default[1]
@@ -219,11 +221,13 @@ def add_flags(p, what="generate"):
     add("--categories", help="only these categories of --prompts, comma-separated (e.g. Animals,Vehicles)")
     add("--per_category", type=int, help="only the first N prompts of each category")
     add("--per_prompt", type=int, default=1, help="images per prompt (each with its own seed)")
-    add("--negative", help="negative prompt (default: empty; SDXL: zero embeddings)")
+    add("--negative", help="negative prompt (default: empty; SDXL: zero embeddings; Qwen-Image: none, so no CFG)")
     add("--out", default="samples" if what == "generate" else "eval", help="output folder")
-    add("--steps", type=int, help="denoising steps (default 30; SD3, FLUX-dev 28; FLUX-schnell 4)")
+    add("--steps", type=int, help="denoising steps (default 30; SD3, FLUX-dev 28; FLUX-schnell 4; Qwen-Image, "
+        "Z-Image 50)")
     add("--guidance", type=float, help="classifier-free guidance (default 5.0 SDXL, 7.5 SD1.5, 7.0 SD3); FLUX-dev: "
-        "its guidance input (3.5)")
+        "its guidance input (3.5); Qwen-Image: true_cfg_scale (4.0, with --negative); Z-Image: guidance_scale (5.0, "
+        "0 = off)")
     add("--scheduler", choices=list(diffusion.SCHEDULERS), default="euler")
     add("--seed", type=int, default=0, help="image i uses seed + i")
     add("--height", type=int)
