@@ -128,9 +128,28 @@ def build(impl, spec, dev, args):
 
         def source(dtype, quantize=None):  # the same random denoiser at every call: the reference starts as the policy
             torch.manual_seed(0)
-            with torch.device(dev):
-                u = fam.model(cfg)
-            return kernels.quantize_linears(u, quantize, dtype) if quantize else u  # --quantize: as loaded
+            return kernels.quantize_linears(made(dtype), quantize, dtype) if quantize else made(dtype)  # (as loaded)
+
+        def made(dtype):
+            """A LoRA run's frozen base is made in the compute dtype, its norms fp32 as dpo.py loads them (no fp32
+            copy of a 20 B model first); a full fine-tune's in fp32 (its reference is cast from the same weights)."""
+            if not args.lora or dtype == torch.float32:
+                with torch.device(dev):
+                    return fam.model(cfg)
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                with torch.device(dev):
+                    u = fam.model(cfg)
+            finally:
+                torch.set_default_dtype(default)
+            for m in u.modules():
+                if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                    for p in m.parameters(recurse=False):
+                        p.data = p.data.float()
+                    for k, b in m.named_buffers(recurse=False):
+                        m._buffers[k] = b.float() if b.is_floating_point() else b
+            return u
         policy, ref, trained = dpo.build_models(source, args.amp_dtype, args.lora, args.lora_alpha, fam.lora_targets,
                                                 args.seed, args.loss in dpo.REFERENCE_FREE,
                                                 args.gradient_checkpointing, args.quantize)
@@ -164,7 +183,9 @@ def measure(impl, spec, dev, args, opts):
     policy, ref, step, net = build(impl, spec, dev, args)
     g = torch.Generator().manual_seed(0)
     z, eps, t, cond = models.inputs(spec, args.batch_size, dev, g, args.sigma_density, args.guidance)
-    one = kernels.flops(net, z[:1], t[:1], *(None if c is None else c[:1] for c in cond))
+    amp = torch.autocast(dev.type, dtype=args.amp_dtype, enabled=args.amp_dtype != torch.float32)
+    with amp:  # as the step runs it (a LoRA base is in the compute dtype, the inputs fp32)
+        one = kernels.flops(net, z[:1], t[:1], *(None if c is None else c[:1] for c in cond))
     if dev.type == "cuda":  # the steps' peak, as bench/plan.py plans it (not the building of the models)
         torch.cuda.reset_peak_memory_stats()
     times, loss0 = [], None
@@ -197,13 +218,13 @@ def available_bytes(dev):
 
 def state_bytes(spec, args):
     """A lower bound on one step's memory: fp32 policy and gradients, the reference (conv/linear in the compute
-    dtype), AdamW's two fp32 moments (Adafactor's factored ones are ~0); LoRA: the frozen base, built in fp32 from
-    random weights before its layers are cast. Activations come on top."""
+    dtype), AdamW's two fp32 moments (Adafactor's factored ones are ~0); LoRA: the frozen base, made in the compute
+    dtype (build: made). Activations come on top."""
     with torch.device("meta"):
         n = sum(p.numel() for p in spec["family"].model(spec["config"]).parameters())
     ref = 4 if args.amp_dtype == torch.float32 else 2
     if args.lora:
-        return n, n * 4
+        return n, n * ref
     return n, n * (4 + 4 + ref + (8 if args.optimizer == "adamw" else 0))
 
 

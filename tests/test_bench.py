@@ -223,3 +223,16 @@ def test_plan_outputs_are_checked_before_the_plan_runs(tmp_path, capsys, monkeyp
             bench_step.main(["--plan", "--plan_out", path])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 1 and len(err) == 1 and err[0].startswith(f"error: {msg}"), err
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen_image", "z_image"])
+def test_a_bf16_lora_step_runs_as_the_gpu_check_runs_it(family, request, capsys, one_thread):
+    """The GPU check's LoRA steps in their own dtype (bf16): the base made in bf16 (norms fp32, as dpo.py loads it),
+    the FLOP count under autocast as the step; ours and diffusers' start at log 2 with the same FLOPs (Z-Image:
+    diffusers' final layer also runs over the caption tokens it then drops; ours over the image's only)."""
+    model = request.getfixturevalue(f"{family}_dir")
+    rows = bench_step.main(["--model", model, *[("bf16" if a == "fp32" else a) for a in TINY], "--lora", "4"])
+    assert [r["impl"] for r in rows] == ["ours", "diffusers"]
+    assert all(r["loss0"] == pytest.approx(math.log(2), abs=1e-6) for r in rows)
+    ours, theirs = rows[0]["gflop_fwd"], rows[1]["gflop_fwd"]
+    assert 0 < ours == theirs if family != "z_image" else 0.95 * theirs < ours < theirs
