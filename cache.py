@@ -35,6 +35,12 @@ def encoders(model, dev, dtype, tokenizer=None, vae_dtype=torch.float32, quantiz
     return clip.load(model, dev, dtype, tokenizer=tokenizer, quantize=quantize), vaelib.load(model, dev, vae_dtype)
 
 
+def scaled_std(v, std):
+    """The VAE posterior's std (..., C, h, w) in the denoiser's latent units: times the scaling factor, a number or
+    one per channel ((1, C, 1, 1), Qwen-Image's)."""
+    return std * torch.as_tensor(v.scaling_factor).to(std.device)
+
+
 def model_inputs(batch, drop, dev, family, encoders=None, empty=None, latent_noise=None, bf16=False,
                  official_size=None, guidance=None):
     """What the denoiser takes for B items of k images each (pairs: k = 2): clean latents z (kB, C, h, w), all first
@@ -64,7 +70,7 @@ def model_inputs(batch, drop, dev, family, encoders=None, empty=None, latent_noi
                 one = [v.encode(x[None], std=True) for x in px.flatten(0, 1)]  # an image at a time: 1/Bk the peak
             z, std = torch.cat([m for m, _ in one]), torch.cat([s for _, s in one])  # (Bk, C, h, w) each, unscaled
             z = v.scale(z.float().unflatten(0, px.shape[:2]))  # (B, k, C, h, w) scaled latent means
-            std = std.float().unflatten(0, px.shape[:2]) * torch.as_tensor(v.scaling_factor).to(std.device)
+            std = scaled_std(v, std.float().unflatten(0, px.shape[:2]))
             ctx, pooled = te.encode(["" if d else c for c, d in zip(batch["caption"], drop.tolist())])
         if latent_noise is not None:
             z = z + std * latent_noise.to(dev)  # a sample of the posterior instead of its mean
@@ -351,8 +357,7 @@ def build_cache(args, pairs, dev, rank, world):
             out["index"].append(torch.tensor(mine[b:b + 8]))
             out["latents"].append(v.scale(z.float()).unflatten(0, px.shape[:2]).to(store).cpu())
             if args.latents == "sample":
-                sf = torch.as_tensor(v.scaling_factor).to(std.device)  # a number, or per channel (1, C, 1, 1)
-                out["latents_std"].append((std.float() * sf).unflatten(0, px.shape[:2]).to(store).cpu())
+                out["latents_std"].append(scaled_std(v, std.float()).unflatten(0, px.shape[:2]).to(store).cpu())
             out["context"].append(ctx.cpu())
             if scorer is not None:
                 out["rpo_clip"].append(clip_triples(scorer, px, [d["caption"] for d in items]).cpu())

@@ -302,22 +302,6 @@ def single_file_config(ckpt, path):
     return config, prefix
 
 
-def converted(ckpt, names, prefix, dim, what):
-    """Our name -> a thunk reading its tensor from a BFL single file (rows of a fused tensor copied out)."""
-    def read(key, rows):
-        t = ckpt[key]
-        return t if rows is None else torch.cat([t[a * dim:b * dim] for a, b in rows])  # a copy, not a view
-    plan = {n: bfl_name(n) for n in names}
-    used = {prefix + key for key, _ in plan.values()}
-    missing = sorted(used - set(ckpt.keys()))
-    if missing:
-        raise CheckpointError(f"{what}: keys missing: {', '.join(missing[:8])}")
-    unexpected = sorted(k for k in ckpt.keys() if k.startswith(prefix) and k not in used)
-    if unexpected:
-        raise CheckpointError(f"{what}: unexpected keys: {', '.join(unexpected[:8])}")
-    return {n: (lambda p=p: read(prefix + p[0], p[1])) for n, p in plan.items()}
-
-
 # ----------------------------------------------------------------------------------------------------
 # Loading and saving
 
@@ -353,7 +337,7 @@ def load(path, device="cpu", dtype=torch.float32, norm_dtype=None, quantize=None
         sources = {k: (lambda k=k: ckpt[k]) for k in ckpt.keys()}
     else:
         dim = m.config["num_attention_heads"] * m.config["attention_head_dim"]
-        sources = converted(ckpt, m.state_dict(), prefix, dim, what)
+        sources = weights.fused_sources(ckpt, {n: bfl_name(n) for n in m.state_dict()}, prefix, dim, what)
     return weights.load_module(m, sources, weights.layer_dtypes(m, dtype, norm_dtype), device, what, quantize)
 
 

@@ -283,8 +283,9 @@ def load(path, device="cpu", dtype=torch.float32, scaling_factor=None, shift_fac
         sf, shift = cfg.get("scaling_factor", SCALING_FACTOR), cfg.get("shift_factor")
     else:
         ckpt = Checkpoint(where)
-        if _own_module(ckpt=ckpt) is not None:
-            return _own_module(ckpt=ckpt).load(path, device, dtype, scaling_factor, shift_factor)
+        other = _own_module(ckpt=ckpt)
+        if other is not None:  # a family's own VAE architecture in its own single-file layout
+            return other.load(path, device, dtype, scaling_factor, shift_factor)
         prefix, is_ldm = _single_file_layout(ckpt, where)
         cfg = _single_file_config(ckpt, prefix)
         default = _factors(ckpt, prefix, cfg, where)
@@ -318,8 +319,9 @@ def downsample(path) -> int:
             return other.downsample(path)
     else:
         ckpt = Checkpoint(where)
-        if _own_module(ckpt=ckpt) is not None:
-            return _own_module(ckpt=ckpt).downsample(path)
+        other = _own_module(ckpt=ckpt)
+        if other is not None:
+            return other.downsample(path)
         cfg = _single_file_config(ckpt, _single_file_layout(ckpt, where)[0])
     return 2 ** (len(cfg.get("block_out_channels", FULL_CONFIG["block_out_channels"])) - 1)
 

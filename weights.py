@@ -295,6 +295,26 @@ def renamed(ckpt: "Checkpoint", names, prefix: str, table: Mapping[str, str], wh
     return src
 
 
+def fused_sources(ckpt: "Checkpoint", plan: Mapping[str, tuple], prefix: str, width: int, what: str,
+                  ignored=()) -> dict:
+    """Our name -> a thunk reading its tensor from a single file that fuses some of our tensors into one (FLUX's and
+    Z-Image's qkv): plan maps each name to (its key there, the rows it takes or None: (start, stop) pairs in units of
+    width, copied out and concatenated, never a view). Strict: the file's missing keys and its keys under prefix that
+    no name takes (but the ignored ones) are named."""
+    def read(key, rows):
+        t = ckpt[key]
+        return t if rows is None else torch.cat([t[a * width:b * width] for a, b in rows])  # a copy, not a view
+    used = {prefix + key for key, _ in plan.values()}
+    missing = sorted(used - set(ckpt.keys()))
+    if missing:
+        raise CheckpointError(f"{what}: keys missing: {', '.join(missing[:8])}")
+    unexpected = sorted(k for k in ckpt.keys() if k.startswith(prefix) and k not in used
+                        and k[len(prefix):] not in ignored)
+    if unexpected:
+        raise CheckpointError(f"{what}: unexpected keys: {', '.join(unexpected[:8])}")
+    return {n: (lambda p=p: read(prefix + p[0], p[1])) for n, p in plan.items()}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Saving
 

@@ -263,10 +263,11 @@ UNUSED = ("norm_final.weight",)
 
 
 def comfy_name(name):
-    """Our parameter name -> (ComfyUI's key, the third of the fused qkv it takes or None)."""
+    """Our parameter name -> (ComfyUI's key, the rows of the fused qkv it takes (weights.fused_sources) or None)."""
     for ours, theirs in COMFY.items():
         if ours in name:
-            return name.replace(ours, theirs), QKV_ROWS.get(ours)
+            third = QKV_ROWS.get(ours)
+            return name.replace(ours, theirs), None if third is None else [(third, third + 1)]
     return name, None
 
 
@@ -290,23 +291,6 @@ def single_file_config(ckpt, path):
                   cap_feat_dim=ckpt.shape(prefix + "cap_embedder.0.weight")[0],
                   axes_dims=(d // 4, 3 * d // 8, 3 * d // 8))
     return config, prefix
-
-
-def converted(ckpt, names, prefix, dim, what):
-    """Our name -> a thunk reading its tensor from a ComfyUI single file (a third of qkv copied out)."""
-    def read(key, third):
-        t = ckpt[key]
-        return t if third is None else t[third * dim:(third + 1) * dim].clone()  # a copy: no view of the fused qkv
-    plan = {n: comfy_name(n) for n in names}
-    used = {prefix + key for key, _ in plan.values()}
-    missing = sorted(used - set(ckpt.keys()))
-    if missing:
-        raise CheckpointError(f"{what}: keys missing: {', '.join(missing[:8])}")
-    unexpected = sorted(k for k in ckpt.keys() if k.startswith(prefix) and k not in used
-                        and k[len(prefix):] not in UNUSED)
-    if unexpected:
-        raise CheckpointError(f"{what}: unexpected keys: {', '.join(unexpected[:8])}")
-    return {n: (lambda p=p: read(prefix + p[0], p[1])) for n, p in plan.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,7 +327,8 @@ def load(path, device="cpu", dtype=torch.float32, norm_dtype=None, quantize=None
     if prefix is None:
         sources = {k: (lambda k=k: ckpt[k]) for k in ckpt.keys()}
     else:
-        sources = converted(ckpt, m.state_dict(), prefix, m.config["dim"], what)
+        sources = weights.fused_sources(ckpt, {n: comfy_name(n) for n in m.state_dict()}, prefix, m.config["dim"],
+                                        what, UNUSED)
     return weights.load_module(m, sources, weights.layer_dtypes(m, dtype, norm_dtype), device, what, quantize)
 
 

@@ -129,11 +129,11 @@ def comfy_layout(ref, prefix=""):
     """diffusers weights written in ComfyUI's single-file layout by inverting z_image's table (qkv fused in order)."""
     sd, whole, thirds = ref.state_dict(), {}, {}
     for name in z_image.ZImage(ref.config).state_dict():
-        key, third = z_image.comfy_name(name)
-        if third is None:
+        key, rows = z_image.comfy_name(name)  # rows: [(i, i + 1)], the i-th third of qkv
+        if rows is None:
             whole[prefix + key] = sd[name].clone()
         else:
-            thirds.setdefault(prefix + key, {})[third] = sd[name]
+            thirds.setdefault(prefix + key, {})[rows[0][0]] = sd[name]
     return {**whole, **{k: torch.cat([p[0], p[1], p[2]]) for k, p in thirds.items()}}
 
 
