@@ -18,7 +18,7 @@ import lora
 import mmdit
 import sample
 import tiny
-from tiny import cli_error, run
+from tiny import cli_error, run, spy_on
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,24 +107,6 @@ def test_flow_sigmas_are_drawn_per_pair_from_the_schedule():
 
 # ----------------------------------------------------------------------------------------------------
 # Tiny end-to-end runs
-
-
-def spy_on(monkeypatch, module):
-    """Record every denoiser train() loads from module and the (t, cond) each forward sees."""
-    loaded, calls, real = [], [], module.load
-
-    def load(*a, **k):
-        m = real(*a, **k)
-        loaded.append(m)
-        fwd = m.forward
-
-        def forward(x, t, *cond):
-            calls.append((t, cond))
-            return fwd(x, t, *cond)
-        m.forward = forward
-        return m
-    monkeypatch.setattr(module, "load", load)
-    return loaded, calls
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

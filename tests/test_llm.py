@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import llm
 import weights
+from tiny import read_tensors, rel_error
 from tiny_qwen import (QWEN25_VL_TINY, QWEN3_TINY, make_qwen25_vl_text_encoder, make_qwen3_text_encoder,
                   make_qwen_tokenizer)
 from weights import CheckpointError
@@ -22,16 +22,6 @@ from weights import CheckpointError
 PROMPTS = ["a photo of the cat on the mat", "", "red", "café 東京 🐱 e\u0301 — ünïcödé",
            "  two  spaces\t\tand\n\nlines ", "I'm sure you'LL see 12345 cats", "<|im_end|> and <think></think> as text",
            "{} and {0} braces", " ".join(["the red dog"] * 30)]
-
-
-def _rel(a, b):
-    """Largest error of a against b, relative to b's largest magnitude."""
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def _read(path):
-    with safe_open(path, "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +115,7 @@ def _check(model, folder, ref_states, template, max_length, tol=1e-5):
         want = ref_states(batch)
     assert states.shape == want.shape and states.dtype == torch.float32
     assert torch.equal(mask, batch.attention_mask.bool())
-    assert _rel(states[mask], want[mask]) <= tol
+    assert rel_error(states[mask], want[mask]) <= tol
     return states, mask
 
 
@@ -146,7 +136,7 @@ def test_qwen25_vl_matches_transformers(root):
     with torch.no_grad():  # the k biases matter (softmax ignores only a bias shared by all keys): without them, not
         for layer in m.layers:
             layer.self_attn.k_proj.bias.zero_()
-        assert _rel(m(ids)[0][mask], states[mask]) > 1e-3
+        assert rel_error(m(ids)[0][mask], states[mask]) > 1e-3
 
 
 @pytest.mark.parametrize("layer", [-2, -1])
@@ -219,7 +209,7 @@ def test_folder_layouts(root, ids, tmp_path):
     new.mkdir()
     shutil.copy(os.path.join(root["vl_dir"], "config.json"), new)
     save_file({k: v.contiguous() for k, v in root["vl"].state_dict().items()}, str(new / "model.safetensors"))
-    assert any(k.startswith("model.visual.") for k in _read(str(new / "model.safetensors")))
+    assert any(k.startswith("model.visual.") for k in read_tensors(str(new / "model.safetensors")))
     assert torch.equal(_states(llm.load(str(new)), ids), vl)
     root["vl"].save_pretrained(str(tmp_path / "sharded"), max_shard_size="1MB")
     assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
@@ -227,7 +217,7 @@ def test_folder_layouts(root, ids, tmp_path):
 
     q3 = _states(llm.load(root["q3_dir"], layer=-2), ids)
     root["q3"].model.save_pretrained(str(tmp_path / "qwen3_model"))
-    assert "embed_tokens.weight" in _read(str(tmp_path / "qwen3_model" / "model.safetensors"))
+    assert "embed_tokens.weight" in read_tensors(str(tmp_path / "qwen3_model" / "model.safetensors"))
     assert torch.equal(_states(llm.load(str(tmp_path / "qwen3_model"), layer=-2), ids), q3)
 
 
@@ -237,7 +227,7 @@ def test_single_files(family, variant, root, ids, tmp_path):
     """ComfyUI-style single files (model.*, the vision tower, lm_head; no config: sizes read off the shapes, the
     released rope_theta and eps), under a whole checkpoint's prefix beside other models' keys, stored in bf16."""
     folder = root["vl_dir"] if family == "qwen2_5_vl" else root["q3_dir"]
-    state = _read(os.path.join(folder, "model.safetensors"))
+    state = read_tensors(os.path.join(folder, "model.safetensors"))
     if family == "qwen3":
         state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
     if variant == "prefixed":
@@ -255,7 +245,7 @@ def test_single_files(family, variant, root, ids, tmp_path):
                                                          "num_key_value_heads", "head_dim"))
     want = _states(llm.load(folder, pad_id=0), ids)
     if variant == "bf16":
-        assert 0 < _rel(_states(m, ids), want) < 2e-2
+        assert 0 < rel_error(_states(m, ids), want) < 2e-2
     else:
         assert torch.equal(_states(m, ids), want)
 
@@ -267,10 +257,10 @@ def test_bf16_and_quantized(root, ids):
     m = llm.load(root["q3_dir"], dtype=torch.bfloat16)
     assert {v.dtype for v in m.state_dict().values()} == {torch.bfloat16}
     states = _states(m, ids)
-    assert states.dtype == torch.bfloat16 and 0 < _rel(states, want) < 5e-2
+    assert states.dtype == torch.bfloat16 and 0 < rel_error(states, want) < 5e-2
     q = llm.load(root["q3_dir"], quantize="int8")
     assert isinstance(q.layers[0].mlp.up_proj, kernels.QuantLinear)
-    assert 0 < _rel(_states(q, ids), want) < 5e-2
+    assert 0 < rel_error(_states(q, ids), want) < 5e-2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,7 +286,7 @@ def test_bad_input(root, tmp_path):
     (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
     _one_line_error(lambda: llm.load(str(llama)), "'llama'")
 
-    state = _read(os.path.join(root["vl_dir"], "model.safetensors"))
+    state = read_tensors(os.path.join(root["vl_dir"], "model.safetensors"))
     gone = tmp_path / "missing"  # a folder missing one key, with one key too many
     gone.mkdir()
     shutil.copy(os.path.join(root["vl_dir"], "config.json"), gone)

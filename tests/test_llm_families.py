@@ -14,6 +14,7 @@ import lora
 import sample
 import tiny
 import vae
+from tiny import spy_on
 from weights import CheckpointError
 
 PROMPTS = ["a photo of a cat", "a red dog on the mat, a photo"]
@@ -95,24 +96,6 @@ def test_sampler_equals_the_diffusers_pipeline(request, family, negative, guidan
 
 # ----------------------------------------------------------------------------------------------------
 # Training
-
-
-def spy_on(monkeypatch, module):
-    """Record every denoiser train() loads from module and the (t, cond) each forward sees."""
-    loaded, calls, real = [], [], module.load
-
-    def load(*a, **k):
-        m = real(*a, **k)
-        loaded.append(m)
-        fwd = m.forward
-
-        def forward(x, t, *cond):
-            calls.append((t, cond))
-            return fwd(x, t, *cond)
-        m.forward = forward
-        return m
-    monkeypatch.setattr(module, "load", load)
-    return loaded, calls
 
 
 @pytest.mark.parametrize("family", ["qwen-image", "z-image"])

@@ -5,11 +5,10 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import t5
-from tiny import write_t5_tokenizer
+from tiny import read_tensors, rel_error, write_t5_tokenizer
 from weights import CheckpointError
 
 # T5 v1.1's structure at toy width; the real bucket count and max distance, so inputs of 150 tokens reach the
@@ -17,16 +16,6 @@ from weights import CheckpointError
 TINY = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
             relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6)
 L = 150
-
-
-def _rel(a, b):
-    """Largest error of a against b, relative to b's largest magnitude."""
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def _read(path):
-    with safe_open(path, "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +57,11 @@ def test_matches_transformers_fp32(t5_dir):
     with torch.no_grad():
         out = enc(ids)
     assert out.shape == (2, L, TINY["d_model"]) and out.dtype == torch.float32
-    assert _rel(out, truth) <= 1e-4
+    assert rel_error(out, truth) <= 1e-4
     with torch.no_grad():  # the position bias matters: without it (all zeros) the output differs
         table = enc.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
         table.zero_()
-        assert _rel(enc(ids), truth) > 1e-2
+        assert rel_error(enc(ids), truth) > 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -90,7 +79,7 @@ def test_half_precision_as_transformers(dtype, t5_dir):
         out, ref_out = enc(ids), ref(ids).last_hidden_state
     assert out.dtype == ref_out.dtype == dtype
     assert torch.equal(out, ref_out)
-    assert 0 < _rel(out, truth) < 0.1
+    assert 0 < rel_error(out, truth) < 0.1
 
 
 def test_clamps_fp16_infinities():
@@ -121,7 +110,7 @@ def test_single_file_layouts(variant, t5_dir, tmp_path):
     encoder.embed_tokens.weight, or both; under a checkpoint's prefix beside other models; a whole T5 (decoder and
     lm_head ignored); stored in fp16 and loaded in fp32."""
     folder, _, ids, _ = t5_dir
-    state = _read(os.path.join(folder, "model.safetensors"))
+    state = read_tensors(os.path.join(folder, "model.safetensors"))
     emb = state.pop("shared.weight", None)
     emb = state.pop("encoder.embed_tokens.weight") if emb is None else emb
     if variant in ("as_saved", "prefixed", "whole_t5", "fp16"):
@@ -146,7 +135,7 @@ def test_single_file_layouts(variant, t5_dir, tmp_path):
     with torch.no_grad():
         out, want = enc(ids), t5.load(folder)(ids)
     if variant == "fp16":
-        assert 0 < _rel(out, want) < 1e-2
+        assert 0 < rel_error(out, want) < 1e-2
     else:
         assert torch.equal(out, want)
 
@@ -216,8 +205,8 @@ def test_bad_input(t5_dir, tmp_path):
     _one_line_error(lambda: t5.load(flux), flux, "not a T5 encoder")
 
     extra = str(tmp_path / "extra.safetensors")  # a T5 file with a key the encoder does not have: named
-    save_file({**_read(os.path.join(folder, "model.safetensors")), "encoder.block.0.layer.2.weight": torch.zeros(3)},
-              extra)
+    save_file({**read_tensors(os.path.join(folder, "model.safetensors")),
+               "encoder.block.0.layer.2.weight": torch.zeros(3)}, extra)
     _one_line_error(lambda: t5.load(extra), extra, "encoder.block.0.layer.2.weight")
 
     clip_like = tmp_path / "clip_folder"

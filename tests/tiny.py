@@ -190,6 +190,36 @@ def run(out, model, data, *flags, steps=2):
         return [json.loads(line) for line in f]
 
 
+def rel_error(a, b):
+    """Largest error of a against b, relative to b's largest magnitude."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def read_tensors(path):
+    """Every tensor of a .safetensors file, by name."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def spy_on(monkeypatch, module):
+    """Record every denoiser train() loads from module and the (t, cond) each forward sees."""
+    loaded, calls, real = [], [], module.load
+
+    def load(*a, **k):
+        m = real(*a, **k)
+        loaded.append(m)
+        fwd = m.forward
+
+        def forward(x, t, *cond):
+            calls.append((t, cond))
+            return fwd(x, t, *cond)
+        m.forward = forward
+        return m
+    monkeypatch.setattr(module, "load", load)
+    return loaded, calls
+
+
 def cli_error(main, argv, capsys):
     """A tool's main(argv) exits non-zero with one error line on stderr; returns that line."""
     with pytest.raises(SystemExit) as e:
